@@ -1,0 +1,162 @@
+"""The channel contract and the write-everything loop shared by every OS channel.
+
+Supports: the `Channel`/`WriteChannel`/`ReadChannel` protocols QEMUFile codes against, buffer helpers
+(`nbytes`, `flat_bytes`) that accept bytes, bytearrays, memoryviews and C-contiguous numpy arrays of any
+shape, and `write_all`, the loop that turns a kernel's partial writev/sendmsg into "all or OSError".
+Goals: QEMU's `writev_buffer` semantics (the caller expects every byte written, qemu_fflush treats a short
+count as an error) without copying buffers, and without Python work per byte.
+Plan: hand the caller's buffer objects straight to the kernel in batches of at most IOV_MAX; only when the
+kernel writes part of a batch, re-slice the remaining buffers (a flat byte view of the partial one).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+
+def _iov_max() -> int:
+    try:
+        value = os.sysconf("SC_IOV_MAX")
+    except (ValueError, OSError):
+        value = -1
+    # Linux's UIO_MAXIOV; sysconf may answer -1 ("no limit") on exotic systems.
+    return value if value > 0 else 1024
+
+
+IOV_MAX: int = _iov_max()
+
+
+@runtime_checkable
+class Channel(Protocol):
+    """What every channel under a QEMUFile provides (QEMU: QEMUFileOps over a QIOChannel).
+
+    A channel is DIRECTIONAL: a write channel has ``writev`` and no ``readinto``; a read channel has
+    ``readinto`` and no ``writev``.  QEMUFile picks its direction by which of the two exists.
+
+    Optional methods (QEMUFile checks with ``hasattr``):
+      ``shutdown(read: bool, write: bool) -> int`` stop I/O, waking a blocked reader/writer (sockets);
+      ``get_return_path() -> channel | None`` same connection, opposite direction;
+      ``set_blocking(flag: bool)``; ``fileno() -> int`` (select() on it after BlockingIOError).
+    ``close()`` returns 0 (or None) on success and a negative errno on failure; closing twice is harmless.
+    """
+
+    def close(self) -> int | None: ...
+
+
+@runtime_checkable
+class WriteChannel(Channel, Protocol):
+    def writev(self, buffers: Sequence[Any], pos: int) -> int:
+        """Write ALL ``buffers`` in order (``pos`` = stream offset of the first byte) and return the byte
+        count.  Loops over short writes; raises OSError on failure (bytes may have been written)."""
+        ...
+
+
+@runtime_checkable
+class ReadChannel(Channel, Protocol):
+    def readinto(self, buf: memoryview, pos: int) -> int:
+        """Read at most ``len(buf)`` bytes into ``buf`` and return how many: >= 1, or 0 at end of stream.
+        Raises OSError on failure; a non-blocking channel with no data raises BlockingIOError."""
+        ...
+
+
+def nbytes(buf: Any) -> int:
+    """Size in bytes of a buffer object (``len`` is wrong for multi-dimensional or non-byte arrays)."""
+    kind = type(buf)
+    if kind is memoryview or kind is np.ndarray:
+        return buf.nbytes
+    if kind is bytes or kind is bytearray:
+        return len(buf)
+    return memoryview(buf).nbytes
+
+
+def flat_bytes(buf: Any) -> memoryview:
+    """A 1-D unsigned-byte memoryview over ``buf`` without copying.
+
+    Raises ValueError if ``buf`` is not C-contiguous (the kernel needs one run of memory per iovec)."""
+    view = memoryview(buf)
+    if view.ndim == 1 and view.format == "B":
+        return view
+    if not view.c_contiguous:
+        raise ValueError(f"buffer is not C-contiguous (shape {view.shape}, strides {view.strides})")
+    return view.cast("B")
+
+
+def wait_writable(fd: int) -> None:
+    """Block until ``fd`` accepts more data (a non-blocking fd said EAGAIN; writev must finish anyway)."""
+    select.select([], [fd], [])
+
+
+def write_all(buffers: Sequence[Any], send: Callable[[Sequence[Any], int], int], wait: Callable[[], None],
+              pos: int = 0, limit: int = IOV_MAX) -> int:
+    """Write every buffer through ``send(batch, offset) -> bytes written`` and return the total.
+
+    ``send`` gets at most ``limit`` buffers and the stream offset of the batch's first byte (for
+    positional writes).  Partial writes re-slice the rest; EINTR retries; EAGAIN calls ``wait()``.
+    A send that writes nothing for a non-empty batch raises OSError(EIO) instead of spinning.
+    Errors from ``send`` propagate as OSError (some bytes may have been written: the stream is broken)."""
+    sizes = [nbytes(b) for b in buffers]
+    total = sum(sizes)
+    pending: Sequence[Any] = buffers
+    if 0 in sizes:  # empty iovecs could make a whole batch write 0 bytes and look like no progress
+        pending = [b for b, s in zip(buffers, sizes) if s]
+        sizes = [s for s in sizes if s]
+    count = len(pending)
+    done = 0
+    first = 0
+    while done < total:
+        end = min(count, first + limit)
+        batch = pending[first:end]
+        try:
+            written = send(batch, pos + done)
+        except InterruptedError:
+            continue
+        except BlockingIOError:
+            wait()
+            continue
+        if written <= 0:
+            raise OSError(errno.EIO, f"write made no progress after {done} of {total} bytes")
+        done += written
+        if written == (total - done + written if end == count else sum(sizes[first:end])):
+            first = end  # the common case: the whole batch went out
+            continue
+        while first < end and written >= sizes[first]:
+            written -= sizes[first]
+            first += 1
+        if written:
+            if pending is buffers:
+                pending = list(buffers)  # never modify the caller's list
+            pending[first] = flat_bytes(pending[first])[written:]
+            sizes[first] -= written
+    return done
+
+
+class Closing:
+    """Context-manager mixin: ``with channel:`` closes it on exit."""
+
+    def close(self) -> int | None:  # pragma: no cover - every channel overrides it
+        return 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def pick_direction(cls: type, base: type, mode: str, reader: type, writer: type) -> type:
+    """The concrete class for ``base(..., mode)``: ``reader`` for "r", ``writer`` for "w".
+
+    Lets ``FdChannel(fd, "w")`` return an object that has writev and no readinto (and vice versa) while
+    ``isinstance(ch, FdChannel)`` still holds.  ValueError for any other mode."""
+    if cls is not base:
+        return cls  # a concrete subclass was asked for directly
+    if mode == "r":
+        return reader
+    if mode == "w":
+        return writer
+    raise ValueError(f"{base.__name__}: mode must be 'r' or 'w', not {mode!r}")

@@ -1,0 +1,202 @@
+"""Socket channels (TCP, Unix stream) and the listener behind ``-incoming tcp:``/``unix:``.
+
+Supports: `SocketChannel(sock, mode)` → `SocketWriter` (sendmsg) or `SocketReader` (recv_into),
+`shutdown(read, write)`, `get_return_path()` (the opposite direction of the same connection, QEMU's
+return path for postcopy and the migration "return path" thread), and `Listener` (bind/listen, learn the
+bound port, accept one connection with an optional timeout).
+Goals: QEMU's QIOChannelSocket semantics: a QEMUFile and its return-path QEMUFile share one socket, which
+is closed only when both are closed; shutdown() wakes a thread blocked in recv.
+Plan: the socket lives in a small reference-counted holder shared by the reader and writer objects.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import threading
+from typing import Any, Sequence
+
+from .base import Closing, pick_direction, wait_writable, write_all
+
+
+class _SharedSocket:
+    """A socket and the number of channel objects still using it (closed when that drops to 0)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.refs = 1
+        self.lock = threading.Lock()  # the return path is typically used from another thread
+
+    def acquire(self) -> _SharedSocket:
+        with self.lock:
+            self.refs += 1
+        return self
+
+    def release(self) -> int:
+        with self.lock:
+            self.refs -= 1
+            if self.refs:
+                return 0
+        try:
+            self.sock.close()
+        except OSError as exc:
+            return -(exc.errno or errno.EIO)
+        return 0
+
+
+class SocketChannel(Closing):
+    """One direction of a connected stream socket.
+
+    ``SocketChannel(sock, "w")`` is a `SocketWriter`, ``"r"`` a `SocketReader`; the channel takes
+    ownership of ``sock``.  ``close()`` drops this object's reference: the socket itself is closed only
+    when the channel and every return-path channel obtained from it are closed (QEMU refcounts the
+    QIOChannel the same way).  To stop the peer or a blocked reader first, call ``shutdown``."""
+
+    def __new__(cls, sock: socket.socket, mode: str = "r", **kwargs: Any):
+        return object.__new__(pick_direction(cls, SocketChannel, mode, SocketReader, SocketWriter))
+
+    def __init__(self, sock: socket.socket, mode: str = "r", *, _shared: _SharedSocket | None = None) -> None:
+        self.mode = mode
+        self._shared: _SharedSocket | None = _shared if _shared is not None else _SharedSocket(sock)
+        self._sock = sock
+
+    def fileno(self) -> int:
+        """The socket's fd (-1 once the socket is closed)."""
+        return self._sock.fileno()
+
+    def set_blocking(self, flag: bool) -> None:
+        """Blocking or non-blocking mode — for both directions: they share one socket."""
+        self._sock.setblocking(flag)
+
+    def shutdown(self, read: bool = True, write: bool = True) -> int:
+        """shutdown(2) the connection in the given directions (both directions' channels see it).
+
+        A reader blocked in recv wakes up with end of stream.  Returns 0; OSError on failure, except
+        that an already-disconnected socket (ENOTCONN) counts as success: it is shut down already."""
+        if not (read or write):
+            return 0
+        how = socket.SHUT_RDWR if read and write else socket.SHUT_RD if read else socket.SHUT_WR
+        try:
+            self._sock.shutdown(how)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise
+        return 0
+
+    def get_return_path(self) -> SocketChannel | None:
+        """A channel for the opposite direction on the same socket (None once this one is closed).
+        It holds its own reference: close it too."""
+        if self._shared is None:
+            return None
+        other = "w" if self.mode == "r" else "r"
+        return SocketChannel(self._sock, other, _shared=self._shared.acquire())
+
+    def close(self) -> int:
+        """Release this direction; closes the socket if no other channel uses it.  0 or -errno."""
+        shared, self._shared = self._shared, None
+        return shared.release() if shared is not None else 0
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._sock!r}>"
+
+
+class SocketReader(SocketChannel):
+    def readinto(self, buf: memoryview, pos: int) -> int:
+        """recv into ``buf`` (``pos`` ignored); returns the count, 0 at end of stream or after shutdown;
+        BlockingIOError when non-blocking and empty; OSError on failure."""
+        return self._sock.recv_into(buf)
+
+
+class SocketWriter(SocketChannel):
+    def writev(self, buffers: Sequence[Any], pos: int) -> int:
+        """sendmsg all ``buffers`` (IOV_MAX per call, partial sends resumed); returns the byte count."""
+        sock = self._sock
+        return write_all(buffers, lambda batch, _offset: _sendmsg(sock, batch),
+                         lambda: wait_writable(sock.fileno()))
+
+
+def _sendmsg(sock: socket.socket, batch: list) -> int:
+    try:
+        return sock.sendmsg(batch)
+    except OSError as exc:
+        # EMSGSIZE: the kernel refused this many iovecs at once; a shorter batch is progress too.
+        if exc.errno == errno.EMSGSIZE and len(batch) > 1:
+            return _sendmsg(sock, batch[: len(batch) // 2])
+        raise
+
+
+class Listener(Closing):
+    """A listening TCP or Unix socket that accepts migration connections (QEMU ``-incoming``).
+
+    ``.address`` is ``(host, port)`` for TCP — the real port when 0 was asked for — or the socket path;
+    ``.uri`` is the URI a sender should use.  A Unix listener replaces a stale socket file at its path
+    (as QEMU does) but refuses to replace anything that is not a socket, and removes its file on close."""
+
+    def __init__(self, sock: socket.socket, uri: str, unix_path: str | None = None) -> None:
+        self._sock = sock
+        self._unix_path = unix_path
+        if unix_path is not None:
+            self.address: Any = unix_path
+            self.uri = uri
+        else:
+            host, port = sock.getsockname()[:2]
+            self.address = (host, port)
+            self.uri = f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+
+    @classmethod
+    def tcp(cls, host: str, port: int, uri: str) -> Listener:
+        """Listen on host:port ("" = every interface).  OSError naming ``uri`` if it cannot bind."""
+        try:
+            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family, _, _, _, sockaddr = infos[0]
+            sock = socket.create_server(sockaddr, family=family, backlog=1)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {uri}: {exc.strerror or exc}") from exc
+        return cls(sock, uri)
+
+    @classmethod
+    def unix(cls, path: str, uri: str) -> Listener:
+        """Listen on a Unix socket at ``path``.  OSError naming ``uri`` if it cannot bind."""
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            sock.listen(1)
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot listen on {uri}: {exc.strerror}") from exc
+        return cls(sock, uri, path)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def accept(self, timeout: float | None = None) -> SocketReader:
+        """Wait up to ``timeout`` seconds (None = forever) for one connection; return its reader channel
+        (its writer is ``get_return_path()``).  TimeoutError if nobody connected; OSError on failure."""
+        self._sock.settimeout(timeout)
+        try:
+            conn, _ = self._sock.accept()
+        except TimeoutError:
+            raise TimeoutError(f"no connection to {self.uri} within {timeout} s") from None
+        conn.setblocking(True)
+        return SocketChannel(conn, "r")  # type: ignore[return-value]
+
+    def close(self) -> int:
+        """Stop listening (and remove the Unix socket file).  Returns 0."""
+        self._sock.close()
+        path, self._unix_path = self._unix_path, None
+        if path is not None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        return 0
+
+    def __repr__(self) -> str:
+        return f"<Listener {self.uri}>"

@@ -1,0 +1,62 @@
+"""The ``npqfile`` command: one subcommand per module in this package.
+
+Each subcommand module defines ``NAME`` (the subcommand), ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``.  Modules are discovered, so adding
+a command is adding a file.  Errors a user can cause (a bad stream, a bad URI, a bad
+size, an I/O failure) end as one line ``error: ...`` on stderr and exit status 1, never
+a traceback; ``NPQFILE_DEBUG=1`` shows the traceback for developers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from npqfile.errors import FileError, StreamError
+
+
+def _commands() -> list:
+    mods = []
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"{__name__}.{info.name}")
+        if hasattr(mod, "NAME") and hasattr(mod, "run"):
+            mods.append(mod)
+    return sorted(mods, key=lambda m: getattr(m, "ORDER", 50))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="npqfile", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in _commands():
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (StreamError, FileError, OSError, ValueError) as exc:
+        if os.environ.get("NPQFILE_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from npqfile.cli import main
+
+sys.exit(main())

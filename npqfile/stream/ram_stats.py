@@ -1,0 +1,40 @@
+"""Counters of the RAM section, shared by the saver, the loader and ``npqfile analyze``.
+
+Supports: per-kind page counts (normal, zero, XBZRLE, compressed) with their byte
+totals, XBZRLE cache behaviour on the save side, and per-part counts on the load side.
+Goals: the names of QEMU's ``query-migrate`` ``ram`` / ``xbzrle-cache`` counters where
+they exist (``normal``, ``duplicate`` = zero pages, ``cache-miss``, ``overflow``), so
+numbers can be compared with QEMU's side by side.
+Plan: a plain dataclass; ``as_dict()`` for JSON output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class RAMStats:
+    """What went through a RAM section (either direction)."""
+    normal_pages: int = 0          # PAGE records (QEMU: ram.normal)
+    zero_pages: int = 0            # ZERO records (QEMU: ram.duplicate)
+    xbzrle_pages: int = 0          # XBZRLE records (QEMU: xbzrle-cache.pages)
+    xbzrle_bytes: int = 0          # encoded bytes incl. the 3-byte prefix (QEMU: xbzrle-cache.bytes)
+    xbzrle_cache_miss: int = 0     # save side: page not cached, sent as PAGE
+    xbzrle_overflow: int = 0       # save side: delta too large, sent as PAGE
+    xbzrle_unchanged: int = 0      # save side: identical to the cached copy, not sent at all
+    compressed_pages: int = 0      # COMPRESS_PAGE records
+    compressed_bytes: int = 0      # zlib bytes incl. the be32 length
+    multifd_flushes: int = 0       # MULTIFD_FLUSH records
+    pages_bytes: int = 0           # all RAM-section payload bytes (headers, idstrs, pages, EOS)
+    parts: list[dict] = field(default_factory=list)   # load side: per-section page counts
+
+    @property
+    def pages(self) -> int:
+        """Page records of any kind."""
+        return self.normal_pages + self.zero_pages + self.xbzrle_pages + self.compressed_pages
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["pages"] = self.pages
+        return d

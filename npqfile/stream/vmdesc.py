@@ -1,0 +1,197 @@
+"""The vmdesc JSON that ends a QEMU stream: writing it, finding it, and walking device state with it.
+
+Supports: encoding the ``QEMU_VM_VMDESCRIPTION`` payload exactly as QEMU's JSON writer
+lays it out (``{"page_size": 4096, "devices": [...]}``, ``", "`` and ``": "``
+separators); finding it at the end of a stream file; and walking a device section's
+bytes from its description, the way ``scripts/analyze-migration.py`` does: the field
+types ``bool``, ``int8..64``, ``uint8..64`` (and their ``equal`` / ``le`` variants),
+``float64``, ``timer``, ``buffer``, ``unused_buffer``, ``bitmap``, ``struct``
+(recursive), ``capability``, ``nullptr`` and any unknown type by its ``size``; arrays
+given by ``array_len``; subsections (``u8 0x05``, counted name, ``be32 version``).
+
+Goals: device sections carry no length on the wire, so this description is the only way
+to step over them without knowing every device in QEMU.  The walker never trusts the
+JSON blindly: a size that is not a non-negative integer, a missing subsection marker, or
+a ``nullptr`` that is not ``'0'`` is a StreamError at the byte offset, never a KeyError.
+
+Plan: :func:`walk_vmsd` consumes the bytes of one section through a
+:class:`~npqfile.stream.reader.StreamReader` and returns the decoded values (small
+integers as ints, other fields as hex or a byte count) so ``npqfile analyze`` can show
+them.  :func:`find_vmdesc` scans the tail of a file with numpy for a ``0x06`` whose
+``be32`` length reaches exactly the end of the file, and checks the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from npqfile.errors import StreamError
+from npqfile.stream.constants import QEMU_VM_EOF, QEMU_VM_SUBSECTION, QEMU_VM_VMDESCRIPTION
+from npqfile.stream.reader import StreamReader
+
+VMDESC_TAIL_BYTES = 16 << 20   # analyze-migration.py looks at the last 10 MiB; be a bit more generous
+MAX_DECODED_FIELD = 256        # larger buffers are reported by size, not dumped
+MAX_NESTING = 64               # struct/subsection depth; deeper JSON is malformed, not a stack overflow
+
+_SIGNED = {"int8", "int16", "int32", "int64", "int32 equal", "int64 equal", "uint8 equal", "uint16 equal"}
+_UNSIGNED = {"uint8", "uint16", "uint32", "uint64", "uint32 equal"}
+
+
+def encode_vmdesc(devices: list[dict], page_size: int, configuration: dict | None = None) -> bytes:
+    """Return the JSON bytes QEMU writes after ``QEMU_VM_VMDESCRIPTION`` + ``be32 len``.
+
+    QEMU 7.2 writes ``page_size`` then ``devices``; newer QEMUs put a ``configuration``
+    description first, which is written only when given.
+    """
+    doc: dict[str, Any] = {}
+    if configuration is not None:
+        doc["configuration"] = configuration
+    doc["page_size"] = page_size
+    doc["devices"] = devices
+    return json.dumps(doc).encode()
+
+
+def parse_vmdesc(data: bytes, offset: int | None = None) -> dict:
+    """Decode vmdesc JSON bytes into a dict; StreamError (at ``offset``) if it is not a JSON object."""
+    try:
+        doc = json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise StreamError(f"vmdescription is not valid JSON: {exc}", offset, None) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("devices", []), list):
+        raise StreamError("vmdescription JSON is not an object with a 'devices' list", offset, None)
+    return doc
+
+
+def find_vmdesc(path: str | os.PathLike) -> tuple[dict, int] | None:
+    """Find the trailing vmdesc of the stream file ``path``.
+
+    Returns ``(json_dict, offset_of_the_0x06_byte)`` or None when the file has no
+    vmdesc (postcopy streams, ``suppress_vmdesc`` machines, truncated files).
+    Raises OSError if the file cannot be read.
+    """
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        start = max(0, size - VMDESC_TAIL_BYTES)
+        fh.seek(start)
+        tail = np.frombuffer(fh.read(), dtype=np.uint8)
+    if tail.size < 6:
+        return None
+    cand = np.flatnonzero(tail[:-5] == QEMU_VM_VMDESCRIPTION)
+    if cand.size == 0:
+        return None
+    lens = ((tail[cand + 1].astype(np.int64) << 24) | (tail[cand + 2].astype(np.int64) << 16)
+            | (tail[cand + 3].astype(np.int64) << 8) | tail[cand + 4].astype(np.int64))
+    hits = cand[lens == tail.size - cand - 5]
+    for p in hits:               # earliest first: the longest candidate JSON
+        if p > 0 and tail[p - 1] != QEMU_VM_EOF:
+            continue
+        try:
+            doc = parse_vmdesc(tail[p + 5:].tobytes())
+        except StreamError:
+            continue
+        return doc, start + int(p)
+    return None
+
+
+def device_index(doc: dict | None) -> dict[tuple[str, int], dict]:
+    """Map ``(name, instance_id)`` to the device entry of a vmdesc dict (empty for None)."""
+    index: dict[tuple[str, int], dict] = {}
+    for dev in (doc or {}).get("devices", []):
+        if isinstance(dev, dict) and isinstance(dev.get("name"), str) and isinstance(dev.get("instance_id"), int):
+            index[(dev["name"], dev["instance_id"])] = dev
+    return index
+
+
+def _size(r: StreamReader, field: dict) -> int:
+    size = field.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise r.error(f"vmdesc field {field.get('name')!r} has no valid size ({size!r})", r.offset)
+    return size
+
+
+def _unfold(fields: Any, r: StreamReader) -> list[dict]:
+    """Expand ``array_len`` entries into one entry per element, as analyze-migration.py does."""
+    if not isinstance(fields, list):
+        raise r.error("vmdesc 'fields' is not a list", r.offset)
+    out: list[dict] = []
+    for field in fields:
+        if not isinstance(field, dict):
+            raise r.error(f"vmdesc field entry is not an object: {field!r:.60}", r.offset)
+        n = field.get("array_len", 1)
+        if not isinstance(n, int) or n < 0:
+            raise r.error(f"vmdesc field {field.get('name')!r} has a bad array_len {n!r}", r.offset)
+        out.extend([field] * n)
+    return out
+
+
+def _read_field(r: StreamReader, field: dict, depth: int) -> Any:
+    ftype = field.get("type", "unknown")
+    what = f"field {field.get('name')!r}"
+    if ftype == "struct":
+        sub = field.get("struct")
+        if not isinstance(sub, dict):
+            raise r.error(f"vmdesc struct {field.get('name')!r} has no description", r.offset)
+        return walk_vmsd(r, sub, _depth=depth + 1)
+    if ftype == "capability":
+        return r.cstr(what).decode("utf-8", "replace")
+    size = _size(r, field)
+    if ftype == "nullptr":
+        at = r.offset
+        data = r.read(size, what)
+        if data != b"0":
+            raise r.error(f"nullptr {what} is {data!r:.20}, expected b'0'", at)
+        return None
+    if size > MAX_DECODED_FIELD:
+        r.skip(size, what)
+        return f"<{size} bytes>"
+    data = r.read(size, what)
+    if ftype == "bool" and size == 1:
+        return data[0] != 0
+    if ftype in _SIGNED:
+        return int.from_bytes(data, "big", signed=True)
+    if ftype in _UNSIGNED:
+        return int.from_bytes(data, "big")
+    if ftype == "int32 le":
+        return int.from_bytes(data, "little", signed=True)
+    return data.hex()
+
+
+def walk_vmsd(r: StreamReader, desc: dict, *, _depth: int = 0) -> dict[str, Any]:
+    """Consume one vmsd's bytes (fields, then subsections) as ``desc`` describes them.
+
+    Returns ``{field name: value}`` (repeated names become lists, subsections nest by
+    name).  Raises StreamError on truncation, a malformed description or a missing
+    subsection marker.
+    """
+    if _depth > MAX_NESTING:
+        raise r.error("vmdesc nests deeper than 64 levels", r.offset)
+    if not isinstance(desc, dict):
+        raise r.error("vmdesc entry is not an object", r.offset)
+    values: dict[str, Any] = {}
+    for field in _unfold(desc.get("fields", []), r):
+        value = _read_field(r, field, _depth)
+        name = str(field.get("name", "?"))
+        # Arrays arrive unfolded and QEMU splits arrays around NULL pointers into
+        # several entries of one name: repeated names collect into a list.
+        if name not in values:
+            values[name] = value
+        elif isinstance(values[name], list):
+            values[name].append(value)
+        else:
+            values[name] = [values[name], value]
+    subsections = desc.get("subsections", [])
+    if not isinstance(subsections, list):
+        raise r.error("vmdesc 'subsections' is not a list", r.offset)
+    for sub in subsections:
+        at = r.offset
+        if r.u8("a subsection marker") != QEMU_VM_SUBSECTION:
+            raise r.error(f"subsection {sub.get('vmsd_name') if isinstance(sub, dict) else sub!r} not found "
+                          f"(no 0x05 marker)", at)
+        name = r.cstr("a subsection name").decode("utf-8", "replace")
+        version = r.be32("a subsection version")
+        values[name] = {"version": version, **walk_vmsd(r, sub, _depth=_depth + 1)}
+    return values

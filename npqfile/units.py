@@ -1,0 +1,66 @@
+"""Parsing of the sizes and rates users type: ``512M``, ``1G``, ``100MB/s``, ``1Gbit/s``.
+
+Sizes follow QEMU's ``-m`` convention: a bare number is bytes, suffixes K/M/G/T are
+binary (KiB...), ``KB``/``MB``/``GB`` are decimal.  Rates are bytes per second; ``bit/s``
+suffixes divide by 8.  Errors are ``ValueError`` naming the text that did not parse.
+"""
+
+from __future__ import annotations
+
+import re
+
+_BINARY = {"": 1, "B": 1, "K": 1 << 10, "KI": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MI": 1 << 20,
+           "MIB": 1 << 20, "G": 1 << 30, "GI": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TIB": 1 << 40}
+_DECIMAL = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """Return the byte count of ``text`` (``"512M"`` -> 536870912). Raises ValueError."""
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"size must not be negative: {text}")
+        return text
+    m = _NUMBER.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (try 512M, 1G, 4096)")
+    value, unit = float(m.group(1)), m.group(2).upper()
+    mult = _BINARY.get(unit) or _DECIMAL.get(unit)
+    if mult is None:
+        raise ValueError(f"unknown size unit {m.group(2)!r} in {text!r}")
+    return int(value * mult)
+
+
+def parse_rate(text: str | int | float) -> float:
+    """Return bytes per second for ``text`` (``"100MB/s"``, ``"1Gbit/s"``, ``"0"`` = unlimited)."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    t = text.strip()
+    low = t.lower()
+    for suffix in ("/s", "ps"):
+        if low.endswith(suffix):
+            t, low = t[: -len(suffix)], low[: -len(suffix)]
+            break
+    if low.endswith("bit"):
+        bits = t[:-3]
+        m = _NUMBER.match(bits)
+        if not m:
+            raise ValueError(f"not a rate: {text!r}")
+        unit = m.group(2).upper()
+        mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}.get(unit)
+        if mult is None:
+            raise ValueError(f"unknown rate unit in {text!r}")
+        return float(m.group(1)) * mult / 8
+    try:
+        return float(parse_size(t))
+    except ValueError:
+        raise ValueError(f"not a rate: {text!r} (try 100MB/s, 1Gbit/s, 0 for unlimited)") from None
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``'1.5 KiB'``: binary units for tables."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,279 @@
+"""RAMBlock / GuestRAM: mapping flags, zero-copy views, close refusal, dirty tracking, layout."""
+
+from __future__ import annotations
+
+import mmap
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from npqfile.ram import (DirtyBitmap, GuestRAM, RAMBlock, RAMBlockInUseError, RAMBlockMmap, SoftDirtyUnsupported,
+                         smaps_fields, soft_dirty_reason, soft_dirty_supported)
+
+PS = 4096
+
+
+def _maps_line(address: int) -> str:
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= address < hi:
+                return line
+    raise AssertionError(f"no mapping at {address:#x}")
+
+
+@pytest.fixture
+def block():
+    b = RAMBlock("pc.ram", 64 * PS)
+    yield b
+    b.close()
+
+
+# -- construction --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backing,perm", [("private", "rw-p"), ("shared", "rw-s"), ("memfd", "rw-s")])
+def test_backing_mapping_flags(backing, perm):
+    with RAMBlock("b", 8 * PS, backing=backing) as b:
+        assert _maps_line(b.address).split()[1] == perm
+        assert isinstance(b.mmap, RAMBlockMmap)
+
+
+def test_file_backing_is_shared_and_sized(tmp_path):
+    path = tmp_path / "ram.img"
+    with RAMBlock("f", 8 * PS, backing=f"file:{path}") as b:
+        line = _maps_line(b.address)
+        assert line.split()[1] == "rw-s" and line.rstrip().endswith(str(path))
+        b.write(PS, b"hello")
+    assert path.stat().st_size == 8 * PS
+    assert path.read_bytes()[PS:PS + 5] == b"hello"  # the file is kept, with the data
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(name="x" * 256, size=PS), "255"),
+    (dict(name="", size=PS), "non-empty"),
+    (dict(name="r", size=PS + 1), "multiple of its page size"),
+    (dict(name="r", size=0), "multiple"),
+    (dict(name="r", size=3 * 1000, page_size=1000), "power of two"),
+    (dict(name="r", size=PS, backing="hugetlbfs"), "unknown RAM backing"),
+    (dict(name="r", size=PS, advice="zap"), "unknown release advice"),
+    (dict(name="r", size=PS, advice="punch"), "fd-backed"),
+])
+def test_bad_arguments_are_clear_errors(kwargs, match):
+    name = kwargs.pop("name")
+    size = kwargs.pop("size")
+    with pytest.raises(ValueError, match=match):
+        RAMBlock(name, size, **kwargs)
+
+
+def test_idstr_of_255_bytes_is_accepted():
+    with RAMBlock("é" * 127 + "x", PS) as b:
+        assert len(b.name.encode()) == 255
+
+
+def test_hugepages_flag_is_applied():
+    with RAMBlock("thp", 512 * PS, hugepages=True) as b:
+        b.array[:] = 1
+        assert b.rss_bytes()["Rss"] == b.size
+
+
+# -- views ---------------------------------------------------------------------------------
+
+def test_views_share_the_mapping(block):
+    block.array[5 * PS + 3] = 0xAB
+    assert block.pages[5, 3] == 0xAB
+    assert block.page(5)[3] == 0xAB
+    assert block.page(5).obj is block.mmap
+    assert np.shares_memory(block.pages, block.array)
+    assert block.pages.shape == (64, PS)
+    view = block.page(7)
+    view[0] = 9
+    assert block.array[7 * PS] == 9
+    with pytest.raises(ValueError, match="out of range for RAM block 'pc.ram'"):
+        block.page(64)
+
+
+def test_close_refused_while_views_alive():
+    b = RAMBlock("busy.ram", 4 * PS)
+    held = b.array[PS:2 * PS]
+    with pytest.raises(RAMBlockInUseError, match="'busy.ram'.*still alive"):
+        b.close()
+    held[0] = 1  # still usable after the refusal
+    assert b.array[PS] == 1
+    mv = b.page(2)
+    del held
+    with pytest.raises(RAMBlockInUseError):
+        b.close()
+    del mv
+    b.close()
+    assert b.closed
+    with pytest.raises(ValueError, match="closed"):
+        b.array
+    b.close()  # idempotent
+
+
+# -- dirty tracking ------------------------------------------------------------------------
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["write", "touch", "fill"]),
+                          st.integers(0, 64 * PS - 1), st.integers(0, 3 * PS)), max_size=20))
+def test_sync_dirty_returns_exactly_the_written_pages(ops):
+    with RAMBlock("d", 64 * PS) as b:
+        expect = set()
+        for kind, offset, n in ops:
+            if kind == "write":
+                n = min(n, b.size - offset)
+                b.write(offset, np.full(n, 7, dtype=np.uint8))
+                if n:
+                    expect.update(range(offset // PS, (offset + n - 1) // PS + 1))
+            elif kind == "touch":
+                b.touch(np.array([offset // PS, n % 64]))
+                expect.update({offset // PS, n % 64})
+            else:
+                b.fill(slice(offset // PS, offset // PS + 2), n % 256)
+                expect.update(p for p in (offset // PS, offset // PS + 1) if p < 64)
+        got = b.sync_dirty()
+        assert got.dtype == np.int64
+        assert got.tolist() == sorted(expect)
+        assert b.sync_dirty().size == 0
+
+
+def test_writes_change_data_and_bad_writes_change_nothing(block):
+    block.touch([3, 3, 4])
+    assert block.pages[3, 0] == 1 and block.pages[4, 0] == 1
+    block.fill(np.array([True] + [False] * 63), 0x5A)
+    assert (block.pages[0] == 0x5A).all()
+    block.sync_dirty()
+    with pytest.raises(ValueError, match="outside RAM block 'pc.ram'"):
+        block.write(63 * PS + 1, bytes(PS))
+    with pytest.raises(ValueError, match="page index 64 out of range"):
+        block.touch([1, 64])
+    with pytest.raises(ValueError, match="page index -1"):
+        block.fill([-1], 0)
+    with pytest.raises(ValueError, match="not a byte"):
+        block.fill([0], 256)
+    assert block.sync_dirty().size == 0 and block.pages[1, 0] == 0
+
+
+def test_bitmap_marks_a_million_pages_in_one_call():
+    bm = DirtyBitmap(1 << 20, "big")
+    bm.mark(np.arange(0, 1 << 20, 3))
+    assert bm.count() == len(range(0, 1 << 20, 3))
+    assert bm.sync().tolist() == list(range(0, 1 << 20, 3))
+    assert bm.count() == 0
+
+
+def test_concurrent_marks_are_never_lost():
+    bm = DirtyBitmap(4096, "race")
+    rng = np.random.default_rng(1)
+    batches = [rng.integers(0, 4096, 50) for _ in range(400)]
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def writer():
+        for b in batches:
+            bm.mark(b)
+        done.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    while not done.is_set():
+        seen.update(bm.sync().tolist())
+    t.join()
+    seen.update(bm.sync().tolist())
+    assert seen == set(np.concatenate(batches).tolist())
+
+
+def test_soft_dirty_is_detected_not_faked(block):
+    if soft_dirty_supported():
+        block.sync_dirty("soft-dirty")
+        block.array[9 * PS] = 1  # behind the API's back: soft-dirty still sees it
+        assert 9 in block.sync_dirty("soft-dirty").tolist()
+    else:
+        assert "CONFIG_MEM_SOFT_DIRTY" in soft_dirty_reason() or "clear_refs" in soft_dirty_reason()
+        with pytest.raises(SoftDirtyUnsupported, match="soft-dirty tracking unavailable"):
+            block.sync_dirty("soft-dirty")
+    with pytest.raises(ValueError, match="unknown dirty source"):
+        block.sync_dirty("kvm")
+
+
+# -- residency helpers ---------------------------------------------------------------------
+
+def test_adjacent_blocks_keep_separate_vmas():
+    blocks = [RAMBlock(f"b{i}", 256 * PS) for i in range(5)]
+    try:
+        for b in blocks:
+            b.array[::PS] = 1
+        for b in blocks:
+            r = b.rss_bytes()
+            assert r["exact"] == 1, (b, r["vma_start"], r["vma_end"])
+            assert r["Rss"] == b.size and r["Anonymous"] == b.size
+    finally:
+        for b in blocks:
+            b.close()
+
+
+@pytest.mark.parametrize("page_size", [1024, 8192])
+def test_residency_per_target_page(page_size):
+    with RAMBlock("tp", 16 * page_size, page_size=page_size) as b:
+        assert b.resident_pages().shape == (16,)
+        b.pages[3, 0] = 1
+        res = b.resident_pages()
+        hostpage = 3 * page_size // mmap.PAGESIZE
+        want = {p for p in range(16) if p * page_size // mmap.PAGESIZE == hostpage} if page_size < mmap.PAGESIZE else {3}
+        assert set(np.flatnonzero(res).tolist()) == want
+
+
+def test_smaps_lookup_error_names_address():
+    with pytest.raises(LookupError, match="no mapping at 0x10"):
+        smaps_fields(0x10, 0x20)
+
+
+# -- GuestRAM ------------------------------------------------------------------------------
+
+def test_guest_ram_layout_and_lookup():
+    with GuestRAM() as ram:
+        a = ram.add_block("pc.ram", 65 * PS)
+        b = ram.add_block("vga.vram", 8 * PS, backing="shared")
+        c = ram.add(RAMBlock("/rom@etc/acpi/tables", 2 * PS))
+        assert (a.offset, b.offset) == (0, 128 * PS)  # 65 pages rounded up to 64-page multiples
+        assert c.offset == 192 * PS
+        assert ram.total_size == 75 * PS
+        assert [x.name for x in ram] == ["pc.ram", "vga.vram", "/rom@etc/acpi/tables"]
+        assert ram.block("vga.vram") is b and "pc.ram" in ram and len(ram) == 3
+        with pytest.raises(KeyError, match="no RAM block named 'nope'"):
+            ram.block("nope")
+        with pytest.raises(ValueError, match="duplicate RAM block name 'pc.ram'"):
+            ram.add_block("pc.ram", PS)
+        assert ram.block_at(128 * PS + 5) == (b, 5)
+        with pytest.raises(ValueError, match="not inside any RAM block"):
+            ram.block_at(100 * PS)
+        v = ram.view(128 * PS + 10, 100)
+        v[:] = 3
+        assert (b.array[10:110] == 3).all()
+        del v
+        b.touch([1])
+        assert {k: v.tolist() for k, v in ram.sync_dirty().items()} == {
+            "pc.ram": [], "vga.vram": [1], "/rom@etc/acpi/tables": []}
+
+
+def test_view_straddling_two_blocks_is_refused():
+    with GuestRAM() as ram:
+        ram.add_block("low", 64 * PS)
+        ram.add_block("high", 64 * PS)
+        with pytest.raises(ValueError, match="straddles RAM blocks 'low' and 'high'"):
+            ram.view(63 * PS, 2 * PS)
+        with pytest.raises(ValueError, match="straddles the end of RAM block 'high'"):
+            ram.view(127 * PS, 2 * PS)
+
+
+def test_guest_ram_close_names_busy_blocks():
+    ram = GuestRAM([RAMBlock("a", PS), RAMBlock("b", PS)])
+    held = ram.block("b").array
+    with pytest.raises(RAMBlockInUseError, match="'b'"):
+        ram.close()
+    assert ram.block("a").closed and not ram.block("b").closed
+    del held
+    ram.close()

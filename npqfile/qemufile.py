@@ -78,7 +78,7 @@ _PAGE = mmap.PAGESIZE
 _MASK64 = (1 << 64) - 1
 _be16 = struct.Struct(">H")
 _be32 = struct.Struct(">I")
-_be64 = struct.Struct(">Q")
+_be64 = struct.Struct(">Q")  # the get side unpacks with these
 
 
 def compress_bound(size: int) -> int:
@@ -109,6 +109,41 @@ def _address(mv: memoryview) -> int:
     return np.frombuffer(mv, dtype=np.uint8).__array_interface__["data"][0]
 
 
+def _put_be(n: int, fmt: str, doc: str) -> Callable[[QEMUFile, int], None]:
+    """Build put_be16/32/64.  QEMU composes them of put_byte calls; the fast path packs
+    all ``n`` bytes at once when no flush can fall inside them (no new iovec that would
+    fill the array, no end of the staging buffer), which queues exactly what ``n``
+    put_byte calls would; otherwise it makes those calls."""
+    pack_into = struct.Struct(fmt).pack_into
+    mask = (1 << 8 * n) - 1
+    shifts = tuple(range(8 * (n - 1), -8, -8))
+
+    def put_be(self: QEMUFile, v: int) -> None:
+        if self._last_error:
+            return
+        i = self._buf_index
+        if i + n < self._io_buf_size:
+            tail = self._tail
+            if tail is not None:
+                tail[2] += n
+            elif len(self._iov) + 1 < self._max_iov:
+                self._tail = tail = [None, i, n, False, None]
+                self._iov.append(tail)
+            else:
+                i = -1
+            if i >= 0:
+                pack_into(self._buf, i, v & mask)
+                self._bytes_xfer += n
+                self._buf_index = i + n
+                return
+        for shift in shifts:
+            self.put_byte(v >> shift)
+
+    put_be.__name__ = put_be.__qualname__ = f"put_be{8 * n}"
+    put_be.__doc__ = doc
+    return put_be
+
+
 class QEMUFile:
     """A migration stream over ``channel``; see the module docstring.
 
@@ -119,7 +154,7 @@ class QEMUFile:
 
     __slots__ = (
         "_channel", "_writable", "_io_buf_size", "_max_iov", "_buf", "_bufmv",
-        "_buf_index", "_buf_size", "_iov", "_tail_internal", "_queued", "_has_free",
+        "_buf_index", "_buf_size", "_iov", "_tail", "_has_free",
         "_pos", "_bytes_xfer", "_xfer_limit", "_last_error", "_error", "_hooks",
         "_closed", "_last_obj", "_last_root", "released_bytes", "release_errors", "__weakref__",
     )
@@ -143,8 +178,7 @@ class QEMUFile:
         self._buf_index = 0
         self._buf_size = 0  # 0 when writing
         self._iov: list[list] = []
-        self._tail_internal = False  # last iovec is the staging buffer ending at _buf_index
-        self._queued = 0  # bytes described by _iov
+        self._tail: list | None = None  # the last iovec when it is staging buffer ending at _buf_index
         self._has_free = False  # some queued iovec is may_free
         self._pos = 0  # start of buffer when writing, end of buffer when reading
         self._bytes_xfer = 0
@@ -296,8 +330,7 @@ class QEMUFile:
             del views
         self._buf_index = 0
         iov.clear()
-        self._tail_internal = False
-        self._queued = 0
+        self._tail = None
         self._has_free = False
         self._last_obj = self._last_root = None  # hold no exports of caller memory
         return self._last_error
@@ -343,16 +376,15 @@ class QEMUFile:
         """add_buf_to_iovec: describe ``n`` bytes just copied to ``_buf[_buf_index:]``.
 
         The buffer index advances only when the add did not flush (QEMU 4.2 fix)."""
-        if self._tail_internal:
-            self._iov[-1][2] += n
-            self._queued += n
+        tail = self._tail
+        if tail is not None:
+            tail[2] += n
         else:
             iov = self._iov
             if len(iov) >= self._max_iov:  # only reachable in an error state (QEMU 6.1 fix)
                 return
-            iov.append([None, self._buf_index, n, False, None])
-            self._tail_internal = True
-            self._queued += n
+            self._tail = tail = [None, self._buf_index, n, False, None]
+            iov.append(tail)
             if len(iov) >= self._max_iov:
                 self.fflush()
                 return
@@ -368,45 +400,9 @@ class QEMUFile:
         self._bytes_xfer += 1
         self._add_buf_to_iovec(1)
 
-    def _put_small(self, packer: struct.Struct, v: int, n: int) -> bool:
-        """Fast path for put_be16/32/64: True when the value was queued exactly as ``n``
-        put_byte calls would have queued it (no flush can fall inside)."""
-        i = self._buf_index
-        if i + n >= self._io_buf_size:
-            return False
-        if self._tail_internal:
-            self._iov[-1][2] += n
-        elif len(self._iov) + 1 < self._max_iov:
-            self._iov.append([None, i, n, False, None])
-            self._tail_internal = True
-        else:
-            return False
-        packer.pack_into(self._buf, i, v)
-        self._queued += n
-        self._bytes_xfer += n
-        self._buf_index = i + n
-        return True
-
-    def put_be16(self, v: int) -> None:
-        """qemu_put_be16: two bytes, most significant first."""
-        if self._last_error or self._put_small(_be16, v & 0xFFFF, 2):
-            return
-        self.put_byte(v >> 8)
-        self.put_byte(v)
-
-    def put_be32(self, v: int) -> None:
-        """qemu_put_be32: four bytes, most significant first."""
-        if self._last_error or self._put_small(_be32, v & 0xFFFFFFFF, 4):
-            return
-        for shift in (24, 16, 8, 0):
-            self.put_byte(v >> shift)
-
-    def put_be64(self, v: int) -> None:
-        """qemu_put_be64: eight bytes, most significant first."""
-        if self._last_error or self._put_small(_be64, v & _MASK64, 8):
-            return
-        for shift in (56, 48, 40, 32, 24, 16, 8, 0):
-            self.put_byte(v >> shift)
+    put_be16 = _put_be(2, ">H", "qemu_put_be16: two bytes, most significant first.")
+    put_be32 = _put_be(4, ">I", "qemu_put_be32: four bytes, most significant first.")
+    put_be64 = _put_be(8, ">Q", "qemu_put_be64: eight bytes, most significant first.")
 
     def put_buffer(self, buf: Any) -> None:
         """qemu_put_buffer: copy ``buf`` (any C-contiguous buffer) into the stream,
@@ -454,7 +450,7 @@ class QEMUFile:
         self._bytes_xfer += n
         iov = self._iov
         addr = None
-        if iov and not self._tail_internal:
+        if iov and self._tail is None:
             last = iov[-1]
             if last[4] is root and last[3] == bool(may_free):
                 # Possibly adjacent to the previous view: only now is an address worth taking.
@@ -464,7 +460,6 @@ class QEMUFile:
                 if addr == last[1] + last[2] and _flat_or_none(root) is not None:
                     last[0] = root  # a run: its view over root is made at flush time
                     last[2] += n
-                    self._queued += n
                     return
         if len(iov) >= self._max_iov:  # only reachable in an error state (QEMU 6.1 fix)
             return
@@ -473,8 +468,7 @@ class QEMUFile:
             self._has_free = True
         else:
             iov.append([mv, addr, n, False, root])
-        self._tail_internal = False
-        self._queued += n
+        self._tail = None
         if len(iov) >= self._max_iov:
             self.fflush()
 
@@ -495,7 +489,7 @@ class QEMUFile:
             # Records that fit before the next flush: each adds a header iovec (the
             # first one coalesces into a staging-buffer tail) and a page iovec.  Take
             # all but the record during which QEMU would flush in one go ...
-            room = self._max_iov - len(self._iov) + (1 if self._tail_internal else 0)
+            room = self._max_iov - len(self._iov) + (0 if self._tail is None else 1)
             fast = min((room - 1) // 2, n - k, (self._io_buf_size - 1 - self._buf_index) // h)
             if fast > 0:
                 self._put_records_unflushed(hdr, h, pages, k, fast, may_free)
@@ -513,8 +507,8 @@ class QEMUFile:
         bi = self._buf_index
         self._bufmv[bi:bi + count * h] = hdr[k * h:(k + count) * h]
         iov = self._iov
-        if self._tail_internal:
-            iov[-1][2] += h
+        if self._tail is not None:
+            self._tail[2] += h
         else:
             iov.append([None, bi, h, False, None])
         last_obj, last_root = self._last_obj, self._last_root
@@ -541,9 +535,8 @@ class QEMUFile:
                 pos += h
         # The last record's page ends the chunk, so the tail is caller memory.
         self._last_obj, self._last_root = last_obj, last_root
-        self._tail_internal = False
+        self._tail = None
         self._buf_index = bi + count * h
-        self._queued += total
         self._bytes_xfer += total
         if may_free:
             self._has_free = True
@@ -592,12 +585,16 @@ class QEMUFile:
             self.put_buffer(src._bufmv[:n])
             src._buf_index = 0
             src._iov.clear()
-            src._tail_internal = False
-            src._queued = 0
+            src._tail = None
             src._has_free = False
         return n
 
     # -- positions and rate limiting --------------------------------------------------
+
+    @property
+    def _queued(self) -> int:
+        """Bytes described by the queued iovecs."""
+        return sum([e[2] for e in self._iov])
 
     def ftell_fast(self) -> int:
         """qemu_ftell_fast: bytes written plus bytes queued, without flushing."""

@@ -68,10 +68,12 @@ class ReclaimConfig:
 
 @dataclass
 class Sample:
-    """RSS seen after ``sent`` payload bytes: the mapping's (smaps Rss) and the process's."""
+    """Memory seen after ``sent`` payload bytes: the mapping's RSS (smaps Rss), what the
+    backing still holds (mincore, bytes) and the process RSS."""
 
     sent: int
     mapping_rss: int
+    backing_kept: int
     process_rss: int
 
 
@@ -159,7 +161,8 @@ class _Sampler:
 
     def take(self, sent: int) -> Sample:
         t0 = time.perf_counter()
-        s = Sample(sent, self.block.rss_bytes().get("Rss", 0), process_rss())
+        b = self.block
+        s = Sample(sent, b.rss_bytes().get("Rss", 0), int(b.cached_pages().sum()) * b.page_size, process_rss())
         self.samples.append(s)
         self.spent += time.perf_counter() - t0
         return s
@@ -311,26 +314,33 @@ def results_table(results: Sequence[ReclaimResult]) -> Any:
 
 
 def plot_results(results: Sequence[ReclaimResult], path: str) -> None:
-    """Write a PNG of mapping RSS (MiB) against bytes sent (MiB), one line per
-    configuration that ran.  Raises OSError if the file cannot be written."""
+    """Write a PNG with two panels against bytes sent (MiB): the mapping's RSS and the
+    memory its backing still holds (mincore); colour = advice, line style = backing.
+    Raises OSError if the file cannot be written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    styles = dict(zip(BACKINGS, ("-", "--", "-.", ":")))
+    colours = dict(zip(("none", *ADVICES), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     try:
         for r in results:
             if r.status != "ok" or not r.samples:
                 continue
             xs = [s.sent / (1 << 20) for s in r.samples]
-            ys = [s.mapping_rss / (1 << 20) for s in r.samples]
-            ax.plot(xs, ys, marker=".", label=f"{r.backing}/{r.advice}")
-        ax.set_xlabel("guest RAM sent (MiB)")
-        ax.set_ylabel("mapping RSS (MiB)")
-        ax.set_title("RSS of the RAM block while streaming through QEMUFile")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small", ncol=2)
+            kw = dict(linestyle=styles.get(r.backing, "-"), color=colours.get(r.advice), label=f"{r.backing}/{r.advice}")
+            axes[0].plot(xs, [s.mapping_rss / (1 << 20) for s in r.samples], **kw)
+            axes[1].plot(xs, [s.backing_kept / (1 << 20) for s in r.samples], **kw)
+        axes[0].set_title("mapping RSS (smaps Rss)")
+        axes[1].set_title("still held by the backing (mincore)")
+        axes[0].set_ylabel("MiB")
+        for ax in axes:
+            ax.set_xlabel("guest RAM sent (MiB)")
+            ax.grid(True, alpha=0.3)
+        axes[1].legend(fontsize="x-small", ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        fig.suptitle("npqfile reclaim: streaming a RAM block through QEMUFile with release")
         fig.tight_layout()
         fig.savefig(path, dpi=100)
     finally:

@@ -77,7 +77,9 @@ def test_private_free_is_lazy(tmp_path):
     with _filled("private", tmp_path) as b:
         assert b.release([(0, b.size)], advice="free") == b.size
         rss = b.rss_bytes()
-        assert rss["Rss"] == b.size and rss["LazyFree"] == b.size
+        # all still resident; most pages already on the lazyfree LRU (the rest sit in per-CPU batches)
+        assert rss["Rss"] == b.size and b.size // 2 <= rss["LazyFree"] <= b.size
+        assert b.array.view(np.uint64)[-1] == N * PS // 8  # data kept until memory pressure
 
 
 def test_kernel_refusal_is_reported_with_the_block(tmp_path):
@@ -148,7 +150,7 @@ def test_release_coalesces_adjacent_ranges_into_one_call(tmp_path):
 
 
 def test_coalesce_runs_vectorised():
-    runs = coalesce_runs(np.array([[8192, 4096], [0, 4095], [4095, 1], [4096, 0], [20000, 10000]]), 1 << 20, "r")
+    runs = coalesce_runs(np.array([[8192, 4096], [0, 4095], [4095, 1], [4096, 4096], [20000, 10000], [30000, 0]]), 1 << 20, "r")
     assert runs.tolist() == [[0, 12288], [20480, 8192]]
     assert coalesce_runs([], 100, "r").shape == (0, 2)
     with pytest.raises(ValueError, match="outside RAM block 'r'"):

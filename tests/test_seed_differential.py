@@ -146,15 +146,23 @@ class ChunkedReader:
 QUERIES = {"ftell", "get_rate_limit"}
 
 
-def payload(n: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(n)
+def payload(n: int, seed: int, kind: str = "random") -> bytes:
+    """n reproducible bytes: random (incompressible), zeros, or text-like (compressible)."""
+    if kind == "zeros":
+        return bytes(n)
+    rnd = random.Random(seed)
+    if kind == "text":
+        return bytes(rnd.choices(b"abc \n", k=n))
+    return rnd.randbytes(n)
 
 
 def resolve(ops: list[tuple]) -> list[tuple]:
     """Expand macro ops into the primitive ops both implementations run:
     ("put_buffer", n, seed) gets its bytes; ("put_buffer_async", None, n, free) continues
     where the previous async put ended (wrapping to 0), so runs of RAM coalesce;
-    ("pages", first, count, free) is QEMU's RAM loop: be64 header + one async page each."""
+    ("pages", first, count, free) is QEMU's RAM loop: be64 header + one async page each;
+    ("fragment", count, size, free, flush_first) queues `count` async pieces that cannot
+    coalesce, after an fflush if flush_first."""
     out, cursor = [], 0
     for op in ops:
         name = op[0]
@@ -167,6 +175,12 @@ def resolve(ops: list[tuple]) -> list[tuple]:
                 off = 0
             out.append(("put_buffer_async", off, n, free))
             cursor = off + n
+        elif name == "fragment":
+            count, size, free, flush_first = op[1:]
+            if flush_first:  # iovec count known: 62/63 puts the next put at the 64-iovec flush
+                out.append(("fflush",))
+            for i in range(count):  # separate iovecs: a gap after each piece
+                out.append(("put_buffer_async", (i * 2 * size) % (RAM_SIZE - size), size, free))
         elif name == "pages":
             first, count, free = op[1:]
             for i in range(count):
@@ -188,7 +202,8 @@ def run_ops(f, ops: list[tuple], put_async) -> list[tuple]:
         elif name in QUERIES:
             results.append((name, getattr(f, name)()))
         elif name == "put_compression_data":
-            results.append((name, f.put_compression_data(payload(args[1], args[2]), args[0])))
+            level, kind, n, seed = args
+            results.append((name, f.put_compression_data(payload(n, seed, kind), level)))
         else:
             getattr(f, name)(*args)
         results.append((f.ftell_fast(), f.rate_limit(), f.get_error()))
@@ -260,7 +275,9 @@ put_ops = st.one_of(
 )
 async_ops = st.one_of(aligned_async, unaligned_async, next_async,
                       st.tuples(st.just("pages"), st.integers(0, RAM_PAGES - 1),
-                                st.one_of(st.integers(1, 8), st.integers(30, 80)), st.booleans()))
+                                st.one_of(st.integers(1, 8), st.integers(30, 80)), st.booleans()),
+                      st.tuples(st.just("fragment"), st.one_of(st.integers(1, 70), st.sampled_from([62, 63])),
+                                st.integers(1, 3 * PAGE), st.booleans(), st.booleans()))
 limits = st.one_of(st.just(0), st.integers(1, 300), st.integers(1, 200000))
 control_ops = st.one_of(
     st.sampled_from([("fflush",), ("ftell",), ("get_rate_limit",), ("reset_rate_limit",)]),
@@ -414,3 +431,66 @@ def test_reads_match_seed(libs, variant, n, seed, chunks, end_ret, ops):
             ours, theirs = read_npq(f, name, args), getattr(r, name)(*args)
             assert (ours, f.get_error()) == (theirs, r.get_error()), f"op {i}: {name}{tuple(args)}"
             rule.update(name, args, theirs)
+
+
+@pytest.mark.component
+@SETTINGS
+@given(before=st.sampled_from([62, 63, 64]), ops=st.lists(put_ops, min_size=1, max_size=6))
+def test_flush_points_at_the_iovec_limit(libs, ram, before, ops):
+    """Puts that land on the 64th iovec, the flush inside add_to_iovec: writev calls equal
+    the fixed seed's; bytes equal the seed's."""
+    ops = resolve([("fragment", before, 5, False, True), *ops])
+    npq = drive_npq(ram, ops)
+    assert npq.calls == drive_seed(libs["fixed"], ram, ops).calls
+    assert npq.written == drive_seed(libs["seed"], ram, ops).written
+
+
+# -- compression ------------------------------------------------------------------------
+
+levels = st.sampled_from([-1, 0, 1, 6, 9])
+compress_ops = st.tuples(st.just("put_compression_data"), levels, st.sampled_from(["random", "zeros", "text"]),
+                         st.one_of(st.integers(0, 5000), st.integers(0, IO_BUF_SIZE)), st.integers(0, 2**16))
+staging_ops = st.one_of(put_ops, st.sampled_from([("fflush",), ("ftell",)]))
+
+
+@pytest.mark.component
+@pytest.mark.parametrize("variant", seed_build.VARIANTS)
+@SETTINGS
+@given(ops=st.lists(st.one_of(staging_ops, compress_ops), min_size=1, max_size=30))
+def test_compression_matches_seed(libs, ram, variant, ops):
+    """put_compression_data: same bytes and results as qemu_put_compression_data (same
+    zlib), including the flush when the staging buffer lacks room and -1 when even an
+    empty buffer cannot hold compressBound(size).  Staging puts only: the 64-iovec case
+    is test_difference_compression_length_flush.  Rate limit off: see
+    test_difference_compression_counts_payload_for_rate_limit."""
+    ops = [("set_rate_limit", 0), *resolve(ops)]
+    npq, seed = drive_npq(ram, ops), drive_seed(libs[variant], ram, ops)
+    assert npq.written == seed.written
+    assert npq.results == seed.results
+    if variant == "fixed":
+        assert npq.calls == seed.calls
+
+
+@pytest.mark.component
+@settings(max_examples=30, deadline=None, derandomize=True, database=None)
+@given(pages=st.lists(st.tuples(st.integers(0, 2**40), levels, st.sampled_from(["random", "zeros", "text"]),
+                                st.integers(0, 2**16)), min_size=1, max_size=12))
+def test_put_qemu_file_matches_seed(libs, pages):
+    """QEMU 2.x's compression thread flow: header + compressed page into a side file,
+    then qemu_put_qemu_file into the stream -- same bytes and results."""
+    dest = SeedWriter(libs["seed"])
+    src = SeedDummy(libs["seed"])
+    ch = RecordingChannel()
+    f, side = QEMUFile(ch), QEMUFile(RecordingChannel())
+    theirs, ours = [], []
+    for addr, level, kind, seed in pages:
+        data = payload(PAGE, seed, kind)
+        for target, side_file, out in ((dest, src, theirs), (f, side, ours)):
+            side_file.put_be64(addr << 12 | 0x100)
+            out.append(side_file.put_compression_data(data, level))
+            out.append(target.put_qemu_file(side_file))
+    src.fclose()
+    assert ours == theirs
+    assert (f.ftell(), f.get_error()) == (dest.ftell(), dest.get_error())
+    assert bytes(ch.data) == dest.written
+    dest.free()

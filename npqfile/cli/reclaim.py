@@ -8,7 +8,6 @@ against bytes sent.  ``--compare`` runs the backing x advice matrix.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from npqfile.ram import ADVICES
 from npqfile.reclaim import BACKINGS, ReclaimConfig, compare_configs, plot_results, results_json, results_table, run_reclaim
@@ -94,9 +93,3 @@ def _run_all(configs: list[ReclaimConfig]) -> list:
             finished += c.size
             bar.update(task, completed=finished)
     return results
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from npqfile.cli import main
-
-    sys.exit(main(["reclaim", *sys.argv[1:]]))

@@ -283,7 +283,7 @@ class _Loader:
         r.limit = end if outer is None else min(end, outer)
         self._sections(depth + 1)
         if r.offset != end:
-            raise r.error(f"packaged stream ended at offset {r.offset}, {end - r.offset} bytes before its declared end")
+            raise r.error(f"packaged stream ended {end - r.offset} bytes before its declared end (offset {end})")
         r.limit = outer
 
     # -- after EOF ----------------------------------------------------------------------------

@@ -134,7 +134,7 @@ class RAMLoader:
                 raise r.error(f'RAM record names block "{name}", which the stream did not declare')
             self.last_recv_block = dest
         if addr + self.page_size > dest.size:
-            raise r.error(f"page at offset {addr:#x} is beyond the end of block {dest.name!r} "
+            raise r.error(f"page {addr:#x} is beyond the end of block {dest.name!r} "
                           f"({dest.size:#x} bytes)")
         return dest
 

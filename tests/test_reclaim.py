@@ -1,0 +1,98 @@
+"""The reclaim experiment and its CLI: the backing x advice matrix measured end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from npqfile.cli import main
+from npqfile.ram import ADVICES, DEFAULT_ADVICE
+from npqfile.reclaim import BACKINGS, ReclaimConfig, compare_configs, run_reclaim
+
+SIZE = 4 << 20
+PAGES = SIZE // 4096
+UNSUPPORTED = {("private", "remove"), ("private", "punch"), ("shared", "free"), ("shared", "punch"),
+               ("memfd", "free"), ("file", "free")}
+
+
+def test_compare_json_matrix(capsys, tmp_path):
+    rc = main(["reclaim", "--compare", "--json", "--size", "4M", "--sample-every", "1M",
+               "--file-dir", str(tmp_path)])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["host_page_size"] == 4096
+    rows = {(r["backing"], r["advice"]): r for r in doc["results"]}
+    assert set(rows) == {(b, a) for b in BACKINGS for a in ("none", *ADVICES)}
+    assert list(tmp_path.iterdir()) == []  # temporary backing files are removed
+
+    for (backing, advice), r in rows.items():
+        if (backing, advice) in UNSUPPORTED:
+            assert r["status"] == "unsupported" and r["reason"] in ("EINVAL", "no fd to punch"), r
+            continue
+        assert r["status"] == "ok", r
+        assert r["rss_before"] == SIZE and r["size"] == SIZE
+        assert r["bytes_sent"] == SIZE + 8 * PAGES
+        assert [s["sent"] for s in r["samples"]] == [0, 1 << 20, 2 << 20, 3 << 20, 4 << 20]
+        assert r["readback_zero"] + r["readback_old"] + r["readback_other"] == PAGES
+        if advice == "none":
+            assert r["pages_released"] == 0 and r["rss_after"] == SIZE and r["readback"] == "old data"
+            continue
+        assert r["pages_released"] == PAGES and r["release_errors"] == 0
+        if advice == DEFAULT_ADVICE[backing]:
+            # the real primitive: the mapping is empty, released pages read back as zero
+            assert r["rss_after"] == 0 and r["resident_pages_after"] == 0 and r["readback"] == "zero", r
+            if backing != "file":  # ext4 keeps large folios that per-flush punches only partly cover
+                assert r["cached_pages_after"] == 0, r
+            assert r["rss_peak"] == SIZE
+
+    # what the other advices really do (F4)
+    assert rows["private", "free"]["rss_after"] == SIZE and rows["private", "free"]["readback"] == "old data"
+    assert rows["private", "free"]["lazyfree_after"] > 0
+    for backing in ("shared", "memfd", "file"):
+        r = rows[backing, "dontneed"]
+        assert r["rss_after"] == 0 and r["cached_pages_after"] == PAGES and r["readback"] == "old data"
+        assert r["samples"][-1]["mapping_rss"] == 0 and r["samples"][-1]["backing_kept"] == SIZE
+    assert rows["shared", "remove"]["samples"][-1]["backing_kept"] == 0
+    for backing in ("memfd", "file"):
+        assert rows[backing, "remove"]["readback"] == "zero"
+        assert rows[backing, "remove"]["rss_after"] == 0
+    assert rows["memfd", "punch"]["cached_pages_after"] == 0
+    for backing in BACKINGS:
+        assert rows[backing, "cold"]["readback"] == "old data"
+
+
+def test_table_and_plot(capsys, tmp_path):
+    png = tmp_path / "rss.png"
+    rc = main(["reclaim", "--size", "2M", "--backing", "shared", "--advice", "dontneed", "--plot", str(png)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "shared" in out and "dontneed" in out and "old data" in out and "plot written" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_release_and_file_path_backing(tmp_path):
+    path = tmp_path / "guest.img"
+    r = run_reclaim(ReclaimConfig(size=1 << 20, backing=f"file:{path}", release=False, sink=f"file:{tmp_path / 's'}"))
+    assert r.status == "ok" and r.advice == "none" and r.pages_released == 0
+    assert path.stat().st_size == 1 << 20  # a user's file is kept
+    assert (tmp_path / "s").stat().st_size == r.bytes_sent == (1 << 20) + 8 * 256
+
+
+def test_compare_configs_matrix_shape():
+    configs = compare_configs(ReclaimConfig(size=1 << 20), backings=["private"], advices=[None, "dontneed"])
+    assert [(c.backing, c.advice, c.release) for c in configs] == [("private", None, False),
+                                                                    ("private", "dontneed", True)]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--backing", "tmpfs"], "unknown RAM backing 'tmpfs'"),
+    (["--sink", "bogus:"], "bogus:"),
+    (["--size", "3000"], "not a positive multiple"),
+    (["--sample-every", "0"], "must be positive"),
+])
+def test_user_errors_are_one_line(capsys, argv, match):
+    args = argv if "--size" in argv else ["--size", "1M", *argv]
+    assert main(["reclaim", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and "Traceback" not in err

@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import mmap
 import random
 import sys
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import require
@@ -38,10 +36,10 @@ from npqfile.qemufile import IO_BUF_SIZE, QEMUFile
 sys.path.insert(0, str(Path(__file__).resolve().parent / "seed"))
 import seed_build  # noqa: E402
 from seed_driver import SeedDummy, SeedLib, SeedReader, SeedWriter  # noqa: E402
+from seed_ops import (  # noqa: E402
+    PAGE, RAM_PAGES, RAM_SIZE, ChunkedReader, PeekRule, Ram, RecordingChannel, RecordingMmap, drive_npq,
+    drive_seed, page_set, payload, read_npq, resolve, result_of, run_ops)
 
-PAGE = mmap.PAGESIZE
-RAM_PAGES = 40
-RAM_SIZE = RAM_PAGES * PAGE
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -58,23 +56,6 @@ def libs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SeedLib]:
     return {v: SeedLib(seed_build.build(out, v)) for v in seed_build.VARIANTS}
 
 
-class RecordingMmap(mmap.mmap):
-    """Guest RAM stand-in: ``release_pages`` (npqfile's release protocol) records instead
-    of releasing, so both implementations keep reading the same bytes."""
-
-    def release_pages(self, offset: int, length: int) -> None:
-        self.released.append((offset, length))
-
-
-@dataclass
-class Ram:
-    mm: RecordingMmap
-    base: int  # address of byte 0, for the C side
-
-    def view(self, off: int, n: int) -> memoryview:
-        return memoryview(self.mm)[off:off + n]
-
-
 @pytest.fixture(scope="session")
 def ram():
     mm = RecordingMmap(-1, RAM_SIZE)
@@ -84,173 +65,6 @@ def ram():
     yield Ram(mm, ctypes.addressof(anchor))
     del anchor
     mm.close()
-
-
-# -- npqfile channels mirroring the C harness's backends ------------------------------
-
-
-class RecordingChannel:
-    """Write channel: records each writev call as (bytes, buffers) and the bytes.  Call
-    ``fail_call`` (0-based) raises OSError(-fail_ret) when fail_ret < 0, else returns the
-    short count fail_ret (keeping that many bytes) -- as the C sink does."""
-
-    def __init__(self, fail_call: int = -1, fail_ret: int = 0, close_ret: int = 0):
-        self.fail_call, self.fail_ret, self.close_ret = fail_call, fail_ret, close_ret
-        self.data = bytearray()
-        self.calls: list[tuple[int, int]] = []
-        self.close_calls = 0
-
-    def writev(self, buffers, pos: int) -> int:
-        chunk = b"".join(bytes(b) for b in buffers)
-        index = len(self.calls)
-        self.calls.append((len(chunk), len(buffers)))
-        if index == self.fail_call:
-            if self.fail_ret < 0:
-                raise OSError(-self.fail_ret, "injected write failure")
-            self.data += chunk[:self.fail_ret]
-            return self.fail_ret
-        self.data += chunk
-        return len(chunk)
-
-    def close(self) -> int:
-        self.close_calls += 1
-        return self.close_ret
-
-
-class ChunkedReader:
-    """Read channel serving ``data`` in a cycle of ``chunks`` sizes, then 0 (EOF) or
-    OSError(-end_ret) -- as the C source does."""
-
-    def __init__(self, data: bytes, chunks: list[int], end_ret: int = 0):
-        self.data, self.chunks, self.end_ret = data, chunks, end_ret
-        self.off = self.next = self.calls = 0
-
-    def readinto(self, buf: memoryview, pos: int) -> int:
-        self.calls += 1
-        if self.off >= len(self.data):
-            if self.end_ret:
-                raise OSError(-self.end_ret, "injected read failure")
-            return 0
-        n = len(buf)
-        if self.chunks:
-            n = min(n, self.chunks[self.next % len(self.chunks)])
-            self.next += 1
-        n = min(n, len(self.data) - self.off)
-        buf[:n] = self.data[self.off:self.off + n]
-        self.off += n
-        return n
-
-
-# -- one operation sequence, two implementations ---------------------------------------
-
-QUERIES = {"ftell", "get_rate_limit"}
-
-
-def payload(n: int, seed: int, kind: str = "random") -> bytes:
-    """n reproducible bytes: random (incompressible), zeros, or text-like (compressible)."""
-    if kind == "zeros":
-        return bytes(n)
-    rnd = random.Random(seed)
-    if kind == "text":
-        return bytes(rnd.choices(b"abc \n", k=n))
-    return rnd.randbytes(n)
-
-
-def resolve(ops: list[tuple]) -> list[tuple]:
-    """Expand macro ops into the primitive ops both implementations run:
-    ("put_buffer", n, seed) gets its bytes; ("put_buffer_async", None, n, free) continues
-    where the previous async put ended (wrapping to 0), so runs of RAM coalesce;
-    ("pages", first, count, free) is QEMU's RAM loop: be64 header + one async page each;
-    ("fragment", count, size, free, flush_first) queues `count` async pieces that cannot
-    coalesce, after an fflush if flush_first."""
-    out, cursor = [], 0
-    for op in ops:
-        name = op[0]
-        if name == "put_buffer":
-            out.append(("put_buffer", payload(op[1], op[2])))
-        elif name == "put_buffer_async":
-            off, n, free = op[1:]
-            off = cursor if off is None else off
-            if off + n > RAM_SIZE:
-                off = 0
-            out.append(("put_buffer_async", off, n, free))
-            cursor = off + n
-        elif name == "fragment":
-            count, size, free, flush_first = op[1:]
-            if flush_first:  # iovec count known: 62/63 puts the next put at the 64-iovec flush
-                out.append(("fflush",))
-            for i in range(count):  # separate iovecs: a gap after each piece
-                out.append(("put_buffer_async", (i * 2 * size) % (RAM_SIZE - size), size, free))
-        elif name == "pages":
-            first, count, free = op[1:]
-            for i in range(count):
-                page = (first + i) % RAM_PAGES
-                out.append(("put_be64", page * PAGE | 0x08))
-                out.append(("put_buffer_async", page * PAGE, PAGE, free))
-        else:
-            out.append(op)
-    return out
-
-
-def run_ops(f, ops: list[tuple], put_async) -> list[tuple]:
-    """Apply resolved ops to a file (npqfile or seed).  Returns the results of the queries
-    and, after every op, (ftell_fast, rate_limit, get_error)."""
-    results = []
-    for name, *args in ops:
-        if name == "put_buffer_async":
-            put_async(*args)
-        elif name in QUERIES:
-            results.append((name, getattr(f, name)()))
-        elif name == "put_compression_data":
-            level, kind, n, seed = args
-            results.append((name, f.put_compression_data(payload(n, seed, kind), level)))
-        else:
-            getattr(f, name)(*args)
-        results.append((f.ftell_fast(), f.rate_limit(), f.get_error()))
-    return results
-
-
-def page_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Byte ranges of RAM -> the (first, end) whole pages inside each, dropping empty ones."""
-    out = []
-    for start, length in ranges:
-        first, end = -(-start // PAGE), (start + length) // PAGE
-        if end > first:
-            out.append((first, end))
-    return out
-
-
-def page_set(ranges: list[tuple[int, int]]) -> set[int]:
-    return {p for first, end in ranges for p in range(first, end)}
-
-
-@dataclass
-class Outcome:
-    written: bytes
-    calls: list[tuple[int, int]]
-    results: list[tuple]
-    released: list[tuple[int, int]] = field(default_factory=list)  # page ranges
-
-
-def drive_npq(ram: Ram, ops: list[tuple], fail_call: int = -1, fail_ret: int = 0,
-              close_ret: int = 0) -> Outcome:
-    ram.mm.released.clear()
-    ch = RecordingChannel(fail_call, fail_ret, close_ret)
-    f = QEMUFile(ch)
-    results = run_ops(f, ops, lambda off, n, free: f.put_buffer_async(ram.view(off, n), free))
-    results.append(("close", f.close()))
-    return Outcome(bytes(ch.data), ch.calls, results, page_ranges(ram.mm.released))
-
-
-def drive_seed(lib: SeedLib, ram: Ram, ops: list[tuple], fail_call: int = -1, fail_ret: int = 0,
-               close_ret: int = 0) -> Outcome:
-    """Run ops through the seed.  Released pages exclude the madvise calls that followed a
-    failed writev (npqfile releases only after a successful write: §2.8)."""
-    with SeedWriter(lib, fail_call=fail_call, fail_ret=fail_ret, close_ret=close_ret) as w:
-        results = run_ops(w, ops, lambda off, n, free: w.put_buffer_at(ram.base + off, n, free))
-        results.append(("close", w.fclose()))
-        madv = [(addr - ram.base, n) for addr, n, after in lib.madvise_log() if after - 1 != fail_call]
-        return Outcome(w.written, w.calls, results, page_ranges(madv))
 
 
 # -- strategies -----------------------------------------------------------------------
@@ -372,48 +186,6 @@ read_ops = st.lists(st.one_of(
               st.integers(0, 2**16)),
 ), max_size=40)
 
-CONSUMED = {"get_byte": 1, "get_be16": 2, "get_be32": 4, "get_be64": 8}
-
-
-class PeekRule:
-    """QEMU's rule for peeks: "you can only peek continuous bytes from where the current
-    pointer is".  The seed never reads for a peek that starts past the buffered bytes (it
-    returns nothing, see test_difference_peek_past_buffered_data); the random sequences
-    follow the rule, tracking a lower bound of the bytes known to be buffered."""
-
-    def __init__(self) -> None:
-        self.ahead = 0
-
-    def legal(self, name: str, args: list) -> list:
-        """The op's arguments with the peek offset brought inside the rule."""
-        if name == "peek_byte":
-            return [args[0] % (self.ahead + 1)]
-        if name == "peek_buffer":
-            off = args[1] % (self.ahead + 1)
-            return [min(args[0], IO_BUF_SIZE - off), off]
-        return args
-
-    def update(self, name: str, args: list, result) -> None:
-        if name == "peek_buffer":
-            self.ahead = max(self.ahead, args[1] + len(result))
-        elif name == "peek_byte":
-            self.ahead = max(self.ahead, args[0] + 1) if self.ahead >= args[0] else self.ahead
-        elif name == "skip":
-            self.ahead = max(0, self.ahead - args[0])
-        else:
-            self.ahead = max(0, self.ahead - CONSUMED.get(name, 1 << 30))
-
-
-def read_npq(f: QEMUFile, name: str, args: list):
-    if name in ("get_buffer", "get_buffer_in_place"):
-        buf = bytearray(args[0])
-        got = getattr(f, name)(buf)
-        return bytes(buf[:got]) if name == "get_buffer" else bytes(got)
-    if name == "peek_buffer":
-        return bytes(f.peek_buffer(*args))
-    return getattr(f, name)(*args)
-
-
 @pytest.mark.component
 @pytest.mark.parametrize("variant", seed_build.VARIANTS)
 @SETTINGS
@@ -435,7 +207,10 @@ def test_reads_match_seed(libs, variant, n, seed, chunks, end_ret, ops):
 
 @pytest.mark.component
 @SETTINGS
-@given(before=st.sampled_from([62, 63, 64]), ops=st.lists(put_ops, min_size=1, max_size=6))
+@given(before=st.sampled_from([62, 63, 64]),
+       ops=st.lists(st.one_of(put_ops, st.tuples(st.just("put_buffer"), st.integers(30000, 70000), st.just(1))),
+                    min_size=1, max_size=6))
+@example(before=63, ops=[("put_byte", 1), ("put_buffer", 40000, 1)])
 def test_flush_points_at_the_iovec_limit(libs, ram, before, ops):
     """Puts that land on the 64th iovec, the flush inside add_to_iovec: writev calls equal
     the fixed seed's; bytes equal the seed's."""
@@ -478,19 +253,153 @@ def test_compression_matches_seed(libs, ram, variant, ops):
 def test_put_qemu_file_matches_seed(libs, pages):
     """QEMU 2.x's compression thread flow: header + compressed page into a side file,
     then qemu_put_qemu_file into the stream -- same bytes and results."""
-    dest = SeedWriter(libs["seed"])
-    src = SeedDummy(libs["seed"])
     ch = RecordingChannel()
     f, side = QEMUFile(ch), QEMUFile(RecordingChannel())
-    theirs, ours = [], []
-    for addr, level, kind, seed in pages:
-        data = payload(PAGE, seed, kind)
-        for target, side_file, out in ((dest, src, theirs), (f, side, ours)):
-            side_file.put_be64(addr << 12 | 0x100)
-            out.append(side_file.put_compression_data(data, level))
-            out.append(target.put_qemu_file(side_file))
-    src.fclose()
-    assert ours == theirs
-    assert (f.ftell(), f.get_error()) == (dest.ftell(), dest.get_error())
-    assert bytes(ch.data) == dest.written
-    dest.free()
+    with SeedWriter(libs["seed"]) as dest, SeedDummy(libs["seed"]) as src:
+        theirs, ours = [], []
+        for addr, level, kind, seed in pages:
+            data = payload(PAGE, seed, kind)
+            for target, side_file, out in ((dest, src, theirs), (f, side, ours)):
+                side_file.put_be64(addr << 12 | 0x100)
+                out.append(side_file.put_compression_data(data, level))
+                out.append(target.put_qemu_file(side_file))
+        assert ours == theirs
+        assert (f.ftell(), f.get_error()) == (dest.ftell(), dest.get_error())
+        assert bytes(ch.data) == dest.written
+
+
+# -- where npqfile differs from the seed on purpose ---------------------------------------
+
+
+@pytest.mark.component
+def test_difference_seed_advances_buffer_after_iovec_flush(libs, ram):
+    """§2.1 (QEMU 4.2): when the 64th iovec flushes inside add_to_iovec, the seed still
+    advances buf_index, wasting buffer space: its next 32 KiB flush comes a byte early.
+    Same bytes; npqfile's flush points are the fixed seed's."""
+    ops = resolve([("fragment", 63, 5, False, True), ("put_byte", 1), ("put_buffer", 40000, 1)])
+    seed, fixed, npq = drive_seed(libs["seed"], ram, ops), drive_seed(libs["fixed"], ram, ops), drive_npq(ram, ops)
+    assert seed.written == fixed.written == npq.written
+    assert seed.calls == [(316, 64), (IO_BUF_SIZE - 1, 1), (7233, 1)]
+    assert npq.calls == fixed.calls == [(316, 64), (IO_BUF_SIZE, 1), (7232, 1)]
+
+
+@pytest.mark.component
+@pytest.mark.parametrize("variant", seed_build.VARIANTS)
+def test_difference_compression_length_flush(libs, ram, variant):
+    """§2.1: qemu_put_compression_data deflates into buf + buf_index + 4, then writes the
+    length with put_byte; when that put_byte is the 64th iovec, the flush moves buf_index
+    and the seed sends the wrong bytes as the payload.  npqfile's record decompresses."""
+    page = payload(PAGE, 5, "text")
+    ops = resolve([("put_buffer", 10, 3), ("fragment", 62, 5, False, False),
+                   ("put_compression_data", 1, "text", PAGE, 5)])
+    seed, npq = drive_seed(libs[variant], ram, ops), drive_npq(ram, ops)
+    blen = result_of(npq.results, "put_compression_data") - 4
+    expected = payload(10, 3) + b"".join(bytes(ram.view(off, n)) for _, off, n, _ in ops[1:-1])
+    comp = zlib.compressobj(1)
+    record = comp.compress(page) + comp.flush()
+    assert len(record) == blen
+    assert npq.written == expected + blen.to_bytes(4, "big") + record
+    assert zlib.decompress(npq.written[-blen:]) == page
+    assert len(seed.written) == len(npq.written) and seed.results == npq.results
+    assert seed.written[-blen:] != record  # corrupt: not the deflate output
+
+
+@pytest.mark.component
+def test_difference_no_io_after_error(libs, ram):
+    """§2.3 (QEMU 5.0/8.1): after an error the seed still writes queued data at close and
+    still reads; npqfile, like the fixed seed, does no I/O."""
+    ops = [("put_buffer", payload(100, 1)), ("set_error", -errno.EINVAL)]
+    seed, fixed, npq = (drive_seed(libs["seed"], ram, ops), drive_seed(libs["fixed"], ram, ops),
+                        drive_npq(ram, ops))
+    assert seed.calls == [(100, 1)] and seed.written == payload(100, 1)
+    assert fixed.calls == npq.calls == [] and npq.written == b""
+    assert seed.results[-1] == fixed.results[-1] == npq.results[-1] == ("close", -errno.EINVAL)
+
+    data = b"\x2a" * 8
+    ch = ChunkedReader(data, [])
+    f = QEMUFile(ch)
+    f.set_error(-errno.EINVAL)
+    assert (f.get_byte(), ch.calls) == (0, 0)
+    for variant, value, reads in (("seed", 0x2a, 1), ("fixed", 0, 0)):
+        with SeedReader(libs[variant], data) as r:
+            r.set_error(-errno.EINVAL)
+            assert (r.get_byte(), r.calls, r.get_error()) == (value, reads, -errno.EINVAL)
+
+
+@pytest.mark.component
+@pytest.mark.parametrize("variant", seed_build.VARIANTS)
+def test_difference_compression_after_error(libs, ram, variant):
+    """With an error recorded, the seed's qemu_put_compression_data still queues the
+    payload (its length put is gated, the payload is not) and reports success; the
+    unfixed seed then writes that length-less payload at close.  npqfile returns -1."""
+    ops = [("set_error", -errno.EIO), ("put_compression_data", 1, "random", PAGE, 1)]
+    seed, npq = drive_seed(libs[variant], ram, ops), drive_npq(ram, ops)
+    queued = result_of(seed.results, "put_compression_data")
+    assert queued > 4 and result_of(npq.results, "put_compression_data") == -1
+    assert npq.written == b""
+    assert len(seed.written) == (queued - 4 if variant == "seed" else 0)
+
+
+@pytest.mark.component
+def test_difference_compression_counts_payload_for_rate_limit(libs, ram):
+    """The seed's qemu_put_compression_data adds the payload with add_to_iovec, so only
+    the 4 length bytes count towards the rate limit.  npqfile counts the whole record
+    (QEMU 2.x did too, once qemu_put_qemu_file copied it to the real stream)."""
+    ops = [("set_rate_limit", 100), ("put_compression_data", 1, "random", PAGE, 1)]
+    seed, npq = drive_seed(libs["seed"], ram, ops), drive_npq(ram, ops)
+    assert seed.written == npq.written
+    assert seed.results[-2][1:] == (False, 0)  # (ftell_fast, rate_limit, error) after the put
+    assert npq.results[-2][1:] == (True, 0)
+
+
+@pytest.mark.component
+@pytest.mark.parametrize("variant", seed_build.VARIANTS)
+def test_difference_release_only_after_successful_write(libs, ram, variant):
+    """§2.8 (still upstream): the seed madvises may_free pages even when the writev that
+    should have carried them failed.  npqfile releases only after a full write."""
+    ops = [("put_buffer_async", 0, 2 * PAGE, True)]
+    with SeedWriter(libs[variant], fail_call=0, fail_ret=-errno.EPIPE) as w:
+        run_ops(w, ops, lambda off, n, free: w.put_buffer_at(ram.base + off, n, free))
+        assert w.ftell() == 0 and w.get_error() == -errno.EPIPE
+        assert libs[variant].madvise_log() == [(ram.base, 2 * PAGE, 1)]
+    npq = drive_npq(ram, ops, fail_call=0, fail_ret=-errno.EPIPE)
+    assert npq.results[-1] == ("close", -errno.EPIPE) and npq.released == []
+    ok = drive_npq(ram, ops)
+    assert ok.released == [(0, 2)]
+
+
+@pytest.mark.component
+@pytest.mark.parametrize("off, size, pages", [(100, 3 * PAGE, [(PAGE, 2 * PAGE)]),
+                                              (0, PAGE + 100, [(0, PAGE)]),
+                                              (100, PAGE, [])])
+def test_difference_release_whole_pages_only(libs, ram, off, size, pages):
+    """The seed madvises the raw coalesced range.  Linux refuses an unaligned start
+    (EINVAL: nothing released) and rounds the length up (the page holding the unsent
+    bytes after the range is discarded too).  npqfile releases the whole pages inside."""
+    ops = [("put_buffer_async", off, size, True)]
+    with SeedWriter(libs["seed"]) as w:
+        run_ops(w, ops, lambda o, n, free: w.put_buffer_at(ram.base + o, n, free))
+        w.fflush()
+        assert libs["seed"].madvise_log() == [(ram.base + off, size, 1)]
+    ram.mm.released.clear()
+    f = QEMUFile(RecordingChannel())
+    f.put_buffer_async(ram.view(off, size), True)
+    f.fflush()
+    assert ram.mm.released == pages and f.released_bytes == sum(n for _, n in pages)
+
+
+@pytest.mark.component
+def test_difference_peek_past_buffered_data(libs):
+    """A peek that starts past the buffered bytes: the seed's qemu_peek_buffer never reads
+    (ssize_t vs size_t compare) and its qemu_peek_byte reads once; both then return
+    nothing/0 with no error -- a silent wrong value.  npqfile reads until the bytes are
+    there (or an error is recorded)."""
+    data = bytes(range(10))
+    f = QEMUFile(ChunkedReader(data, [2]))
+    with SeedReader(libs["seed"], data, [2]) as r:
+        assert (r.get_byte(), r.peek_byte(3), r.get_error()) == (0, 0, 0)
+    assert (f.get_byte(), f.peek_byte(3), f.get_error()) == (0, 4, 0)
+    f = QEMUFile(ChunkedReader(data, [2]))
+    with SeedReader(libs["seed"], data, [2]) as r:
+        assert (r.peek_buffer(2, 5), r.get_error(), r.calls) == (b"", 0, 0)
+    assert (bytes(f.peek_buffer(2, 5)), f.get_error()) == (b"\x05\x06", 0)

@@ -12,7 +12,7 @@ import pytest
 from npqfile.errors import StreamError
 from npqfile.stream import RAMSaver, SaveVMWriter, find_vmdesc, load_file, load_stream
 from npqfile.stream.constants import (
-    MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING, QEMU_VM_SECTION_END, QEMU_VM_SECTION_PART, QEMU_VM_SECTION_START,
+    MIG_CMD_PING, QEMU_VM_SECTION_END, QEMU_VM_SECTION_PART, QEMU_VM_SECTION_START,
 )
 from npqfile.stream.devices import RAM, globalstate_state, timer_state
 from test_stream_support import (
@@ -374,3 +374,80 @@ def test_short_reads_from_the_channel_do_not_matter():
     ram = make_ram({"ram": pattern_pages(12)})
     res = load_stream(reader(snapshot_bytes(ram), chunk=[1, 7, 4093, 3]))
     assert np.array_equal(res.ram.block("ram").array, ram.block("ram").array)
+
+
+# -- vmdesc walker ---------------------------------------------------------------------------
+
+DEVICE_DESC = {"name": "dev", "instance_id": 0, "vmsd_name": "dev", "version": 1, "fields": [
+    {"name": "flag", "type": "bool", "size": 1},
+    {"name": "regs", "type": "uint16", "size": 2, "array_len": 3},
+    {"name": "neg", "type": "int32", "size": 4},
+    {"name": "le", "type": "int32 le", "size": 4},
+    {"name": "ptr", "type": "nullptr", "size": 1},
+    {"name": "cap", "type": "capability", "size": 0},
+    {"name": "blob", "type": "weird-new-type", "size": 3},
+    {"name": "big", "type": "buffer", "size": 1000},
+    {"name": "inner", "type": "struct", "size": 5, "struct": {
+        "vmsd_name": "inner", "version": 1, "fields": [{"name": "x", "type": "uint8", "size": 1}],
+        "subsections": [{"vmsd_name": "inner/sub", "version": 2,
+                         "fields": [{"name": "y", "type": "uint32", "size": 4}]}]}},
+], "subsections": [{"vmsd_name": "dev/extra", "version": 1, "fields": [{"name": "z", "type": "int8", "size": 1}]}]}
+
+DEVICE_BYTES = (b"\x01" + b"\0\1\0\2\0\3" + b"\xff\xff\xff\xfe" + b"\x05\0\0\0" + b"0" + cstr("xbzrle")
+                + b"abc" + bytes(1000)
+                + b"\x07" + b"\x05" + cstr("inner/sub") + b"\0\0\0\2" + b"\0\0\1\0"
+                + b"\x05" + cstr("dev/extra") + b"\0\0\0\1" + b"\xfe")
+
+
+def _device_stream(payload: bytes) -> bytes:
+    dev = b"\x04\0\0\0\x09" + cstr("dev") + b"\0\0\0\0\0\0\0\1" + payload + footer_bytes(9)
+    return header() + ram_start({"ram": PAGE}) + dev + b"\x00"
+
+
+def test_vmdesc_walker_decodes_every_field_type():
+    res = load_bytes(_device_stream(DEVICE_BYTES), vmdesc={"page_size": PAGE, "devices": [DEVICE_DESC]},
+                     decode_devices=True)
+    fields = res.sections[-1].fields
+    assert fields["flag"] is True and fields["regs"] == [1, 2, 3] and fields["neg"] == -2 and fields["le"] == 5
+    assert fields["ptr"] is None and fields["cap"] == "xbzrle" and fields["blob"] == "616263"
+    assert fields["big"] == "<1000 bytes>"
+    assert fields["inner"] == {"x": 7, "inner/sub": {"version": 2, "y": 256}}
+    assert fields["dev/extra"] == {"version": 1, "z": -2}
+    assert res.sections[-1].size == len(DEVICE_BYTES)
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (DEVICE_BYTES[:-20], "not found|Missing section footer|truncated"),
+    (DEVICE_BYTES.replace(b"\x05" + cstr("dev/extra"), b"\x06" + cstr("dev/extra")), "subsection 'dev/extra' not found"),
+    (DEVICE_BYTES.replace(b"\xfe\x05\0\0\0" + b"0", b"\xfe\x05\0\0\0" + b"1"), "nullptr"),
+], ids=["truncated", "subsection", "nullptr"])
+def test_vmdesc_walker_errors(bad, reason):
+    with pytest.raises(StreamError, match=reason) as e:
+        load_bytes(_device_stream(bad), vmdesc={"devices": [DEVICE_DESC]})
+    assert e.value.section == "dev"
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda d: d["fields"][1].update(array_len=1 << 40), "more than"),
+    (lambda d: d["fields"][0].update(size=-1), "no valid size"),
+    (lambda d: d.update(fields={"a": 1}), "not a list"),
+    (lambda d: d["fields"][8].update(struct=None), "has no description"),
+])
+def test_hostile_vmdesc_is_a_stream_error(mutate, reason):
+    desc = json.loads(json.dumps(DEVICE_DESC))
+    mutate(desc)
+    with pytest.raises(StreamError, match=reason):
+        load_bytes(_device_stream(DEVICE_BYTES), vmdesc={"devices": [desc]})
+
+
+def test_destination_can_be_closed_after_a_bad_stream_or_a_good_one():
+    dst = make_ram({"ram": 4 * PAGE})
+    try:
+        load_bytes(minimal_stream(zero_record(0) + be64(0x01)), dst)
+    except StreamError:
+        dst.close()     # no view of the RAM may survive in the exception
+    else:
+        pytest.fail("no StreamError")
+    dst = make_ram({"ram": 4 * PAGE})
+    load_bytes(minimal_stream(zero_record(0, 9)), dst)
+    dst.close()

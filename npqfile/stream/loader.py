@@ -82,7 +82,7 @@ class _Loader:
         self.r = StreamReader(f)
         self.res = LoadResult()
         self.devices = device_index(vmdesc)
-        page_size = (vmdesc or {}).get("page_size", TARGET_PAGE_SIZE)
+        page_size = vmdesc.get("page_size", TARGET_PAGE_SIZE) if vmdesc else TARGET_PAGE_SIZE
         if not isinstance(page_size, int) or page_size < 1024 or page_size & (page_size - 1):
             raise StreamError(f"vmdesc page_size {page_size!r} is not a power of two >= 1024", None, None)
         self.ram = RAMLoader(ram, max_ram_bytes=max_ram_bytes, page_size=page_size)
@@ -329,4 +329,9 @@ def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None,
     """
     loader = _Loader(f, ram, vmdesc=vmdesc, max_ram_bytes=max_ram_bytes, capabilities=tuple(capabilities),
                      decode_devices=decode_devices, partial_ok=partial_ok)
-    return loader.run()
+    try:
+        return loader.run()
+    finally:
+        # An exception's frames keep the loader alive: its views of the destination
+        # must go, or the caller could not close the RAM while handling the error.
+        loader.ram.release_views()

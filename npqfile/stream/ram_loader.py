@@ -30,7 +30,6 @@ import zlib
 
 import numpy as np
 
-from npqfile.errors import StreamError
 from npqfile.ram import GuestRAM
 from npqfile.stream.constants import (
     ENCODING_FLAG_XBZRLE, RAM_SAVE_FLAG_COMPRESS_PAGE, RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS,
@@ -77,6 +76,12 @@ class RAMLoader:
         self.declared: dict[str, _Dest] = {}
         self.last_recv_block: _Dest | None = None
         self.stats = RAMStats()
+
+    def release_views(self) -> None:
+        """Drop the loader's views of the destination, so its owner can close the blocks."""
+        for dest in self.declared.values():
+            dest.view = None
+        self.last_recv_block = None
 
     # -- the record loop ----------------------------------------------------------------
     def load(self, r: StreamReader, section_type: str, section_id: int) -> None:

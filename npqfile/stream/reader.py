@@ -62,37 +62,25 @@ class StreamReader:
         return self.offset
 
     # -- reads -------------------------------------------------------------------------
-    def u8(self, what: str = "a byte") -> int:
-        self._need(1, what)
-        v = self.f.get_byte()
+    def _get(self, getter, n: int, what: str) -> int:
+        self._need(n, what)
+        v = getter()
         if self.f.get_error():
             raise self._fail(what)
-        self.offset += 1
+        self.offset += n
         return v
+
+    def u8(self, what: str = "a byte") -> int:
+        return self._get(self.f.get_byte, 1, what)
 
     def be16(self, what: str = "a be16") -> int:
-        self._need(2, what)
-        v = self.f.get_be16()
-        if self.f.get_error():
-            raise self._fail(what)
-        self.offset += 2
-        return v
+        return self._get(self.f.get_be16, 2, what)
 
     def be32(self, what: str = "a be32") -> int:
-        self._need(4, what)
-        v = self.f.get_be32()
-        if self.f.get_error():
-            raise self._fail(what)
-        self.offset += 4
-        return v
+        return self._get(self.f.get_be32, 4, what)
 
     def be64(self, what: str = "a be64") -> int:
-        self._need(8, what)
-        v = self.f.get_be64()
-        if self.f.get_error():
-            raise self._fail(what)
-        self.offset += 8
-        return v
+        return self._get(self.f.get_be64, 8, what)
 
     def read_into(self, buf, what: str = "a buffer") -> None:
         """Fill the writable buffer ``buf`` (bytearray, memoryview, numpy view) completely."""

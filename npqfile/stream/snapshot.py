@@ -18,7 +18,6 @@ import os
 import numpy as np
 
 from npqfile.channels import open_channel
-from npqfile.errors import StreamError
 from npqfile.qemufile import QEMUFile
 from npqfile.ram import GuestRAM
 from npqfile.stream.constants import QEMU_VM_SECTION_END, QEMU_VM_SECTION_PART, QEMU_VM_SECTION_START
@@ -94,5 +93,3 @@ def load_uri(uri: str, ram: GuestRAM | None = None, **kwargs) -> LoadResult:
     f = QEMUFile(open_channel(uri, "r"))
     return _load(f, ram=ram, **kwargs)
 
-
-__all__ = ["save_snapshot", "load_file", "load_uri", "StreamError"]

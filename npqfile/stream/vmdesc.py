@@ -36,6 +36,7 @@ from npqfile.stream.reader import StreamReader
 VMDESC_TAIL_BYTES = 16 << 20   # analyze-migration.py looks at the last 10 MiB; be a bit more generous
 MAX_DECODED_FIELD = 256        # larger buffers are reported by size, not dumped
 MAX_NESTING = 64               # struct/subsection depth; deeper JSON is malformed, not a stack overflow
+MAX_FIELD_VISITS = 1 << 22     # fields walked in one section (array_len included)
 
 _SIGNED = {"int8", "int16", "int32", "int64", "int32 equal", "int64 equal", "uint8 equal", "uint16 equal"}
 _UNSIGNED = {"uint8", "uint16", "uint32", "uint64", "uint32 equal"}
@@ -98,9 +99,17 @@ def find_vmdesc(path: str | os.PathLike) -> tuple[dict, int] | None:
 
 
 def device_index(doc: dict | None) -> dict[tuple[str, int], dict]:
-    """Map ``(name, instance_id)`` to the device entry of a vmdesc dict (empty for None)."""
+    """Map ``(name, instance_id)`` to the device entry of a vmdesc dict (empty for None).
+
+    Raises StreamError when ``doc`` is not a vmdesc (no ``devices`` list).
+    """
     index: dict[tuple[str, int], dict] = {}
-    for dev in (doc or {}).get("devices", []):
+    if doc is None:
+        return index
+    devices = doc.get("devices", []) if isinstance(doc, dict) else None
+    if not isinstance(devices, list):
+        raise StreamError("vmdesc has no 'devices' list", None, None)
+    for dev in devices:
         if isinstance(dev, dict) and isinstance(dev.get("name"), str) and isinstance(dev.get("instance_id"), int):
             index[(dev["name"], dev["instance_id"])] = dev
     return index
@@ -113,85 +122,102 @@ def _size(r: StreamReader, field: dict) -> int:
     return size
 
 
-def _unfold(fields: Any, r: StreamReader) -> list[dict]:
-    """Expand ``array_len`` entries into one entry per element, as analyze-migration.py does."""
-    if not isinstance(fields, list):
-        raise r.error("vmdesc 'fields' is not a list", r.offset)
-    out: list[dict] = []
-    for field in fields:
-        if not isinstance(field, dict):
-            raise r.error(f"vmdesc field entry is not an object: {field!r:.60}", r.offset)
-        n = field.get("array_len", 1)
-        if not isinstance(n, int) or n < 0:
-            raise r.error(f"vmdesc field {field.get('name')!r} has a bad array_len {n!r}", r.offset)
-        out.extend([field] * n)
-    return out
+class _Walker:
+    """One section walk: the reader, whether to decode, and a budget of field visits
+    (a hostile ``array_len`` must not turn into a billion iterations or a huge list)."""
 
+    def __init__(self, r: StreamReader):
+        self.r = r
+        self.budget = MAX_FIELD_VISITS
 
-def _read_field(r: StreamReader, field: dict, depth: int) -> Any:
-    ftype = field.get("type", "unknown")
-    what = f"field {field.get('name')!r}"
-    if ftype == "struct":
-        sub = field.get("struct")
-        if not isinstance(sub, dict):
-            raise r.error(f"vmdesc struct {field.get('name')!r} has no description", r.offset)
-        return walk_vmsd(r, sub, _depth=depth + 1)
-    if ftype == "capability":
-        return r.cstr(what).decode("utf-8", "replace")
-    size = _size(r, field)
-    if ftype == "nullptr":
-        at = r.offset
+    def fields(self, fields: Any):
+        """Yield each field entry, ``array_len`` times over, as analyze-migration.py unfolds them."""
+        r = self.r
+        if not isinstance(fields, list):
+            raise r.error("vmdesc 'fields' is not a list", r.offset)
+        for field in fields:
+            if not isinstance(field, dict):
+                raise r.error(f"vmdesc field entry is not an object: {field!r:.60}", r.offset)
+            n = field.get("array_len", 1)
+            if not isinstance(n, int) or n < 0:
+                raise r.error(f"vmdesc field {field.get('name')!r} has a bad array_len {n!r}", r.offset)
+            self.budget -= n
+            if self.budget < 0:
+                raise r.error(f"vmdesc describes more than {MAX_FIELD_VISITS} fields in one section", r.offset)
+            for _ in range(n):
+                yield field
+
+    def field(self, field: dict, depth: int) -> Any:
+        r = self.r
+        ftype = field.get("type", "unknown")
+        if not isinstance(ftype, str):
+            ftype = "unknown"
+        what = f"field {field.get('name')!r}"
+        if ftype == "struct":
+            sub = field.get("struct")
+            if not isinstance(sub, dict):
+                raise r.error(f"vmdesc struct {field.get('name')!r} has no description", r.offset)
+            return self.vmsd(sub, depth + 1)
+        if ftype == "capability":
+            return r.cstr(what).decode("utf-8", "replace")
+        size = _size(r, field)
+        if ftype == "nullptr":
+            at = r.offset
+            data = r.read(size, what) if size <= MAX_DECODED_FIELD else b""
+            if data != b"0":
+                raise r.error(f"nullptr {what} of {size} bytes is not b'0'", at)
+            return None
+        if size > MAX_DECODED_FIELD:
+            r.skip(size, what)
+            return f"<{size} bytes>"
         data = r.read(size, what)
-        if data != b"0":
-            raise r.error(f"nullptr {what} is {data!r:.20}, expected b'0'", at)
-        return None
-    if size > MAX_DECODED_FIELD:
-        r.skip(size, what)
-        return f"<{size} bytes>"
-    data = r.read(size, what)
-    if ftype == "bool" and size == 1:
-        return data[0] != 0
-    if ftype in _SIGNED:
-        return int.from_bytes(data, "big", signed=True)
-    if ftype in _UNSIGNED:
-        return int.from_bytes(data, "big")
-    if ftype == "int32 le":
-        return int.from_bytes(data, "little", signed=True)
-    return data.hex()
+        if ftype == "bool" and size == 1:
+            return data[0] != 0
+        if ftype in _SIGNED:
+            return int.from_bytes(data, "big", signed=True)
+        if ftype in _UNSIGNED:
+            return int.from_bytes(data, "big")
+        if ftype == "int32 le":
+            return int.from_bytes(data, "little", signed=True)
+        return data.hex()
+
+    def vmsd(self, desc: Any, depth: int) -> dict[str, Any]:
+        r = self.r
+        if depth > MAX_NESTING:
+            raise r.error(f"vmdesc nests deeper than {MAX_NESTING} levels", r.offset)
+        if not isinstance(desc, dict):
+            raise r.error("vmdesc entry is not an object", r.offset)
+        values: dict[str, Any] = {}
+        for field in self.fields(desc.get("fields", [])):
+            value = self.field(field, depth)
+            name = str(field.get("name", "?"))
+            # Arrays arrive unfolded and QEMU splits arrays around NULL pointers into
+            # several entries of one name: repeated names collect into a list.
+            if name not in values:
+                values[name] = value
+            elif isinstance(values[name], list):
+                values[name].append(value)
+            else:
+                values[name] = [values[name], value]
+        subsections = desc.get("subsections", [])
+        if not isinstance(subsections, list):
+            raise r.error("vmdesc 'subsections' is not a list", r.offset)
+        for sub in subsections:
+            at = r.offset
+            if r.u8("a subsection marker") != QEMU_VM_SUBSECTION:
+                label = sub.get("vmsd_name") if isinstance(sub, dict) else sub
+                raise r.error(f"subsection {label!r:.60} not found (no 0x05 marker)", at)
+            name = r.cstr("a subsection name").decode("utf-8", "replace")
+            version = r.be32("a subsection version")
+            values[name] = {"version": version, **self.vmsd(sub, depth + 1)}
+        return values
 
 
-def walk_vmsd(r: StreamReader, desc: dict, *, _depth: int = 0) -> dict[str, Any]:
+def walk_vmsd(r: StreamReader, desc: dict) -> dict[str, Any]:
     """Consume one vmsd's bytes (fields, then subsections) as ``desc`` describes them.
 
     Returns ``{field name: value}`` (repeated names become lists, subsections nest by
     name).  Raises StreamError on truncation, a malformed description or a missing
     subsection marker.
     """
-    if _depth > MAX_NESTING:
-        raise r.error("vmdesc nests deeper than 64 levels", r.offset)
-    if not isinstance(desc, dict):
-        raise r.error("vmdesc entry is not an object", r.offset)
-    values: dict[str, Any] = {}
-    for field in _unfold(desc.get("fields", []), r):
-        value = _read_field(r, field, _depth)
-        name = str(field.get("name", "?"))
-        # Arrays arrive unfolded and QEMU splits arrays around NULL pointers into
-        # several entries of one name: repeated names collect into a list.
-        if name not in values:
-            values[name] = value
-        elif isinstance(values[name], list):
-            values[name].append(value)
-        else:
-            values[name] = [values[name], value]
-    subsections = desc.get("subsections", [])
-    if not isinstance(subsections, list):
-        raise r.error("vmdesc 'subsections' is not a list", r.offset)
-    for sub in subsections:
-        at = r.offset
-        if r.u8("a subsection marker") != QEMU_VM_SUBSECTION:
-            raise r.error(f"subsection {sub.get('vmsd_name') if isinstance(sub, dict) else sub!r} not found "
-                          f"(no 0x05 marker)", at)
-        name = r.cstr("a subsection name").decode("utf-8", "replace")
-        version = r.be32("a subsection version")
-        values[name] = {"version": version, **walk_vmsd(r, sub, _depth=_depth + 1)}
-    return values
+    return _Walker(r).vmsd(desc, 0)

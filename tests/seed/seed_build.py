@@ -35,43 +35,33 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 VARIANTS = ("seed", "fixed")
 
-# Upstream add_to_iovec (QEMU >= 6.1) plus add_buf_to_iovec (QEMU >= 4.2).
-_ADD_TO_IOVEC_OLD = """\
-static void add_to_iovec(QEMUFile *f, const uint8_t *buf, size_t size,
-                         bool may_free)
-{
-    /* check for adjacent buffer and coalesce them */
-    if (f->iovcnt > 0 && buf == f->iov[f->iovcnt - 1].iov_base +
-        f->iov[f->iovcnt - 1].iov_len &&
-        may_free == test_bit(f->iovcnt - 1, f->may_free))
-    {
-        f->iov[f->iovcnt - 1].iov_len += size;
+# (name, exact text in the dedented seed, replacement), applied in order for "fixed".
+FIXES: tuple[tuple[str, str, str], ...] = (
+    ("2.1 add_to_iovec returns int", "static void add_to_iovec(", "static int add_to_iovec("),
+    (
+        "2.2 add_to_iovec: guard before appending",
+        """\
     } else {
         if (may_free) {
-"""
-_ADD_TO_IOVEC_NEW = """\
-static int add_to_iovec(QEMUFile *f, const uint8_t *buf, size_t size,
-                        bool may_free)
-{
-    if (f->iovcnt > 0 && buf == f->iov[f->iovcnt - 1].iov_base +
-        f->iov[f->iovcnt - 1].iov_len &&
-        may_free == test_bit(f->iovcnt - 1, f->may_free))
-    {
-        f->iov[f->iovcnt - 1].iov_len += size;
+""",
+        """\
     } else {
         if (f->iovcnt >= MAX_IOV_SIZE) {
             assert(qemu_file_get_error(f) || !qemu_file_is_writable(f));
             return 1;
         }
         if (may_free) {
-"""
-_ADD_TO_IOVEC_TAIL_OLD = """\
+""",
+    ),
+    (
+        "2.1 add_to_iovec returns whether it flushed; add_buf_to_iovec",
+        """\
     if (f->iovcnt >= MAX_IOV_SIZE) {
         qemu_fflush(f);
     }
 }
-"""
-_ADD_TO_IOVEC_TAIL_NEW = """\
+""",
+        """\
     if (f->iovcnt >= MAX_IOV_SIZE) {
         qemu_fflush(f);
         return 1;
@@ -88,11 +78,8 @@ static void add_buf_to_iovec(QEMUFile *f, size_t len)
         }
     }
 }
-"""
-
-FIXES: tuple[tuple[str, str, str], ...] = (
-    ("2.1/2.2 add_to_iovec head", _ADD_TO_IOVEC_OLD, _ADD_TO_IOVEC_NEW),
-    ("2.1 add_to_iovec tail", _ADD_TO_IOVEC_TAIL_OLD, _ADD_TO_IOVEC_TAIL_NEW),
+""",
+    ),
     (
         "2.1 qemu_put_buffer",
         """\
@@ -213,8 +200,11 @@ def missing_tools() -> list[str]:
     missing = []
     if shutil.which("gcc") is None:
         missing.append("gcc")
-    if not Path("/usr/include/zlib.h").exists():
-        missing.append("zlib.h (Debian package zlib1g-dev)")
+    else:
+        probe = subprocess.run(["gcc", "-E", "-x", "c", "-"], input="#include <zlib.h>\n",
+                               capture_output=True, text=True)
+        if probe.returncode != 0:
+            missing.append("zlib.h (Debian package zlib1g-dev)")
     if not default_seed_path().is_file():
         missing.append(f"seed {default_seed_path()} (set NPQFILE_SEED)")
     return missing

@@ -107,10 +107,27 @@ class SeedLib:
 
 
 class _SeedFile:
-    """Common part of seed files: the QEMUFile pointer, errors, positions, close."""
+    """Common part of seed files: the QEMUFile pointer, errors, positions, close, and the
+    backend (``backend``, freed by the library function named ``_free_backend``)."""
 
     lib: SeedLib
     f: int | None
+    backend: int | None = None
+    _free_backend = ""
+
+    def free(self) -> None:
+        """Close the file if still open and free the backend."""
+        if self.f is not None:
+            self.fclose()
+        if self.backend is not None:
+            getattr(self.lib, self._free_backend)(self.backend)
+            self.backend = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.free()
 
     def get_error(self) -> int:
         return self.lib.qemu_file_get_error(self.f)
@@ -131,31 +148,19 @@ class _SeedFile:
 class SeedWriter(_SeedFile):
     """A writable seed QEMUFile; writev call `fail_call` (0-based) returns `fail_ret`."""
 
+    _free_backend = "harness_sink_free"
+
     def __init__(self, lib: SeedLib, *, fail_call: int = -1, fail_ret: int = 0, close_ret: int = 0):
         self.lib = lib
-        self.sink = lib.harness_sink_new(fail_call, fail_ret, close_ret)
-        self.f = lib.harness_open_sink(self.sink)
+        self.backend = lib.harness_sink_new(fail_call, fail_ret, close_ret)
+        self.f = lib.harness_open_sink(self.backend)
         lib.harness_madv_clear()
-
-    def free(self) -> None:
-        """Close the file if still open and free the backend."""
-        if self.f is not None:
-            self.fclose()
-        if self.sink is not None:
-            self.lib.harness_sink_free(self.sink)
-            self.sink = None
-
-    def __enter__(self) -> SeedWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.free()
 
     @property
     def written(self) -> bytes:
         """Every byte the backend accepted, in order."""
         n = C.c_size_t()
-        p = self.lib.harness_sink_data(self.sink, C.byref(n))
+        p = self.lib.harness_sink_data(self.backend, C.byref(n))
         return C.string_at(p, n.value) if n.value else b""
 
     @property
@@ -163,14 +168,14 @@ class SeedWriter(_SeedFile):
         """(bytes requested, iovec count) of each writev call."""
         b, c = C.c_uint64(), C.c_uint32()
         out = []
-        for i in range(self.lib.harness_sink_ncalls(self.sink)):
-            self.lib.harness_sink_call(self.sink, i, C.byref(b), C.byref(c))
+        for i in range(self.lib.harness_sink_ncalls(self.backend)):
+            self.lib.harness_sink_call(self.backend, i, C.byref(b), C.byref(c))
             out.append((b.value, c.value))
         return out
 
     @property
     def close_calls(self) -> int:
-        return self.lib.harness_sink_close_calls(self.sink)
+        return self.lib.harness_sink_close_calls(self.backend)
 
     def put_byte(self, v: int) -> None:
         self.lib.qemu_put_byte(self.f, v)
@@ -228,7 +233,7 @@ class SeedDummy(SeedWriter):
     """The backend-less file QEMU's compression threads write into (no writev_buffer)."""
 
     def __init__(self, lib: SeedLib):
-        self.lib, self.sink = lib, None
+        self.lib = lib
         self.f = lib.harness_open_dummy()
 
 
@@ -236,34 +241,23 @@ class SeedReader(_SeedFile):
     """A readable seed QEMUFile over `data`, served in a cycle of `chunks` sizes; at the end
     get_buffer returns `end_ret` (0 = EOF, or -errno)."""
 
+    _free_backend = "harness_source_free"
+
     def __init__(self, lib: SeedLib, data: bytes, chunks: list[int] = (), end_ret: int = 0):
         self.lib = lib
         arr = (C.c_size_t * max(1, len(chunks)))(*chunks)
-        self.source = lib.harness_source_new(bytes(data), len(data), arr, len(chunks), end_ret)
-        self.f = lib.harness_open_source(self.source)
-
-    def free(self) -> None:
-        if self.f is not None:
-            self.fclose()
-        if self.source is not None:
-            self.lib.harness_source_free(self.source)
-            self.source = None
-
-    def __enter__(self) -> SeedReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.free()
+        self.backend = lib.harness_source_new(bytes(data), len(data), arr, len(chunks), end_ret)
+        self.f = lib.harness_open_source(self.backend)
 
     @property
     def calls(self) -> int:
         """get_buffer calls made so far."""
-        return self.lib.harness_source_calls(self.source)
+        return self.lib.harness_source_calls(self.backend)
 
     @property
     def calls_after_end(self) -> int:
         """get_buffer calls made after the data was exhausted."""
-        return self.lib.harness_source_calls_after_end(self.source)
+        return self.lib.harness_source_calls_after_end(self.backend)
 
     def get_byte(self) -> int:
         return self.lib.qemu_get_byte(self.f)

@@ -1,0 +1,74 @@
+"""``npqfile incoming URI --ram SIZE``: the destination of ``npqfile migrate`` (QEMU's ``-incoming``).
+
+Supports: ``tcp:HOST:PORT`` and ``unix:PATH`` (listen, accept one connection; port 0
+picks a free port), ``file:PATH``, ``exec:CMD``, ``fd:N``; a guest of one block
+(``--block``, default ``ram`` as QEMU's ``-M none``) of ``--ram`` bytes that the stream
+must match, as QEMU demands; the machine name check; channel decompression matching the
+source's ``--compress zstd``/``lz4``.  When listening, the first line on stdout is
+``listening on URI`` (with the real port), so scripts can start the source.  At the end
+it prints the result (``--json``: status, error, machine, load time, per-block sha256)
+and, over tcp/unix, sends the verdict and hashes back to the source on the return path
+(see ``npqfile.migration.destination``).
+
+Exit status: 0 when the stream loaded completely, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from npqfile.channels import listen, open_channel
+from npqfile.migration.compression import DecompressingReader, parse_compress
+from npqfile.migration.destination import Destination
+from npqfile.ram import GuestRAM
+from npqfile.units import format_bytes, parse_size
+
+NAME = "incoming"
+HELP = "receive a migration (like qemu -incoming URI) and report per-block sha256"
+ORDER = 21
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("uri", help="tcp:HOST:PORT, unix:PATH, file:PATH, exec:CMD or fd:N")
+    p.add_argument("--ram", default="256M", help="guest RAM size the stream must declare (default 256M)")
+    p.add_argument("--block", default="ram", help="RAM block name (default ram, QEMU -M none)")
+    p.add_argument("--machine", default="none", help="expected machine name (default none)")
+    p.add_argument("--compress", default="none", help="the source's --compress (zstd/lz4 decode the channel)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the connection")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _accept(uri: str, timeout: float | None) -> Any:
+    with listen(uri) as listener:
+        print(f"listening on {listener.uri}", flush=True)
+        return listener.accept(timeout)
+
+
+def run(args: argparse.Namespace) -> int:
+    comp = parse_compress(args.compress)
+    size = parse_size(args.ram)
+    ram = GuestRAM()
+    try:
+        ram.add_block(args.block, size)
+        if args.uri.startswith(("tcp:", "unix:")):
+            channel = _accept(args.uri, args.timeout)
+        else:
+            channel = open_channel(args.uri, "r")
+        if comp.on_channel:
+            channel = DecompressingReader(channel, comp)
+        res = Destination(ram, machine=args.machine).receive(channel)
+        if args.json:
+            print(json.dumps(res.as_dict(), indent=2))
+        elif res.status == "completed":
+            print(f"completed: {format_bytes(res.bytes)} in {res.load_time * 1000:.1f} ms; machine {res.machine}")
+            for name, digest in res.hashes.items():
+                print(f"  {name}: sha256 {digest}")
+        if res.status != "completed":
+            print(f"error: incoming migration failed: {res.error}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        ram.close()

@@ -1,0 +1,160 @@
+"""The incoming side of a migration: load a stream into a GuestRAM and report what arrived.
+
+Supports: :class:`Destination` -- ``receive(channel)`` loads a whole QEMU stream (any
+read channel: the other end of a socketpair, an accepted TCP/Unix connection, a file,
+an ``exec:`` command's output) into its own GuestRAM with
+:func:`~npqfile.stream.loader.load_stream`, checks the machine name as QEMU does
+(``Machine type received is 'X' and local is 'Y'``), hashes every block (sha256) and,
+when the connection has a return path, sends the verdict back; ``start(channel)`` does
+the same in a thread (the in-process destination).  :func:`block_hashes` is shared with
+the source, which hashes its RAM at switchover.
+
+The verification message (not QEMU's; sent only AFTER the QEMU stream has ended, so the
+stream bytes stay QEMU's): ``b"NPQV"``, be32 length, then that many bytes of UTF-8 JSON
+``{"status": "completed"|"failed", "error": str|null, "hashes": {block: sha256 hex},
+"load-time": seconds}``.  QEMU itself opens a return path only with its capability; a
+real QEMU source never reads this, a real QEMU destination never sends it (the npqfile
+source then reports the migration as not verified).
+
+Goals: a failure is a result (``status``/``error``), never an exception lost in a thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from npqfile.errors import FileError, StreamError
+from npqfile.qemufile import QEMUFile
+from npqfile.ram import GuestRAM
+from npqfile.stream.loader import load_stream
+from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES
+
+VERIFY_MAGIC = b"NPQV"
+MAX_VERIFY_BYTES = 1 << 20
+
+
+def block_hash(block) -> str:
+    """sha256 hex digest of one RAMBlock's bytes (hashlib releases the GIL while hashing)."""
+    return hashlib.sha256(memoryview(block.array)).hexdigest()
+
+
+def block_hashes(ram: GuestRAM) -> dict[str, str]:
+    """sha256 hex digest of every block, by block name."""
+    return {b.name: block_hash(b) for b in ram.blocks}
+
+
+@dataclass
+class DestinationResult:
+    """What the destination loaded; ``status`` is ``completed`` or ``failed`` (see ``error``)."""
+    status: str = "active"
+    error: str | None = None
+    machine: str | None = None
+    load_time: float = 0.0
+    hashes: dict[str, str] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    bytes: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "error": self.error, "machine": self.machine,
+                "load-time": round(self.load_time, 6), "hashes": self.hashes, "bytes": self.bytes,
+                "ram": self.stats, "warnings": self.warnings}
+
+
+class Destination:
+    """Loads one incoming migration into ``ram`` (or a GuestRAM created from the stream,
+    at most ``max_ram_bytes``).  ``machine``: the expected machine name (None: any).
+    ``hash_blocks``: compute the per-block sha256 after loading (needed by remote sources)."""
+
+    def __init__(self, ram: GuestRAM | None = None, *, machine: str | None = "none",
+                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, hash_blocks: bool = True):
+        self.ram = ram
+        self.machine = machine
+        self.max_ram_bytes = max_ram_bytes
+        self.hash_blocks = hash_blocks
+        self.result = DestinationResult()
+        self._thread: threading.Thread | None = None
+
+    def receive(self, channel: Any, *, reply: bool = True) -> DestinationResult:
+        """Load the stream from the read channel ``channel`` and close it.  With ``reply``
+        and a return path, send the verification message.  Returns the result (a bad
+        stream or I/O error gives ``status="failed"`` and ``error``, not an exception)."""
+        res = self.result
+        t0 = time.monotonic()
+        f = QEMUFile(channel)
+        try:
+            loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes)
+            res.bytes = f.tell()
+            self.ram = loaded.ram
+            res.machine = loaded.machine
+            res.warnings = list(loaded.warnings)
+            res.stats = {k: v for k, v in loaded.stats.as_dict().items() if k != "parts"}
+            if self.machine is not None and loaded.machine not in (None, self.machine):
+                raise StreamError(f"Machine type received is '{loaded.machine}' and local is '{self.machine}'")
+            if self.hash_blocks and self.ram is not None:
+                res.hashes = block_hashes(self.ram)
+            res.status = "completed"
+        except (StreamError, FileError, OSError, ValueError, KeyError) as exc:
+            res.status, res.error = "failed", str(exc)
+        res.load_time = time.monotonic() - t0
+        if reply:
+            self._reply(f)
+        f.close()
+        return res
+
+    def _reply(self, f: QEMUFile) -> None:
+        """Send the verification message on the return path, if there is one."""
+        try:
+            rp = f.get_return_path()
+        except OSError:
+            return
+        if rp is None:
+            return
+        res = self.result
+        body = json.dumps({"status": res.status, "error": res.error, "hashes": res.hashes,
+                           "load-time": res.load_time}).encode()
+        rp.put_buffer(VERIFY_MAGIC + struct.pack(">I", len(body)) + body)
+        rp.fflush()
+        rp.close()   # errors here mean the source went away; nothing more to tell it
+
+    # -- in-process (thread) -----------------------------------------------------------
+    def start(self, channel: Any) -> None:
+        """``receive(channel, reply=False)`` in a daemon thread; ``join()`` for the result."""
+        self._thread = threading.Thread(target=self.receive, args=(channel,), kwargs={"reply": False},
+                                        name="migration-destination", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> DestinationResult:
+        """Wait for the thread; a thread still running after ``timeout`` gives a failed result."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self.result.status, self.result.error = "failed", f"destination still loading after {timeout} s"
+        return self.result
+
+
+def read_verification(f: QEMUFile) -> dict[str, Any] | None:
+    """Read the destination's verification message from the return-path QEMUFile ``f``.
+    Returns the decoded dict, or None when the peer closed without sending one (not an
+    npqfile destination).  Raises StreamError for a malformed message."""
+    head = bytearray(8)
+    if f.get_buffer(head) != 8:
+        return None
+    if bytes(head[:4]) != VERIFY_MAGIC:
+        raise StreamError(f"return path: expected the {VERIFY_MAGIC!r} verification message, got {bytes(head[:4])!r}")
+    (n,) = struct.unpack(">I", head[4:])
+    if n > MAX_VERIFY_BYTES:
+        raise StreamError(f"return path: verification message of {n} bytes (at most {MAX_VERIFY_BYTES})")
+    body = bytearray(n)
+    if f.get_buffer(body) != n:
+        raise StreamError("return path: verification message truncated")
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise StreamError(f"return path: verification message is not JSON: {exc}") from None

@@ -1,0 +1,418 @@
+"""The source side of a live migration: QEMU's pre-copy loop over a GuestRAM that keeps changing.
+
+Supports: :class:`MigrationParams` (``max_bandwidth``, ``downtime_limit``,
+``max_iterations``, ``time_limit`` with ``on_limit`` = cancel or force, zero-page
+detection, XBZRLE with a cache size, zlib page compression, ``release_ram``,
+``pause_before_switchover``) and :class:`MigrationEngine`, which sends the stream QEMU
+sends: header and configuration; a START section for ``ram`` (the MEM_SIZE setup); PART
+sections, each filled like ``ram_save_iterate`` (pages until the rate limit is hit or
+50 ms passed, then EOS); at completion the END section with the remaining dirty pages;
+the ``timer`` and ``globalstate`` FULL sections of a ``-M none`` machine, EOF, vmdesc.
+
+The algorithm is QEMU's (``migration_iteration_run``, ``ram_save_pending``,
+``migration_completion``): a migration bitmap starts all set; pages are sent from a
+cursor that wraps around RAM; when the dirty bytes still to send drop below
+``threshold_size = bandwidth × downtime_limit`` the guest's dirty log is synced into the
+bitmap (``dirty-sync-count`` + 1); if the total is still below the threshold, the guest
+is stopped (the workload acknowledges), the bitmap synced a last time and everything
+left is sent without a rate limit.  XBZRLE is off during the bulk pass (QEMU's bulk
+stage).  With ``release_ram`` the source hashes its RAM at switchover (for verification:
+released pages read back as zero), releases every page already sent and clean (as
+``ram_postcopy_migrated_memory_release`` does at the start of postcopy) and sends the
+final pages with ``may_free`` so QEMUFile releases them once written.
+
+Goals: QEMU's bytes, QEMU's decisions, QEMU's statistics (see ``stats``); a clear outcome
+when the migration cannot converge (``max-iterations`` / ``time-limit``: cancelled, or
+forced through stop-and-copy with ``on_limit="force"``).  Plan: one method per phase.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from npqfile.migration.bandwidth import RateWindows
+from npqfile.migration.destination import block_hashes
+from npqfile.migration.stats import IterationStats, MigrationStats
+from npqfile.migration.workloads import Workload
+from npqfile.qemufile import RAM_CONTROL_FINISH, RAM_CONTROL_ROUND, RAM_CONTROL_SETUP, QEMUFile
+from npqfile.ram import GuestRAM
+from npqfile.stream.constants import QEMU_VM_SECTION_END, QEMU_VM_SECTION_PART, QEMU_VM_SECTION_START
+from npqfile.stream.devices import RAM, none_machine_devices
+from npqfile.stream.ram_saver import RAMSaver
+from npqfile.stream.savevm import SaveVMWriter
+
+MAX_WAIT = 0.05            # ram_save_iterate: a PART section lasts at most 50 ms
+CHUNK = 1024               # pages per save_pages call between time checks (QEMU checks every 64)
+SCAN = 1 << 16             # bitmap bits examined per search for dirty pages
+
+
+@dataclass
+class MigrationParams:
+    """The knobs of ``migrate-set-parameters`` / ``migrate-set-capabilities`` we model.
+
+    Bandwidth in bytes/s (0 = unlimited), times in seconds.  ``on_limit``: what to do when
+    ``max_iterations`` or ``time_limit`` is reached without converging: ``cancel`` (QEMU's
+    migrate_cancel) or ``force`` (stop-and-copy anyway, with a longer downtime)."""
+    max_bandwidth: float = 0.0
+    downtime_limit: float = 0.3
+    max_iterations: int = 30
+    time_limit: float = 60.0
+    on_limit: str = "cancel"
+    zero_page_detection: bool = True
+    xbzrle_cache_size: int = 0
+    compress_level: int | None = None
+    release_ram: bool = False
+    pause_before_switchover: bool = False
+    machine: str = "none"
+    runstate: str = "running"
+    sample_rss: bool = False
+
+    def check(self) -> None:
+        """Raise ValueError naming the first bad parameter."""
+        if self.max_bandwidth < 0:
+            raise ValueError(f"max_bandwidth must not be negative ({self.max_bandwidth})")
+        if self.downtime_limit < 0:
+            raise ValueError(f"downtime_limit must not be negative ({self.downtime_limit})")
+        if self.max_iterations < 1:
+            raise ValueError(f"max_iterations must be at least 1 ({self.max_iterations})")
+        if self.time_limit <= 0:
+            raise ValueError(f"time_limit must be positive ({self.time_limit})")
+        if self.on_limit not in ("cancel", "force"):
+            raise ValueError(f"on_limit must be cancel or force, not {self.on_limit!r}")
+        size = self.xbzrle_cache_size
+        if size and (size < 4096 or size & (size - 1)):
+            raise ValueError(f"xbzrle cache size {size} must be a power of two >= 4096")
+
+
+def resident_bytes(ram: GuestRAM) -> int:
+    """Resident bytes of the guest RAM's blocks (pagemap), 0 where it cannot be read."""
+    try:
+        return sum(int(np.count_nonzero(b.resident_pages())) * b.page_size for b in ram.blocks)
+    except OSError:
+        return 0
+
+
+class MigrationEngine:
+    """Migrates ``ram`` (dirtied by ``workload``) over the writable QEMUFile ``f``.
+
+    ``run()`` returns the MigrationStats; I/O errors end the run with ``status="failed"``.
+    ``cancel()`` (any thread) stops it like ``migrate_cancel``.  ``pre_switchover``: a
+    callable run while paused before switchover (else ``migrate_continue()`` must be
+    called, or the pause lasts until the time limit).  ``on_progress(dict)`` is called
+    after every window and sync.  ``hash_at_switchover`` records the source's block
+    hashes when the guest stops (``self.switchover_hashes``).
+    """
+
+    def __init__(self, ram: GuestRAM, f: QEMUFile, workload: Workload | None = None,
+                 params: MigrationParams | None = None, *, pre_switchover: Callable | None = None,
+                 on_progress: Callable[[dict], None] | None = None, hash_at_switchover: bool = False):
+        self.ram = ram
+        self.f = f
+        self.workload = workload or Workload()
+        self.params = params or MigrationParams()
+        self.params.check()
+        self.pre_switchover = pre_switchover
+        self.on_progress = on_progress
+        self.hash_at_switchover = hash_at_switchover or self.params.release_ram
+        self.switchover_hashes: dict[str, str] = {}
+        self.stats = MigrationStats(page_size=4096, ram_total=ram.total_size, params=asdict(self.params))
+        self._cancel = threading.Event()
+        self._continue = threading.Event()
+        self._blocks = ram.blocks
+        self._bitmap = {b.name: np.zeros(b.n_pages, dtype=bool) for b in self._blocks}
+        self._dirty = 0                 # QEMU migration_dirty_pages
+        self._cursor = (0, 0)           # (block index, page): where the next search starts
+        self._iter: IterationStats | None = None
+        self._iter_t0 = 0.0
+        self._iter_bytes0 = 0
+        self._sync_t = 0.0              # start of the current dirty-rate period
+        self._rate_pages = 0            # pages dirtied in it
+
+    # -- control from other threads -----------------------------------------------------
+    def cancel(self) -> None:
+        """migrate_cancel: the run ends as ``cancelled`` at its next check."""
+        self._cancel.set()
+
+    def migrate_continue(self) -> None:
+        """Leave the pre-switchover pause."""
+        self._continue.set()
+
+    # -- the run ------------------------------------------------------------------------
+    def run(self) -> MigrationStats:
+        """Migrate; returns the statistics (``status`` completed, cancelled or failed)."""
+        p, st = self.params, self.stats
+        self.saver = RAMSaver(self.f, self.ram, zero_page_detection=p.zero_page_detection,
+                              xbzrle_cache_size=p.xbzrle_cache_size, compress_level=p.compress_level)
+        self.saver.xbzrle_enabled = False          # QEMU: no XBZRLE during the bulk stage
+        self.writer = SaveVMWriter(self.f, machine=p.machine)
+        st.xbzrle_cache_size = p.xbzrle_cache_size
+        st.rss_before = resident_bytes(self.ram)
+        self.t0 = time.monotonic()
+        if p.sample_rss:
+            st.timeline.append((0.0, 0, st.rss_before))
+        self.windows = RateWindows(self.f, p.max_bandwidth, p.downtime_limit, self.t0, cancel=self._cancel)
+        self.windows.on_window = self._window_closed
+        self.workload.start(self.ram)
+        try:
+            self._setup()
+            st.status = "active"
+            outcome = self._iterate()
+            if outcome in ("converged", "forced"):
+                self._complete()
+                st.converged = outcome == "converged"
+            else:
+                st.status = "cancelled"
+                st.remaining = self._dirty * st.page_size
+                self.f.shutdown()
+            if st.status != "cancelled":
+                self.f.fflush()
+                if self.f.get_error():
+                    raise self.f.error
+                st.status = "completed"
+        except (OSError, RuntimeError) as exc:   # I/O failure, or the workload thread failed
+            st.status, st.outcome = "failed", f"error: {exc}"
+        finally:
+            try:
+                self.workload.stop()
+            except RuntimeError as exc:
+                st.status, st.outcome = "failed", f"error: {exc}"
+            self._finish_stats()
+        return st
+
+    def _setup(self) -> None:
+        """qemu_savevm_state_setup: header, START(ram) with the block list; all pages dirty."""
+        for b in self._blocks:
+            b.sync_dirty()                          # start dirty logging from a clean log
+            self._bitmap[b.name][:] = True          # ram_list_init_bitmaps: everything to send
+        self._dirty = sum(b.n_pages for b in self._blocks)
+        self.stats.dirty_sync_count = 1
+        self.writer.write_header()
+        self.f.ram_control_before_iterate(RAM_CONTROL_SETUP)
+        with self.writer.section(RAM, QEMU_VM_SECTION_START):
+            self.saver.save_setup()
+        self.f.fflush()
+        self.stats.setup_time = time.monotonic() - self.t0
+        self._sync_t = time.monotonic()
+        self._new_iteration(1, self._dirty)
+
+    def _new_iteration(self, index: int, dirty: int, final: bool = False) -> None:
+        self._close_iteration()
+        self._iter = IterationStats(index, dirty, final=final)
+        self._iter_t0 = time.monotonic()
+        self._iter_bytes0 = self.f.ftell_fast()
+        self._iter_pages0 = self.saver.stats.pages
+        self.stats.iterations.append(self._iter)
+
+    def _close_iteration(self) -> None:
+        it = self._iter
+        if it is None:
+            return
+        it.duration = time.monotonic() - self._iter_t0
+        it.bytes_sent = self.f.ftell_fast() - self._iter_bytes0
+        it.pages_sent = self.saver.stats.pages - self._iter_pages0
+        it.bandwidth = it.bytes_sent / max(it.duration, 1e-9)
+        self._iter = None
+
+    def _threshold(self) -> int:
+        """threshold_size from the last window's bandwidth (bytes/s × downtime_limit); 0
+        before the first window closed, as in QEMU (only an empty bitmap completes then)."""
+        bw = self.windows.bandwidth
+        self.stats.bandwidth = bw
+        self.stats.threshold_size = int(bw * self.params.downtime_limit)
+        return self.stats.threshold_size
+
+    def _iterate(self) -> str:
+        """The pre-copy loop; returns converged, forced, cancelled, max-iterations or time-limit."""
+        p, st = self.params, self.stats
+        ps = st.page_size
+        while True:
+            if self._cancel.is_set():
+                st.outcome = "cancelled"
+                return "cancelled"
+            threshold = self._threshold()
+            if self._dirty * ps <= threshold:          # ram_save_pending: sync when little is left
+                self._sync()
+                if self._dirty * ps <= threshold:      # migration_iteration_run: complete
+                    st.outcome = "converged"
+                    return "converged"
+                if st.dirty_sync_count > p.max_iterations:
+                    return self._limit("max-iterations")
+                self._new_iteration(st.dirty_sync_count, self._dirty)
+            if time.monotonic() - self.t0 > p.time_limit:
+                return self._limit("time-limit")
+            self._send_part()
+            if self.f.get_error():
+                raise self.f.error
+            if self.windows.exceeded():
+                self.windows.wait()
+            else:
+                self.windows.tick()
+
+    def _limit(self, why: str) -> str:
+        self.stats.outcome = why if self.params.on_limit == "cancel" else f"forced: {why}"
+        return "forced" if self.params.on_limit == "force" else why
+
+    def _sync(self) -> None:
+        """migration_bitmap_sync: OR each block's dirty log into the migration bitmap."""
+        now = time.monotonic()
+        new = 0
+        for b in self._blocks:
+            idx = b.sync_dirty()
+            bm = self._bitmap[b.name]
+            fresh = idx[~bm[idx]]
+            bm[fresh] = True
+            self._dirty += fresh.size
+            new += idx.size
+        if self.stats.status == "active":           # the guest ran for the whole period
+            # QEMU updates dirty-pages-rate over periods of at least a second; a run
+            # shorter than that reports the rate since the start
+            self._rate_pages += new
+            period = now - self._sync_t
+            if period >= 1.0 or not self.stats.dirty_pages_rate:
+                self.stats.dirty_pages_rate = self._rate_pages / max(period, 1e-6)
+                self._sync_t, self._rate_pages = now, 0
+        self.stats.dirty_sync_count += 1
+        if self.saver.cache is not None:
+            self.saver.xbzrle_enabled = True        # the bulk stage is over
+            self.saver.generation = self.stats.dirty_sync_count
+        self._progress()
+
+    def _send_part(self) -> None:
+        """One PART section: pages until the rate limit is hit or MAX_WAIT passed, then EOS."""
+        f = self.f
+        limited = self.windows.limit > 0
+        deadline = time.monotonic() + MAX_WAIT
+        with self.writer.section(RAM, QEMU_VM_SECTION_PART):
+            f.ram_control_before_iterate(RAM_CONTROL_ROUND)
+            while self._dirty:
+                self._send_some(CHUNK, limited)
+                if (limited and self.windows.exceeded()) or time.monotonic() >= deadline or f.get_error():
+                    break
+            f.ram_control_after_iterate(RAM_CONTROL_ROUND)
+            self.saver.write_eos()
+        self.stats.part_sections += 1
+        if self._iter is not None:
+            self._iter.sections += 1
+
+    def _next_dirty(self, limit: int) -> tuple[Any, np.ndarray]:
+        """Up to ``limit`` dirty pages of one block from the cursor on (wrapping around RAM)."""
+        bi, page = self._cursor
+        for _ in range(2 * len(self._blocks) + 1):
+            block = self._blocks[bi]
+            bm = self._bitmap[block.name]
+            while page < block.n_pages:
+                end = min(page + SCAN, block.n_pages)
+                idx = np.flatnonzero(bm[page:end])
+                if idx.size:
+                    return block, idx[:limit] + page
+                page = end
+            bi, page = (bi + 1) % len(self._blocks), 0
+        return None, np.empty(0, dtype=np.int64)
+
+    def _send_some(self, limit: int, rate_limited: bool) -> int:
+        """Send up to ``limit`` dirty pages; returns how many were sent."""
+        block, idx = self._next_dirty(limit)
+        if block is None:
+            self._dirty = 0
+            return 0
+        n = self.saver.save_pages(block, idx, rate_limited=rate_limited)
+        sent = idx[:n]
+        self._bitmap[block.name][sent] = False
+        self._dirty -= n
+        if n:
+            self._cursor = (self._blocks.index(block), int(sent[-1]) + 1)
+        return n
+
+    # -- completion -----------------------------------------------------------------------
+    def _complete(self) -> None:
+        """migration_completion: stop the guest, sync, send the rest in END, devices, EOF, vmdesc."""
+        st, f = self.stats, self.f
+        self._close_iteration()
+        st.precopy_bytes = self.saver.stats.pages_bytes
+        stop_t = time.monotonic()
+        self.workload.pause()                       # vm_stop: the writer has acknowledged
+        st.expected_downtime = self._dirty * st.page_size / max(st.bandwidth, 1.0)
+        if self.params.pause_before_switchover:
+            st.status = "pre-switchover"
+            self._progress()
+            if self.pre_switchover is not None:
+                self.pre_switchover(self)
+            else:
+                self._continue.wait(max(0.0, self.params.time_limit - (time.monotonic() - self.t0)))
+        st.status = "device"
+        self._sync()
+        self._new_iteration(st.dirty_sync_count, self._dirty, final=True)
+        excluded = 0.0
+        if self.hash_at_switchover:
+            h0 = time.monotonic()
+            self.switchover_hashes = block_hashes(self.ram)
+            excluded = time.monotonic() - h0        # verification, not migration work
+        if self.params.release_ram:
+            self._release_clean()
+        self.saver.last_stage = True
+        self.saver.release_ram = self.params.release_ram
+        self.saver.generation = st.dirty_sync_count
+        f.set_rate_limit(0)                         # completion runs unthrottled
+        with self.writer.section(RAM, QEMU_VM_SECTION_END):
+            f.ram_control_before_iterate(RAM_CONTROL_FINISH)
+            while self._dirty:
+                if not self._send_some(1 << 16, False):
+                    break
+            f.ram_control_after_iterate(RAM_CONTROL_FINISH)
+            self.saver.write_eos()
+        devices = none_machine_devices(self.params.runstate)
+        for se, payload, _desc in devices:
+            self.writer.write_full_section(se, payload)
+        self.writer.write_eof()
+        self.writer.write_vmdesc([desc for _se, _payload, desc in devices])
+        f.fflush()
+        self._close_iteration()
+        st.downtime = time.monotonic() - stop_t - excluded
+        st.downtime_bytes = self.saver.stats.pages_bytes - st.precopy_bytes
+
+    def _release_clean(self) -> None:
+        """Release every page already sent and not dirty (the destination has it)."""
+        for b in self._blocks:
+            clean = ~self._bitmap[b.name]
+            if not clean.any():
+                continue
+            # runs of clean pages -> (offset, length) byte ranges, one release per run
+            edges = np.flatnonzero(np.diff(np.concatenate(([0], clean.view(np.int8), [0]))))
+            starts, ends = edges[0::2], edges[1::2]
+            ranges = np.stack([starts * b.page_size, (ends - starts) * b.page_size], axis=1)
+            self.stats.released_bytes += b.release(ranges)
+
+    # -- reporting --------------------------------------------------------------------------
+    def _window_closed(self, windows: RateWindows) -> None:
+        if self.params.sample_rss:
+            self.stats.timeline.append((time.monotonic() - self.t0, self.f.ftell_fast(), resident_bytes(self.ram)))
+        self._progress()
+
+    def _progress(self) -> None:
+        if self.on_progress is None:
+            return
+        elapsed = time.monotonic() - self.t0
+        self.on_progress({"status": self.stats.status, "round": self.stats.dirty_sync_count,
+                          "dirty-pages": self._dirty, "bytes": self.f.ftell_fast(),
+                          "mbps": self.windows.bandwidth * 8 / 1e6, "elapsed": elapsed})
+
+    def _finish_stats(self) -> None:
+        st = self.stats
+        self._close_iteration()
+        st.total_time = time.monotonic() - self.t0
+        st.ram = self.saver.stats
+        st.stream_bytes = self.f.ftell_fast()
+        st.windows = self.windows.windows
+        st.released_bytes += self.f.released_bytes
+        st.rss_after = resident_bytes(self.ram)
+        st.workload = self.workload.describe()
+        if st.status == "completed" and st.bandwidth == 0:
+            st.bandwidth = st.stream_bytes / max(st.total_time, 1e-9)   # no window closed: average
+        if self.params.sample_rss:
+            st.timeline.append((st.total_time, st.stream_bytes, st.rss_after))

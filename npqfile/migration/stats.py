@@ -1,0 +1,162 @@
+"""Statistics of one live migration, shaped like QEMU's ``query-migrate`` answer.
+
+Supports: :class:`IterationStats` (one dirty-sync period: pages and bytes sent, dirty
+pages found at its sync, duration, bandwidth), :class:`WindowStats` (one 100 ms
+rate-limit window: bytes queued and the limit), :class:`MigrationStats` (the whole run,
+plus npqfile extras: iterations, windows, source RSS before and after, converged /
+outcome, verification), and :meth:`MigrationStats.as_dict` which renders
+``query-migrate``'s names (``total-time``, ``setup-time``, ``downtime``, ``ram`` with
+``transferred`` / ``normal`` / ``duplicate`` / ``dirty-pages-rate`` / ``mbps``...,
+``xbzrle-cache`` with ``cache-miss`` / ``encoding-rate``...).
+
+Goals: a user who reads QEMU's statistics reads ours the same way: times in
+milliseconds, byte counts in bytes, ``mbps`` in megabits per second, zero pages named
+``duplicate``.  Plan: plain dataclasses filled by the engine; one rendering function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from npqfile.stream.ram_stats import RAMStats
+
+
+@dataclass
+class IterationStats:
+    """One pass of pre-copy between two dirty-bitmap syncs (QEMU: one ``dirty-sync-count`` step)."""
+    index: int                  # 1 = the bulk pass over all RAM
+    dirty_pages: int            # pages pending when the pass began (all pages for pass 1)
+    pages_sent: int = 0         # page records sent during the pass (any kind)
+    bytes_sent: int = 0         # stream bytes queued during the pass (QEMUFile ftell_fast delta)
+    duration: float = 0.0       # seconds
+    bandwidth: float = 0.0      # bytes/s measured over the pass
+    sections: int = 0           # PART sections written in the pass
+    final: bool = False         # the stop-and-copy pass (END section)
+
+    def as_dict(self) -> dict:
+        return {"iteration": self.index, "dirty-pages": self.dirty_pages, "pages": self.pages_sent,
+                "bytes": self.bytes_sent, "time-ms": round(self.duration * 1000, 3),
+                "mbps": round(self.bandwidth * 8 / 1e6, 3), "sections": self.sections, "final": self.final}
+
+
+@dataclass
+class WindowStats:
+    """One rate-limit window (QEMU's BUFFER_DELAY of 100 ms)."""
+    start: float                # seconds since the migration started
+    duration: float             # seconds the window lasted (sleep included)
+    bytes: int                  # bytes queued on the QEMUFile during the window
+    limit: int                  # the window's byte limit (0 = unlimited)
+
+
+@dataclass
+class MigrationStats:
+    """Everything one migration measured; see the module docstring."""
+    status: str = "setup"       # setup, active, pre-switchover, device, completed, cancelled, failed
+    outcome: str = ""           # converged, forced, max-iterations, time-limit, error: ...
+    converged: bool = False
+    total_time: float = 0.0
+    setup_time: float = 0.0
+    downtime: float = 0.0
+    expected_downtime: float = 0.0
+    stream_bytes: int = 0       # every byte of the stream (QEMUFile position at the end)
+    page_size: int = 4096
+    ram_total: int = 0
+    remaining: int = 0          # dirty bytes not sent (non-zero only for a cancelled run)
+    dirty_sync_count: int = 0
+    dirty_pages_rate: float = 0.0   # pages/s, measured over the last completed pass
+    bandwidth: float = 0.0          # bytes/s, last measurement (QEMU: mbps)
+    threshold_size: int = 0         # bytes that fit in downtime_limit at that bandwidth
+    part_sections: int = 0
+    precopy_bytes: int = 0          # RAM bytes sent while the guest ran
+    downtime_bytes: int = 0         # RAM bytes sent while it was stopped
+    ram: RAMStats = field(default_factory=RAMStats)
+    xbzrle_cache_size: int = 0
+    compression: dict = field(default_factory=dict)
+    iterations: list[IterationStats] = field(default_factory=list)
+    windows: list[WindowStats] = field(default_factory=list)
+    timeline: list[tuple[float, int, int]] = field(default_factory=list)   # (t, bytes sent, source RSS)
+    rss_before: int = 0             # resident bytes of the source's guest RAM
+    rss_after: int = 0
+    released_bytes: int = 0
+    verification: dict = field(default_factory=dict)
+    destination: dict = field(default_factory=dict)
+    workload: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+
+    @property
+    def transferred(self) -> int:
+        """RAM section bytes (QEMU's ``ram.transferred``)."""
+        return self.ram.pages_bytes
+
+    def window_overshoot(self) -> int:
+        """Most bytes any limited window went over its limit (0 when none did or unlimited)."""
+        return max((w.bytes - w.limit for w in self.windows if w.limit), default=0)
+
+    def as_dict(self) -> dict[str, Any]:
+        """``query-migrate``-style JSON-ready dict (times in ms) plus npqfile extras."""
+        r = self.ram
+        secs = max(self.total_time, 1e-9)
+        xb_raw = r.xbzrle_pages * self.page_size
+        sent_pages = r.normal_pages + r.xbzrle_pages + r.compressed_pages
+        out: dict[str, Any] = {
+            "status": self.status,
+            "total-time": round(self.total_time * 1000, 3),
+            "setup-time": round(self.setup_time * 1000, 3),
+            "downtime": round(self.downtime * 1000, 3),
+            "expected-downtime": round(self.expected_downtime * 1000, 3),
+            "ram": {
+                "transferred": self.transferred,
+                "total": self.ram_total,
+                "remaining": self.remaining,
+                "duplicate": r.zero_pages,
+                "normal": r.normal_pages,
+                "normal-bytes": r.normal_pages * self.page_size,
+                "skipped": 0,
+                "dirty-pages-rate": round(self.dirty_pages_rate, 1),
+                "dirty-sync-count": self.dirty_sync_count,
+                "mbps": round(self.bandwidth * 8 / 1e6, 3),
+                "page-size": self.page_size,
+                "pages-per-second": round(r.pages / secs, 1),
+                "precopy-bytes": self.precopy_bytes,
+                "downtime-bytes": self.downtime_bytes,
+            },
+            "npqfile": {
+                "outcome": self.outcome,
+                "converged": self.converged,
+                "stream-bytes": self.stream_bytes,
+                "part-sections": self.part_sections,
+                "threshold-size": self.threshold_size,
+                "throughput-mbps": round(self.stream_bytes * 8 / 1e6 / secs, 3),
+                "pages": {"normal": r.normal_pages, "zero": r.zero_pages, "xbzrle": r.xbzrle_pages,
+                          "compressed": r.compressed_pages, "xbzrle-unchanged": r.xbzrle_unchanged},
+                "iterations": [it.as_dict() for it in self.iterations],
+                "windows": {"count": len(self.windows),
+                            "max-bytes": max((w.bytes for w in self.windows), default=0),
+                            "limit": self.windows[0].limit if self.windows else 0,
+                            "max-overshoot": self.window_overshoot()},
+                "rss-before": self.rss_before,
+                "rss-after": self.rss_after,
+                "released-bytes": self.released_bytes,
+                "compression": self.compression,
+                "verification": self.verification,
+                "destination": self.destination,
+                "workload": self.workload,
+                "params": self.params,
+            },
+        }
+        if self.xbzrle_cache_size:
+            out["xbzrle-cache"] = {
+                "cache-size": self.xbzrle_cache_size,
+                "bytes": r.xbzrle_bytes,
+                "pages": r.xbzrle_pages,
+                "cache-miss": r.xbzrle_cache_miss,
+                "cache-miss-rate": round(r.xbzrle_cache_miss / sent_pages, 4) if sent_pages else 0.0,
+                "encoding-rate": round(xb_raw / r.xbzrle_bytes, 3) if r.xbzrle_bytes else 0.0,
+                "overflow": r.xbzrle_overflow,
+            }
+        return out
+
+    def raw(self) -> dict[str, Any]:
+        """Every field as plain data (for pickling across sweep processes)."""
+        return asdict(self)

@@ -1,0 +1,298 @@
+"""Dirtying models: a thread that writes into the source GuestRAM while it migrates.
+
+Supports: ``idle`` (no writes), ``uniform`` (random pages at a rate), ``hotset`` (a
+fraction ``hot`` of the pages takes a share ``share`` of the writes), ``sequential``
+(a sweep through RAM, wrapping), ``zipf`` (page popularity ~ rank^-a over a random
+permutation) and any Python callable (``fn(ram)`` or ``fn(ram, rng)``, called once per
+time slice).  Rates are pages/s or a byte rate (``50MB/s``).  Text specs such as
+``hotset:rate=20000,hot=0.1,share=0.9,seed=1`` build them (:func:`make_workload`).
+
+Goals: the writes go through ``RAMBlock.touch`` so the dirty bitmap is exact; each
+model is reproducible from its seed (a numpy Generator); ``pause()`` returns only once
+the thread has acknowledged it is stopped (QEMU stops the vCPUs before the final
+bitmap sync; a write after it would be lost to the destination).  The thread must not
+starve the migration thread of the GIL: every slice is one vectorised ``touch`` per
+block and then a sleep.
+
+Plan: the thread wakes every ``slice`` seconds (5 ms), computes how many writes are due
+since it started (rate × running time, minus writes done), draws that many page numbers
+in the guest's global page space and touches them block by block.  Pausing is two
+Events: ``_run`` (cleared to pause) and ``_parked`` (set by the thread when parked).
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from npqfile.ram import GuestRAM
+from npqfile.units import parse_rate
+
+SLICE = 0.005                # seconds between write batches
+MAX_BATCH = 1 << 16          # writes per slice at most (a catch-up after a stall stays bounded)
+KINDS = ("idle", "uniform", "hotset", "sequential", "zipf")
+
+
+class Workload:
+    """Base: ``start(ram)``, ``pause()``, ``resume()``, ``stop()``; subclasses pick pages.
+
+    ``rate`` is page writes per second.  ``writes`` counts the writes done so far.
+    """
+
+    kind = "idle"
+
+    def __init__(self, rate: float = 0.0, seed: int = 0):
+        if rate < 0:
+            raise ValueError(f"workload rate must not be negative, got {rate}")
+        self.rate = float(rate)
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self.writes = 0
+        self.ram: GuestRAM | None = None
+        self._bounds = np.zeros(1, dtype=np.int64)
+        self._run = threading.Event()
+        self._parked = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._running_time = 0.0     # seconds spent unpaused (writes are due only then)
+        self.error: BaseException | None = None
+
+    # -- models ------------------------------------------------------------------------
+    def prepare(self, n_pages: int) -> None:
+        """Per-model setup once the guest size is known (hot set, permutation...)."""
+
+    def pick(self, count: int, n_pages: int) -> np.ndarray:
+        """``count`` global page numbers to write next (int64)."""
+        return self.rng.integers(0, n_pages, count, dtype=np.int64)
+
+    def step(self, ram: GuestRAM, count: int) -> None:
+        """Write ``count`` pages: pick them and touch each block's share in one call."""
+        n_pages = int(self._bounds[-1])
+        pages = self.pick(count, n_pages)
+        blocks = ram.blocks
+        if len(blocks) == 1:
+            blocks[0].touch(pages)
+            return
+        which = np.searchsorted(self._bounds, pages, side="right") - 1
+        for i, block in enumerate(blocks):
+            mine = pages[which == i]
+            if mine.size:
+                block.touch(mine - self._bounds[i])
+
+    def describe(self) -> dict[str, Any]:
+        """The model and its parameters (for statistics)."""
+        return {"kind": self.kind, "rate-pages": self.rate, "seed": self.seed, "writes": self.writes}
+
+    # -- thread control ----------------------------------------------------------------
+    def start(self, ram: GuestRAM) -> None:
+        """Start writing into ``ram`` in a daemon thread (no thread for a zero rate)."""
+        self.ram = ram
+        self._bounds = np.cumsum([0] + [b.n_pages for b in ram.blocks]).astype(np.int64)
+        self.prepare(int(self._bounds[-1]))
+        self._run.set()
+        if self.rate <= 0 and type(self).step is Workload.step:
+            self._parked.set()
+            return
+        self._thread = threading.Thread(target=self._loop, name=f"workload-{self.kind}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        last = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                if not self._run.is_set():
+                    self._parked.set()
+                    self._run.wait(0.05)
+                    last = time.monotonic()
+                    continue
+                self._parked.clear()
+                if not self._run.is_set():   # paused between the check and the clear
+                    continue
+                now = time.monotonic()
+                self._running_time += now - last
+                last = now
+                due = min(int(self.rate * self._running_time) - self.writes, MAX_BATCH)
+                if due > 0 or self.rate <= 0:
+                    self.step(self.ram, max(due, 0))
+                    self.writes += max(due, 0)
+                time.sleep(SLICE)
+        except BaseException as exc:  # reported by the engine, never lost in a thread
+            self.error = exc
+        finally:
+            self._parked.set()
+
+    def pause(self, timeout: float = 10.0) -> None:
+        """Stop writing and wait until the thread acknowledges (QEMU's vm_stop).
+        Raises RuntimeError if the thread does not park within ``timeout`` seconds."""
+        self._run.clear()
+        if self._thread is not None and not self._parked.wait(timeout):
+            raise RuntimeError(f"workload {self.kind!r} did not stop within {timeout} s")
+        self._raise_error()
+
+    def resume(self) -> None:
+        """Let the writer run again."""
+        self._run.set()
+
+    def stop(self) -> None:
+        """End the thread (idempotent)."""
+        self._stop.set()
+        self._run.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+            self._thread = None
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise RuntimeError(f"workload {self.kind!r} failed: {err}") from err
+
+
+class Uniform(Workload):
+    """Random pages, each equally likely."""
+    kind = "uniform"
+
+
+class HotSet(Workload):
+    """A random ``hot`` fraction of pages receives ``share`` of the writes."""
+    kind = "hotset"
+
+    def __init__(self, rate: float = 0.0, seed: int = 0, hot: float = 0.1, share: float = 0.9):
+        super().__init__(rate, seed)
+        if not 0 < hot <= 1 or not 0 <= share <= 1:
+            raise ValueError(f"hotset needs 0 < hot <= 1 and 0 <= share <= 1, got hot={hot}, share={share}")
+        self.hot, self.share = hot, share
+        self._hot_pages = np.zeros(1, dtype=np.int64)
+
+    def prepare(self, n_pages: int) -> None:
+        count = max(1, int(n_pages * self.hot))
+        self._hot_pages = np.sort(self.rng.choice(n_pages, count, replace=False)).astype(np.int64)
+
+    def pick(self, count: int, n_pages: int) -> np.ndarray:
+        to_hot = self.rng.random(count) < self.share
+        out = self.rng.integers(0, n_pages, count, dtype=np.int64)
+        n_hot = int(np.count_nonzero(to_hot))
+        out[to_hot] = self._hot_pages[self.rng.integers(0, self._hot_pages.size, n_hot)]
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "hot": self.hot, "share": self.share, "hot-pages": int(self._hot_pages.size)}
+
+
+class Sequential(Workload):
+    """A sweep: consecutive pages from a cursor, wrapping at the end of RAM (mig_mon's sequential)."""
+    kind = "sequential"
+
+    def __init__(self, rate: float = 0.0, seed: int = 0):
+        super().__init__(rate, seed)
+        self._cursor = 0
+
+    def prepare(self, n_pages: int) -> None:
+        self._cursor = int(self.rng.integers(0, n_pages))
+
+    def pick(self, count: int, n_pages: int) -> np.ndarray:
+        out = (self._cursor + np.arange(count, dtype=np.int64)) % n_pages
+        self._cursor = (self._cursor + count) % n_pages
+        return out
+
+
+class Zipf(Workload):
+    """Page popularity follows Zipf's law with exponent ``a`` (> 1) over a random permutation."""
+    kind = "zipf"
+
+    def __init__(self, rate: float = 0.0, seed: int = 0, a: float = 1.2):
+        super().__init__(rate, seed)
+        if a <= 1:
+            raise ValueError(f"zipf exponent must be > 1, got {a}")
+        self.a = a
+        self._perm = np.zeros(1, dtype=np.int64)
+
+    def prepare(self, n_pages: int) -> None:
+        self._perm = self.rng.permutation(n_pages).astype(np.int64)
+
+    def pick(self, count: int, n_pages: int) -> np.ndarray:
+        ranks = self.rng.zipf(self.a, count)
+        return self._perm[(ranks - 1) % n_pages]
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "a": self.a}
+
+
+class CallableWorkload(Workload):
+    """Calls ``fn(ram)`` (or ``fn(ram, rng)`` when it takes two arguments) once per slice.
+    The callable must write through the RAMBlock API (write/touch/fill) to be tracked."""
+    kind = "callable"
+
+    def __init__(self, fn: Callable, seed: int = 0):
+        super().__init__(0.0, seed)
+        self.fn = fn
+        try:
+            self._wants_rng = len(inspect.signature(fn).parameters) >= 2
+        except (TypeError, ValueError):
+            self._wants_rng = False
+
+    def step(self, ram: GuestRAM, count: int) -> None:
+        self.fn(ram, self.rng) if self._wants_rng else self.fn(ram)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "callable", "name": getattr(self.fn, "__name__", repr(self.fn)), "seed": self.seed}
+
+
+_CLASSES: dict[str, type[Workload]] = {"idle": Workload, "uniform": Uniform, "hotset": HotSet,
+                                       "sequential": Sequential, "zipf": Zipf}
+
+
+def parse_workload_rate(text: str | float, page_size: int = 4096) -> float:
+    """Pages per second from ``20000`` (pages/s) or a byte rate ``80MB/s`` / ``1Gbit/s``.
+    Raises ValueError naming the text."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    t = text.strip()
+    try:
+        return float(t)
+    except ValueError:
+        return parse_rate(t) / page_size
+
+
+def make_workload(spec: str | Workload | Callable, *, seed: int | None = None, page_size: int = 4096) -> Workload:
+    """Build a workload from ``KIND[:key=value,...]`` (keys: rate, seed, hot, share, a), a
+    Workload (returned as is) or a callable.  Returns the Workload; ValueError for an
+    unknown kind or key, or a bad value."""
+    if isinstance(spec, Workload):
+        return spec
+    if callable(spec):
+        return CallableWorkload(spec, seed or 0)
+    kind, _, rest = spec.partition(":")
+    kind = kind.strip()
+    if kind not in _CLASSES:
+        raise ValueError(f"unknown workload {kind!r} (choose {', '.join(KINDS)}, or pass a callable)")
+    kw: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"workload option {item!r} in {spec!r} is not key=value")
+        key = key.strip()
+        try:
+            if key == "rate":
+                kw["rate"] = parse_workload_rate(value, page_size)
+            elif key == "seed":
+                kw["seed"] = int(value)
+            elif key in ("hot", "share", "a"):
+                kw[key] = float(value)
+            else:
+                raise ValueError(f"unknown workload option {key!r} in {spec!r} (rate, seed, hot, share, a)")
+        except ValueError as exc:
+            if "workload option" in str(exc):
+                raise
+            raise ValueError(f"bad value {value!r} for {key} in workload {spec!r}") from None
+    if seed is not None:
+        kw.setdefault("seed", seed)
+    try:
+        return _CLASSES[kind](**kw)
+    except TypeError:
+        raise ValueError(f"workload {kind!r} does not take the options {sorted(kw)} ({spec!r})") from None

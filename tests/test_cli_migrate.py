@@ -1,0 +1,255 @@
+"""``npqfile migrate`` / ``npqfile incoming``: default run, stream accounting, processes, files, real QEMU."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import require_program
+
+from npqfile.cli import main
+from npqfile.migration.engine import MigrationParams
+from npqfile.migration.session import MigrationConfig, fill_guest, run_migration
+from npqfile.migration.workloads import make_workload
+from npqfile.ram import GuestRAM
+from npqfile.stream.devices import none_machine_devices
+from npqfile.stream.vmdesc import encode_vmdesc
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+MIB = 1 << 20
+PS = 4096
+
+
+def run_json(capsys, *argv):
+    rc = main(["migrate", "--json", "--quiet", *argv])
+    out = capsys.readouterr().out
+    return rc, json.loads(out)
+
+
+def expected_ram_bytes(d: dict, block: str = "ram") -> int:
+    """The RAM section bytes from the page counts: QEMU's record sizes, one block."""
+    r, x = d["ram"], d["npqfile"]
+    setup = 8 + 1 + len(block) + 8 + 8                       # MEM_SIZE, idstr + used_length, EOS
+    pages = r["normal"] * (8 + PS) + r["duplicate"] * (8 + 1)
+    idstr = 1 + len(block)                                   # the first page record names the block
+    eos = (x["part-sections"] + 1) * 8                       # every PART and the END
+    return setup + pages + idstr + eos
+
+
+def expected_stream_bytes(d: dict, machine: str = "none") -> int:
+    """Everything else a -M none stream holds around the RAM section."""
+    devices = none_machine_devices("running")
+    header = 8 + 1 + 4 + len(machine)
+    start = 1 + 4 + 1 + 3 + 4 + 4 + 5
+    part_end = (d["npqfile"]["part-sections"] + 1) * (5 + 5)
+    full = sum(1 + 4 + 1 + len(se.idstr) + 4 + 4 + len(payload) + 5 for se, payload, _ in devices)
+    vmdesc = 1 + 4 + len(encode_vmdesc([desc for _, _, desc in devices], PS))
+    return header + start + part_end + full + 1 + vmdesc + d["ram"]["transferred"]
+
+
+def test_default_run_is_consistent(capsys):
+    rc, d = run_json(capsys)
+    x = d["npqfile"]
+    assert rc == 0 and d["status"] == "completed"
+    assert x["verification"]["ok"] is True and x["destination"]["status"] == "completed"
+    assert d["ram"]["total"] == 256 * MIB
+    assert d["ram"]["transferred"] == expected_ram_bytes(d)
+    assert x["stream-bytes"] == expected_stream_bytes(d)
+    assert x["destination"]["bytes"] == x["stream-bytes"]      # what the destination read
+    assert x["workload"]["kind"] == "hotset" and x["workload"]["writes"] > 0
+    assert sum(it["pages"] for it in x["iterations"]) == d["ram"]["normal"] + d["ram"]["duplicate"]
+    for key in ("total-time", "setup-time", "downtime", "expected-downtime"):
+        assert d[key] >= 0
+    for key in ("dirty-sync-count", "mbps", "pages-per-second", "dirty-pages-rate", "normal-bytes"):
+        assert key in d["ram"]
+
+
+def test_file_snapshot_is_readable_by_analyze(tmp_path, capsys):
+    path = tmp_path / "snap.bin"
+    rc, d = run_json(capsys, "--size", "8M", "--to", f"file:{path}", "--max-bandwidth", "40MB/s",
+                     "--workload", "hotset:rate=2000,hot=0.01")
+    assert rc == 0 and d["npqfile"]["verification"] == {"method": "sha256", "ok": True, "mismatched": []}
+    assert path.stat().st_size == d["npqfile"]["stream-bytes"] == expected_stream_bytes(d)
+    assert d["npqfile"]["part-sections"] > 1
+    assert main(["analyze", str(path)]) == 0
+    assert "globalstate" in capsys.readouterr().out
+
+
+def test_summary_table_and_plot(tmp_path, capsys):
+    png = tmp_path / "m.png"
+    rc = main(["migrate", "--quiet", "--size", "8M", "--max-bandwidth", "40MB/s", "--release-ram",
+               "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "downtime" in out and "sha256: equal" in out and "iterations" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_not_converging_exits_2(capsys):
+    rc, d = run_json(capsys, "--size", "2M", "--workload", "uniform:rate=8000", "--max-bandwidth", "8MB/s",
+                     "--downtime-limit", "10", "--max-iterations", "3")
+    assert rc == 2 and d["status"] == "cancelled" and d["npqfile"]["outcome"] == "max-iterations"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-bandwidth", "fast"], "not a rate"), (["--workload", "spiky"], "unknown workload"),
+    (["--compress", "brotli"], "unknown compression"), (["--to", "ftp:x"], "unknown migration URI"),
+    (["--sweep", "colour=red"], "unknown sweep parameter"),
+])
+def test_bad_arguments_are_one_line_errors(argv, message, capsys):
+    assert main(["migrate", "--quiet", "--size", "1M", *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_sweep_runs_every_case(capsys):
+    rc = main(["migrate", "--json", "--size", "4M", "--workload", "idle", "--sweep", "bandwidth=0,40MB/s",
+               "--sweep", "downtime=100,300"])
+    rows = json.loads(capsys.readouterr().out)
+    assert rc == 0 and len(rows) == 4
+    assert {(r["bandwidth"], r["downtime"]) for r in rows} == {("0", "100"), ("0", "300"), ("40MB/s", "100"),
+                                                               ("40MB/s", "300")}
+    assert all(r["converged"] and r["verified"] for r in rows)
+
+
+# -- other processes ----------------------------------------------------------------------
+
+def _start_incoming(uri: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "npqfile", "incoming", uri, "--json", "--timeout", "60", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    line = proc.stdout.readline()
+    if not line.startswith("listening on "):
+        proc.kill()
+        raise AssertionError(f"incoming did not start: {line!r} {proc.stderr.read()}")
+    return proc, line.split("listening on ", 1)[1].strip()
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "unix"])
+def test_two_processes_with_verification(scheme, tmp_path):
+    uri = "tcp:127.0.0.1:0" if scheme == "tcp" else f"unix:{tmp_path / 'mig.sock'}"
+    proc, real_uri = _start_incoming(uri, "--ram", "16M")
+    try:
+        src = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--size", "16M", "--to", real_uri,
+                              "--json", "--max-bandwidth", "200MB/s"],
+                             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
+        dest_out, dest_err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert src.returncode == 0, src.stderr
+    d = json.loads(src.stdout)
+    assert d["npqfile"]["verification"] == {"method": "sha256", "ok": True, "mismatched": []}
+    res = json.loads(dest_out)
+    assert proc.returncode == 0 and res["status"] == "completed"
+    assert res["hashes"] == d["npqfile"]["destination"]["hashes"]
+    assert res["bytes"] == d["npqfile"]["stream-bytes"]
+
+
+def test_incoming_refuses_a_wrong_size(tmp_path):
+    proc, real_uri = _start_incoming("tcp:127.0.0.1:0", "--ram", "8M")
+    try:
+        src = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--size", "4M", "--to", real_uri,
+                              "--json", "--workload", "idle"],
+                             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
+        _, dest_err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "error:" in dest_err
+    assert src.returncode == 1
+    assert json.loads(src.stdout)["npqfile"]["verification"]["ok"] is False
+
+
+def test_exec_transport_is_reported_unverified(tmp_path, capsys):
+    out = tmp_path / "s.bin"
+    rc, d = run_json(capsys, "--size", "2M", "--workload", "idle", "--to", f"exec:cat > {out}")
+    assert rc == 0 and d["npqfile"]["verification"]["ok"] is None
+    assert out.stat().st_size == d["npqfile"]["stream-bytes"]
+
+
+# -- real QEMU -----------------------------------------------------------------------------
+
+class QMP:
+    """The smallest QMP client: one command at a time, events skipped."""
+
+    def __init__(self, path: str, timeout: float = 30.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.sock.settimeout(timeout)
+        self.file = self.sock.makefile("rb")
+        json.loads(self.file.readline())          # greeting
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name: str, **args):
+        self.sock.sendall(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+        while True:
+            msg = json.loads(self.file.readline())
+            if "event" in msg:
+                continue
+            if "error" in msg:
+                raise AssertionError(f"QMP {name}: {msg['error']}")
+            return msg["return"]
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def test_real_qemu_loads_a_live_migration_snapshot(tmp_path):
+    qemu = require_program("qemu-system-x86_64")
+    size = 16 * MIB
+    snap = tmp_path / "snap.bin"
+    ram = GuestRAM()
+    ram.add_block("ram", size)
+    try:
+        fill_guest(ram, "mixed", 5)
+        cfg = MigrationConfig(size=size, to=f"file:{snap}",
+                              params=MigrationParams(max_bandwidth=50e6, downtime_limit=0.02))
+        st = run_migration(cfg, ram=ram, workload=make_workload("hotset:rate=3000,hot=0.02,share=0.8"))
+        assert st.status == "completed" and st.part_sections > 1 and st.verification["ok"] is True
+        source_final = ram.block("ram").array.copy()
+    finally:
+        ram.close()
+    ramfile = tmp_path / "ram.img"
+    ramfile.write_bytes(b"\0" * size)
+    qmp_path = tmp_path / "qmp.sock"
+    proc = subprocess.Popen([qemu, "-M", "none,memory-backend=ram", "-m", "16M", "-object",
+                             f"memory-backend-file,id=ram,size=16M,mem-path={ramfile},share=on",
+                             "-nodefaults", "-display", "none", "-S", "-monitor", "none", "-serial", "none",
+                             "-qmp", f"unix:{qmp_path},server=on,wait=off", "-incoming", "defer"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        qmp = QMP(str(qmp_path))
+        try:
+            qmp.cmd("migrate-incoming", uri=f"exec:cat {snap}")
+            deadline = time.monotonic() + 30
+            status = None
+            while time.monotonic() < deadline:
+                status = qmp.cmd("query-migrate").get("status")
+                if status in ("completed", "failed"):
+                    break
+                time.sleep(0.05)
+            assert status == "completed", proc.stderr.read() if proc.poll() is not None else status
+        finally:
+            qmp.close()
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+    loaded = np.fromfile(ramfile, dtype=np.uint8)
+    assert np.array_equal(loaded, source_final)
+    assert "Expected vmdescription" not in err

@@ -1,0 +1,247 @@
+"""The pre-copy engine: convergence, rate limiting, limits, capabilities, verification, workloads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from npqfile.migration.engine import MigrationParams
+from npqfile.migration.session import MigrationConfig, fill_guest, run_migration
+from npqfile.migration.workloads import HotSet, Sequential, Uniform, Workload, Zipf, make_workload
+from npqfile.ram import GuestRAM
+
+MIB = 1 << 20
+PS = 4096
+
+
+def migrate(size=16 * MIB, workload="idle", **params):
+    cfg = MigrationConfig(size=size, workload=workload, params=MigrationParams(**params))
+    return run_migration(cfg)
+
+
+def precopy(st):
+    return [it for it in st.iterations if not it.final]
+
+
+def test_idle_guest_converges_in_one_round_plus_stop_and_copy():
+    st = migrate()
+    assert st.status == "completed" and st.converged and st.outcome == "converged"
+    assert len(precopy(st)) == 1
+    assert st.iterations[-1].final
+    assert st.verification == {"method": "compare", "ok": True, "mismatched": []}
+    assert st.ram.normal_pages + st.ram.zero_pages == 16 * MIB // PS
+    assert st.destination["status"] == "completed"
+
+
+def test_hotset_under_limited_bandwidth_needs_several_rounds():
+    st = migrate(workload="hotset:rate=3000,hot=0.005,share=0.8,seed=3", max_bandwidth=40e6, downtime_limit=0.005)
+    assert st.status == "completed" and st.converged, st.outcome
+    assert len(precopy(st)) >= 2
+    assert st.dirty_sync_count >= 3
+    assert st.ram.pages > 16 * MIB // PS            # re-dirtied pages were sent again
+    assert st.verification["ok"] is True
+    assert st.dirty_pages_rate > 0
+
+
+def test_impossible_migration_stops_at_max_iterations():
+    st = migrate(size=2 * MIB, workload="uniform:rate=8000", max_bandwidth=8e6, downtime_limit=0.01,
+                 max_iterations=4)
+    assert st.status == "cancelled"
+    assert st.outcome == "max-iterations" and not st.converged
+    assert len(st.iterations) == 4 and not any(it.final for it in st.iterations)
+    assert st.remaining > 0
+    assert st.destination["status"] == "failed"     # the stream was cut, as with migrate_cancel
+
+
+def test_forced_completion_after_the_limit_still_matches():
+    st = migrate(size=2 * MIB, workload="uniform:rate=8000", max_bandwidth=8e6, downtime_limit=0.01,
+                 max_iterations=2, on_limit="force")
+    assert st.status == "completed" and not st.converged
+    assert st.outcome == "forced: max-iterations"
+    assert st.verification["ok"] is True
+
+
+def test_time_limit_outcome():
+    st = migrate(size=8 * MIB, workload="uniform:rate=20000", max_bandwidth=4e6, downtime_limit=0.001,
+                 time_limit=0.3)
+    assert st.status == "cancelled" and st.outcome == "time-limit"
+
+
+def test_bandwidth_limit_holds_per_window():
+    st = migrate(size=4 * MIB, workload="uniform:rate=500", max_bandwidth=10e6, downtime_limit=0.05)
+    limit = 10**6
+    limited = [w for w in st.windows if w.limit]
+    assert len(limited) >= 3 and all(w.limit == limit for w in limited)
+    # rate_limit() is checked after each page: a window ends at most one page record
+    # (8-byte header + page; the block's idstr on its first record) plus EOS (8) and footer (5) over.
+    slack = PS + 8 + 4 + 8 + 5
+    assert max(w.bytes for w in limited) > limit          # the budget was really used
+    assert st.window_overshoot() <= slack
+    assert st.as_dict()["npqfile"]["windows"]["max-overshoot"] == st.window_overshoot()
+
+
+def test_xbzrle_sends_deltas_after_the_bulk_stage():
+    # a hot set bigger than the downtime budget: every round resends it, as deltas from round 3 on
+    st = migrate(size=2 * MIB, workload="hotset:rate=4000,hot=0.25,share=1", max_bandwidth=8e6,
+                 downtime_limit=0.005, xbzrle_cache_size=1 * MIB, max_iterations=6, on_limit="force")
+    assert st.status == "completed" and st.verification["ok"] is True
+    assert st.ram.xbzrle_pages > 0
+    xc = st.as_dict()["xbzrle-cache"]
+    assert xc["pages"] == st.ram.xbzrle_pages and xc["encoding-rate"] > 1
+    assert "cache-miss" in xc
+
+
+@pytest.mark.parametrize("compress", ["zlib:1", "zstd", "lz4"])
+def test_compression(compress):
+    cfg = MigrationConfig(size=4 * MIB, workload="idle", compress=compress)
+    st = run_migration(cfg)
+    assert st.status == "completed" and st.verification["ok"] is True
+    method = compress.split(":")[0]
+    assert st.compression["method"] == method
+    if method == "zlib":
+        assert st.compression["where"] == "pages" and st.ram.compressed_pages > 0
+    else:
+        assert st.compression["where"] == "channel"
+        assert st.compression["bytes-in"] == st.stream_bytes
+
+
+def test_release_ram_frees_the_source_and_verifies_by_hash():
+    st = migrate(workload="hotset:rate=2000,hot=0.01", release_ram=True)
+    assert st.status == "completed" and st.verification["method"] == "sha256" and st.verification["ok"] is True
+    assert st.released_bytes > 0
+    assert st.rss_after < st.rss_before
+
+
+def test_pause_before_switchover_writes_are_migrated():
+    ram = GuestRAM()
+    ram.add_block("ram", 4 * MIB)
+    seen = []
+
+    def hook(engine):
+        seen.append(engine.stats.status)
+        ram.block("ram").write(12345, b"written while paused")
+
+    try:
+        cfg = MigrationConfig(size=4 * MIB, params=MigrationParams(pause_before_switchover=True))
+        st = run_migration(cfg, ram=ram, workload=Workload(), pre_switchover=hook)
+        assert seen == ["pre-switchover"]
+        assert st.status == "completed" and st.verification["ok"] is True
+        assert st.iterations[-1].final and st.iterations[-1].dirty_pages >= 1
+    finally:
+        ram.close()
+
+
+def test_untracked_writes_are_caught_by_verification():
+    def sneaky(ram):   # writes behind the dirty bitmap's back: the destination goes stale
+        arr = ram.block("ram").array
+        arr[::4096] += 1
+
+    ram = GuestRAM()
+    ram.add_block("ram", 4 * MIB)
+    try:
+        st = run_migration(MigrationConfig(size=4 * MIB, params=MigrationParams(max_bandwidth=20e6)),
+                           ram=ram, workload=make_workload(sneaky))
+        assert st.status == "completed"
+        assert st.verification["ok"] is False and st.verification["mismatched"] == ["ram"]
+    finally:
+        ram.close()
+
+
+def test_machine_mismatch_fails_at_the_destination():
+    from npqfile.migration.destination import Destination
+    from npqfile.channels import MemoryChannel, MemoryReader
+    from npqfile.qemufile import QEMUFile
+    from npqfile.stream.snapshot import save_snapshot
+
+    with GuestRAM() as ram:
+        ram.add_block("ram", 1 * MIB)
+        out = MemoryChannel()
+        with QEMUFile(out) as f:
+            save_snapshot(f, ram, machine="pc-i440fx-7.2")
+        dest = Destination(machine="none")
+        res = dest.receive(MemoryReader(bytes(out.getvalue())))
+        assert res.status == "failed" and "Machine type received is 'pc-i440fx-7.2'" in res.error
+        if dest.ram is not None:
+            dest.ram.close()
+
+
+# -- workloads ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", [Uniform, HotSet, Sequential, Zipf])
+def test_workload_models_are_reproducible_and_mark_dirty(cls):
+    picks = []
+    for _ in range(2):
+        w = cls(rate=1000, seed=7)
+        w.prepare(1000)
+        picks.append(w.pick(500, 1000))
+    assert np.array_equal(picks[0], picks[1])
+    assert picks[0].min() >= 0 and picks[0].max() < 1000
+    with GuestRAM() as ram:
+        ram.add_block("a", 2 * MIB)
+        ram.add_block("b", 2 * MIB)
+        w = cls(rate=1000, seed=7)
+        w._bounds = np.array([0, 512, 1024])
+        w.prepare(1024)
+        w.step(ram, 300)
+        dirty = ram.sync_dirty()
+        assert sum(v.size for v in dirty.values()) > 0
+
+
+def test_hotset_concentrates_writes():
+    w = HotSet(rate=1, seed=1, hot=0.01, share=0.9)
+    w.prepare(10000)
+    pages = w.pick(10000, 10000)
+    in_hot = np.isin(pages, w._hot_pages).mean()
+    assert in_hot > 0.85
+
+
+def test_workload_thread_pauses_for_real():
+    with GuestRAM() as ram:
+        ram.add_block("ram", 1 * MIB)
+        w = Uniform(rate=100000, seed=1)
+        w.start(ram)
+        try:
+            w.pause()
+            ram.sync_dirty()
+            before = w.writes
+            import time
+            time.sleep(0.05)
+            assert w.writes == before and ram.block("ram").dirty.sum() == 0
+            w.resume()
+            time.sleep(0.05)
+            assert w.writes > before
+        finally:
+            w.stop()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("bogus", "unknown workload"), ("hotset:rate", "not key=value"), ("hotset:speed=3", "unknown workload option"),
+    ("uniform:rate=fast", "bad value"), ("uniform:hot=0.1", "does not take"), ("hotset:rate=1,hot=2", "hotset needs"),
+])
+def test_bad_workload_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        make_workload(spec)
+
+
+def test_workload_rates_in_bytes_per_second():
+    assert make_workload("uniform:rate=4MB/s").rate == pytest.approx(4e6 / PS)
+    assert make_workload("uniform:rate=250").rate == 250
+
+
+def test_fill_guest_mixed_has_zero_and_data_pages():
+    with GuestRAM() as ram:
+        ram.add_block("ram", 4 * MIB)
+        fill_guest(ram, "mixed", 1)
+        zero = ~ram.block("ram").pages.any(axis=1)
+        assert 0.1 < zero.mean() < 0.4
+        with pytest.raises(ValueError, match="initial contents"):
+            fill_guest(ram, "ones", 1)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"max_bandwidth": -1}, "max_bandwidth"), ({"max_iterations": 0}, "max_iterations"),
+    ({"on_limit": "retry"}, "on_limit"), ({"xbzrle_cache_size": 5000}, "xbzrle cache size"),
+])
+def test_bad_params(kw, message):
+    with pytest.raises(ValueError, match=message):
+        MigrationParams(**kw).check()

@@ -652,29 +652,27 @@ class QEMUFile:
     def _hook(self, name: str) -> Callable | None:
         return getattr(self._hooks, name, None) if self._hooks is not None else None
 
+    def _call_hook(self, name: str, flags: int, data: Any) -> bool:
+        """Run hook ``name`` if installed; a negative result becomes the stream error.
+        Returns whether the hook exists."""
+        fn = self._hook(name)
+        if fn is None:
+            return False
+        ret = fn(self, flags, data)
+        if ret is not None and ret < 0:
+            self.set_error(ret, f"{name} hook failed")
+        return True
+
     def ram_control_before_iterate(self, flags: int) -> None:
-        fn = self._hook("before_ram_iterate")
-        if fn is not None:
-            ret = fn(self, flags, None)
-            if ret is not None and ret < 0:
-                self.set_error(ret, "before_ram_iterate hook failed")
+        self._call_hook("before_ram_iterate", flags, None)
 
     def ram_control_after_iterate(self, flags: int) -> None:
-        fn = self._hook("after_ram_iterate")
-        if fn is not None:
-            ret = fn(self, flags, None)
-            if ret is not None and ret < 0:
-                self.set_error(ret, "after_ram_iterate hook failed")
+        self._call_hook("after_ram_iterate", flags, None)
 
     def ram_control_load_hook(self, flags: int, data: Any = None) -> None:
         """Without a load hook, only RAM_CONTROL_HOOK is an error (-EINVAL): the source
         sent a hook record that needs a hook here."""
-        fn = self._hook("hook_ram_load")
-        if fn is not None:
-            ret = fn(self, flags, data)
-            if ret is not None and ret < 0:
-                self.set_error(ret, "hook_ram_load failed")
-        elif flags == RAM_CONTROL_HOOK:
+        if not self._call_hook("hook_ram_load", flags, data) and flags == RAM_CONTROL_HOOK:
             self.set_error(-errno.EINVAL, "RAM hook record received but no load hook is installed")
 
     def ram_control_save_page(self, block_offset: int, offset: int, size: int) -> tuple[int, int]:

@@ -74,7 +74,7 @@ def test_default_run_is_consistent(capsys):
 
 def test_file_snapshot_is_readable_by_analyze(tmp_path, capsys):
     path = tmp_path / "snap.bin"
-    rc, d = run_json(capsys, "--size", "8M", "--to", f"file:{path}", "--max-bandwidth", "40MB/s",
+    rc, d = run_json(capsys, "--size", "8M", "--to", f"file:{path}", "--max-bandwidth", "40MB/s", "--downtime-limit", "20",
                      "--workload", "hotset:rate=2000,hot=0.01")
     assert rc == 0 and d["npqfile"]["verification"] == {"method": "sha256", "ok": True, "mismatched": []}
     assert path.stat().st_size == d["npqfile"]["stream-bytes"] == expected_stream_bytes(d)

@@ -169,7 +169,7 @@ def _run_sweep(cfg: MigrationConfig, args: argparse.Namespace) -> int:
         for col in names + ["total ms", "downtime ms", "syncs", "converged", "outcome", "verified"]:
             t.add_column(col, justify="right")
         for row in rows:
-            t.add_row(*[row[n] for n in names], f"{row.get('total-time', 0):.0f}", f"{row.get('downtime', 0):.1f}",
+            t.add_row(*[row[n] for n in names], f"{row.get('total-ms', 0):.0f}", f"{row.get('downtime-ms', 0):.1f}",
                       str(row.get("iterations", "")), "yes" if row.get("converged") else "no",
                       str(row.get("outcome")), str(row.get("verified")))
         Console().print(t)

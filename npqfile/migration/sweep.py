@@ -78,14 +78,14 @@ def _run_case(cfg: MigrationConfig) -> dict[str, Any]:
     st = run_migration(cfg)
     d = st.as_dict()
     return {"status": st.status, "outcome": st.outcome, "converged": st.converged,
-            "total-time": d["total-time"], "downtime": d["downtime"], "iterations": st.dirty_sync_count,
+            "total-ms": d["total-time"], "downtime-ms": d["downtime"], "iterations": st.dirty_sync_count,
             "transferred": st.transferred, "verified": st.verification.get("ok")}
 
 
 def run_sweep(base: MigrationConfig, specs: list[str], jobs: int | None = None) -> list[dict[str, Any]]:
     """Run every combination of ``specs`` on top of ``base``; returns one row per case
-    (the case's parameters plus status, outcome, converged, total-time and downtime in
-    ms, iterations, transferred bytes, verified).  A case that raises gives a row with
+    (the case's parameters plus status, outcome, converged, total-ms, downtime-ms,
+    iterations, transferred bytes, verified).  A case that raises gives a row with
     ``status="error"``."""
     cases = parse_sweep(specs)
     configs = []

@@ -132,17 +132,23 @@ def _start_incoming(uri: str, *extra: str) -> tuple[subprocess.Popen, str]:
     return proc, line.split("listening on ", 1)[1].strip()
 
 
+def _migrate_between_processes(uri: str, dest_ram: str, *migrate_args: str):
+    """Start ``npqfile incoming URI --ram DEST_RAM``, run ``npqfile migrate --to`` it; returns
+    (incoming process, migrate CompletedProcess, incoming stdout, incoming stderr)."""
+    proc, real_uri = _start_incoming(uri, "--ram", dest_ram)
+    try:
+        src = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--to", real_uri, "--json", *migrate_args],
+                             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc, src, out, err
+
+
 @pytest.mark.parametrize("scheme", ["tcp", "unix"])
 def test_two_processes_with_verification(scheme, tmp_path):
     uri = "tcp:127.0.0.1:0" if scheme == "tcp" else f"unix:{tmp_path / 'mig.sock'}"
-    proc, real_uri = _start_incoming(uri, "--ram", "16M")
-    try:
-        src = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--size", "16M", "--to", real_uri,
-                              "--json", "--max-bandwidth", "200MB/s"],
-                             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
-        dest_out, dest_err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    proc, src, dest_out, _ = _migrate_between_processes(uri, "16M", "--size", "16M", "--max-bandwidth", "200MB/s")
     assert src.returncode == 0, src.stderr
     d = json.loads(src.stdout)
     assert d["npqfile"]["verification"] == {"method": "sha256", "ok": True, "mismatched": []}
@@ -153,16 +159,9 @@ def test_two_processes_with_verification(scheme, tmp_path):
 
 
 def test_incoming_refuses_a_wrong_size(tmp_path):
-    proc, real_uri = _start_incoming("tcp:127.0.0.1:0", "--ram", "8M")
-    try:
-        src = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--size", "4M", "--to", real_uri,
-                              "--json", "--workload", "idle"],
-                             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
-        _, dest_err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    proc, src, _, dest_err = _migrate_between_processes("tcp:127.0.0.1:0", "8M", "--size", "4M", "--workload", "idle")
     assert proc.returncode == 1 and "error:" in dest_err
-    assert src.returncode == 1
+    assert src.returncode == 1 and "Size mismatch: ram: 0x400000 != 0x800000" in src.stderr
     assert json.loads(src.stdout)["npqfile"]["verification"]["ok"] is False
 
 

@@ -24,7 +24,7 @@ import time
 from npqfile.migration.engine import MigrationParams
 from npqfile.migration.session import INITS, MigrationConfig, run_migration
 from npqfile.migration.stats import MigrationStats
-from npqfile.migration.sweep import SWEEP_PARAMS, _with_rate, run_sweep
+from npqfile.migration.sweep import SWEEP_PARAMS, with_rate, run_sweep
 from npqfile.units import format_bytes, parse_rate, parse_size
 
 NAME = "migrate"
@@ -80,7 +80,7 @@ def config_from_args(args: argparse.Namespace) -> MigrationConfig:
         release_ram=args.release_ram, pause_before_switchover=args.pause_before_switchover is not None,
         machine=args.machine, sample_rss=bool(args.plot))
     params.check()
-    workload = args.workload if args.dirty_rate is None else _with_rate(args.workload, args.dirty_rate)
+    workload = args.workload if args.dirty_rate is None else with_rate(args.workload, args.dirty_rate)
     return MigrationConfig(size=parse_size(args.size), block=args.block, init=args.init, workload=workload,
                            seed=args.seed, to=args.to, compress=args.compress, verify=not args.no_verify,
                            params=params)
@@ -200,9 +200,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(st.as_dict(), indent=2))
     else:
         _summary(st)
-    if st.verification.get("ok") is False:
+    if st.status == "failed":
+        print(f"error: migration failed: {st.outcome.removeprefix('error: ')}", file=sys.stderr)
+    elif st.verification.get("ok") is False:
         why = st.verification.get("error") or f"blocks differ: {', '.join(st.verification.get('mismatched', []))}"
         print(f"error: destination does not match the source at switchover ({why})", file=sys.stderr)
-    elif st.status == "failed":
-        print(f"error: migration failed: {st.outcome}", file=sys.stderr)
     return _exit_status(st)

@@ -1,0 +1,27 @@
+"""Live migration: QEMU's pre-copy algorithm over a GuestRAM that keeps changing while it is sent.
+
+Supports: the source engine (``MigrationEngine``, ``MigrationParams``: bandwidth windows,
+downtime limit, max iterations / time limit, zero pages, XBZRLE, compression,
+release-ram, pause-before-switchover), the destination (``Destination``), dirtying
+workloads (``make_workload``: idle, uniform, hotset, sequential, zipf, callables),
+``query-migrate``-style statistics (``MigrationStats``), whole runs with verification
+(``MigrationConfig``, ``run_migration``), parameter sweeps (``run_sweep``) and plots
+(``plot_migration``, imported lazily: it needs matplotlib).
+Plan: one concept per module -- ``engine``, ``bandwidth``, ``destination``,
+``workloads``, ``compression``, ``stats``, ``session``, ``sweep``, ``plot``.
+"""
+
+from __future__ import annotations
+
+from npqfile.migration.destination import Destination, DestinationResult, block_hashes
+from npqfile.migration.engine import MigrationEngine, MigrationParams
+from npqfile.migration.session import MigrationConfig, run_migration
+from npqfile.migration.stats import IterationStats, MigrationStats, WindowStats
+from npqfile.migration.sweep import run_sweep
+from npqfile.migration.workloads import Workload, make_workload
+
+__all__ = [
+    "Destination", "DestinationResult", "block_hashes", "MigrationEngine", "MigrationParams",
+    "MigrationConfig", "run_migration", "IterationStats", "MigrationStats", "WindowStats", "run_sweep",
+    "Workload", "make_workload",
+]

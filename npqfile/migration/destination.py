@@ -12,7 +12,7 @@ the source, which hashes its RAM at switchover.
 The verification message (not QEMU's; sent only AFTER the QEMU stream has ended, so the
 stream bytes stay QEMU's): ``b"NPQV"``, be32 length, then that many bytes of UTF-8 JSON
 ``{"status": "completed"|"failed", "error": str|null, "hashes": {block: sha256 hex},
-"load-time": seconds}``.  QEMU itself opens a return path only with its capability; a
+"load-time": seconds, "hash-time": seconds}``.  QEMU itself opens a return path only with its capability; a
 real QEMU source never reads this, a real QEMU destination never sends it (the npqfile
 source then reports the migration as not verified).
 
@@ -55,7 +55,8 @@ class DestinationResult:
     status: str = "active"
     error: str | None = None
     machine: str | None = None
-    load_time: float = 0.0
+    load_time: float = 0.0          # seconds from the start of receive() to the end of the stream
+    hash_time: float = 0.0          # seconds spent hashing the blocks afterwards
     hashes: dict[str, str] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -63,7 +64,7 @@ class DestinationResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {"status": self.status, "error": self.error, "machine": self.machine,
-                "load-time": round(self.load_time, 6), "hashes": self.hashes, "bytes": self.bytes,
+                "load-time": round(self.load_time, 6), "hash-time": round(self.hash_time, 6), "hashes": self.hashes, "bytes": self.bytes,
                 "ram": self.stats, "warnings": self.warnings}
 
 
@@ -97,12 +98,15 @@ class Destination:
             res.stats = {k: v for k, v in loaded.stats.as_dict().items() if k != "parts"}
             if self.machine is not None and loaded.machine not in (None, self.machine):
                 raise StreamError(f"Machine type received is '{loaded.machine}' and local is '{self.machine}'")
+            res.load_time = time.monotonic() - t0
             if self.hash_blocks and self.ram is not None:
+                h0 = time.monotonic()
                 res.hashes = block_hashes(self.ram)
+                res.hash_time = time.monotonic() - h0
             res.status = "completed"
         except (StreamError, FileError, OSError, ValueError, KeyError) as exc:
             res.status, res.error = "failed", str(exc)
-        res.load_time = time.monotonic() - t0
+            res.load_time = time.monotonic() - t0
         if reply:
             self._reply(f)
         f.close()
@@ -118,7 +122,7 @@ class Destination:
             return
         res = self.result
         body = json.dumps({"status": res.status, "error": res.error, "hashes": res.hashes,
-                           "load-time": res.load_time}).encode()
+                           "load-time": res.load_time, "hash-time": res.hash_time}).encode()
         rp.put_buffer(VERIFY_MAGIC + struct.pack(">I", len(body)) + body)
         rp.fflush()
         rp.close()   # errors here mean the source went away; nothing more to tell it

@@ -354,6 +354,9 @@ class MigrationEngine:
             self.switchover_hashes = block_hashes(self.ram)
             excluded = time.monotonic() - h0        # verification, not migration work
         if self.params.release_ram:
+            # pages of the last PART may still be queued as zero-copy views: they must
+            # reach the wire before their memory is released
+            f.fflush()
             self._release_clean()
         self.saver.last_stage = True
         self.saver.release_ram = self.params.release_ram

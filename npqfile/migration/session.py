@@ -17,6 +17,7 @@ picklable dataclass, so a sweep can ship it to worker processes.
 
 from __future__ import annotations
 
+import select
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,12 +31,14 @@ from npqfile.migration.destination import Destination, block_hash, block_hashes,
 from npqfile.migration.engine import MigrationEngine, MigrationParams
 from npqfile.migration.stats import MigrationStats
 from npqfile.migration.workloads import Workload, make_workload
+from npqfile.errors import StreamError
 from npqfile.qemufile import QEMUFile
 from npqfile.ram import GuestRAM
 from npqfile.stream.loader import load_stream
 
 INITS = ("zero", "random", "mixed")
-VERIFY_TIMEOUT = 120.0
+VERIFY_TIMEOUT = 120.0      # seconds to wait for the destination's verdict
+FAILED_REPLY_WAIT = 2.0     # after our own failure, for its reason
 
 
 @dataclass
@@ -158,7 +161,7 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationSt
         src_hashes = engine.switchover_hashes or None
         if st.status == "completed" and cfg.verify and src_hashes is None and to != "inprocess":
             src_hashes = block_hashes(ram)
-        if remote:
+        if remote and cfg.verify:
             st.verification = _remote_verdict(f, st, src_hashes if cfg.verify else None)
     finally:
         f.close()
@@ -177,24 +180,31 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationSt
 
 
 def _remote_verdict(f: QEMUFile, st: MigrationStats, src_hashes: dict | None) -> dict:
-    """Half-close our side, then read the destination's verification message."""
-    if st.status != "completed":
+    """Half-close our side, then read the destination's verification message (after a
+    failed run too, briefly: it may say why the destination gave up)."""
+    failed = st.status != "completed"
+    if st.status == "cancelled":
         return {}
     try:
-        f.channel.shutdown(False, True)
+        if not failed:
+            f.channel.shutdown(False, True)
         rp = f.get_return_path()
         if rp is None:
             return {"method": None, "ok": None, "note": "no return path"}
         try:
-            msg = read_verification(rp)
+            ready = select.select([rp.channel.fileno()], [], [], FAILED_REPLY_WAIT if failed else VERIFY_TIMEOUT)[0]
+            msg = read_verification(rp) if ready else None
         finally:
             rp.close()
-    except OSError as exc:
-        return {"method": "sha256", "ok": False, "error": f"return path: {exc}"}
+    except (OSError, StreamError) as exc:
+        return {} if failed else {"method": "sha256", "ok": False, "error": f"return path: {exc}"}
     if msg is None:
-        return {"method": None, "ok": None, "note": "the destination sent no verification (not npqfile?)"}
+        return {} if failed else {"method": None, "ok": None,
+                                  "note": "the destination sent no verification (not npqfile?)"}
     st.destination = msg
     if msg.get("status") != "completed":
+        if failed:
+            st.outcome += f" (destination: {msg.get('error')})"
         return {"method": "sha256", "ok": False, "error": msg.get("error")}
     if src_hashes is None:
         return {"method": None, "ok": None, "note": "verification off"}

@@ -16,7 +16,7 @@ milliseconds, byte counts in bytes, ``mbps`` in megabits per second, zero pages 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from npqfile.stream.ram_stats import RAMStats
@@ -156,7 +156,3 @@ class MigrationStats:
                 "overflow": r.xbzrle_overflow,
             }
         return out
-
-    def raw(self) -> dict[str, Any]:
-        """Every field as plain data (for pickling across sweep processes)."""
-        return asdict(self)

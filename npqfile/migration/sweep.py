@@ -28,7 +28,7 @@ SWEEP_PARAMS = ("bandwidth", "dirty-rate", "downtime", "size", "workload", "xbzr
                 "max-iterations", "release-ram")
 
 
-def _with_rate(spec: str, rate: str) -> str:
+def with_rate(spec: str, rate: str) -> str:
     """The workload spec with its rate replaced (a later key wins in make_workload)."""
     return f"{spec}{',' if ':' in spec else ':'}rate={rate}"
 
@@ -40,7 +40,7 @@ def apply_param(cfg: MigrationConfig, name: str, value: str) -> None:
     if name == "bandwidth":
         p.max_bandwidth = parse_rate(value)
     elif name == "dirty-rate":
-        cfg.workload = _with_rate(str(cfg.workload), value)
+        cfg.workload = with_rate(str(cfg.workload), value)
     elif name == "downtime":
         p.downtime_limit = float(value) / 1000.0
     elif name == "size":

@@ -91,9 +91,27 @@ class RAMLoader:
         start = r.offset
         ps = self.page_size
         mask = ps - 1
+        f = r.f
+        get_be64, get_buffer, get_error = f.get_be64, f.get_buffer, f.get_error
+        continue_page = RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE
         while True:
             r.begin()
-            hdr = r.be64("a RAM record header")
+            if r.limit is None:
+                # The hot path, inlined: one header and one page per normal record.
+                hdr = get_be64()
+                if get_error():
+                    raise r._fail("a RAM record header")
+                r.offset += 8
+                dest = self.last_recv_block
+                addr = hdr & ~mask
+                if hdr & mask == continue_page and dest is not None and addr + ps <= dest.size:
+                    if get_buffer(dest.view[addr:addr + ps]) != ps or get_error():
+                        raise r._fail("a page")
+                    r.offset += ps
+                    st.normal_pages += 1
+                    continue
+            else:
+                hdr = r.be64("a RAM record header")
             flags = hdr & mask
             addr = hdr & ~mask
             kind = flags & ~RAM_SAVE_FLAG_CONTINUE

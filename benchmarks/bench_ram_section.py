@@ -87,9 +87,13 @@ def main() -> None:
             res.ram.close()
 
         def readinto_bare(buf=None):
-            # fresh anonymous memory by default: the loader's destination is fresh too,
-            # so both pay the same page faults
-            target = mmap.mmap(-1, stream_size) if buf is None else buf
+            # fresh anonymous memory by default, private and THP-advised like the
+            # loader's destination RAM blocks, so both pay the same page faults
+            if buf is None:
+                target = mmap.mmap(-1, stream_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                target.madvise(mmap.MADV_HUGEPAGE)
+            else:
+                target = buf
             with open(path, "rb", buffering=0) as fh:
                 view = memoryview(target)
                 got = 0

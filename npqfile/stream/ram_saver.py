@@ -11,8 +11,7 @@ pages (``may_free``) for postcopy-like use; ``write_eos()``.
 Goals: QEMU's bytes (``ram_save_setup``, ``save_page_header``, ``save_zero_page``,
 ``save_normal_page``, ``save_xbzrle_page``) and speed: pages leave zero-copy with
 ``put_buffer_async`` straight from the block's mmap, zero pages are found with numpy a
-batch at a time, and the per-page Python work in the plain path is one header put and
-one async put.
+batch at a time, and runs of normal pages go to ``QEMUFile.put_records`` as one call.
 
 Plan: indices are cut into batches; a batch that is a contiguous run is examined through
 a slice of ``block.pages`` (no copy), a scattered one through a gathered copy (for zero
@@ -134,13 +133,6 @@ class RAMSaver:
         words = pages.reshape(chunk.size, -1).view(np.uint64)
         return np.bitwise_or.reduce(words, axis=1) == 0
 
-    def _headers(self, block, offsets: np.ndarray, flags: np.ndarray) -> list[int]:
-        """be64 header values for the batch: offset | flag | CONTINUE (all but a new block's first)."""
-        hdr = offsets | flags | RAM_SAVE_FLAG_CONTINUE
-        if block is not self.last_sent_block:
-            hdr[0] &= ~RAM_SAVE_FLAG_CONTINUE
-        return hdr.tolist()
-
     def _put_idstr(self, block) -> int:
         """After a non-CONTINUE header: the block's counted idstr; it becomes last_sent_block."""
         name = block.name.encode()
@@ -150,32 +142,55 @@ class RAMSaver:
         return 1 + len(name)
 
     def _save_plain(self, block, chunk: np.ndarray, zero: np.ndarray, rate_limited: bool) -> int:
-        """The hot path: ZERO or PAGE per page, pages zero-copy from RAM."""
+        """The hot path: ZERO or PAGE per page, pages zero-copy from RAM.
+
+        Runs of normal pages go through ``f.put_records`` (the same bytes, iovecs and
+        flush points as a header put and an async put per page).  With ``rate_limited``
+        the number of pages is worked out first from the record sizes: QEMU checks the
+        limit after each page and stops after the page that crossed it."""
         f, st = self.f, self.stats
         ps = block.page_size
         offsets = chunk * ps
-        headers = self._headers(block, offsets, np.where(zero, RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE))
-        new_block = block is not self.last_sent_block
+        flags = np.where(zero, RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE)
+        headers = (offsets | flags | RAM_SAVE_FLAG_CONTINUE).astype(">u8")
+        n = chunk.size
+        # The block's first record names it: sent the general way, below.
+        idstr = 0 if block is self.last_sent_block else 1 + len(block.name.encode())
+        if rate_limited:
+            limit = f.get_rate_limit()
+            if f.rate_limit():
+                n = 1
+            elif limit > 0:
+                sizes = np.where(zero, 9, 8 + ps)
+                sizes[0] += idstr
+                over = np.flatnonzero(f.bytes_xfer + np.cumsum(sizes) > limit)
+                if over.size:
+                    n = int(over[0]) + 1
+        first = 0
+        if idstr:
+            self._save_one(block, int(chunk[0]), bool(zero[0]))
+            first = 1
         flat = memoryview(block.array)
-        put_be64, put_byte, put_async = f.put_be64, f.put_byte, f.put_buffer_async
         may_free = self.release_ram
-        n = 0
-        for hdr, off, is_zero in zip(headers, offsets.tolist(), zero.tolist()):
-            put_be64(hdr)
-            if new_block:
-                st.pages_bytes += self._put_idstr(block)
-                new_block = False
-            if is_zero:
+        put_be64, put_byte = f.put_be64, f.put_byte
+        k = first
+        while k < n:
+            if zero[k]:
+                put_be64(int(headers[k]))
                 put_byte(0)
-            else:
-                put_async(flat[off:off + ps], may_free)
-            n += 1
-            if rate_limited and f.rate_limit():
-                break
-        nz = int(np.count_nonzero(zero[:n]))
+                k += 1
+                continue
+            end = k + 1
+            while end < n and not zero[end]:
+                end += 1
+            offs = offsets[k:end].tolist()
+            f.put_records(headers[k:end], 8, [flat[o:o + ps] for o in offs], may_free)
+            k = end
+        sent = n - first
+        nz = int(np.count_nonzero(zero[first:n]))
         st.zero_pages += nz
-        st.normal_pages += n - nz
-        st.pages_bytes += n * 8 + nz + (n - nz) * ps
+        st.normal_pages += sent - nz
+        st.pages_bytes += sent * 8 + nz + (sent - nz) * ps
         return n
 
     def _save_general(self, block, chunk: np.ndarray, zero: np.ndarray, rate_limited: bool) -> int:

@@ -73,7 +73,7 @@ def main() -> None:
     t_save = _best(save_null, args.repeat)
     t_writev = _best(writev_bare, args.repeat)
     os.close(devnull)
-    del flat   # no view may outlive the block
+    flat.release()   # no view may outlive the block
 
     path = os.path.join(args.dir, f"npqfile-bench-{os.getpid()}.stream")
     try:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import require_program
+from qemu_support import QemuVM
 
 from npqfile.cli import main
 from npqfile.migration.engine import MigrationParams
@@ -174,43 +172,7 @@ def test_exec_transport_is_reported_unverified(tmp_path, capsys):
 
 # -- real QEMU -----------------------------------------------------------------------------
 
-class QMP:
-    """The smallest QMP client: one command at a time, events skipped."""
-
-    def __init__(self, path: str, timeout: float = 30.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.sock.settimeout(timeout)
-        self.file = self.sock.makefile("rb")
-        json.loads(self.file.readline())          # greeting
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, name: str, **args):
-        self.sock.sendall(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
-        while True:
-            msg = json.loads(self.file.readline())
-            if "event" in msg:
-                continue
-            if "error" in msg:
-                raise AssertionError(f"QMP {name}: {msg['error']}")
-            return msg["return"]
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-
 def test_real_qemu_loads_a_live_migration_snapshot(tmp_path):
-    qemu = require_program("qemu-system-x86_64")
     size = 16 * MIB
     snap = tmp_path / "snap.bin"
     ram = GuestRAM()
@@ -226,29 +188,10 @@ def test_real_qemu_loads_a_live_migration_snapshot(tmp_path):
         ram.close()
     ramfile = tmp_path / "ram.img"
     ramfile.write_bytes(b"\0" * size)
-    qmp_path = tmp_path / "qmp.sock"
-    proc = subprocess.Popen([qemu, "-M", "none,memory-backend=ram", "-m", "16M", "-object",
-                             f"memory-backend-file,id=ram,size=16M,mem-path={ramfile},share=on",
-                             "-nodefaults", "-display", "none", "-S", "-monitor", "none", "-serial", "none",
-                             "-qmp", f"unix:{qmp_path},server=on,wait=off", "-incoming", "defer"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        qmp = QMP(str(qmp_path))
-        try:
-            qmp.cmd("migrate-incoming", uri=f"exec:cat {snap}")
-            deadline = time.monotonic() + 30
-            status = None
-            while time.monotonic() < deadline:
-                status = qmp.cmd("query-migrate").get("status")
-                if status in ("completed", "failed"):
-                    break
-                time.sleep(0.05)
-            assert status == "completed", proc.stderr.read() if proc.poll() is not None else status
-        finally:
-            qmp.close()
-    finally:
-        proc.kill()
-        _, err = proc.communicate(timeout=10)
+    with QemuVM(tmp_path, ramfile, incoming=True, size=size) as vm:
+        vm.cmd("migrate-incoming", uri=f"exec:cat {snap}")
+        vm.wait_migration()
+        err = vm.stderr()
     loaded = np.fromfile(ramfile, dtype=np.uint8)
     assert np.array_equal(loaded, source_final)
     assert "Expected vmdescription" not in err

@@ -9,13 +9,11 @@ In CI (NPQFILE_REQUIRE_COMPONENTS=1) a missing QEMU fails these tests instead of
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 
 import numpy as np
 import pytest
 
-from conftest import require_program
 from npqfile.channels import open_channel
 from npqfile.qemufile import QEMUFile
 from npqfile.ram import GuestRAM
@@ -25,82 +23,7 @@ from test_stream_support import PAGE, pattern_pages
 
 pytestmark = pytest.mark.component
 
-MIB = 1 << 20
-RAM_SIZE = 16 * MIB
-MACHINE_RAM_ID = {"none": "ram", "pc": "pc.ram"}
-
-
-class QemuVM:
-    """One paused QEMU whose guest RAM is ``ram_file``; use as a context manager."""
-
-    runs = 0
-
-    def __init__(self, tmp_path, ram_file, *, machine="none", incoming=False, extra=(), size=RAM_SIZE):
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-        self.binary = require_program("qemu-system-x86_64")
-        QemuVM.runs += 1
-        tag = f"{machine}-{'in' if incoming else 'out'}-{QemuVM.runs}"
-        self.sock = str(tmp_path / f"qmp-{tag}.sock")
-        self.stderr_path = tmp_path / f"qemu-{tag}.err"
-        ram_id = MACHINE_RAM_ID[machine]
-        cmd = [self.binary, "-M", f"{machine},memory-backend={ram_id}", "-m", str(size // MIB) + "M",
-               "-object", f"memory-backend-file,id={ram_id},size={size // MIB}M,mem-path={ram_file},share=on",
-               "-nodefaults", "-display", "none", "-S", "-monitor", "none", "-serial", "none",
-               "-qmp", f"unix:{self.sock},server=on,wait=off", *extra]
-        if incoming:
-            cmd += ["-incoming", "defer"]
-        self._err = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._err)
-        self.qmp = None
-        try:
-            deadline = time.monotonic() + 10
-            while not os.path.exists(self.sock):
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"QEMU did not start: {self.stderr()}")
-                time.sleep(0.01)
-            self.qmp = QEMUMonitorProtocol(self.sock)
-            self.qmp.connect()
-        except BaseException:
-            self.close()
-            raise
-
-    def stderr(self) -> str:
-        self._err.flush()
-        return self.stderr_path.read_text(errors="replace")
-
-    def cmd(self, name, **args):
-        try:
-            return self.qmp.cmd(name, **args)
-        except Exception as exc:
-            raise AssertionError(f"QMP {name} failed: {exc}; QEMU stderr: {self.stderr()}") from None
-
-    def wait_migration(self, timeout=30.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"QEMU exited with {self.proc.returncode}: {self.stderr()}")
-            st = self.cmd("query-migrate")
-            if st.get("status") in ("completed", "failed") or time.monotonic() > deadline:
-                assert st.get("status") == "completed", f"migration {st}; QEMU stderr: {self.stderr()}"
-                return st
-            time.sleep(0.02)
-
-    def close(self) -> None:
-        if self.qmp is not None:
-            try:
-                self.qmp.close()
-            except Exception:
-                pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-        self._err.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+from qemu_support import MIB, RAM_SIZE, QemuVM
 
 
 def _ram_file(tmp_path, pages: np.ndarray | None, name="ram.bin", size=RAM_SIZE):
@@ -207,10 +130,14 @@ def test_qemu_postcopy_and_x_ignore_shared_streams(tmp_path, pattern):
         vm.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
         vm.cmd("migrate-set-parameters", **{"max-bandwidth": 100 << 30})
         vm.cmd("migrate", uri=f"exec:cat > {out}")
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and vm.cmd("query-migrate")["ram"]["remaining"] != 0:
+        deadline = time.monotonic() + 20
+        # "ram" appears in query-migrate only once the migration left the setup state
+        while time.monotonic() < deadline and vm.cmd("query-migrate").get("ram", {}).get("remaining", 1) != 0:
             time.sleep(0.02)
-        time.sleep(0.3)
+        size = -1   # then wait for cat to have written everything: the file stops growing
+        while time.monotonic() < deadline and os.path.getsize(out) != size:
+            size = os.path.getsize(out)
+            time.sleep(0.3)
     res = load_file(out)
     assert [c["cmd"] for c in res.commands][:3] == ["OPEN_RETURN_PATH", "PING", "POSTCOPY_ADVISE"]
     assert np.array_equal(res.ram.block("ram").pages, pattern)

@@ -176,17 +176,19 @@ def _run_sweep(cfg: MigrationConfig, args: argparse.Namespace) -> int:
     return 1 if any(r["status"] in ("error", "failed") for r in rows) else 0
 
 
+def _pause_hook(delay: float):
+    """pause-before-switchover: the guest is stopped; wait, then let the engine continue."""
+    def hook(engine) -> None:
+        print(f"pre-switchover: guest stopped, continuing in {delay} s", file=sys.stderr)
+        time.sleep(delay)
+    return hook
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.sweep:
         return _run_sweep(cfg, args)
-    hook = None
-    if args.pause_before_switchover is not None:
-        delay = args.pause_before_switchover
-
-        def hook(engine) -> None:
-            print(f"pre-switchover: guest stopped, continuing in {delay} s", file=sys.stderr)
-            time.sleep(delay)
+    hook = None if args.pause_before_switchover is None else _pause_hook(args.pause_before_switchover)
     live, update = _progress_display(args.quiet or args.json)
     if live is not None:
         with live:

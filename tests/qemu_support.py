@@ -1,0 +1,90 @@
+"""A real QEMU (7.2 here) as a test peer: one paused qemu-system-x86_64 whose guest RAM is
+a file the test controls (``memory-backend-file,share=on``), driven over QMP with
+``qemu.qmp``'s synchronous client and always killed.  QEMU's stderr goes into every
+assertion message.  Used by test_qemu_interop.py and test_cli_migrate.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+from conftest import require_program
+
+MIB = 1 << 20
+RAM_SIZE = 16 * MIB
+MACHINE_RAM_ID = {"none": "ram", "pc": "pc.ram"}
+
+
+class QemuVM:
+    """One paused QEMU whose guest RAM is ``ram_file``; use as a context manager."""
+
+    runs = 0
+
+    def __init__(self, tmp_path, ram_file, *, machine="none", incoming=False, extra=(), size=RAM_SIZE):
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+        self.binary = require_program("qemu-system-x86_64")
+        QemuVM.runs += 1
+        tag = f"{machine}-{'in' if incoming else 'out'}-{QemuVM.runs}"
+        self.sock = str(tmp_path / f"qmp-{tag}.sock")
+        self.stderr_path = tmp_path / f"qemu-{tag}.err"
+        ram_id = MACHINE_RAM_ID[machine]
+        cmd = [self.binary, "-M", f"{machine},memory-backend={ram_id}", "-m", str(size // MIB) + "M",
+               "-object", f"memory-backend-file,id={ram_id},size={size // MIB}M,mem-path={ram_file},share=on",
+               "-nodefaults", "-display", "none", "-S", "-monitor", "none", "-serial", "none",
+               "-qmp", f"unix:{self.sock},server=on,wait=off", *extra]
+        if incoming:
+            cmd += ["-incoming", "defer"]
+        self._err = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._err)
+        self.qmp = None
+        try:
+            deadline = time.monotonic() + 10
+            while not os.path.exists(self.sock):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"QEMU did not start: {self.stderr()}")
+                time.sleep(0.01)
+            self.qmp = QEMUMonitorProtocol(self.sock)
+            self.qmp.connect()
+        except BaseException:
+            self.close()
+            raise
+
+    def stderr(self) -> str:
+        self._err.flush()
+        return self.stderr_path.read_text(errors="replace")
+
+    def cmd(self, name, **args):
+        try:
+            return self.qmp.cmd(name, **args)
+        except Exception as exc:
+            raise AssertionError(f"QMP {name} failed: {exc}; QEMU stderr: {self.stderr()}") from None
+
+    def wait_migration(self, timeout=30.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"QEMU exited with {self.proc.returncode}: {self.stderr()}")
+            st = self.cmd("query-migrate")
+            if st.get("status") in ("completed", "failed") or time.monotonic() > deadline:
+                assert st.get("status") == "completed", f"migration {st}; QEMU stderr: {self.stderr()}"
+                return st
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        if self.qmp is not None:
+            try:
+                self.qmp.close()
+            except Exception:
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        self._err.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

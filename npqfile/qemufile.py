@@ -503,17 +503,12 @@ class QEMUFile:
 
     def _put_records_unflushed(self, hdr: memoryview, h: int, pages: Any, k: int, count: int,
                                may_free: bool) -> None:
-        """Queue records k..k+count-1, which the caller has checked cause no flush."""
-        bi = self._buf_index
-        self._bufmv[bi:bi + count * h] = hdr[k * h:(k + count) * h]
-        iov = self._iov
-        if self._tail is not None:
-            self._tail[2] += h
-        else:
-            iov.append([None, bi, h, False, None])
+        """Queue records k..k+count-1, which the caller has checked cause no flush.
+        Every page is checked before anything is queued, so a bad page (ValueError,
+        TypeError) leaves the stream as it was."""
         last_obj, last_root = self._last_obj, self._last_root
+        entries = []
         total = count * h
-        pos = bi + h
         for j in range(k, k + count):
             page = pages[j]
             mv = page if type(page) is memoryview else memoryview(page)
@@ -526,13 +521,21 @@ class QEMUFile:
             if may_free:
                 if not isinstance(last_root, mmap.mmap):
                     raise TypeError(f"put_records(may_free=True): page {j} is not backed by an mmap.mmap")
-                iov.append([mv, _address(mv), nb, True, last_root])
+                entries.append([mv, _address(mv), nb, True, last_root])
             else:
-                iov.append([mv, None, nb, False, last_root])
+                entries.append([mv, None, nb, False, last_root])
             total += nb
-            if j != k + count - 1:
-                iov.append([None, pos, h, False, None])
-                pos += h
+        bi = self._buf_index
+        self._bufmv[bi:bi + count * h] = hdr[k * h:(k + count) * h]
+        iov = self._iov
+        if self._tail is not None:
+            self._tail[2] += h
+        else:
+            iov.append([None, bi, h, False, None])
+        for j, entry in enumerate(entries, 1):
+            iov.append(entry)
+            if j < count:
+                iov.append([None, bi + j * h, h, False, None])
         # The last record's page ends the chunk, so the tail is caller memory.
         self._last_obj, self._last_root = last_obj, last_root
         self._tail = None

@@ -136,3 +136,13 @@ def test_save_errors(tmp_path, capsys):
                  ["save", f"ram={tmp_path / 'missing'}", "-o", tmp_path / "o"]):
         code, out, err = _run(capsys, *argv)
         assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+
+
+def test_save_refuses_to_overwrite_its_own_input(tmp_path, capsys):
+    image = tmp_path / "ram.raw"
+    data = bytes(range(256)) * 4096
+    image.write_bytes(data)
+    for out in (str(image), f"file:{image}"):
+        assert main(["save", f"ram={image}", "-o", out]) == 1
+        assert "is the image of block 'ram'" in capsys.readouterr().err
+    assert image.read_bytes() == data

@@ -627,3 +627,17 @@ def test_return_path_on_a_socket():
     for f in (src, dst, back, rp):
         assert f.close() == 0
     assert QEMUFile(NullChannel()).get_return_path() is None
+
+
+def test_put_records_rejects_a_bad_page_without_queuing_anything():
+    m, a = private_map(4)
+    ch = Recorder()
+    f = QEMUFile(ch)
+    strided = np.zeros((4, 8), np.uint8)[:, 1]
+    with pytest.raises(ValueError, match="page 1"):
+        f.put_records(b"A" * 8 + b"B" * 8, 8, [a[:PAGE], strided])
+    with pytest.raises(TypeError, match="mmap"):
+        f.put_records(b"A" * 8, 8, [bytearray(PAGE)], may_free=True)
+    f.put_buffer(b"C" * 16)
+    f.fflush()
+    assert bytes(ch.data) == b"C" * 16

@@ -7,8 +7,8 @@ XBZRLE-free legacy compression.  The output is a path or a migration URI (``exec
 ``tcp:``...).
 
 Goals: a stream that ``qemu-system-x86_64 -M MACHINE -incoming`` with the same blocks
-loads.  Images are mapped, not read: a file that can be opened read-write is used as
-the block's shared backing (no copy); a read-only one is read into private memory.
+loads.  Images are read into private RAM blocks (the user's files are never mapped
+writable), and an output that is one of the images is refused.
 """
 
 from __future__ import annotations
@@ -42,28 +42,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _open_block(name: str, path: str) -> RAMBlock:
+    """A private RAM block holding a copy of the image: the user's file is never mapped
+    writable, so nothing npqfile does can change it."""
     size = os.path.getsize(path)
     if size == 0 or size % 4096:
         raise ValueError(f"image {path!r} for block {name!r} is {size} bytes, not a positive multiple of 4096")
-    if os.access(path, os.R_OK | os.W_OK):
-        return RAMBlock(name, size, backing=f"file:{path}")
     block = RAMBlock(name, size)
-    with open(path, "rb") as fh:
-        if fh.readinto(block.array) != size:
-            raise OSError(f"short read from {path!r}")
+    try:
+        with open(path, "rb") as fh:
+            if fh.readinto(block.array) != size:
+                raise OSError(f"short read from {path!r} (block {name!r})")
+    except BaseException:
+        block.close()
+        raise
     return block
+
+
+def _check_output(out: str, images: dict[str, str]) -> None:
+    """Refuse an output file that is one of the input images: writing it would
+    truncate the image before it is read."""
+    if not os.path.exists(out):
+        return
+    for name, path in images.items():
+        if os.path.samefile(out, path):
+            raise ValueError(f"output {out!r} is the image of block {name!r}; choose another file")
 
 
 def run(args: argparse.Namespace) -> int:
     ram = GuestRAM()
     try:
+        images: dict[str, str] = {}
         for spec in args.blocks:
             name, sep, path = spec.partition("=")
             if not sep or not name or not path:
                 raise ValueError(f"expected BLOCK=RAWFILE, got {spec!r}")
-            ram.add(_open_block(name, path))
+            images[name] = path
         out = args.output
         uri = out if out.startswith(URI_SCHEMES) else f"file:{out}"
+        if uri.startswith("file:"):
+            _check_output(uri[5:], images)
+        for name, path in images.items():
+            ram.add(_open_block(name, path))
         with QEMUFile(open_channel(uri, "w")) as f:
             stats = save_snapshot(f, ram, machine=args.machine, send_configuration=not args.no_configuration,
                                   send_section_footer=not args.no_section_footer, send_vmdesc=not args.no_vmdesc,

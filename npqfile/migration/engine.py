@@ -236,11 +236,14 @@ class MigrationEngine:
                 st.outcome = "cancelled"
                 return "cancelled"
             threshold = self._threshold()
-            if self._dirty * ps <= threshold:          # ram_save_pending: sync when little is left
+            synced = self._dirty * ps < threshold
+            if synced:                                  # ram_save_pending: sync when little is left
                 self._sync()
-                if self._dirty * ps <= threshold:      # migration_iteration_run: complete
-                    st.outcome = "converged"
-                    return "converged"
+            pending = self._dirty * ps
+            if not pending or pending < threshold:      # migration_iteration_run: complete
+                st.outcome = "converged"
+                return "converged"
+            if synced:
                 if st.dirty_sync_count > p.max_iterations:
                     return self._limit("max-iterations")
                 self._new_iteration(st.dirty_sync_count, self._dirty)

@@ -128,29 +128,32 @@ def run_migration(cfg: MigrationConfig, *, on_progress: Callable[[dict], None] |
 
 
 def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationStats:
+    params.check()      # before anything is opened: a bad parameter leaves nothing behind
     to = cfg.to or "inprocess"
     dest = None
     dest_ram = None
-    if to == "inprocess":
-        a, b = socket.socketpair()
-        channel: Any = SocketChannel(a, "w")
-        reader: Any = SocketChannel(b, "r")
-        if comp.on_channel:
-            reader = DecompressingReader(reader, comp)
-        dest_ram = GuestRAM()
-        for blk in ram.blocks:
-            dest_ram.add_block(blk.name, blk.size)
-        dest = Destination(dest_ram, machine=params.machine, hash_blocks=False)
-        dest.start(reader)
-    else:
-        channel = open_channel(to, "w")
-    if comp.on_channel:
-        channel = CompressingWriter(channel, comp)
-    remote = to.startswith(("tcp:", "unix:"))
-    f = QEMUFile(channel)
-    engine = MigrationEngine(ram, f, wl, params, pre_switchover=pre_switchover, on_progress=on_progress,
-                             hash_at_switchover=cfg.verify and params.release_ram)
+    channel: Any = None
+    f = None
     try:
+        if to == "inprocess":
+            a, b = socket.socketpair()
+            channel = SocketChannel(a, "w")
+            reader: Any = SocketChannel(b, "r")
+            if comp.on_channel:
+                reader = DecompressingReader(reader, comp)
+            dest_ram = GuestRAM()
+            for blk in ram.blocks:
+                dest_ram.add_block(blk.name, blk.size)
+            dest = Destination(dest_ram, machine=params.machine, hash_blocks=False)
+            dest.start(reader)
+        else:
+            channel = open_channel(to, "w")
+        if comp.on_channel:
+            channel = CompressingWriter(channel, comp)
+        remote = to.startswith(("tcp:", "unix:"))
+        f = QEMUFile(channel)
+        engine = MigrationEngine(ram, f, wl, params, pre_switchover=pre_switchover, on_progress=on_progress,
+                                 hash_at_switchover=cfg.verify and params.release_ram)
         st = engine.run()
         if comp.on_channel:
             st.compression = {"method": comp.method, "level": comp.level, "where": "channel",
@@ -163,20 +166,30 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationSt
             src_hashes = block_hashes(ram)
         if remote and cfg.verify:
             st.verification = _remote_verdict(f, st, src_hashes if cfg.verify else None)
-    finally:
         f.close()
-    if dest is not None:
-        res = dest.join(VERIFY_TIMEOUT)
-        st.destination = res.as_dict()
-        if st.status == "completed" and cfg.verify:
-            st.verification = (_compare(ram, dest_ram, src_hashes) if res.status == "completed"
-                               else {"method": "compare", "ok": False, "error": res.error})
-        dest_ram.close()
-    elif to.startswith("file:") and st.status == "completed" and cfg.verify:
-        st.verification = _verify_file(to[5:], ram, src_hashes, comp)
-    elif not remote and st.status == "completed":
-        st.verification = {"method": None, "ok": None, "note": f"{to.split(':')[0]}: has no return path"}
-    return st
+        f = None
+        if dest is not None:
+            res = dest.join(VERIFY_TIMEOUT)
+            st.destination = res.as_dict()
+            if st.status == "completed" and cfg.verify:
+                st.verification = (_compare(ram, dest_ram, src_hashes) if res.status == "completed"
+                                   else {"method": "compare", "ok": False, "error": res.error})
+        elif to.startswith("file:") and st.status == "completed" and cfg.verify:
+            st.verification = _verify_file(to[5:], ram, src_hashes, comp)
+        elif not remote and st.status == "completed":
+            st.verification = {"method": None, "ok": None, "note": f"{to.split(':')[0]}: has no return path"}
+        return st
+    finally:
+        # On any exit: the stream closed (the destination then sees its end), the
+        # destination thread finished, its RAM unmapped.
+        if f is not None:
+            f.close()
+        elif channel is not None and hasattr(channel, "close"):
+            channel.close()
+        if dest is not None:
+            dest.join(VERIFY_TIMEOUT)
+        if dest_ram is not None:
+            dest_ram.close()
 
 
 def _remote_verdict(f: QEMUFile, st: MigrationStats, src_hashes: dict | None) -> dict:

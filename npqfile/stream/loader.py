@@ -164,6 +164,9 @@ class _Loader:
                     raise r.error(f"configuration lists {count} capabilities", at)
                 res.capabilities = [r.cstr("a capability name").decode("utf-8", "backslashreplace")
                                     for _ in range(count)]
+                if "mapped-ram" in res.capabilities:
+                    # QEMU 9.0+ file layout: pages at fixed file offsets, not in the stream
+                    raise r.error("mapped-ram streams (QEMU 9.0+ file: layout) are not supported", at)
                 self.ram.ignore_shared = self.ram.ignore_shared or "x-ignore-shared" in res.capabilities
             elif name == "configuration/uuid":
                 r.skip(16, "the VM uuid")

@@ -215,8 +215,10 @@ class RAMSaver:
     def _save_one(self, block, i: int, is_zero: bool) -> None:
         f, st, ps = self.f, self.stats, block.page_size
         offset = i * ps
-        page = block.pages[i]
         use_xbzrle = self.cache is not None and self.xbzrle_enabled
+        # With XBZRLE, work on one snapshot of the page (QEMU's current_buf): the guest
+        # may write it meanwhile, and the cache must hold exactly what was sent.
+        page = block.pages[i].copy() if use_xbzrle else block.pages[i]
         if is_zero:
             self._header(block, offset, RAM_SAVE_FLAG_ZERO)
             f.put_byte(0)
@@ -239,8 +241,8 @@ class RAMSaver:
             return
         self._header(block, offset, RAM_SAVE_FLAG_PAGE)
         if use_xbzrle:
-            # The page was just copied into the XBZRLE cache; like QEMU, send a copy
-            # (put_buffer), never a view the guest may still change.
+            # Send the snapshot the cache now holds, copied (put_buffer) as QEMU does:
+            # never a view the guest may still change.
             f.put_buffer(page)
         else:
             f.put_buffer_async(memoryview(block.array)[offset:offset + ps], self.release_ram)

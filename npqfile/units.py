@@ -32,29 +32,35 @@ def parse_size(text: str | int) -> int:
 
 
 def parse_rate(text: str | int | float) -> float:
-    """Return bytes per second for ``text`` (``"100MB/s"``, ``"1Gbit/s"``, ``"0"`` = unlimited)."""
+    """Return bytes per second for ``text``; ``0`` means unlimited.
+
+    Bytes: ``100MB/s`` (decimal), ``100MiB/s`` or ``100M`` (binary, as QEMU's sizes).
+    Bits: ``1Gbit/s``, ``100Mbps``, ``100Mb/s`` -- a lowercase ``b`` is a bit, as in
+    networking.  Raises ValueError naming the text."""
     if isinstance(text, (int, float)):
+        if text < 0:
+            raise ValueError(f"rate must not be negative: {text}")
         return float(text)
     t = text.strip()
-    low = t.lower()
     for suffix in ("/s", "ps"):
-        if low.endswith(suffix):
-            t, low = t[: -len(suffix)], low[: -len(suffix)]
+        if t.lower().endswith(suffix):
+            t = t[: -len(suffix)]
             break
-    if low.endswith("bit"):
-        bits = t[:-3]
+    bits = None
+    if t.lower().endswith(("bits", "bit")):
+        bits = t[: -4] if t.lower().endswith("bits") else t[: -3]
+    elif t.endswith("b"):
+        bits = t[:-1]
+    if bits is not None:
         m = _NUMBER.match(bits)
-        if not m:
-            raise ValueError(f"not a rate: {text!r}")
-        unit = m.group(2).upper()
-        mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}.get(unit)
+        mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}.get(m.group(2).upper()) if m else None
         if mult is None:
-            raise ValueError(f"unknown rate unit in {text!r}")
+            raise ValueError(f"not a rate: {text!r} (try 100MB/s, 1Gbit/s, 100Mbps, 0 for unlimited)")
         return float(m.group(1)) * mult / 8
     try:
         return float(parse_size(t))
     except ValueError:
-        raise ValueError(f"not a rate: {text!r} (try 100MB/s, 1Gbit/s, 0 for unlimited)") from None
+        raise ValueError(f"not a rate: {text!r} (try 100MB/s, 1Gbit/s, 100Mbps, 0 for unlimited)") from None
 
 
 def format_bytes(n: float) -> str:

@@ -16,10 +16,12 @@ Plan: one class, two directions fixed at construction.  Write side: small puts a
 copied into ``_buf`` and described by internal iovec entries; ``put_buffer_async``
 queues the caller's memory itself.  An iovec entry is a list
 ``[view, start, length, may_free, root]``: for the staging buffer ``view`` is None and
-``start`` is the offset in ``_buf``; for caller memory ``view`` is a flat memoryview,
-``root`` the object that owns the memory (an mmap for RAM) and ``start`` its address,
-computed only when needed (coalescing or release), because taking an address costs
-more than the rest of a put.  Read side: ``_buf[_buf_index:_buf_size]`` holds read-ahead
+``start`` is the offset in ``_buf``; for caller memory ``view`` is the caller's
+(C-contiguous) memoryview -- or ``root`` itself once adjacent views were coalesced into
+one run, whose view is cut at flush time -- ``root`` the object that owns the memory (an
+mmap for RAM, see ``npqfile.buffers``) and ``start`` its address, computed only when
+needed (coalescing or release), because taking an address costs more than the rest of
+a put.  Read side: ``_buf[_buf_index:_buf_size]`` holds read-ahead
 bytes, refilled by ``_fill_buffer`` which never returns short without an error.
 
 Not thread-safe, like QEMU's: one thread drives one QEMUFile.
@@ -27,7 +29,6 @@ Not thread-safe, like QEMU's: one thread drives one QEMUFile.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import mmap
@@ -39,8 +40,8 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 
+from npqfile.buffers import address_of, flat_bytes, flat_or_none, root_of, span_of
 from npqfile.errors import FileError
 
 __all__ = [
@@ -84,29 +85,6 @@ _be64 = struct.Struct(">Q")  # the get side unpacks with these
 def compress_bound(size: int) -> int:
     """zlib's compressBound(): the most deflate can produce from ``size`` bytes."""
     return size + (size >> 12) + (size >> 14) + (size >> 25) + 13
-
-
-def _root(mv: memoryview) -> Any:
-    """The object that owns the memory behind ``mv`` (an mmap for guest RAM).
-
-    Follows memoryview.obj and ndarray.base, so a numpy view of a memoryview slice of
-    an mmap resolves to the mmap.
-    """
-    obj = mv.obj
-    while True:
-        if type(obj) is memoryview:
-            obj = obj.obj
-        elif isinstance(obj, np.ndarray) and obj.base is not None:
-            obj = obj.base
-        else:
-            return obj
-
-
-def _address(mv: memoryview) -> int:
-    """Address of the first byte of ``mv`` (a flat, C-contiguous memoryview)."""
-    if not mv.readonly and mv.nbytes:
-        return ctypes.addressof(ctypes.c_char.from_buffer(mv))
-    return np.frombuffer(mv, dtype=np.uint8).__array_interface__["data"][0]
 
 
 def _put_be(n: int, fmt: str, doc: str) -> Callable[[QEMUFile, int], None]:
@@ -310,7 +288,7 @@ class QEMUFile:
             bufmv = self._bufmv
             views = [bufmv[e[1]:e[1] + e[2]] if e[0] is None
                      else e[0] if type(e[0]) is memoryview
-                     else _span(e[0], e[1], e[2]) for e in iov]
+                     else span_of(e[0], e[1], e[2]) for e in iov]
             expect = self._queued
             try:
                 ret = self._channel.writev(views, self._pos)
@@ -354,7 +332,7 @@ class QEMUFile:
             self._release_run(run_root, run_start, run_end)
 
     def _release_run(self, root: Any, start_addr: int, end_addr: int) -> None:
-        base = _address(memoryview(root))
+        base = address_of(memoryview(root))
         start = -(-(start_addr - base) // _PAGE) * _PAGE
         end = (end_addr - base) // _PAGE * _PAGE
         if end <= start:
@@ -409,7 +387,7 @@ class QEMUFile:
         at most IO_BUF_SIZE bytes per iovec, flushing when the buffer fills."""
         if self._last_error:
             return
-        mv = _flat(buf)
+        mv = flat_bytes(buf)
         size = mv.nbytes
         off = 0
         while size > 0:
@@ -441,7 +419,7 @@ class QEMUFile:
         if obj is self._last_obj:
             root = self._last_root
         else:
-            root = _root(mv)
+            root = root_of(mv)
             self._last_obj, self._last_root = obj, root
         if may_free and not isinstance(root, mmap.mmap):
             raise TypeError(
@@ -455,16 +433,16 @@ class QEMUFile:
             if last[4] is root and last[3] == bool(may_free):
                 # Possibly adjacent to the previous view: only now is an address worth taking.
                 if last[1] is None:
-                    last[1] = _address(last[0])
-                addr = _address(mv)
-                if addr == last[1] + last[2] and _flat_or_none(root) is not None:
+                    last[1] = address_of(last[0])
+                addr = address_of(mv)
+                if addr == last[1] + last[2] and flat_or_none(root) is not None:
                     last[0] = root  # a run: its view over root is made at flush time
                     last[2] += n
                     return
         if len(iov) >= self._max_iov:  # only reachable in an error state (QEMU 6.1 fix)
             return
         if may_free:
-            iov.append([mv, _address(mv) if addr is None else addr, n, True, root])
+            iov.append([mv, address_of(mv) if addr is None else addr, n, True, root])
             self._has_free = True
         else:
             iov.append([mv, addr, n, False, root])
@@ -479,7 +457,7 @@ class QEMUFile:
         Python cost.  ``headers`` holds ``len(pages)`` headers of ``header_size`` bytes
         back to back; ``pages`` are C-contiguous buffers.  Not in QEMU (C needs no
         batching); see README."""
-        hdr = _flat(headers)
+        hdr = flat_bytes(headers)
         n = len(pages)
         h = header_size
         if h < 1 or hdr.nbytes != h * n:
@@ -516,12 +494,12 @@ class QEMUFile:
                 raise ValueError(f"page {j} of put_records is not C-contiguous")
             obj = mv.obj
             if obj is not last_obj:
-                last_obj, last_root = obj, _root(mv)
+                last_obj, last_root = obj, root_of(mv)
             nb = mv.nbytes
             if may_free:
                 if not isinstance(last_root, mmap.mmap):
                     raise TypeError(f"put_records(may_free=True): page {j} is not backed by an mmap.mmap")
-                entries.append([mv, _address(mv), nb, True, last_root])
+                entries.append([mv, address_of(mv), nb, True, last_root])
             else:
                 entries.append([mv, None, nb, False, last_root])
             total += nb
@@ -561,7 +539,7 @@ class QEMUFile:
         cannot fit, compression fails, or an error is already recorded."""
         if self._last_error:
             return -1
-        data = _flat(buf)
+        data = flat_bytes(buf)
         bound = compress_bound(data.nbytes)
         if self._io_buf_size - self._buf_index - 4 < bound:
             if not self._writable:
@@ -775,7 +753,7 @@ class QEMUFile:
         """qemu_get_buffer: fill the writable buffer ``buf`` (bytearray, memoryview,
         numpy view of RAM) from the stream.  Returns the bytes copied: fewer than
         ``len(buf)`` only at end of stream or error, which is then recorded."""
-        dst = _flat(buf)
+        dst = flat_bytes(buf)
         if dst.readonly:
             raise TypeError("get_buffer needs a writable buffer")
         size = dst.nbytes
@@ -799,7 +777,7 @@ class QEMUFile:
         """qemu_get_buffer_in_place: ``len(buf)`` bytes, as a view of the internal buffer
         when they fit (valid until the next operation), else copied into ``buf`` and
         returned as a view of it.  Shorter only at end of stream or error."""
-        dst = _flat(buf)
+        dst = flat_bytes(buf)
         size = dst.nbytes
         if size < self._io_buf_size:
             src = self.peek_buffer(size, 0)
@@ -856,28 +834,3 @@ class QEMUFile:
         out = bytearray(n)
         got = self.get_buffer(out)
         return bytes(out) if got == n else b""
-
-
-def _flat(buf: Any) -> memoryview:
-    """``buf`` as a flat unsigned-byte memoryview; ValueError when not C-contiguous."""
-    mv = buf if type(buf) is memoryview else memoryview(buf)
-    if mv.ndim == 1 and mv.format == "B":
-        return mv
-    if not mv.c_contiguous:
-        raise ValueError("QEMUFile buffers must be C-contiguous")
-    return mv.cast("B")
-
-
-def _flat_or_none(root: Any) -> memoryview | None:
-    try:
-        return _flat(root)
-    except (TypeError, ValueError):
-        return None
-
-
-def _span(root: Any, start: int, length: int) -> memoryview:
-    """The view of ``length`` bytes at address ``start`` inside ``root``'s memory: one
-    iovec for a run of adjacent async buffers, as QEMU's coalescing makes."""
-    whole = _flat(root)
-    base = _address(whole)
-    return whole[start - base:start - base + length]

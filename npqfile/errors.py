@@ -1,11 +1,14 @@
-"""The two exception types npqfile lets escape to callers.
+"""The two exception types npqfile adds; with OSError and ValueError they are all a
+caller (and the CLI, which prints them as one ``error:`` line) has to handle.
 
-``FileError`` is QEMUFile's sticky error as an object: QEMU keeps an errno plus an
-``Error *`` with a message (``last_error`` / ``last_error_obj``); we keep both in one
-``OSError`` subclass so ``err.errno`` and ``str(err)`` say what happened and where.
+Supports: ``FileError``, QEMUFile's sticky error as an object -- QEMU keeps an errno
+plus an ``Error *`` with a message (``last_error`` / ``last_error_obj``); we keep both in
+one ``OSError`` subclass so ``err.errno`` and ``str(err)`` say what happened and where.
+``StreamError``, a malformed migration stream, naming the byte offset, the section and
+the reason, so a user can find the bad record with a hex dump.
 
-``StreamError`` is a malformed migration stream: it names the byte offset, the section
-and the reason, so a user can find the bad record with a hex dump.
+Goals: an error always says what and where; nothing else escapes on bad input.
+Plan: two small classes, no hierarchy beyond the stdlib's.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""Parsing of the sizes and rates users type: ``512M``, ``1G``, ``100MB/s``, ``1Gbit/s``.
+"""The sizes and rates users type: ``512M``, ``1G``, ``100MB/s``, ``1Gbit/s``, ``100Mbps``.
 
-Sizes follow QEMU's ``-m`` convention: a bare number is bytes, suffixes K/M/G/T are
-binary (KiB...), ``KB``/``MB``/``GB`` are decimal.  Rates are bytes per second; ``bit/s``
-suffixes divide by 8.  Errors are ``ValueError`` naming the text that did not parse.
+Supports: ``parse_size`` (QEMU's ``-m`` convention: a bare number is bytes, K/M/G/T
+are binary, ``KB``/``MB``/``GB`` decimal), ``parse_rate`` (bytes per second; ``bit``,
+``bps`` and a lowercase ``b`` are bits), ``format_bytes`` for tables.
+Goals: accept what QEMU and network people write; reject anything else with a
+``ValueError`` naming the text.  Plan: one regular expression, two unit tables.
 """
 
 from __future__ import annotations

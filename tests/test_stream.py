@@ -434,12 +434,14 @@ def test_vmdesc_walker_errors(bad, reason):
     (lambda d: d["fields"][0].update(size=-1), "no valid size"),
     (lambda d: d.update(fields={"a": 1}), "not a list"),
     (lambda d: d["fields"][8].update(struct=None), "has no description"),
+    (lambda d: d["fields"][0].update(name="\n\0" * 5000, size=[1] * 10000), r"field '\\n\\x00.*…' has no valid size"),
 ])
 def test_hostile_vmdesc_is_a_stream_error(mutate, reason):
     desc = json.loads(json.dumps(DEVICE_DESC))
     mutate(desc)
-    with pytest.raises(StreamError, match=reason):
+    with pytest.raises(StreamError, match=reason) as e:
         load_bytes(_device_stream(DEVICE_BYTES), vmdesc={"devices": [desc]})
+    assert str(e.value).isprintable() and len(str(e.value)) < 300
 
 
 def test_destination_can_be_closed_after_a_bad_stream_or_a_good_one():
@@ -453,3 +455,74 @@ def test_destination_can_be_closed_after_a_bad_stream_or_a_good_one():
     dst = make_ram({"ram": 4 * PAGE})
     load_bytes(minimal_stream(zero_record(0, 9)), dst)
     dst.close()
+
+
+# -- names from the wire in messages, and header offsets -----------------------------------------
+
+def _printable_and_bounded(err: StreamError) -> None:
+    text = str(err)
+    assert text.isprintable(), text
+    assert len(text) < 300, text
+    assert "\\\\x" not in text, "escaped twice: " + text
+    assert err.section is None or (err.section.isprintable() and len(err.section) <= 65)
+
+
+def test_corrupt_block_name_length_gives_a_printable_bounded_error():
+    data = bytearray(minimal_stream(page_record(0, bytes(range(256)) * 16, "ram")))
+    name_len_at = data.rindex(b"\x03ram")   # the page record's block name
+    data[name_len_at] = 255                  # the name now swallows 252 bytes of the page
+    with pytest.raises(StreamError, match=r'names block "ram\\x00\\x01.*…", which') as e:
+        load_bytes(bytes(data))
+    _printable_and_bounded(e.value)
+    assert e.value.section == "ram" and e.value.offset == name_len_at - 8
+
+
+def test_section_idstr_with_control_bytes_is_printable_in_the_error():
+    idstr = b"dev\0\r\n" + bytes(range(0x80, 0x100)) * 2
+    data = header() + b"\x04\0\0\0\x09" + cstr(idstr[:255]) + b"\0\0\0\0\0\0\0\1" + b"\x00"
+    with pytest.raises(StreamError, match="cannot size device section") as e:
+        load_bytes(data)
+    _printable_and_bounded(e.value)
+    assert e.value.section.startswith("dev\\x00\\r\\n\\x80") and e.value.section.endswith("…")
+    assert "(section dev\\x00" in str(e.value)
+
+
+def test_machine_and_capability_names_are_stored_printable():
+    data = (b"QEVM\0\0\0\3\x07\0\0\0\x04pc\n\x00\x05" + cstr("configuration/capabilities") + b"\0\0\0\1"
+            + b"\0\0\0\1" + cstr(b"x\x1b[31m\xff") + b"\x00")
+    res = load_bytes(data)
+    assert res.machine == "pc\\n\\x00"
+    assert res.capabilities == ["x\\x1b[31m\\xff"]
+
+
+def test_wire_name_is_one_to_one_and_shown_never_cuts_an_escape():
+    from npqfile.stream.reader import shown, wire_name
+    names = [b"ram", b"a\\x80", b"a\x80", "a\u0080".encode(), b"\n", b"\\n", b"\xc3\xa9", b""]
+    texts = [wire_name(n) for n in names]
+    assert len(set(texts)) == len(texts) and all(t.isprintable() for t in texts)
+    assert texts[0] == "ram" and texts[6] == "\u00e9"
+    long = wire_name(b"ab" + b"\x01" * 100)
+    for limit in range(3, 12):
+        cut = shown(long, limit)
+        assert cut.endswith("…") and len(cut) <= limit + 1
+        assert cut[:-1] == "ab" + "\\x01" * ((limit - 2) // 4)
+    assert shown("ram") == "ram"
+
+
+@pytest.mark.parametrize("data, offset, reason", [
+    (b"QEVM", 4, "ends inside the file version"),
+    (b"QEVM\0\x09\0\x03", 4, "Unsupported migration stream version 0x90003"),
+    (b"QEV", 0, "ends inside the file magic"),
+    (b"QEVM\0\0\0\3\x07\0\0", 9, "ends inside the machine name length"),
+    (b"QEVM\0\0\0\3\x07\0\1\0\0", 9, "machine name of 65536 bytes"),
+    (b"QEVM\0\0\0\3\x07\0\0\0\4no", 13, "ends inside the machine name"),
+    (b"QEVM\0\0\0\3\x07\0\0\0\4none\x05" + cstr("configuration/capabilities") + b"\0\0\0\1\0\0\1\0",
+     50, "lists 256 capabilities|lists 65536 capabilities"),
+    (b"QEVM\0\0\0\3\x07\0\0\0\4none\x05" + cstr("configuration/capabilities") + b"\0\0\0\1\0\0\0\2"
+     + cstr("xbzrle") + b"\x09ab", 61, "ends inside a capability name"),
+    (b"QEVM\0\0\0\3\x07\0\0\0\4none\x05" + cstr("configuration/zz") + b"\0\0", 18, "ends inside a subsection version"),
+])
+def test_header_and_configuration_errors_name_the_field_offset(data, offset, reason):
+    with pytest.raises(StreamError, match=reason) as e:
+        load_bytes(data)
+    assert e.value.offset == offset

@@ -38,7 +38,7 @@ from npqfile.stream.constants import (
 from npqfile.stream.devices import BUILTIN_VMDESC
 from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES, RAMLoader
 from npqfile.stream.ram_stats import RAMStats
-from npqfile.stream.reader import StreamReader
+from npqfile.stream.reader import StreamReader, label, shown, wire_name
 from npqfile.stream.vmdesc import device_index, parse_vmdesc, walk_vmsd
 
 MAX_MACHINE_NAME = 4096          # configuration name length we accept (QEMU allocates whatever is sent)
@@ -84,7 +84,7 @@ class _Loader:
         self.devices = device_index(vmdesc)
         page_size = vmdesc.get("page_size", TARGET_PAGE_SIZE) if vmdesc else TARGET_PAGE_SIZE
         if not isinstance(page_size, int) or page_size < 1024 or page_size & (page_size - 1):
-            raise StreamError(f"vmdesc page_size {page_size!r} is not a power of two >= 1024", None, None)
+            raise StreamError(f"vmdesc page_size {label(page_size)} is not a power of two >= 1024", None, None)
         self.ram = RAMLoader(ram, max_ram_bytes=max_ram_bytes, page_size=page_size)
         self.res.stats = self.ram.stats
         self.ram.ignore_shared = "x-ignore-shared" in capabilities
@@ -99,6 +99,7 @@ class _Loader:
         magic = r.be32("the file magic")
         if magic != QEMU_VM_FILE_MAGIC:
             raise r.error(f"not a QEMU migration stream: magic {magic:#010x}, expected {QEMU_VM_FILE_MAGIC:#010x} (QEVM)")
+        r.begin()
         version = r.be32("the file version")
         if version == QEMU_VM_FILE_VERSION_COMPAT:
             raise r.error("SaveVM v2 format is obsolete and don't work anymore")
@@ -147,23 +148,26 @@ class _Loader:
         r.section = "configuration"
         r.begin()
         r.u8("the configuration marker")
+        r.begin()
         n = r.be32("the machine name length")
         if n > MAX_MACHINE_NAME:
             raise r.error(f"configuration machine name of {n} bytes (at most {MAX_MACHINE_NAME})")
-        res.machine = r.read(n, "the machine name").decode("utf-8", "backslashreplace")
+        r.begin()
+        res.machine = wire_name(r.read(n, "the machine name"))
         while r.peek_u8() == QEMU_VM_SUBSECTION:
             at = r.begin()
             r.u8("a subsection marker")
-            name = r.cstr("a subsection name").decode("utf-8", "backslashreplace")
+            name = r.name("a subsection name")
+            r.begin()
             r.be32("a subsection version")
+            r.begin()
             if name == "configuration/target-page-bits":
                 res.target_page_bits = r.be32("target page bits")
             elif name == "configuration/capabilities":
                 count = r.be32("the capability count")
                 if count > 256:
-                    raise r.error(f"configuration lists {count} capabilities", at)
-                res.capabilities = [r.cstr("a capability name").decode("utf-8", "backslashreplace")
-                                    for _ in range(count)]
+                    raise r.error(f"configuration lists {count} capabilities (at most 256)")
+                res.capabilities = [self._capability(r) for _ in range(count)]
                 if "mapped-ram" in res.capabilities:
                     # QEMU 9.0+ file layout: pages at fixed file offsets, not in the stream
                     raise r.error("mapped-ram streams (QEMU 9.0+ file: layout) are not supported", at)
@@ -171,14 +175,19 @@ class _Loader:
             elif name == "configuration/uuid":
                 r.skip(16, "the VM uuid")
             else:
-                raise r.error(f"unknown configuration subsection {name!r}", at)
+                raise r.error(f"unknown configuration subsection '{shown(name)}'", at)
         r.section = None
+
+    @staticmethod
+    def _capability(r: StreamReader) -> str:
+        r.begin()
+        return r.name("a capability name")
 
     # -- sections --------------------------------------------------------------------------
     def _section_start_full(self, t: int, at: int) -> None:
         r = self.r
         sid = r.be32("a section id")
-        idstr = r.cstr("a section idstr").decode("utf-8", "backslashreplace")
+        idstr = r.name("a section idstr")
         r.section = idstr
         instance = r.be32("an instance id")
         version = r.be32("a version id")
@@ -206,13 +215,13 @@ class _Loader:
         elif info.type == "full":
             desc = self.devices.get((info.idstr, info.instance_id)) or BUILTIN_VMDESC.get((info.idstr, info.version_id))
             if desc is None:
-                raise _Stop(r.error(f"cannot size device section {info.idstr!r} (instance {info.instance_id}, "
+                raise _Stop(r.error(f"cannot size device section '{shown(info.idstr)}' (instance {info.instance_id}, "
                                     f"version {info.version_id}): device sections carry no length and "
                                     f"no vmdesc describes it", info.offset))
             values = walk_vmsd(r, desc)
             info.fields = values if self.decode else None
         else:
-            raise _Stop(r.error(f"cannot size live section {info.idstr!r} ({info.type}): only RAM "
+            raise _Stop(r.error(f"cannot size live section '{shown(info.idstr)}' ({info.type}): only RAM "
                                 f"iterative sections can be read", info.offset))
         info.size = r.offset - begin
         info.footer = self._footer(info)
@@ -224,12 +233,12 @@ class _Loader:
         at = r.begin()
         if r.peek_u8() != QEMU_VM_SECTION_FOOTER:
             if self.footers_seen:
-                raise r.error(f"Missing section footer for {info.idstr}")
+                raise r.error(f"Missing section footer for {shown(info.idstr)}")
             return False
         r.u8("a section footer")
         sid = r.be32("a footer section id")
         if sid != info.section_id:
-            raise r.error(f"Mismatched section id in footer for {info.idstr}: read {sid:#x} expected {info.section_id:#x}", at)
+            raise r.error(f"Mismatched section id in footer for {shown(info.idstr)}: read {sid:#x} expected {info.section_id:#x}", at)
         self.footers_seen = True
         return True
 
@@ -259,7 +268,7 @@ class _Loader:
         elif cmd == MIG_CMD_RECV_BITMAP:
             if n < 1 or data[0] != n - 1:
                 raise r.error(f"RECV_BITMAP payload of {n} bytes is not one counted string")
-            entry["block"] = data[1:].decode("utf-8", "backslashreplace")
+            entry["block"] = wire_name(data[1:])
         self.res.commands.append(entry)
         if cmd == MIG_CMD_PACKAGED:
             self._packaged(struct.unpack(">I", data)[0], depth)
@@ -273,7 +282,7 @@ class _Loader:
         rest = len(data) - 2 - nlen - 1
         if rest < 0 or data[2 + nlen] != 0 or rest % 16:
             raise r.error(f"POSTCOPY_RAM_DISCARD payload of {len(data)} bytes is malformed")
-        return {"block": data[2:2 + nlen].decode("utf-8", "backslashreplace"), "ranges": rest // 16}
+        return {"block": wire_name(data[2:2 + nlen]), "ranges": rest // 16}
 
     def _packaged(self, length: int, depth: int) -> None:
         """PACKAGED: the next ``length`` bytes are a stream of sections ending in EOF."""

@@ -30,14 +30,14 @@ import zlib
 
 import numpy as np
 
-from npqfile.ram import GuestRAM
+from npqfile.ram import IDSTR_MAX, GuestRAM
 from npqfile.stream.constants import (
     ENCODING_FLAG_XBZRLE, RAM_SAVE_FLAG_COMPRESS_PAGE, RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS,
     RAM_SAVE_FLAG_HOOK, RAM_SAVE_FLAG_MEM_SIZE, RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_PAGE,
     RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_ZERO, TARGET_PAGE_SIZE, compress_bound,
 )
 from npqfile.stream.ram_stats import RAMStats
-from npqfile.stream.reader import StreamReader
+from npqfile.stream.reader import StreamReader, shown
 from npqfile.stream.xbzrle import XBZRLEError, decode_page
 
 DEFAULT_MAX_RAM_BYTES = 64 << 30   # virtual: blocks are lazy mmaps, only touched pages cost memory
@@ -151,13 +151,13 @@ class RAMLoader:
             if dest is None:
                 raise r.error("Ack, bad migration stream! (CONTINUE record with no previous block)")
         else:
-            name = r.cstr("a RAM block name").decode("utf-8", "backslashreplace")
+            name = r.name("a RAM block name")
             dest = self.declared.get(name)
             if dest is None:
-                raise r.error(f'RAM record names block "{name}", which the stream did not declare')
+                raise r.error(f'RAM record names block "{shown(name)}", which the stream did not declare')
             self.last_recv_block = dest
         if addr + self.page_size > dest.size:
-            raise r.error(f"page {addr:#x} is beyond the end of block {dest.name!r} "
+            raise r.error(f"page {addr:#x} is beyond the end of block '{shown(dest.name)}' "
                           f"({dest.size:#x} bytes)")
         return dest
 
@@ -185,7 +185,7 @@ class RAMLoader:
         try:
             decode_page(data, page)
         except XBZRLEError as exc:
-            raise r.error(f"bad XBZRLE page for {dest.name!r} offset {addr:#x}: {exc.reason}",
+            raise r.error(f"bad XBZRLE page for '{shown(dest.name)}' offset {addr:#x}: {exc.reason}",
                           data_at + exc.position) from None
         self.stats.xbzrle_pages += 1
         self.stats.xbzrle_bytes += n + 3
@@ -202,13 +202,13 @@ class RAMLoader:
             out = d.decompress(data, self.page_size)
             overflow = bool(d.unconsumed_tail) or (not d.eof and bool(d.decompress(b"", 1)))
         except zlib.error as exc:
-            raise r.error(f"compressed page for {dest.name!r} offset {addr:#x} is not valid zlib: {exc}") from None
+            raise r.error(f"compressed page for '{shown(dest.name)}' offset {addr:#x} is not valid zlib: {exc}") from None
         if overflow:
-            raise r.error(f"compressed page for {dest.name!r} offset {addr:#x} inflates past a page")
+            raise r.error(f"compressed page for '{shown(dest.name)}' offset {addr:#x} inflates past a page")
         if not d.eof:
-            raise r.error(f"compressed page for {dest.name!r} offset {addr:#x}: zlib stream is incomplete")
+            raise r.error(f"compressed page for '{shown(dest.name)}' offset {addr:#x}: zlib stream is incomplete")
         if len(out) != self.page_size:
-            raise r.error(f"compressed page for {dest.name!r} offset {addr:#x} inflates to "
+            raise r.error(f"compressed page for '{shown(dest.name)}' offset {addr:#x} inflates to "
                           f"{len(out)} bytes, not {self.page_size}")
         dest.view[addr:addr + self.page_size] = out
         self.stats.compressed_pages += 1
@@ -223,13 +223,13 @@ class RAMLoader:
         remaining = total
         while remaining > 0:
             at = r.offset
-            name = r.cstr("a RAM block name").decode("utf-8", "backslashreplace")
+            name = r.name("a RAM block name")
             length = r.be64("a RAM block length")
             if length > remaining:
-                raise r.error(f"block {name!r} declares {length:#x} bytes, more than the {remaining:#x} "
+                raise r.error(f"block '{shown(name)}' declares {length:#x} bytes, more than the {remaining:#x} "
                               f"left of the MEM_SIZE total {total:#x}", at)
             if length == 0 or length % self.page_size:
-                raise r.error(f"block {name!r} length {length:#x} is not a positive multiple of "
+                raise r.error(f"block '{shown(name)}' length {length:#x} is not a positive multiple of "
                               f"the page size", at)
             dest = self._declare(r, name, length, at)
             if self._has_page_size_field(r):
@@ -253,25 +253,29 @@ class RAMLoader:
         old = self.declared.get(name)
         if old is not None:
             if old.size != length:
-                raise r.error(f"Size mismatch: {name}: {length:#x} != {old.size:#x}", at)
+                raise r.error(f"Size mismatch: {shown(name)}: {length:#x} != {old.size:#x}", at)
             return old
         if self.created:
             if self.ram is None:
                 self.ram = GuestRAM()
+            if len(name.encode()) > IDSTR_MAX:
+                # only possible for a name of control or non-UTF-8 bytes, escaped to printable text
+                raise r.error(f"block name '{shown(name)}' is not a usable RAM block name "
+                              f"({len(name.encode())} bytes once made printable, at most {IDSTR_MAX})", at)
             used = sum(d.size for d in self.declared.values())
             if used + length > self.max_ram_bytes:
-                raise r.error(f"block {name!r} would take the RAM past the {self.max_ram_bytes:#x}-byte limit", at)
+                raise r.error(f"block '{shown(name)}' would take the RAM past the {self.max_ram_bytes:#x}-byte limit", at)
             try:
                 block = self.ram.add_block(name, length)
             except (ValueError, OSError) as exc:
-                raise r.error(f"cannot create RAM block {name!r} of {length:#x} bytes: {exc}", at) from None
+                raise r.error(f"cannot create RAM block '{shown(name)}' of {length:#x} bytes: {exc}", at) from None
         else:
             try:
                 block = self.ram.block(name)
             except KeyError:
-                raise r.error(f'Unknown ramblock "{name}", cannot accept migration', at) from None
+                raise r.error(f'Unknown ramblock "{shown(name)}", cannot accept migration', at) from None
             if block.size != length:
-                raise r.error(f"Size mismatch: {name}: {length:#x} != {block.size:#x}", at)
+                raise r.error(f"Size mismatch: {shown(name)}: {length:#x} != {block.size:#x}", at)
         dest = _Dest(block, name, length)
         self.declared[name] = dest
         return dest

@@ -14,13 +14,76 @@ Plan: QEMUFile exposes no logical read position (its ``ftell`` on a readable fil
 the channel position, ahead by the read-ahead buffer, as in QEMU), so the reader keeps
 its own count of consumed bytes.  ``record`` marks where the current record began;
 errors report that offset, which is where a hex dump should start looking.
+
+Names read from the wire (block names, section idstrs, machine and capability names)
+are arbitrary bytes: :func:`wire_name` turns them into printable text once, when read
+(what results store), and :func:`shown` bounds that text in messages, so no error
+line carries control bytes or hundreds of characters of garbage.
 """
 
 from __future__ import annotations
 
 import errno
+import re
+import reprlib
 
 from npqfile.errors import StreamError
+
+MAX_SHOWN = 64   # characters of a wire name quoted in a message
+
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# One escaped character of wire_name's output, so shown() never cuts an escape in half.
+_TOKEN = re.compile(r"\\(?:x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8}|[\\nrt])|.", re.S)
+
+
+def wire_name(raw: bytes | str) -> str:
+    """``raw`` (bytes from the stream, or text from the vmdesc JSON) as printable text.
+
+    Printable characters stay (UTF-8 decoded); a backslash becomes ``\\\\``; ``\\n``,
+    ``\\r``, ``\\t``; other control characters ``\\xNN`` / ``\\uNNNN``; bytes that are
+    not UTF-8 ``\\xNN`` (always >= 0x80, so the mapping is one to one: distinct names
+    stay distinct).  Returns the text, unbounded (see :func:`shown`); never raises.
+    """
+    text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8", "surrogateescape")
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif 0xDC80 <= code <= 0xDCFF:          # an undecodable byte (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch.isprintable():
+            out.append(ch)
+        elif code < 0x80:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
+def shown(name: str, limit: int = MAX_SHOWN) -> str:
+    """The printable ``name`` (a :func:`wire_name` result) cut to ``limit`` characters
+    plus ``…`` when longer, never inside an escape.  Returns the text; never raises."""
+    if len(name) <= limit:
+        return name
+    end = 0
+    for token in _TOKEN.finditer(name):
+        if token.end() > limit:
+            break
+        end = token.end()
+    return name[:end] + "…"
+
+
+def label(value: object) -> str:
+    """Any value from the stream or its vmdesc JSON, for a message: a string quoted as
+    ``'shown(wire_name(value))'``, anything else as a bounded repr.  Never raises."""
+    if isinstance(value, str):
+        return f"'{shown(wire_name(value))}'"
+    return shown(reprlib.repr(value))
 
 
 class StreamReader:
@@ -40,7 +103,8 @@ class StreamReader:
     # -- errors ------------------------------------------------------------------------
     def error(self, reason: str, offset: int | None = None) -> StreamError:
         """Return (not raise) a StreamError at ``offset`` (default: the current record)."""
-        return StreamError(reason, self.record if offset is None else offset, self.section)
+        section = None if self.section is None else shown(self.section)
+        return StreamError(reason, self.record if offset is None else offset, section)
 
     def _fail(self, what: str) -> StreamError:
         ret = self.f.get_error()
@@ -102,6 +166,11 @@ class StreamReader:
         """QEMU's counted string: ``u8 len`` then ``len`` bytes (no NUL)."""
         n = self.u8(what)
         return self.read(n, what)
+
+    def name(self, what: str = "a name") -> str:
+        """A counted string that names something (block, section, capability), as
+        :func:`wire_name` text."""
+        return wire_name(self.cstr(what))
 
     def skip(self, n: int, what: str = "skipped bytes") -> None:
         """Consume ``n`` bytes without keeping them (reads through a bounded scratch buffer)."""

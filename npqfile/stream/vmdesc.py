@@ -31,7 +31,7 @@ import numpy as np
 
 from npqfile.errors import StreamError
 from npqfile.stream.constants import QEMU_VM_EOF, QEMU_VM_SUBSECTION, QEMU_VM_VMDESCRIPTION
-from npqfile.stream.reader import StreamReader
+from npqfile.stream.reader import StreamReader, label, wire_name
 
 VMDESC_TAIL_BYTES = 16 << 20   # analyze-migration.py looks at the last 10 MiB; be a bit more generous
 MAX_DECODED_FIELD = 256        # larger buffers are reported by size, not dumped
@@ -118,7 +118,7 @@ def device_index(doc: dict | None) -> dict[tuple[str, int], dict]:
 def _size(r: StreamReader, field: dict) -> int:
     size = field.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise r.error(f"vmdesc field {field.get('name')!r} has no valid size ({size!r})", r.offset)
+        raise r.error(f"vmdesc field {label(field.get('name'))} has no valid size ({label(size)})", r.offset)
     return size
 
 
@@ -137,10 +137,10 @@ class _Walker:
             raise r.error("vmdesc 'fields' is not a list", r.offset)
         for field in fields:
             if not isinstance(field, dict):
-                raise r.error(f"vmdesc field entry is not an object: {field!r:.60}", r.offset)
+                raise r.error(f"vmdesc field entry is not an object: {label(field)}", r.offset)
             n = field.get("array_len", 1)
             if not isinstance(n, int) or n < 0:
-                raise r.error(f"vmdesc field {field.get('name')!r} has a bad array_len {n!r}", r.offset)
+                raise r.error(f"vmdesc field {label(field.get('name'))} has a bad array_len {label(n)}", r.offset)
             self.budget -= n
             if self.budget < 0:
                 raise r.error(f"vmdesc describes more than {MAX_FIELD_VISITS} fields in one section", r.offset)
@@ -152,14 +152,14 @@ class _Walker:
         ftype = field.get("type", "unknown")
         if not isinstance(ftype, str):
             ftype = "unknown"
-        what = f"field {field.get('name')!r}"
+        what = f"field {label(field.get('name'))}"
         if ftype == "struct":
             sub = field.get("struct")
             if not isinstance(sub, dict):
-                raise r.error(f"vmdesc struct {field.get('name')!r} has no description", r.offset)
+                raise r.error(f"vmdesc struct {label(field.get('name'))} has no description", r.offset)
             return self.vmsd(sub, depth + 1)
         if ftype == "capability":
-            return r.cstr(what).decode("utf-8", "replace")
+            return r.name(what)
         size = _size(r, field)
         if ftype == "nullptr":
             at = r.offset
@@ -190,7 +190,7 @@ class _Walker:
         values: dict[str, Any] = {}
         for field in self.fields(desc.get("fields", [])):
             value = self.field(field, depth)
-            name = str(field.get("name", "?"))
+            name = wire_name(str(field.get("name", "?")))
             # Arrays arrive unfolded and QEMU splits arrays around NULL pointers into
             # several entries of one name: repeated names collect into a list.
             if name not in values:
@@ -205,9 +205,9 @@ class _Walker:
         for sub in subsections:
             at = r.offset
             if r.u8("a subsection marker") != QEMU_VM_SUBSECTION:
-                label = sub.get("vmsd_name") if isinstance(sub, dict) else sub
-                raise r.error(f"subsection {label!r:.60} not found (no 0x05 marker)", at)
-            name = r.cstr("a subsection name").decode("utf-8", "replace")
+                name = sub.get("vmsd_name") if isinstance(sub, dict) else sub
+                raise r.error(f"subsection {label(name)} not found (no 0x05 marker)", at)
+            name = r.name("a subsection name")
             version = r.be32("a subsection version")
             values[name] = {"version": version, **self.vmsd(sub, depth + 1)}
         return values

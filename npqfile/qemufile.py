@@ -266,7 +266,11 @@ class QEMUFile:
                 text = os.strerror(code)
             except ValueError:
                 text = f"error {code}"
-            self._error = FileError(code, f"{msg}: {text}" if msg else text)
+            if not msg:
+                msg = text
+            elif text not in msg:
+                msg = f"{msg}: {text}"
+            self._error = FileError(code, msg)
 
     @property
     def error(self) -> FileError | None:
@@ -293,7 +297,8 @@ class QEMUFile:
             try:
                 ret = self._channel.writev(views, self._pos)
             except OSError as exc:
-                self.set_error(-(exc.errno or errno.EIO), f"write of {expect} bytes at stream offset {self._pos} failed")
+                self.set_error(-(exc.errno or errno.EIO),
+                               f"write of {expect} bytes at stream offset {self._pos} failed: {exc.strerror or exc}")
             else:
                 if not isinstance(ret, int):
                     self.set_error(-errno.EIO, f"channel writev returned {ret!r}, not a byte count")
@@ -697,7 +702,7 @@ class QEMUFile:
             except (BlockingIOError, InterruptedError):
                 n = None
             except OSError as exc:
-                self.set_error(-(exc.errno or errno.EIO), f"read at stream offset {self._pos} failed")
+                self.set_error(-(exc.errno or errno.EIO), f"read at stream offset {self._pos} failed: {exc.strerror or exc}")
                 return 0
             if n is None:
                 self._wait_readable()

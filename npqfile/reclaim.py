@@ -11,14 +11,15 @@ held by the backing (mincore: shmem / page cache), how many pages QEMUFile relea
 and what the released pages read back as (zero, the old data, or something else) --
 so that "DONTNEED frees shared memory" style assumptions show up as numbers.
 
-Plan: fill a RAMBlock with random non-zero words (a per-page checksum is kept, so
-"old data" is recognised without a second copy), then stream it page by page through
-a real ``QEMUFile`` into the sink: a QEMU-like ``be64(offset | RAM_SAVE_FLAG_PAGE)``
-header from the staging buffer, then the page by ``put_buffer_async(may_free=release)``.
-The headers keep pages from merging into one giant iovec, so QEMUFile flushes (and
-releases) every 32 pages exactly as QEMU's ram_save_page loop does.  RSS is sampled
-every ``sample_every`` bytes; sampling time is excluded from the reported time.  The
-stream is framing for the experiment, not a loadable QEMU stream (no section header).
+Plan: fill a RAMBlock ``pc.ram`` with random non-zero words (a per-page checksum is
+kept, so "old data" is recognised without a second copy), then write it through a real
+``QEMUFile`` into the sink as a complete ``-M none`` QEMU stream (``save_snapshot``:
+RAMSaver's page records, each page ``put_buffer_async(may_free=release)``, as QEMU's
+release-ram does), so the sink is a migration stream that ``npqfile analyze`` and
+QEMU load.  The page headers keep pages from merging into one giant iovec, so
+QEMUFile flushes (and releases) every 32 pages exactly as QEMU's ram_save_page loop
+does.  RSS is sampled every ``sample_every`` bytes of pages; sampling time is excluded
+from the reported time.
 An advice the kernel refuses for a backing (e.g. ``free`` on shared memory) is found
 by a probe on the still-empty block and reported as unsupported, not streamed.
 """
@@ -39,11 +40,12 @@ from typing import Any
 import numpy as np
 
 from npqfile.channels import open_channel
+from npqfile.errors import FileError
 from npqfile.qemufile import QEMUFile
-from npqfile.ram import ADVICES, DEFAULT_ADVICE, HOST_PAGE_SIZE, RAMBlock, parse_backing, process_rss
+from npqfile.ram import ADVICES, DEFAULT_ADVICE, HOST_PAGE_SIZE, GuestRAM, RAMBlock, parse_backing, process_rss
 from npqfile.ram.release import check_advice
+from npqfile.stream.snapshot import save_snapshot
 
-RAM_SAVE_FLAG_PAGE = 0x08
 BACKINGS: tuple[str, ...] = ("private", "shared", "memfd", "file")
 _FILL_CHUNK = 16 << 20  # bytes generated / checked per numpy call
 
@@ -168,41 +170,34 @@ class _Sampler:
         return s
 
 
-def _stream(block: RAMBlock, config: ReclaimConfig, result: ReclaimResult, sampler: _Sampler,
+def _stream(ram: GuestRAM, block: RAMBlock, config: ReclaimConfig, result: ReclaimResult, sampler: _Sampler,
             progress: Callable[[int], None] | None) -> None:
-    """Send every page of ``block`` through a QEMUFile into ``config.sink``."""
-    ps = block.page_size
+    """Write ``ram`` (holding ``block``) as a QEMU stream through a QEMUFile into ``config.sink``."""
     every = config.sample_every or max(1 << 20, block.size // 32)
-    next_sample = every
-    page = block.page
+
+    def sample(sent: int) -> None:
+        sampler.take(sent)
+        if progress is not None:
+            progress(sent)
+
     sampler.spent = 0.0
     t0 = time.perf_counter()
     f = QEMUFile(open_channel(config.sink, "w"))
     try:
-        put_be64, put_async = f.put_be64, f.put_buffer_async
-        release = config.release
-        for i in range(block.n_pages):
-            put_be64(i * ps | RAM_SAVE_FLAG_PAGE)
-            put_async(page(i), release)
-            sent = (i + 1) * ps
-            if sent >= next_sample:
-                next_sample += every
-                sampler.take(sent)
-                if progress is not None:
-                    progress(sent)
-        f.fflush()
+        try:
+            save_snapshot(f, ram, release_ram=config.release, progress=sample, progress_every=every)
+        except FileError:
+            pass  # the sticky error, reported below once the sink is closed
         result.bytes_sent = f.ftell()
-        result.pages_released = f.released_bytes // ps
+        result.pages_released = f.released_bytes // block.page_size
         result.release_errors = f.release_errors
         error = f.error
     finally:
         ret = f.close()
     result.seconds = max(time.perf_counter() - t0 - sampler.spent, 1e-9)
     if error is not None or ret:
-        raise OSError(f"streaming to {config.sink} failed: {error or os.strerror(-ret)}")
+        raise OSError(f"streaming to {config.sink} failed: {error or f.error or os.strerror(-ret)}")
     result.throughput = result.bytes_sent / result.seconds
-    if progress is not None:
-        progress(block.size)
 
 
 def run_reclaim(config: ReclaimConfig, progress: Callable[[int], None] | None = None) -> ReclaimResult:
@@ -229,20 +224,21 @@ def run_reclaim(config: ReclaimConfig, progress: Callable[[int], None] | None = 
         os.close(fd)
         path = tmp
     try:
-        block = RAMBlock("pc.ram", config.size, backing=f"file:{path}" if kind == "file" else kind,
-                         page_size=config.page_size, hugepages=config.hugepages,
-                         advice=advice if config.release else None)
+        ram = GuestRAM()
         try:
-            _measure(block, config, result, progress)
+            block = ram.add_block("pc.ram", config.size, backing=f"file:{path}" if kind == "file" else kind,
+                                  page_size=config.page_size, hugepages=config.hugepages,
+                                  advice=advice if config.release else None)
+            _measure(ram, block, config, result, progress)
         finally:
-            block.close()
+            ram.close()
     finally:
         if tmp is not None:
             os.unlink(tmp)
     return result
 
 
-def _measure(block: RAMBlock, config: ReclaimConfig, result: ReclaimResult,
+def _measure(ram: GuestRAM, block: RAMBlock, config: ReclaimConfig, result: ReclaimResult,
              progress: Callable[[int], None] | None) -> None:
     if config.release:
         try:  # ask the kernel on the empty block, before any measurement
@@ -254,7 +250,7 @@ def _measure(block: RAMBlock, config: ReclaimConfig, result: ReclaimResult,
     sums = _fill(block, config.seed)
     sampler = _Sampler(block)
     before = sampler.take(0)
-    _stream(block, config, result, sampler, progress)
+    _stream(ram, block, config, result, sampler, progress)
     after_smaps = block.rss_bytes()
     result.rss_after = after_smaps.get("Rss", 0)
     result.lazyfree_after = after_smaps.get("LazyFree", 0)

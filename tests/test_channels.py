@@ -285,7 +285,35 @@ def test_connection_refused_names_the_uri():
         open_channel("tcp:[::1]:1", "w")  # refused, or IPv6 unavailable: either way OSError naming it
 
 
+@pytest.mark.parametrize("mode", ["r", "w"])
+def test_unix_path_too_long_says_so_and_names_the_limit(tmp_path, mode):
+    path = f"{tmp_path}/{'a' * 120}.sock"
+    with pytest.raises(OSError) as info:
+        open_channel(f"unix:{path}", mode)
+    text = str(info.value)
+    assert info.value.errno == errno.ENAMETOOLONG and "None" not in text
+    assert f"unix:{path}" in text and "AF_UNIX path too long" in text and "max 107 bytes" in text
+
+
+def test_unix_listener_refuses_a_path_that_is_not_a_socket(tmp_path):
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match=f"{path} exists and is not a socket"):
+        open_channel(f"unix:{path}", "r")
+    assert path.read_bytes() == b"keep me"
+
+
 # --- exec: ----------------------------------------------------------------------------------------
+
+def test_exec_writer_broken_pipe_says_how_the_command_ended():
+    require_program("false")
+    w = open_channel("exec:false", "w")
+    with pytest.raises(BrokenPipeError) as info:
+        w.writev([bytes(1 << 20)], 0)   # more than a pipe holds: EPIPE once false has exited
+    assert info.value.errno == errno.EPIPE
+    assert "exec:false" in str(info.value) and "command exited with status 1" in str(info.value)
+    assert w.close() == -errno.EIO and w.returncode == 1 and w.pid is None
+
 
 def test_exec_cat_write_then_read(tmp_path):
     require_program("cat")
@@ -379,6 +407,8 @@ def test_null_channel_counts_bytes_of_multidimensional_arrays():
     ("tcp::4444", "w", "needs a host"),
     ("tcp:::1:4444", "w", "must be bracketed"),
     ("tcp:[::1:4444", "w", "bad IPv6"),
+    ("tcp:127.0.0.1:4444,ipv4=on", "w", "URI options like ',ipv4=on' are not supported"),
+    ("tcp::4444,ipv6=on,keep-alive=on", "r", "URI options like ',ipv6=on,keep-alive=on' are not supported"),
     ("unix:", "w", "missing socket path"),
     ("file:", "r", "missing file path"),
     ("exec:", "w", "missing command"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from npqfile.stream import RAMSaver, SaveVMWriter
 from npqfile.stream.constants import QEMU_VM_SECTION_END, QEMU_VM_SECTION_PART, QEMU_VM_SECTION_START
 from npqfile.stream.devices import RAM
 from test_stream_support import (
-    PAGE, cstr, footer_bytes, header, make_ram, minimal_stream, pattern_pages, ram_start, part, snapshot_bytes,
+    PAGE, be64, cstr, footer_bytes, header, make_ram, minimal_stream, pattern_pages, ram_start, part, snapshot_bytes,
     writer, zero_record,
 )
 
@@ -146,3 +148,95 @@ def test_save_refuses_to_overwrite_its_own_input(tmp_path, capsys):
         assert main(["save", f"ram={image}", "-o", out]) == 1
         assert "is the image of block 'ram'" in capsys.readouterr().err
     assert image.read_bytes() == data
+
+
+# -- inputs that cannot seek, names from the wire, options, the command itself -----------------------
+
+def test_analyze_reads_a_fifo_and_standard_input(tmp_path, capsys, monkeypatch):
+    data = snapshot_bytes(make_ram({"ram": pattern_pages(40, 3)}))   # more than a pipe holds
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with open(fifo, "wb") as fh:
+            fh.write(data)
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    code, out, err = _run(capsys, "analyze", fifo, "--json")
+    feeder.join(30)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["complete"] and doc["vmdesc"] and doc["size"] == len(data) and doc["stream"] == str(fifo)
+
+    r, w = os.pipe()
+    feeder = threading.Thread(target=lambda: (os.write(w, data), os.close(w)), daemon=True)
+    feeder.start()
+    with os.fdopen(r, "rb") as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        code, out, err = _run(capsys, "analyze", "-")
+    feeder.join(30)
+    assert code == 0, err
+    assert out.startswith(f"stream   - ({len(data)} bytes)") and "normal 30, zero 10" in out
+
+
+def test_analyze_names_a_directory_it_cannot_read(tmp_path, capsys):
+    code, out, err = _run(capsys, "analyze", tmp_path)
+    assert code == 1 and err == f"error: [Errno 21] {tmp_path} is a directory, not a migration stream\n"
+
+
+def test_fields_work_in_the_text_report_and_bad_capabilities_are_refused(tmp_path, capsys):
+    stream = tmp_path / "s.stream"
+    stream.write_bytes(snapshot_bytes(make_ram({"ram": pattern_pages(4)}), runstate="running"))
+    code, out, err = _run(capsys, "analyze", stream, "--fields")
+    assert code == 0, err
+    assert "cpu_ticks_offset = 0" in out and "size = 8" in out and "runstate = 72756e6e696e6700" in out
+    assert "cpu_ticks_offset" not in _run(capsys, "analyze", stream)[1]
+    with pytest.raises(SystemExit) as e:
+        main(["analyze", str(stream), "--capability", "bogus"])
+    assert e.value.code == 2
+    assert "argument --capability: invalid choice: 'bogus'" in capsys.readouterr().err
+    assert _run(capsys, "analyze", stream, "--capability", "x-ignore-shared")[0] == 1   # no mr_addr fields
+
+
+def test_corrupt_stream_error_line_is_printable(tmp_path, capsys):
+    data = bytearray(minimal_stream(be64(0x08) + cstr("ram") + bytes(range(256)) * 16))
+    data[data.rindex(b"\x03ram")] = 255
+    stream = tmp_path / "bad.stream"
+    stream.write_bytes(bytes(data))
+    code, out, err = _run(capsys, "analyze", stream)
+    line = err.rstrip("\n")
+    assert code == 1 and "\n" not in line and line.isprintable() and len(line) < 200, err
+    assert line.startswith('error: RAM record names block "ram\\x00\\x01') and "…" in line
+
+
+def test_save_to_standard_output(tmp_path, capsys, monkeypatch, raw_images):
+    _, paths = raw_images
+    blocks = [f"{n}={p}" for n, p in paths.items()]
+    assert _run(capsys, "save", *blocks, "-o", tmp_path / "ref.stream")[0] == 0
+    with open(tmp_path / "stdout", "wb") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        code, out, err = _run(capsys, "save", *blocks, "-o", "-")
+    assert code == 0 and err.startswith("wrote standard output: 2 block(s)"), err
+    assert (tmp_path / "stdout").read_bytes() == (tmp_path / "ref.stream").read_bytes()
+    assert not (tmp_path / "-").exists() and not os.path.exists("-")
+    master, slave = os.openpty()
+    try:
+        with os.fdopen(slave, "wb") as tty:
+            monkeypatch.setattr(sys, "stdout", tty)
+            code, out, err = _run(capsys, "save", *blocks, "-o", "-")
+    finally:
+        os.close(master)
+    assert code == 1 and "refusing to write a binary migration stream to a terminal" in err
+
+
+def test_top_level_help_and_version(capsys):
+    from npqfile import __version__
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"npqfile {__version__}\n"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "npqfile: QEMU's migration stream" in out and "``" not in out and "module" not in out
+    for command in ("migrate", "incoming", "analyze", "save", "reclaim"):
+        assert f"\n    {command} " in out

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 
@@ -14,8 +17,8 @@ MIB = 1 << 20
 PS = 4096
 
 
-def migrate(size=16 * MIB, workload="idle", **params):
-    cfg = MigrationConfig(size=size, workload=workload, params=MigrationParams(**params))
+def migrate(size=16 * MIB, workload="idle", to=None, **params):
+    cfg = MigrationConfig(size=size, workload=workload, to=to, params=MigrationParams(**params))
     return run_migration(cfg)
 
 
@@ -263,3 +266,144 @@ def test_fill_guest_mixed_has_zero_and_data_pages():
 def test_bad_params(kw, message):
     with pytest.raises(ValueError, match=message):
         MigrationParams(**kw).check()
+
+
+# -- user acceptance fixes ------------------------------------------------------------------
+
+def _decode_channel(method: str, data: bytes) -> tuple[bytes, bool]:
+    """Decode a compressed channel with the reference libraries; returns (bytes, the
+    last frame ended)."""
+    if method == "zstd":
+        import zstandard
+        d = zstandard.ZstdDecompressor().decompressobj()
+        out = d.decompress(data)
+        return out, d.eof
+    import lz4.frame
+    out, ended = [], True
+    while data:
+        d = lz4.frame.LZ4FrameDecompressor()
+        out.append(d.decompress(data))
+        ended, data = d.eof, d.unused_data
+    return b"".join(out), ended
+
+
+@pytest.mark.parametrize("method", ["zstd", "lz4"])
+@pytest.mark.parametrize("kind", ["file", "exec"])
+def test_channel_compression_writes_complete_standard_frames(method, kind, tmp_path):
+    # file: reads back at the compressed offset (it used to pread at the decoded one),
+    # and the zstd frame is ended on close: the reference decoders and zstd -t accept it
+    path = tmp_path / f"snap.{method}"
+    to = f"file:{path}" if kind == "file" else f"exec:cat > {path}"
+    st = run_migration(MigrationConfig(size=4 * MIB, workload="idle", compress=method, to=to))
+    assert st.status == "completed", st.outcome
+    if kind == "file":
+        assert st.verification == {"method": "sha256", "ok": True, "mismatched": []}
+    data = path.read_bytes()
+    assert len(data) == st.compression["bytes-out"]
+    plain, ended = _decode_channel(method, data)
+    assert ended and len(plain) == st.stream_bytes == st.compression["bytes-in"]
+    assert plain[:4] == b"QEVM"
+    tool = shutil.which(method)
+    if tool:
+        assert subprocess.run([tool, "-t", "-q", str(path)], capture_output=True).returncode == 0
+
+
+def test_a_failing_channel_close_fails_a_completed_migration():
+    st = migrate(size=2 * MIB, to="exec:cat > /dev/null; exit 3")
+    assert st.status == "failed" and not st.converged
+    assert "closing the channel failed" in st.outcome and "exited with status 3" in st.outcome
+    assert st.verification == {}
+
+
+def test_failed_write_counts_only_bytes_the_channel_took():
+    from npqfile.channels import MemoryChannel
+    from npqfile.migration.engine import MigrationEngine
+    from npqfile.qemufile import QEMUFile
+
+    limit = 1 * MIB
+    with GuestRAM() as ram:
+        ram.add_block("ram", 8 * MIB)
+        fill_guest(ram, "random", 2)
+        out = MemoryChannel(limit=limit)
+        f = QEMUFile(out)
+        st = MigrationEngine(ram, f, Workload(), MigrationParams()).run()
+        f.close()
+    assert st.status == "failed" and "No space left" in st.outcome
+    assert st.stream_bytes <= len(out.getvalue()) <= limit
+    assert 0 < st.transferred <= st.stream_bytes
+    assert st.ram_queued > st.transferred            # QEMU's counter: queued, never written
+    d = st.as_dict()
+    assert d["ram"]["transferred"] == st.transferred and d["npqfile"]["transferred-queued"] == st.ram_queued
+
+
+def test_release_ram_releases_zero_pages_of_the_final_pass(monkeypatch):
+    ram = GuestRAM()
+    ram.add_block("ram", 4 * MIB)
+    block = ram.block("ram")
+    releases = []
+    real = type(block.mmap).release_pages
+
+    def record(self, offset, length, *args):
+        releases.append((offset, length))
+        return real(self, offset, length, *args)
+
+    def write_while_stopped(engine):
+        block.fill(np.arange(100, 164), 0)           # 64 zero pages: sent as ZERO records
+        block.fill(np.arange(300, 310), 7)           # and some data pages
+
+    monkeypatch.setattr(type(block.mmap), "release_pages", record)
+    try:
+        fill_guest(ram, "random", 3)
+        cfg = MigrationConfig(size=4 * MIB, params=MigrationParams(release_ram=True, pause_before_switchover=True))
+        st = run_migration(cfg, ram=ram, workload=Workload(), pre_switchover=write_while_stopped)
+        assert st.status == "completed" and st.verification["ok"] is True
+        assert st.iterations[-1].final and st.iterations[-1].dirty_pages >= 74
+        assert st.rss_after == 0                     # zero pages too, not only data pages
+        # the 64 adjacent zero pages went in one coalesced release, not one per page
+        assert (100 * PS, 64 * PS) in releases
+    finally:
+        ram.close()
+
+
+def test_iterations_are_numbered_in_order_with_their_sync_count():
+    st = migrate(workload="hotset:rate=3000,hot=0.005,share=0.8,seed=3", max_bandwidth=40e6, downtime_limit=0.005)
+    assert st.status == "completed"
+    assert [it.index for it in st.iterations] == list(range(1, len(st.iterations) + 1))
+    syncs = [it.sync for it in st.iterations]
+    assert syncs[0] == 1 and syncs == sorted(syncs) and syncs[-1] == st.dirty_sync_count
+    d = st.as_dict()["npqfile"]["iterations"]
+    assert [it["iteration"] for it in d] == [it.index for it in st.iterations]
+    assert [it["dirty-sync-count"] for it in d] == syncs
+
+
+def test_mbps_at_completion_is_qemus_average():
+    # migration_calculate_complete: every stream byte over (total time - setup time)
+    st = migrate(size=4 * MIB, max_bandwidth=20e6)
+    assert st.status == "completed"
+    avg = st.stream_bytes * 8 / 1e6 / (st.total_time - st.setup_time)
+    assert st.mbps == pytest.approx(avg)
+    d = st.as_dict()
+    assert d["ram"]["mbps"] == round(avg, 3)
+    assert d["npqfile"]["last-window-mbps"] == round(st.window_bandwidth * 8 / 1e6, 3)
+
+
+def test_rss_is_sampled_at_switchover_and_after_the_release():
+    st = migrate(size=4 * MIB, workload="hotset:rate=2000,hot=0.01", release_ram=True, sample_rss=True,
+                 max_bandwidth=40e6)
+    assert st.status == "completed" and st.switchover_time > 0
+    at_switch = [s for s in st.timeline if s[0] == st.switchover_time]
+    assert len(at_switch) == 1 and at_switch[0][2] > 0           # before anything was released
+    later = [s for s in st.timeline if s[0] > st.switchover_time]
+    assert len(later) >= 2 and later[-1][2] < at_switch[0][2]    # after release, at completion
+
+
+def test_sweep_destinations_and_repeated_parameters():
+    from npqfile.migration.sweep import case_destination, parse_sweep
+
+    assert case_destination("file:/tmp/x/snap.bin", 2) == "file:/tmp/x/snap.2.bin"
+    assert case_destination(None, 1) is None and case_destination("null:", 3) == "null:"
+    for uri in ("tcp:127.0.0.1:4444", "unix:/tmp/s", "exec:cat > f", "fd:5"):
+        with pytest.raises(ValueError, match="cannot send its parallel cases"):
+            case_destination(uri, 1)
+    with pytest.raises(ValueError, match="'size' given twice"):
+        parse_sweep(["size=16M,32M", "size=8M"])

@@ -435,7 +435,7 @@ def test_vmdesc_walker_errors(bad, reason):
     (lambda d: d.update(fields={"a": 1}), "not a list"),
     (lambda d: d["fields"][8].update(struct=None), "has no description"),
     (lambda d: d["fields"][0].update(name="\n\0" * 5000, size=[1] * 10000), r"field '\\n\\x00.*…' has no valid size"),
-])
+], ids=["array_len", "size", "fields", "struct", "huge-name"])
 def test_hostile_vmdesc_is_a_stream_error(mutate, reason):
     desc = json.loads(json.dumps(DEVICE_DESC))
     mutate(desc)
@@ -509,6 +509,10 @@ def test_wire_name_is_one_to_one_and_shown_never_cuts_an_escape():
     assert shown("ram") == "ram"
 
 
+CONFIG = b"QEVM\0\0\0\3\x07\0\0\0\4none"
+CAPS = CONFIG + b"\x05" + cstr("configuration/capabilities") + b"\0\0\0\1"
+
+
 @pytest.mark.parametrize("data, offset, reason", [
     (b"QEVM", 4, "ends inside the file version"),
     (b"QEVM\0\x09\0\x03", 4, "Unsupported migration stream version 0x90003"),
@@ -516,12 +520,11 @@ def test_wire_name_is_one_to_one_and_shown_never_cuts_an_escape():
     (b"QEVM\0\0\0\3\x07\0\0", 9, "ends inside the machine name length"),
     (b"QEVM\0\0\0\3\x07\0\1\0\0", 9, "machine name of 65536 bytes"),
     (b"QEVM\0\0\0\3\x07\0\0\0\4no", 13, "ends inside the machine name"),
-    (b"QEVM\0\0\0\3\x07\0\0\0\4none\x05" + cstr("configuration/capabilities") + b"\0\0\0\1\0\0\1\0",
-     50, "lists 256 capabilities|lists 65536 capabilities"),
-    (b"QEVM\0\0\0\3\x07\0\0\0\4none\x05" + cstr("configuration/capabilities") + b"\0\0\0\1\0\0\0\2"
-     + cstr("xbzrle") + b"\x09ab", 61, "ends inside a capability name"),
-    (b"QEVM\0\0\0\3\x07\0\0\0\4none\x05" + cstr("configuration/zz") + b"\0\0", 18, "ends inside a subsection version"),
-])
+    (CAPS + b"\0\0\1\1", len(CAPS), "lists 257 capabilities"),
+    (CAPS + b"\0\0\0\2" + cstr("xbzrle") + b"\x09ab", len(CAPS) + 11, "ends inside a capability name"),
+    (CONFIG + b"\x05" + cstr("configuration/zz") + b"\0\0", len(CONFIG) + 18, "ends inside a subsection version"),
+], ids=["version-cut", "version-bad", "magic-cut", "name-length-cut", "name-too-long", "name-cut", "caps-count",
+        "cap-name-cut", "subsection-version-cut"])
 def test_header_and_configuration_errors_name_the_field_offset(data, offset, reason):
     with pytest.raises(StreamError, match=reason) as e:
         load_bytes(data)

@@ -1,8 +1,8 @@
 """The channel contract and the write-everything loop shared by every OS channel.
 
-Supports: the `Channel`/`WriteChannel`/`ReadChannel` protocols QEMUFile codes against, buffer helpers
-(`nbytes`, `flat_bytes`) that accept bytes, bytearrays, memoryviews and C-contiguous numpy arrays of any
-shape, and `write_all`, the loop that turns a kernel's partial writev/sendmsg into "all or OSError".
+Supports: the `Channel`/`WriteChannel`/`ReadChannel` protocols QEMUFile codes against, the buffer helpers
+(`nbytes`, `flat_bytes`, from `npqfile.buffers`: bytes, bytearrays, memoryviews and C-contiguous numpy
+arrays of any shape), and `write_all`, the loop that turns a kernel's partial writev/sendmsg into "all or OSError".
 Goals: QEMU's `writev_buffer` semantics (the caller expects every byte written, qemu_fflush treats a short
 count as an error) without copying buffers, and without Python work per byte.
 Plan: hand the caller's buffer objects straight to the kernel in batches of at most IOV_MAX; only when the
@@ -16,7 +16,10 @@ import os
 import select
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
-import numpy as np
+from npqfile.buffers import flat_bytes, nbytes
+
+__all__ = ["IOV_MAX", "Channel", "Closing", "ReadChannel", "WriteChannel", "flat_bytes", "nbytes",
+           "pick_direction", "wait_writable", "write_all"]
 
 
 def _iov_max() -> int:
@@ -62,28 +65,6 @@ class ReadChannel(Channel, Protocol):
         """Read at most ``len(buf)`` bytes into ``buf`` and return how many: >= 1, or 0 at end of stream.
         Raises OSError on failure; a non-blocking channel with no data raises BlockingIOError."""
         ...
-
-
-def nbytes(buf: Any) -> int:
-    """Size in bytes of a buffer object (``len`` is wrong for multi-dimensional or non-byte arrays)."""
-    kind = type(buf)
-    if kind is memoryview or kind is np.ndarray:
-        return buf.nbytes
-    if kind is bytes or kind is bytearray:
-        return len(buf)
-    return memoryview(buf).nbytes
-
-
-def flat_bytes(buf: Any) -> memoryview:
-    """A 1-D unsigned-byte memoryview over ``buf`` without copying.
-
-    Raises ValueError if ``buf`` is not C-contiguous (the kernel needs one run of memory per iovec)."""
-    view = memoryview(buf)
-    if view.ndim == 1 and view.format == "B":
-        return view
-    if not view.c_contiguous:
-        raise ValueError(f"buffer is not C-contiguous (shape {view.shape}, strides {view.strides})")
-    return view.cast("B")
 
 
 def wait_writable(fd: int) -> None:

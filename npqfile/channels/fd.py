@@ -115,6 +115,12 @@ class FileWriter(FileChannel, FdWriter):
 
 # Signals a reader's command may die of because WE closed its stdout early: not a command failure.
 _CLOSED_EARLY_SIGNALS = frozenset({signal.SIGPIPE, signal.SIGTERM, signal.SIGKILL})
+EPIPE_WAIT = 1.0   # seconds a writer waits, after a broken pipe, for the command's exit status
+
+
+def _how(status: int) -> str:
+    """A Popen return code in words: ``command exited with status N`` / ``was killed by signal N``."""
+    return f"command exited with status {status}" if status >= 0 else f"command was killed by signal {-status}"
 
 
 class ExecChannel(FdChannel):
@@ -181,8 +187,7 @@ class ExecChannel(FdChannel):
         signum = -status if status < 0 else status - 128
         if status == 0 or (self.mode == "r" and not self._eof and signum in _CLOSED_EARLY_SIGNALS):
             return ret
-        how = f"exited with status {status}" if status > 0 else f"was killed by signal {-status}"
-        self.error = f"exec:{self.cmd}: command {how}"
+        self.error = f"exec:{self.cmd}: {_how(status)}"
         return -errno.EIO
 
     def _reap(self, proc: subprocess.Popen) -> int:
@@ -197,6 +202,19 @@ class ExecChannel(FdChannel):
         except BaseException:  # e.g. KeyboardInterrupt while waiting: still leave no zombie
             self._kill(proc)
             raise
+
+    def _exit_status_now(self) -> str:
+        """After a broken pipe: how the command ended (waiting ``EPIPE_WAIT`` seconds at most,
+        as its stdin closes while it exits, a moment before it can be reaped)."""
+        proc = self._proc
+        if proc is None:
+            return "command already closed"
+        try:
+            status = proc.wait(EPIPE_WAIT)
+        except subprocess.TimeoutExpired:
+            return "command closed its input and is still running"
+        self.returncode = status
+        return _how(status)
 
     @staticmethod
     def _kill(proc: subprocess.Popen) -> int:
@@ -217,4 +235,11 @@ class ExecReader(ExecChannel, FdReader):
 
 
 class ExecWriter(ExecChannel, FdWriter):
-    pass
+    def writev(self, buffers: Sequence[Any], pos: int) -> int:
+        """Write all ``buffers`` to the command's stdin; returns the byte count.  OSError on
+        failure; a broken pipe (the command stopped reading) says how the command ended,
+        e.g. ``exec:false: Broken pipe: command exited with status 1``."""
+        try:
+            return super().writev(buffers, pos)
+        except BrokenPipeError as exc:
+            raise BrokenPipeError(exc.errno, f"exec:{self.cmd}: {exc.strerror}: {self._exit_status_now()}") from None

@@ -20,6 +20,17 @@ from typing import Any, Sequence
 
 from .base import Closing, pick_direction, wait_writable, write_all
 
+# sizeof(sockaddr_un.sun_path) on Linux is 108, one byte of it the terminating NUL.
+UNIX_PATH_MAX = 107
+
+
+def check_unix_path(path: str) -> None:
+    """OSError(ENAMETOOLONG) when ``path`` cannot fit a sockaddr_un (Python's own error
+    has no errno and does not say the limit)."""
+    n = len(os.fsencode(path))
+    if n > UNIX_PATH_MAX:
+        raise OSError(errno.ENAMETOOLONG, f"AF_UNIX path too long ({n} bytes, max {UNIX_PATH_MAX} bytes)")
+
 
 class _SharedSocket:
     """A socket and the number of channel objects still using it (closed when that drops to 0)."""
@@ -158,19 +169,24 @@ class Listener(Closing):
 
     @classmethod
     def unix(cls, path: str, uri: str) -> Listener:
-        """Listen on a Unix socket at ``path``.  OSError naming ``uri`` if it cannot bind."""
+        """Listen on a Unix socket at ``path``.  OSError naming ``uri`` if it cannot bind:
+        the path is too long, something that is not a socket is there, or bind failed."""
+        sock = None
         try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)
-        except FileNotFoundError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
+            check_unix_path(path)
+            try:
+                if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                    raise OSError(errno.EEXIST, f"{path} exists and is not a socket (remove it or choose another path)")
+                os.unlink(path)   # a stale socket, as QEMU replaces it
+            except FileNotFoundError:
+                pass
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(path)
             sock.listen(1)
         except OSError as exc:
-            sock.close()
-            raise OSError(exc.errno, f"cannot listen on {uri}: {exc.strerror}") from exc
+            if sock is not None:
+                sock.close()
+            raise OSError(exc.errno, f"cannot listen on {uri}: {exc.strerror or exc}") from exc
         return cls(sock, uri, path)
 
     def fileno(self) -> int:

@@ -19,7 +19,7 @@ import stat
 from .base import Channel
 from .fd import ExecChannel, FdChannel, FileChannel
 from .memory import MemoryChannel, NullChannel
-from .sockets import Listener, SocketChannel
+from .sockets import Listener, SocketChannel, check_unix_path
 
 SCHEMES = ("file", "tcp", "unix", "exec", "fd", "mem", "null")
 
@@ -35,6 +35,11 @@ def _split(uri: str) -> tuple[str, str]:
 
 
 def _host_port(uri: str, rest: str, *, listening: bool) -> tuple[str, int]:
+    if "," in rest:
+        # QEMU's inet options (ipv4=on, keep-alive=on, to=PORT...): name them rather than
+        # reading them as part of the port
+        options = rest[rest.index(","):]
+        raise ValueError(f"URI options like '{options}' are not supported in {uri!r} (expected tcp:HOST:PORT)")
     if rest.startswith("["):
         host, sep, port_text = rest[1:].partition("]")
         if not sep or not port_text.startswith(":"):
@@ -77,9 +82,11 @@ def _connect(uri: str, scheme: str, rest: str) -> SocketChannel:
         if scheme == "tcp":
             sock = socket.create_connection(_host_port(uri, rest, listening=False))
         else:
+            path = _nonempty(uri, rest, "socket path")
+            check_unix_path(path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                sock.connect(_nonempty(uri, rest, "socket path"))
+                sock.connect(path)
             except BaseException:
                 sock.close()
                 raise

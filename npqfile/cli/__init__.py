@@ -16,7 +16,13 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
+from npqfile import __version__
 from npqfile.errors import FileError, StreamError
+
+DESCRIPTION = ("npqfile: QEMU's migration stream (QEMUFile and the RAM section) in Python over "
+               "mmap'd guest RAM: run pre-copy migrations, analyse and write QEMU 7.2 streams, "
+               "and measure memory reclaim.")
+EPILOG = "Run 'npqfile COMMAND --help' for a command's options."
 
 
 def _commands() -> list:
@@ -31,8 +37,9 @@ def _commands() -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="npqfile", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = argparse.ArgumentParser(prog="npqfile", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for mod in _commands():
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
         mod.add_arguments(p)

@@ -2,10 +2,13 @@
 
 Supports: a text report (header, configuration, sections with offsets and sizes,
 commands, RAM blocks, page counts per kind and per part), ``--json`` (the same, plus
-each block's ``sha256`` and, with ``--fields``, decoded device state), ``--extract DIR``
-(one sparse file per RAM block, named safely).  Reads what analyze-migration.py
-rejects: XBZRLE and compressed pages, postcopy commands, x-ignore-shared, streams
-without footers, configuration or (up to the first unsizable section) vmdesc.
+each block's ``sha256``), ``--fields`` (decoded device state, in either form),
+``--extract DIR`` (one sparse file per RAM block, named safely).  Reads what
+analyze-migration.py rejects: XBZRLE and compressed pages, postcopy commands,
+x-ignore-shared, streams without footers, configuration or (up to the first unsizable
+section) vmdesc.  The input is a file, or a pipe, FIFO or ``-`` (standard input): the
+vmdesc sits at the very end of a stream, so a non-seekable input is first copied
+into an unnamed temporary file (in ``$TMPDIR``) and analysed from there.
 
 Goals: a bad stream gives exit status 1 and ``error: REASON at offset N (section S)``
 on stderr; a stream cut short by a section that cannot be sized prints what was read,
@@ -15,16 +18,23 @@ then that error line.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
+import stat
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
 from npqfile.stream.loader import LoadResult
 from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES
+from npqfile.stream.reader import shown
 from npqfile.stream.snapshot import load_file
 from npqfile.units import format_bytes, parse_size
 
@@ -32,15 +42,21 @@ NAME = "analyze"
 HELP = "show the sections and RAM of a migration stream (like QEMU's analyze-migration.py)"
 ORDER = 30
 EXTRACT_CHUNK_PAGES = 4096
+SPOOL_CHUNK = 1 << 20
+FIELD_TEXT_CHARS = 100          # a decoded field's value in the text report
+# The capabilities a reader must be told about: every other one announces itself in the stream.
+READER_CAPABILITIES = ("x-ignore-shared",)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stream", help="stream file (as written by migrate exec:cat > FILE or npqfile)")
+    p.add_argument("stream", help="stream file (as written by migrate exec:cat > FILE or npqfile), "
+                                  "a FIFO, or - for standard input")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--fields", action="store_true", help="with --json: decode device fields via the vmdesc")
+    p.add_argument("--fields", action="store_true", help="decode device sections' fields via the vmdesc")
     p.add_argument("--extract", metavar="DIR", help="write each RAM block to DIR/<safe name>")
-    p.add_argument("--capability", action="append", default=[], metavar="CAP",
-                   help="a capability the source had that the stream does not announce (x-ignore-shared)")
+    p.add_argument("--capability", action="append", default=[], choices=READER_CAPABILITIES, metavar="CAP",
+                   help="x-ignore-shared: the source had it on but the stream does not say so (streams "
+                        "older than QEMU 7.2); the only capability that changes how a stream is read")
     p.add_argument("--max-ram", default=str(DEFAULT_MAX_RAM_BYTES), metavar="SIZE",
                    help="refuse streams declaring more RAM than this (virtual; default 64G)")
 
@@ -82,12 +98,46 @@ def extract(result: LoadResult, directory: str) -> list[str]:
     return paths
 
 
-def to_json(result: LoadResult, path: str) -> dict:
-    """The report as a JSON-ready dict."""
+@contextmanager
+def seekable_input(path: str) -> Iterator[tuple[str, int]]:
+    """Yield ``(path to load, size in bytes)`` for the analyze input ``path``.
+
+    A regular file (or block device) is used in place.  ``-`` (standard input), a
+    FIFO, a pipe or a character device is copied first into an unnamed temporary file,
+    removed on exit, because the vmdesc is at the end of the stream.  Raises OSError
+    naming ``path`` when it cannot be opened, read or spooled (e.g. ENOSPC).
+    """
+    if path == "-":
+        src = os.dup(sys.stdin.fileno())
+    else:
+        src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    shown_path = "standard input" if path == "-" else path
+    try:
+        mode = os.fstat(src).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, f"{shown_path} is a directory, not a migration stream")
+        if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+            yield (path if path != "-" else f"/proc/self/fd/{src}"), os.lseek(src, 0, os.SEEK_END)
+            return
+        with tempfile.NamedTemporaryFile(prefix="npqfile-analyze-", suffix=".stream") as spool:
+            try:
+                with os.fdopen(os.dup(src), "rb", buffering=0) as fh:
+                    shutil.copyfileobj(fh, spool, SPOOL_CHUNK)
+                spool.flush()
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot copy {shown_path} to a temporary file in "
+                                         f"{tempfile.gettempdir()}: {exc.strerror or exc}") from None
+            yield spool.name, spool.tell()
+    finally:
+        os.close(src)
+
+
+def to_json(result: LoadResult, path: str, size: int) -> dict:
+    """The report as a JSON-ready dict (``path`` as the user named it, ``size`` in bytes)."""
     ram = result.ram
     return {
         "stream": path,
-        "size": os.path.getsize(path),
+        "size": size,
         "complete": result.complete,
         "stopped": result.stopped,
         "machine": result.machine,
@@ -105,9 +155,21 @@ def to_json(result: LoadResult, path: str) -> dict:
     }
 
 
-def _print_text(result: LoadResult, path: str, out) -> None:
+def _print_fields(values: dict, indent: str, out) -> None:
+    """Decoded device fields, one per line; subsections nest.  Names and values come
+    from the stream and its vmdesc, already printable; long values are cut."""
+    for name, value in values.items():
+        if isinstance(value, dict):
+            print(f"{indent}{name}:", file=out)
+            _print_fields(value, indent + "  ", out)
+        else:
+            text = value if isinstance(value, str) else json.dumps(value)
+            print(f"{indent}{name} = {shown(text, FIELD_TEXT_CHARS)}", file=out)
+
+
+def _print_text(result: LoadResult, path: str, size: int, out) -> None:
     st = result.stats
-    print(f"stream   {path} ({os.path.getsize(path)} bytes)", file=out)
+    print(f"stream   {path} ({size} bytes)", file=out)
     print(f"machine  {result.machine if result.machine is not None else '(no configuration section)'}", file=out)
     if result.capabilities:
         print(f"caps     {', '.join(result.capabilities)}", file=out)
@@ -118,6 +180,8 @@ def _print_text(result: LoadResult, path: str, out) -> None:
     for s in result.sections:
         print(f"{s.offset:>10}  {s.type:<5} {s.section_id:>4}  {s.idstr:<28} {s.instance_id:>4} "
               f"{s.version_id:>3} {s.size:>12}  {'yes' if s.footer else 'no'}", file=out)
+        if s.fields is not None:
+            _print_fields(s.fields, " " * 14, out)
     if result.ram:
         print("RAM blocks:", file=out)
         for b in result.ram.blocks:
@@ -133,14 +197,16 @@ def _print_text(result: LoadResult, path: str, out) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = load_file(args.stream, max_ram_bytes=parse_size(args.max_ram), capabilities=args.capability,
-                       decode_devices=args.fields, partial_ok=True)
+    max_ram = parse_size(args.max_ram)
+    with seekable_input(args.stream) as (path, size):
+        result = load_file(path, max_ram_bytes=max_ram, capabilities=args.capability,
+                           decode_devices=args.fields, partial_ok=True)
     try:
         if args.json:
-            json.dump(to_json(result, args.stream), sys.stdout, indent=2)
+            json.dump(to_json(result, args.stream, size), sys.stdout, indent=2)
             print()
         else:
-            _print_text(result, args.stream, sys.stdout)
+            _print_text(result, args.stream, size, sys.stdout)
         if args.extract:
             for p in extract(result, args.extract):
                 print(f"wrote {p}", file=sys.stderr)

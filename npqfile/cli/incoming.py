@@ -23,6 +23,7 @@ from typing import Any
 from npqfile.channels import listen, open_channel
 from npqfile.migration.compression import DecompressingReader, parse_compress
 from npqfile.migration.destination import Destination
+from npqfile.migration.session import add_guest_block
 from npqfile.ram import GuestRAM
 from npqfile.units import format_bytes, parse_size
 
@@ -37,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block", default="ram", help="RAM block name (default ram, QEMU -M none)")
     p.add_argument("--machine", default="none", help="expected machine name (default none)")
     p.add_argument("--compress", default="none", help="the source's --compress (zstd/lz4 decode the channel)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the connection")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for the connection (> 0; default: forever)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -47,12 +49,20 @@ def _accept(uri: str, timeout: float | None) -> Any:
         return listener.accept(timeout)
 
 
+def check_timeout(timeout: float | None) -> None:
+    """ValueError naming ``--timeout`` unless it is None or a finite number > 0 (the
+    socket layer would say "Resource temporarily unavailable" for 0)."""
+    if timeout is not None and not 0 < timeout < float("inf"):
+        raise ValueError(f"--timeout must be a positive number of seconds, got {timeout:g}")
+
+
 def run(args: argparse.Namespace) -> int:
     comp = parse_compress(args.compress)
     size = parse_size(args.ram)
+    check_timeout(args.timeout)
     ram = GuestRAM()
     try:
-        ram.add_block(args.block, size)
+        add_guest_block(ram, args.block, size)
         if args.uri.startswith(("tcp:", "unix:")):
             channel = _accept(args.uri, args.timeout)
         else:

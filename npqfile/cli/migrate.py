@@ -7,8 +7,11 @@ on); every engine option under QEMU's names (``--max-bandwidth 100MB/s``,
 ``--release-ram``, ``--pause-before-switchover``...); ``--to URI`` for another process
 or machine (``tcp:HOST:PORT`` / ``unix:PATH`` with ``npqfile incoming`` there),
 ``file:PATH`` (a snapshot that ``npqfile analyze`` and QEMU ``-M none`` load),
-``exec:CMD``; a live progress line (rich) on a terminal; a summary table, ``--json``,
-``--plot FILE.png``; ``--sweep PARAM=V1,V2`` for a parameter study in parallel processes.
+``exec:CMD``, ``fd:N`` (``--to fd:1 > snap.bin``: the report then goes to stderr); a
+live progress line (rich) on a terminal; a summary table, ``--json``, ``--plot
+FILE.png`` (its directory is checked before migrating); ``--sweep PARAM=V1,V2`` for a
+parameter study in parallel processes (``--plot`` then draws the sweep; with
+``file:PATH`` each case writes its own ``PATH.N``, see ``npqfile.migration.sweep``).
 
 Exit status: 0 completed (and verified where the transport allows), 1 error or
 verification mismatch, 2 not converged (cancelled at max-iterations / time-limit).
@@ -42,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="KIND[:rate=R,hot=F,share=S,a=A,seed=N], KIND one of idle, uniform, hotset, "
                         f"sequential, zipf (default {DEFAULT_WORKLOAD})")
     g.add_argument("--dirty-rate", help="override the workload's rate (pages/s, or 50MB/s)")
-    g.add_argument("--seed", type=int, default=1, help="seed of contents and workload")
+    g.add_argument("--seed", type=int, default=1, help="seed of contents and workload (>= 0)")
     m = p.add_argument_group("migration (QEMU parameters and capabilities)")
     m.add_argument("--to", default=None, metavar="URI",
                    help="destination: tcp:HOST:PORT, unix:PATH, file:PATH, exec:CMD, null: "
@@ -54,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--on-limit", choices=("cancel", "force"), default="cancel",
                    help="at a limit: cancel (like migrate_cancel) or force stop-and-copy")
     m.add_argument("--no-zero-detection", action="store_true", help="send zero pages as normal pages")
-    m.add_argument("--xbzrle-cache", default=None, metavar="SIZE", help="enable XBZRLE with this cache size")
+    m.add_argument("--xbzrle-cache", "--xbzrle-cache-size", dest="xbzrle_cache", default=None, metavar="SIZE",
+                   help="enable XBZRLE with this cache size (QEMU's xbzrle-cache-size)")
     m.add_argument("--compress", default="none", help="none, zlib[:LEVEL] (QEMU pages), zstd[:LEVEL] or lz4 (channel)")
     m.add_argument("--release-ram", action="store_true", help="release source pages once sent at switchover")
     m.add_argument("--pause-before-switchover", nargs="?", type=float, const=0.0, default=None, metavar="SECONDS",
@@ -63,7 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--no-verify", action="store_true", help="skip the destination check")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print the statistics as JSON")
-    o.add_argument("--plot", metavar="FILE.png", help="draw per-round bytes / dirty pages and source RSS")
+    o.add_argument("--plot", metavar="FILE.png",
+                   help="draw per-round bytes / dirty pages and source RSS (with --sweep: the sweep)")
     o.add_argument("--quiet", action="store_true", help="no live progress display")
     o.add_argument("--sweep", action="append", metavar="PARAM=V1,V2",
                    help=f"parameter study over {', '.join(SWEEP_PARAMS)} (repeatable: all combinations)")
@@ -72,6 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> MigrationConfig:
     """The MigrationConfig the command line describes.  ValueError for a bad value."""
+    if args.seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {args.seed}")
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     params = MigrationParams(
         max_bandwidth=parse_rate(args.max_bandwidth), downtime_limit=args.downtime_limit / 1000.0,
         max_iterations=args.max_iterations, time_limit=args.time_limit, on_limit=args.on_limit,
@@ -106,7 +115,23 @@ def _progress_display(quiet: bool):
     return live, update
 
 
-def _summary(st: MigrationStats) -> None:
+def verification_text(ver: dict) -> str:
+    """One line for the summary: equal, MISMATCH (which blocks), not done (why: the
+    destination failed, the file did not load) or not verified (why)."""
+    if not ver:
+        return "n/a"
+    if ver.get("done") is False:
+        return f"not done: {ver.get('error')}"
+    ok = ver.get("ok")
+    if ok is None:
+        return f"not verified ({ver.get('note', 'unknown reason')})"
+    if ok:
+        return f"{ver.get('method')}: equal"
+    why = ver.get("error") or f"blocks differ: {', '.join(ver.get('mismatched', []))}"
+    return f"{ver.get('method')}: MISMATCH ({why})"
+
+
+def _summary(st: MigrationStats, out) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -119,16 +144,17 @@ def _summary(st: MigrationStats) -> None:
     rows = [
         ("total time", f"{d['total-time']:.1f} ms"), ("setup time", f"{d['setup-time']:.1f} ms"),
         ("downtime", f"{d['downtime']:.1f} ms (expected {d['expected-downtime']:.1f} ms)"),
-        ("transferred (RAM)", f"{format_bytes(r['transferred'])} ({r['transferred']} B)"),
+        ("transferred (RAM)", f"{format_bytes(r['transferred'])} ({r['transferred']} B)"
+                              + ("" if x["transferred-queued"] == r["transferred"]
+                                 else f"; {x['transferred-queued']} B queued")),
         ("stream bytes", f"{format_bytes(x['stream-bytes'])}"),
         ("pages normal / duplicate", f"{r['normal']} / {r['duplicate']}"),
         ("pages xbzrle / compressed", f"{x['pages']['xbzrle']} / {x['pages']['compressed']}"),
         ("dirty sync count", str(r["dirty-sync-count"])), ("dirty pages rate", f"{r['dirty-pages-rate']:.0f} pages/s"),
-        ("throughput", f"{x['throughput-mbps']:.1f} Mbit/s (last window {r['mbps']:.1f})"),
+        ("mbps", f"{r['mbps']:.1f} Mbit/s (last window {x['last-window-mbps']:.1f})"),
         ("pages per second", f"{r['pages-per-second']:.0f}"),
         ("source RSS before / after", f"{format_bytes(x['rss-before'])} / {format_bytes(x['rss-after'])}"),
-        ("verification", "n/a" if not ver else f"{ver.get('method')}: "
-                                                + {True: "equal", False: "MISMATCH", None: "not verified"}[ver.get("ok")]),
+        ("verification", verification_text(ver)),
     ]
     if "xbzrle-cache" in d:
         xc = d["xbzrle-cache"]
@@ -138,12 +164,13 @@ def _summary(st: MigrationStats) -> None:
     for row in rows:
         t.add_row(*row)
     it = Table(title="iterations")
-    for col in ("iteration", "dirty pages", "pages sent", "bytes", "time ms", "Mbit/s"):
+    for col in ("iteration", "sync", "dirty pages", "pages sent", "bytes", "time ms", "Mbit/s"):
         it.add_column(col, justify="right")
     for i in st.iterations:
-        it.add_row("final" if i.final else str(i.index), str(i.dirty_pages), str(i.pages_sent),
-                   format_bytes(i.bytes_sent), f"{i.duration * 1000:.1f}", f"{i.bandwidth * 8 / 1e6:.0f}")
-    console = Console()
+        it.add_row(f"{i.index} (final)" if i.final else str(i.index), str(i.sync), str(i.dirty_pages),
+                   str(i.pages_sent), format_bytes(i.bytes_sent), f"{i.duration * 1000:.1f}",
+                   f"{i.bandwidth * 8 / 1e6:.0f}")
+    console = Console(file=out)
     console.print(t)
     console.print(it)
 
@@ -158,13 +185,16 @@ def _exit_status(st: MigrationStats) -> int:
 
 def _run_sweep(cfg: MigrationConfig, args: argparse.Namespace) -> int:
     rows = run_sweep(cfg, args.sweep, args.jobs)
+    names = [s.partition("=")[0].strip() for s in args.sweep]
+    if args.plot:
+        from npqfile.migration.plot import plot_sweep
+        plot_sweep(rows, names, args.plot)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         from rich.console import Console
         from rich.table import Table
 
-        names = [s.partition("=")[0].strip() for s in args.sweep]
         t = Table(title="sweep")
         for col in names + ["total ms", "downtime ms", "syncs", "converged", "outcome", "verified"]:
             t.add_column(col, justify="right")
@@ -184,12 +214,28 @@ def _pause_hook(delay: float):
     return hook
 
 
+def _stream_fd(to: str | None) -> int | None:
+    """The fd number of an ``fd:N`` destination, else None."""
+    if to and to.startswith("fd:") and to[3:].isdigit():
+        return int(to[3:])
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if args.plot:
+        from npqfile.migration.plot import check_writable
+        check_writable(args.plot)          # before the run, not after it: keep the stats
     if args.sweep:
         return _run_sweep(cfg, args)
+    # --to fd:1 > snap.bin: stdout carries the stream (and the channel closes the fd
+    # at the end), so the report goes to stderr; fd:2 likewise sends it to stdout
+    stream_fd = _stream_fd(cfg.to)
+    out, err = sys.stdout, sys.stderr
+    if stream_fd is not None and stream_fd in (_fileno(out), _fileno(err)):
+        out = err = sys.stderr if stream_fd == _fileno(out) else sys.stdout
     hook = None if args.pause_before_switchover is None else _pause_hook(args.pause_before_switchover)
-    live, update = _progress_display(args.quiet or args.json)
+    live, update = _progress_display(args.quiet or args.json or stream_fd == _fileno(sys.stderr))
     if live is not None:
         with live:
             st = run_migration(cfg, on_progress=update, pre_switchover=hook)
@@ -199,12 +245,22 @@ def run(args: argparse.Namespace) -> int:
         from npqfile.migration.plot import plot_migration
         plot_migration(st, args.plot)
     if args.json:
-        print(json.dumps(st.as_dict(), indent=2))
+        print(json.dumps(st.as_dict(), indent=2), file=out)
     else:
-        _summary(st)
+        _summary(st, out)
+    ver = st.verification
     if st.status == "failed":
-        print(f"error: migration failed: {st.outcome.removeprefix('error: ')}", file=sys.stderr)
-    elif st.verification.get("ok") is False:
-        why = st.verification.get("error") or f"blocks differ: {', '.join(st.verification.get('mismatched', []))}"
-        print(f"error: destination does not match the source at switchover ({why})", file=sys.stderr)
+        print(f"error: migration failed: {st.outcome.removeprefix('error: ')}", file=err)
+    elif ver.get("done") is False:
+        print(f"error: verification not done: {ver.get('error')}", file=err)
+    elif ver.get("ok") is False:
+        why = ver.get("error") or f"blocks differ: {', '.join(ver.get('mismatched', []))}"
+        print(f"error: destination does not match the source at switchover ({why})", file=err)
     return _exit_status(st)
+
+
+def _fileno(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):   # pytest's capture, a closed stream
+        return None

@@ -1,6 +1,7 @@
 """``npqfile reclaim``: the memory-reclaim experiment (see npqfile.reclaim).
 
-Fills a RAM block, streams it through a QEMUFile into a sink with release-ram on or off,
+Fills a RAM block, streams it as a QEMU migration stream through a QEMUFile into a sink
+with release-ram on or off,
 and reports what happened to the memory: one table (rich), JSON, or a PNG plot of RSS
 against bytes sent.  ``--compare`` runs the backing x advice matrix.
 """
@@ -33,7 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="release pages after they are sent (default on)")
     p.add_argument("--compare", action="store_true",
                    help=f"run every backing ({', '.join(BACKINGS)}) x advice (none, {', '.join(ADVICES)})")
-    p.add_argument("--sink", default="null:", help="migration URI the stream is written to (default null:)")
+    p.add_argument("--sink", default="null:",
+                   help="migration URI the stream is written to (default null:): a complete -M none QEMU "
+                        "stream of the block pc.ram, which npqfile analyze and QEMU load")
     p.add_argument("--sample-every", default=None, help="sample RSS every this many bytes sent (default size/32)")
     p.add_argument("--page-size", default="4096", help="target page size (default 4096)")
     p.add_argument("--hugepages", action="store_true", help="madvise(MADV_HUGEPAGE) the block")

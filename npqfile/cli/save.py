@@ -3,7 +3,8 @@
 Supports: one raw image per RAM block (the inverse of ``npqfile analyze --extract``),
 the destination's machine name, QEMU's ``send-configuration`` / ``send-section-footer``
 switches, an optional vmdesc, the run state the destination enters, zero-page detection,
-XBZRLE-free legacy compression.  The output is a path or a migration URI (``exec:``,
+XBZRLE-free legacy compression.  The output is a path, ``-`` (standard output, never a
+terminal; the summary then goes to standard error) or a migration URI (``exec:``,
 ``tcp:``...).
 
 Goals: a stream that ``qemu-system-x86_64 -M MACHINE -incoming`` with the same blocks
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from npqfile.channels import open_channel
 from npqfile.qemufile import QEMUFile
@@ -31,7 +33,7 @@ URI_SCHEMES = ("file:", "exec:", "tcp:", "unix:", "fd:", "null:")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("blocks", nargs="+", metavar="BLOCK=RAWFILE", help="RAM block idstr and its raw image")
-    p.add_argument("-o", "--output", required=True, metavar="STREAM", help="output file or migration URI")
+    p.add_argument("-o", "--output", required=True, metavar="STREAM", help="output file, - for standard output, or migration URI")
     p.add_argument("--machine", default="none", help="destination machine-type name (default: none)")
     p.add_argument("--no-configuration", action="store_true", help="as -global migration.send-configuration=off")
     p.add_argument("--no-section-footer", action="store_true", help="as -global migration.send-section-footer=off")
@@ -68,6 +70,19 @@ def _check_output(out: str, images: dict[str, str]) -> None:
             raise ValueError(f"output {out!r} is the image of block {name!r}; choose another file")
 
 
+def _output_uri(out: str) -> str:
+    """The migration URI for ``-o OUT``: ``-`` is a duplicate of standard output (``fd:N``,
+    so closing the stream leaves fd 1 open), a URI stays, anything else is a file.
+    ValueError when ``-`` is a terminal: a binary stream there helps nobody."""
+    if out == "-":
+        if os.isatty(sys.stdout.fileno()):
+            raise ValueError("refusing to write a binary migration stream to a terminal "
+                             "(-o -): redirect standard output or name a file")
+        sys.stdout.flush()
+        return f"fd:{os.dup(sys.stdout.fileno())}"
+    return out if out.startswith(URI_SCHEMES) else f"file:{out}"
+
+
 def run(args: argparse.Namespace) -> int:
     ram = GuestRAM()
     try:
@@ -78,11 +93,11 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"expected BLOCK=RAWFILE, got {spec!r}")
             images[name] = path
         out = args.output
-        uri = out if out.startswith(URI_SCHEMES) else f"file:{out}"
-        if uri.startswith("file:"):
-            _check_output(uri[5:], images)
+        if out.startswith("file:") or not out.startswith(URI_SCHEMES) and out != "-":
+            _check_output(out.removeprefix("file:"), images)
         for name, path in images.items():
             ram.add(_open_block(name, path))
+        uri = _output_uri(out)
         with QEMUFile(open_channel(uri, "w")) as f:
             stats = save_snapshot(f, ram, machine=args.machine, send_configuration=not args.no_configuration,
                                   send_section_footer=not args.no_section_footer, send_vmdesc=not args.no_vmdesc,
@@ -90,8 +105,10 @@ def run(args: argparse.Namespace) -> int:
                                   zero_page_detection=not args.no_zero_detection)
             if f.close() < 0 and f.error:
                 raise f.error
-        print(f"wrote {out}: {len(ram)} block(s), {format_bytes(ram.total_size)} of RAM; pages normal "
-              f"{stats.normal_pages}, zero {stats.zero_pages}, compressed {stats.compressed_pages}")
+        print(f"wrote {'standard output' if out == '-' else out}: {len(ram)} block(s), "
+              f"{format_bytes(ram.total_size)} of RAM; pages normal {stats.normal_pages}, zero "
+              f"{stats.zero_pages}, compressed {stats.compressed_pages}",
+              file=sys.stderr if out == "-" else sys.stdout)
     finally:
         ram.close()
     return 0

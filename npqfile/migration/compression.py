@@ -10,14 +10,18 @@ be told the same ``--compress``.  The statistics say which kind was used
 (``"where": "pages"`` or ``"channel"``) and how many bytes went in and out.
 
 Goals: the QEMU stream bytes never change for zstd/lz4; a missing package is a clear
-ValueError naming it.  Plan: the writer compresses each ``writev`` batch and flushes the
-compressor block (so the destination can decode everything sent so far -- a live
-stream must never stall in a compressor buffer); the reader decodes into a pending
-buffer and serves ``readinto`` from it.
+ValueError naming it; the channel holds standard data (one zstd frame, or a sequence of
+LZ4 frames) that ``zstd -d`` / ``lz4 -d`` decode.  Plan: the writer compresses each
+``writev`` batch and flushes the compressor block (so the destination can decode
+everything sent so far -- a live stream must never stall in a compressor buffer) and
+ends the zstd frame on ``close()``; the reader decodes into a pending buffer and serves
+``readinto`` from it.  Each side passes its inner channel the position in the
+*compressed* stream (``file:`` channels read and write at that offset).
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -83,10 +87,13 @@ class CompressingWriter:
         self.comp = comp
         self.bytes_in = 0
         self.bytes_out = 0
+        self._finished = False
+        self._closed = False
         if comp.method == "zstd":
             zstd = _module("zstandard")
             self._z = zstd.ZstdCompressor(level=comp.level).compressobj()
             self._flush_mode = zstd.COMPRESSOBJ_FLUSH_BLOCK
+            self._finish_mode = zstd.COMPRESSOBJ_FLUSH_FINISH
         else:
             self._lz4 = _module("lz4.frame")
 
@@ -105,6 +112,39 @@ class CompressingWriter:
         self.bytes_out += len(out)
         return len(data)
 
+    def finish(self) -> int:
+        """End the zstd frame (LZ4 frames are complete per batch); later calls do
+        nothing.  Returns 0, or a negative errno when writing the frame end failed.  A
+        peer that already hung up (EPIPE, ECONNRESET) is not an error: the epilogue
+        follows the whole QEMU stream, which that peer read before closing."""
+        if self._finished:
+            return 0
+        self._finished = True
+        if self.comp.method != "zstd":
+            return 0
+        try:
+            tail = self._z.flush(self._finish_mode)
+            if tail:
+                self.inner.writev([tail], self.bytes_out)
+                self.bytes_out += len(tail)
+        except (BrokenPipeError, ConnectionResetError):
+            return 0
+        except OSError as exc:
+            return -(exc.errno or errno.EIO)
+        return 0
+
+    def close(self) -> int:
+        """``finish()``, then close ``inner``.  Returns 0, or a negative errno when the
+        frame end could not be written or closing failed (``inner`` is closed either
+        way).  Idempotent."""
+        ret = self.finish()
+        if self._closed:
+            return ret
+        self._closed = True
+        close = getattr(self.inner, "close", None)
+        ret2 = close() if close is not None else 0
+        return ret if ret < 0 else int(ret2 or 0)
+
     def __getattr__(self, name: str) -> Any:
         # close, shutdown, get_return_path, fileno... act on the connection itself
         return getattr(self.inner, name)
@@ -118,6 +158,7 @@ class DecompressingReader:
         self.comp = comp
         self._pending = bytearray()
         self._raw = bytearray(READ_CHUNK)
+        self._raw_pos = 0            # compressed bytes consumed: the inner channel's position
         self._eof = False
         if comp.method == "zstd":
             self._z = _module("zstandard").ZstdDecompressor().decompressobj()
@@ -140,10 +181,13 @@ class DecompressingReader:
     def readinto(self, buf: memoryview, pos: int) -> int:
         """Decoded bytes into ``buf``: >= 1, or 0 at end of stream; OSError for corrupt input."""
         while not self._pending and not self._eof:
-            n = self.inner.readinto(memoryview(self._raw), pos)
+            # ``pos`` counts decoded bytes; a positional inner channel (file:) needs
+            # its own offset, the compressed bytes read so far
+            n = self.inner.readinto(memoryview(self._raw), self._raw_pos)
             if n == 0:
                 self._eof = True
                 break
+            self._raw_pos += n
             try:
                 self._pending += self._decode(bytes(self._raw[:n]))
             except Exception as exc:  # zstd/lz4 raise their own error types

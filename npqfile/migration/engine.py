@@ -18,8 +18,12 @@ is stopped (the workload acknowledges), the bitmap synced a last time and everyt
 left is sent without a rate limit.  XBZRLE is off during the bulk pass (QEMU's bulk
 stage).  With ``release_ram`` the source hashes its RAM at switchover (for verification:
 released pages read back as zero), releases every page already sent and clean (as
-``ram_postcopy_migrated_memory_release`` does at the start of postcopy) and sends the
-final pages with ``may_free`` so QEMUFile releases them once written.
+``ram_postcopy_migrated_memory_release`` does at the start of postcopy), sends the
+final pages with ``may_free`` so QEMUFile releases them once written, and releases the
+zero pages of the final pass batch by batch (``save_zero_page`` releases them too).
+The statistics count RAM bytes as QEMU 7.2's ``ram_counters.transferred`` does (page
+records and PART EOS; not the setup records, not the END EOS), then keep only what the
+channel took: a failed run never reports more RAM bytes than stream bytes.
 
 Goals: QEMU's bytes, QEMU's decisions, QEMU's statistics (see ``stats``); a clear outcome
 when the migration cannot converge (``max-iterations`` / ``time-limit``: cancelled, or
@@ -28,9 +32,10 @@ forced through stop-and-copy with ``on_limit="force"``).  Plan: one method per p
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -133,6 +138,11 @@ class MigrationEngine:
         self._iter_bytes0 = 0
         self._sync_t = 0.0              # start of the current dirty-rate period
         self._rate_pages = 0            # pages dirtied in it
+        # ram.transferred accounting: RAM-section bytes QEMU does not count (the setup
+        # records and the END section's EOS), and per RAM section (stream offset of its
+        # payload, counted bytes before it) to tell the bytes written from those queued
+        self._uncounted = 0
+        self._marks: list[tuple[int, int]] = []
 
     # -- control from other threads -----------------------------------------------------
     def cancel(self) -> None:
@@ -194,16 +204,46 @@ class MigrationEngine:
         self.stats.dirty_sync_count = 1
         self.writer.write_header()
         self.f.ram_control_before_iterate(RAM_CONTROL_SETUP)
-        with self.writer.section(RAM, QEMU_VM_SECTION_START):
+        with self._ram_section(QEMU_VM_SECTION_START):
             self.saver.save_setup()
+            # ram_save_setup's MEM_SIZE, block list and EOS: not in ram_counters.transferred
+            self._uncounted = self.saver.stats.pages_bytes
         self.f.fflush()
         self.stats.setup_time = time.monotonic() - self.t0
         self._sync_t = time.monotonic()
-        self._new_iteration(1, self._dirty)
+        self._new_iteration(self._dirty)
 
-    def _new_iteration(self, index: int, dirty: int, final: bool = False) -> None:
+    @contextlib.contextmanager
+    def _ram_section(self, section_type: int) -> Iterator[None]:
+        """A ``ram`` section whose payload start is remembered for ``_ram_written``."""
+        with self.writer.section(RAM, section_type):
+            self._marks.append((self.f.ftell_fast(), self._ram_counted()))
+            yield
+
+    def _ram_counted(self) -> int:
+        """QEMU's ram_counters.transferred so far: every page record (header, idstr,
+        payload) and each PART's EOS as ``ram_transferred_add`` counts them -- bytes
+        queued on the QEMUFile, whether or not they were written yet."""
+        return self.saver.stats.pages_bytes - self._uncounted
+
+    def _ram_written(self, written: int) -> int:
+        """Of the counted RAM bytes, those inside the first ``written`` stream bytes.
+        A RAM section's counted bytes are the start of its payload, so each section
+        contributes what lies before ``written``; after a failed write nothing more is
+        written (puts are no-ops), so later sections contribute nothing."""
+        marks = self._marks + [(None, self._ram_counted())]
+        total = 0
+        for (off, before), (_next, after) in zip(marks, marks[1:]):
+            total += max(0, min(written - off, after - before))
+        return total
+
+    def _new_iteration(self, dirty: int, final: bool = False) -> None:
+        """Open the next iteration (numbered 1, 2, 3... in order; ``sync`` records the
+        dirty-sync-count it started at, which may skip: the sync that leads to
+        completion starts no pre-copy iteration)."""
         self._close_iteration()
-        self._iter = IterationStats(index, dirty, final=final)
+        self._iter = IterationStats(len(self.stats.iterations) + 1, dirty, final=final,
+                                    sync=self.stats.dirty_sync_count)
         self._iter_t0 = time.monotonic()
         self._iter_bytes0 = self.f.ftell_fast()
         self._iter_pages0 = self.saver.stats.pages
@@ -246,7 +286,7 @@ class MigrationEngine:
             if synced:
                 if st.dirty_sync_count > p.max_iterations:
                     return self._limit("max-iterations")
-                self._new_iteration(st.dirty_sync_count, self._dirty)
+                self._new_iteration(self._dirty)
             if time.monotonic() - self.t0 > p.time_limit:
                 return self._limit("time-limit")
             self._send_part()
@@ -291,7 +331,7 @@ class MigrationEngine:
         f = self.f
         limited = self.windows.limit > 0
         deadline = time.monotonic() + MAX_WAIT
-        with self.writer.section(RAM, QEMU_VM_SECTION_PART):
+        with self._ram_section(QEMU_VM_SECTION_PART):
             f.ram_control_before_iterate(RAM_CONTROL_ROUND)
             while self._dirty:
                 self._send_some(CHUNK, limited)
@@ -324,8 +364,11 @@ class MigrationEngine:
         if block is None:
             self._dirty = 0
             return 0
+        zeros_before = self.saver.stats.zero_pages
         n = self.saver.save_pages(block, idx, rate_limited=rate_limited)
         sent = idx[:n]
+        if self.saver.release_ram and self.saver.stats.zero_pages > zeros_before:
+            self._release_zero(block, sent)
         self._bitmap[block.name][sent] = False
         self._dirty -= n
         if n:
@@ -337,9 +380,11 @@ class MigrationEngine:
         """migration_completion: stop the guest, sync, send the rest in END, devices, EOF, vmdesc."""
         st, f = self.stats, self.f
         self._close_iteration()
-        st.precopy_bytes = self.saver.stats.pages_bytes
+        st.precopy_bytes = self._ram_counted()
         stop_t = time.monotonic()
         self.workload.pause()                       # vm_stop: the writer has acknowledged
+        st.switchover_time = stop_t - self.t0
+        self._sample_rss(st.switchover_time)        # the RSS line reaches the switchover
         st.expected_downtime = self._dirty * st.page_size / max(st.bandwidth, 1.0)
         if self.params.pause_before_switchover:
             st.status = "pre-switchover"
@@ -350,7 +395,7 @@ class MigrationEngine:
                 self._continue.wait(max(0.0, self.params.time_limit - (time.monotonic() - self.t0)))
         st.status = "device"
         self._sync()
-        self._new_iteration(st.dirty_sync_count, self._dirty, final=True)
+        self._new_iteration(self._dirty, final=True)
         excluded = 0.0
         if self.hash_at_switchover:
             h0 = time.monotonic()
@@ -361,17 +406,21 @@ class MigrationEngine:
             # reach the wire before their memory is released
             f.fflush()
             self._release_clean()
+            self._sample_rss()
         self.saver.last_stage = True
         self.saver.release_ram = self.params.release_ram
         self.saver.generation = st.dirty_sync_count
         f.set_rate_limit(0)                         # completion runs unthrottled
-        with self.writer.section(RAM, QEMU_VM_SECTION_END):
+        with self._ram_section(QEMU_VM_SECTION_END):
             f.ram_control_before_iterate(RAM_CONTROL_FINISH)
-            while self._dirty:
-                if not self._send_some(1 << 16, False):
+            # stop at the first error, as ram_save_complete does: pages "sent" into a
+            # failed QEMUFile would only inflate the counters
+            while self._dirty and not f.get_error():
+                if not self._send_some(CHUNK, False):
                     break
             f.ram_control_after_iterate(RAM_CONTROL_FINISH)
             self.saver.write_eos()
+            self._uncounted += 8                    # ram_save_complete's EOS is not counted
         devices = none_machine_devices(self.params.runstate)
         for se, payload, _desc in devices:
             self.writer.write_full_section(se, payload)
@@ -380,7 +429,7 @@ class MigrationEngine:
         f.fflush()
         self._close_iteration()
         st.downtime = time.monotonic() - stop_t - excluded
-        st.downtime_bytes = self.saver.stats.pages_bytes - st.precopy_bytes
+        st.downtime_bytes = self._ram_counted() - st.precopy_bytes
 
     def _release_clean(self) -> None:
         """Release every page already sent and not dirty (the destination has it)."""
@@ -394,10 +443,32 @@ class MigrationEngine:
             ranges = np.stack([starts * b.page_size, (ends - starts) * b.page_size], axis=1)
             self.stats.released_bytes += b.release(ranges)
 
+    def _release_zero(self, block, sent: np.ndarray) -> None:
+        """Release the zero pages among ``sent`` (QEMU's save_zero_page releases each one
+        under release-ram: a ZERO record carries no data, so nothing is waiting to be
+        written).  The batch's pages are checked at once and released in one call, which
+        coalesces adjacent pages into runs (one syscall per run, not per page)."""
+        first, last = int(sent[0]), int(sent[-1])
+        if last - first + 1 == sent.size:          # sorted and unique: a contiguous run
+            pages = block.pages[first:last + 1]    # a view, no copy
+        else:
+            pages = block.pages[sent]
+        zero = sent[~pages.view(np.uint64).any(axis=1)]
+        if zero.size:
+            ps = block.page_size
+            ranges = np.stack([zero * ps, np.full(zero.size, ps, dtype=np.int64)], axis=1)
+            self.stats.released_bytes += block.release(ranges)
+
     # -- reporting --------------------------------------------------------------------------
-    def _window_closed(self, windows: RateWindows) -> None:
+    def _sample_rss(self, t: float | None = None) -> None:
+        """One (time, stream bytes, source RSS) point for the plot, when sampling is on;
+        ``t`` in seconds since the start (default: now)."""
         if self.params.sample_rss:
-            self.stats.timeline.append((time.monotonic() - self.t0, self.f.ftell_fast(), resident_bytes(self.ram)))
+            when = time.monotonic() - self.t0 if t is None else t
+            self.stats.timeline.append((when, self.f.ftell_fast(), resident_bytes(self.ram)))
+
+    def _window_closed(self, windows: RateWindows) -> None:
+        self._sample_rss()
         self._progress()
 
     def _progress(self) -> None:
@@ -413,12 +484,21 @@ class MigrationEngine:
         self._close_iteration()
         st.total_time = time.monotonic() - self.t0
         st.ram = self.saver.stats
-        st.stream_bytes = self.f.ftell_fast()
+        # bytes the channel took: queued bytes a failed write never delivered are not
+        # "transferred" (no I/O happens here after an error; a completed run is flushed)
+        st.stream_bytes = self.f.ftell()
+        st.ram_queued = self._ram_counted()
+        st.ram_transferred = self._ram_written(st.stream_bytes)
         st.windows = self.windows.windows
         st.released_bytes += self.f.released_bytes
         st.rss_after = resident_bytes(self.ram)
         st.workload = self.workload.describe()
-        if st.status == "completed" and st.bandwidth == 0:
-            st.bandwidth = st.stream_bytes / max(st.total_time, 1e-9)   # no window closed: average
+        st.window_bandwidth = st.bandwidth
+        if st.status == "completed":
+            # migration_calculate_complete: s->mbps becomes the average over the
+            # migration after setup (every stream byte / (total time - setup time))
+            st.average_bandwidth = st.stream_bytes / max(st.total_time - st.setup_time, 1e-9)
+            if st.bandwidth == 0:
+                st.bandwidth = st.average_bandwidth      # no window closed: the average
         if self.params.sample_rss:
             st.timeline.append((st.total_time, st.stream_bytes, st.rss_after))

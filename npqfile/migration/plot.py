@@ -4,26 +4,48 @@ Supports: :func:`plot_migration(stats, path)` writing a PNG (matplotlib, Agg bac
 with two panels: per-iteration bytes sent (bars) and dirty pages at the start of each
 iteration (line, right axis); and the source guest RAM's resident size and the stream
 bytes over time (from ``stats.timeline``, sampled every 100 ms window when
-``sample_rss`` is on; with release-ram the RSS drops at switchover).
+``sample_rss`` is on, and at switchover, after release-ram's release and at completion,
+so the RSS drop shows inside the downtime, which is shaded); :func:`plot_sweep(rows,
+names, path)` for a ``--sweep``: total time (bars) and downtime (line) per case;
+:func:`check_writable(path)` to fail before a long run rather than after it.
 Goals: the figure guestperf users look at, in one call.  Errors: OSError if the file
 cannot be written.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+from typing import Any
 
 from npqfile.migration.stats import MigrationStats
 
 MIB = float(1 << 20)
 
 
-def plot_migration(stats: MigrationStats, path: str | os.PathLike) -> None:
-    """Draw ``stats`` into the PNG ``path``.  Raises OSError when it cannot be written."""
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise OSError naming ``path`` when a file cannot be created there (missing or
+    unwritable directory, or a directory in the file's place); returns nothing."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OSError(errno.ENOENT, f"cannot write the plot {path}: directory {folder} does not exist")
+    if os.path.isdir(path):
+        raise OSError(errno.EISDIR, f"cannot write the plot {path}: it is a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OSError(errno.EACCES, f"cannot write the plot {path}: directory {folder} is not writable")
+
+
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def plot_migration(stats: MigrationStats, path: str | os.PathLike) -> None:
+    """Draw ``stats`` into the PNG ``path``.  Raises OSError when it cannot be written."""
+    plt = _pyplot()
     fig, (ax1, ax3) = plt.subplots(2, 1, figsize=(8, 7))
     try:
         its = stats.iterations
@@ -43,11 +65,40 @@ def plot_migration(stats: MigrationStats, path: str | os.PathLike) -> None:
             ts = [t for t, _b, _r in tl]
             ax3.plot(ts, [r / MIB for _t, _b, r in tl], color="tab:green", label="source RSS")
             ax3.plot(ts, [b / MIB for _t, b, _r in tl], color="tab:gray", linestyle="--", label="stream bytes")
+            if stats.switchover_time:
+                ax3.axvspan(stats.switchover_time, stats.switchover_time + stats.downtime, color="tab:orange",
+                            alpha=0.2, label="downtime")
             ax3.legend(loc="best")
         else:
             ax3.text(0.5, 0.5, "no RSS samples", ha="center", va="center", transform=ax3.transAxes)
         ax3.set_xlabel("time (s)")
         ax3.set_ylabel("MiB")
+        fig.tight_layout()
+        fig.savefig(os.fspath(path), dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def plot_sweep(rows: list[dict[str, Any]], names: list[str], path: str | os.PathLike) -> None:
+    """Draw a sweep's rows (``run_sweep``) into the PNG ``path``: one bar per case (its
+    ``names`` values as the label) for the total time, the downtime as a line on the
+    right axis; cases that did not converge are hatched.  Raises OSError when it cannot
+    be written."""
+    plt = _pyplot()
+    fig, ax1 = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2), 5))
+    try:
+        labels = ["\n".join(f"{n}={row[n]}" for n in names) for row in rows]
+        xs = list(range(len(rows)))
+        bars = ax1.bar(xs, [row.get("total-ms", 0) for row in rows], color="tab:blue", label="total time")
+        for bar, row in zip(bars, rows):
+            if not row.get("converged"):
+                bar.set_hatch("//")
+        ax1.set_xticks(xs, labels)
+        ax1.set_ylabel("total time (ms)", color="tab:blue")
+        ax2 = ax1.twinx()
+        ax2.plot(xs, [row.get("downtime-ms", 0) for row in rows], "o-", color="tab:red", label="downtime")
+        ax2.set_ylabel("downtime (ms)", color="tab:red")
+        ax1.set_title(f"sweep over {', '.join(names)} (hatched: not converged)")
         fig.tight_layout()
         fig.savefig(os.fspath(path), dpi=100)
     finally:

@@ -11,12 +11,17 @@ back), ``exec:CMD`` and ``null:`` (not verifiable: no return path).
 
 Goals: "the destination equals the source at switchover", checked every time it can
 be: block by block with ``np.array_equal`` in-process, by sha256 otherwise (always by
-hash when release-ram has released the source's pages).  Plan: the config is a plain
-picklable dataclass, so a sweep can ship it to worker processes.
+hash when release-ram has released the source's pages).  A run is only ``completed``
+when the channel also closed cleanly (``qemu_fclose``'s result: an ``exec:`` command
+that exits non-zero fails the migration).  When the destination failed, nothing was
+compared: the verification says so (``done`` False, ``error`` "destination failed:
+..."), never "mismatch".  Plan: the config is a plain picklable dataclass, so a sweep
+can ship it to worker processes.
 """
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 from collections.abc import Callable
@@ -35,6 +40,7 @@ from npqfile.errors import StreamError
 from npqfile.qemufile import QEMUFile
 from npqfile.ram import GuestRAM
 from npqfile.stream.loader import load_stream
+from npqfile.units import format_bytes
 
 INITS = ("zero", "random", "mixed")
 VERIFY_TIMEOUT = 120.0      # seconds to wait for the destination's verdict
@@ -73,9 +79,23 @@ def fill_guest(ram: GuestRAM, init: str, seed: int) -> None:
             b.pages[rng.random(b.n_pages) < 0.25] = 0
 
 
+def add_guest_block(ram: GuestRAM, name: str, size: int) -> None:
+    """``ram.add_block(name, size)``; returns nothing.  A block the system cannot map
+    raises OSError naming the guest RAM size and the block (not a bare ENOMEM)."""
+    try:
+        ram.add_block(name, size)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot allocate the {format_bytes(size)} guest RAM "
+                                 f"(block {name!r}): {exc.strerror or exc}") from None
+
+
 def _make_ram(cfg: MigrationConfig) -> GuestRAM:
     ram = GuestRAM()
-    ram.add_block(cfg.block, cfg.size)
+    try:
+        add_guest_block(ram, cfg.block, cfg.size)
+    except BaseException:
+        ram.close()
+        raise
     return ram
 
 
@@ -95,6 +115,12 @@ def _compare(src: GuestRAM, dst: GuestRAM | None, src_hashes: dict[str, str] | N
         elif other.size != b.size or not np.array_equal(b.array, other.array):
             bad.append(b.name)
     return {"method": "sha256" if src_hashes is not None else "compare", "ok": not bad, "mismatched": bad}
+
+
+def destination_failed(method: str, reason: str | None) -> dict:
+    """The verification of a run whose destination failed: nothing was compared, so
+    ``done`` is False and ``error`` says why; ``ok`` is False (the guest did not arrive)."""
+    return {"method": method, "ok": False, "done": False, "error": f"destination failed: {reason}"}
 
 
 def _compare_hashes(mine: dict[str, str], theirs: dict[str, str]) -> dict:
@@ -143,7 +169,7 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationSt
                 reader = DecompressingReader(reader, comp)
             dest_ram = GuestRAM()
             for blk in ram.blocks:
-                dest_ram.add_block(blk.name, blk.size)
+                add_guest_block(dest_ram, blk.name, blk.size)
             dest = Destination(dest_ram, machine=params.machine, hash_blocks=False)
             dest.start(reader)
         else:
@@ -166,18 +192,25 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationSt
             src_hashes = block_hashes(ram)
         if remote and cfg.verify:
             st.verification = _remote_verdict(f, st, src_hashes if cfg.verify else None)
-        f.close()
+        ret = f.close()
+        if ret < 0 and st.status == "completed":
+            # qemu_fclose's result: e.g. an exec: command that failed after reading
+            # everything; the stream did not reach its destination intact
+            st.status, st.converged = "failed", False
+            st.outcome = f"error: {f.error or os.strerror(-ret)}"
         f = None
         if dest is not None:
             res = dest.join(VERIFY_TIMEOUT)
             st.destination = res.as_dict()
-            if st.status == "completed" and cfg.verify:
-                st.verification = (_compare(ram, dest_ram, src_hashes) if res.status == "completed"
-                                   else {"method": "compare", "ok": False, "error": res.error})
+            if res.status != "completed" and cfg.verify and st.status != "cancelled":
+                st.verification = destination_failed("compare", res.error)
+            elif st.status == "completed" and cfg.verify:
+                st.verification = _compare(ram, dest_ram, src_hashes)
         elif to.startswith("file:") and st.status == "completed" and cfg.verify:
             st.verification = _verify_file(to[5:], ram, src_hashes, comp)
         elif not remote and st.status == "completed":
-            st.verification = {"method": None, "ok": None, "note": f"{to.split(':')[0]}: has no return path"}
+            scheme = to.split(":")[0]
+            st.verification = {"method": None, "ok": None, "note": f"{scheme}: has no return path"}
         return st
     finally:
         # On any exit: the stream closed (the destination then sees its end), the
@@ -200,6 +233,9 @@ def _remote_verdict(f: QEMUFile, st: MigrationStats, src_hashes: dict | None) ->
         return {}
     try:
         if not failed:
+            finish = getattr(f.channel, "finish", None)
+            if finish is not None:
+                finish()            # the zstd frame ends before our half of the connection
             f.channel.shutdown(False, True)
         rp = f.get_return_path()
         if rp is None:
@@ -218,23 +254,27 @@ def _remote_verdict(f: QEMUFile, st: MigrationStats, src_hashes: dict | None) ->
     if msg.get("status") != "completed":
         if failed:
             st.outcome += f" (destination: {msg.get('error')})"
-        return {"method": "sha256", "ok": False, "error": msg.get("error")}
+        return destination_failed("sha256", msg.get("error"))
     if src_hashes is None:
         return {"method": None, "ok": None, "note": "verification off"}
     return _compare_hashes(src_hashes, msg.get("hashes", {}))
 
 
 def _verify_file(path: str, ram: GuestRAM, src_hashes: dict | None, comp) -> dict:
-    """Load the snapshot file back into a fresh GuestRAM and compare."""
+    """Load the snapshot file back into a fresh GuestRAM and compare; returns the
+    verification dict (a file that does not load gives ``ok`` False, ``done`` False)."""
     check = GuestRAM()
-    for b in ram.blocks:
-        check.add_block(b.name, b.size)
     try:
+        for b in ram.blocks:
+            add_guest_block(check, b.name, b.size)
         reader: Any = open_channel(f"file:{path}", "r")
         if comp.on_channel:
             reader = DecompressingReader(reader, comp)
         with QEMUFile(reader) as rf:
             load_stream(rf, check)
         return _compare(ram, check, src_hashes)
+    except (StreamError, OSError) as exc:
+        return {"method": "sha256" if src_hashes is not None else "compare", "ok": False, "done": False,
+                "error": f"loading {path} back failed: {exc}"}
     finally:
         check.close()

@@ -25,7 +25,7 @@ from npqfile.stream.ram_stats import RAMStats
 @dataclass
 class IterationStats:
     """One pass of pre-copy between two dirty-bitmap syncs (QEMU: one ``dirty-sync-count`` step)."""
-    index: int                  # 1 = the bulk pass over all RAM
+    index: int                  # 1 = the bulk pass over all RAM, then 2, 3... in order
     dirty_pages: int            # pages pending when the pass began (all pages for pass 1)
     pages_sent: int = 0         # page records sent during the pass (any kind)
     bytes_sent: int = 0         # stream bytes queued during the pass (QEMUFile ftell_fast delta)
@@ -33,9 +33,12 @@ class IterationStats:
     bandwidth: float = 0.0      # bytes/s measured over the pass
     sections: int = 0           # PART sections written in the pass
     final: bool = False         # the stop-and-copy pass (END section)
+    sync: int = 0               # dirty-sync-count when the pass began (skips one before the
+                                # final pass: the sync that decides completion starts no pass)
 
     def as_dict(self) -> dict:
-        return {"iteration": self.index, "dirty-pages": self.dirty_pages, "pages": self.pages_sent,
+        return {"iteration": self.index, "dirty-sync-count": self.sync, "dirty-pages": self.dirty_pages,
+                "pages": self.pages_sent,
                 "bytes": self.bytes_sent, "time-ms": round(self.duration * 1000, 3),
                 "mbps": round(self.bandwidth * 8 / 1e6, 3), "sections": self.sections, "final": self.final}
 
@@ -59,17 +62,22 @@ class MigrationStats:
     setup_time: float = 0.0
     downtime: float = 0.0
     expected_downtime: float = 0.0
-    stream_bytes: int = 0       # every byte of the stream (QEMUFile position at the end)
+    stream_bytes: int = 0       # every stream byte the channel took (QEMUFile ftell at the end)
     page_size: int = 4096
     ram_total: int = 0
     remaining: int = 0          # dirty bytes not sent (non-zero only for a cancelled run)
     dirty_sync_count: int = 0
     dirty_pages_rate: float = 0.0   # pages/s, measured over the last completed pass
-    bandwidth: float = 0.0          # bytes/s, last measurement (QEMU: mbps)
+    bandwidth: float = 0.0          # bytes/s, last measurement (drives threshold_size)
+    window_bandwidth: float = 0.0   # bytes/s of the last rate-limit window
+    average_bandwidth: float = 0.0  # completed runs: stream bytes / (total - setup time)
     threshold_size: int = 0         # bytes that fit in downtime_limit at that bandwidth
     part_sections: int = 0
-    precopy_bytes: int = 0          # RAM bytes sent while the guest ran
-    downtime_bytes: int = 0         # RAM bytes sent while it was stopped
+    precopy_bytes: int = 0          # RAM bytes (QEMU's counting) queued while the guest ran
+    downtime_bytes: int = 0         # ... while it was stopped
+    ram_queued: int = 0             # QEMU's ram_counters.transferred: RAM bytes queued
+    ram_transferred: int = 0        # the part of ram_queued the channel actually took
+    switchover_time: float = 0.0    # seconds from the start to vm_stop (0: never stopped)
     ram: RAMStats = field(default_factory=RAMStats)
     xbzrle_cache_size: int = 0
     compression: dict = field(default_factory=dict)
@@ -86,8 +94,19 @@ class MigrationStats:
 
     @property
     def transferred(self) -> int:
-        """RAM section bytes (QEMU's ``ram.transferred``)."""
-        return self.ram.pages_bytes
+        """QEMU's ``ram.transferred``: page records (headers, idstrs, data) and the EOS of
+        each PART section -- not ``ram_save_setup``'s records nor the END section's EOS,
+        which QEMU 7.2 does not count either -- limited to bytes the channel took (QEMU
+        counts at queue time; the two differ only for a failed run)."""
+        return self.ram_transferred
+
+    @property
+    def mbps(self) -> float:
+        """``ram.mbps``: for a completed run QEMU's migration_calculate_complete average
+        (all stream bytes over total time minus setup time), otherwise the last window's
+        rate, as query-migrate reports while active; megabits per second."""
+        rate = self.average_bandwidth if self.status == "completed" and self.average_bandwidth else self.bandwidth
+        return rate * 8 / 1e6
 
     def window_overshoot(self) -> int:
         """Most bytes any limited window went over its limit (0 when none did or unlimited)."""
@@ -115,7 +134,7 @@ class MigrationStats:
                 "skipped": 0,
                 "dirty-pages-rate": round(self.dirty_pages_rate, 1),
                 "dirty-sync-count": self.dirty_sync_count,
-                "mbps": round(self.bandwidth * 8 / 1e6, 3),
+                "mbps": round(self.mbps, 3),
                 "page-size": self.page_size,
                 "pages-per-second": round(r.pages / secs, 1),
                 "precopy-bytes": self.precopy_bytes,
@@ -128,6 +147,9 @@ class MigrationStats:
                 "part-sections": self.part_sections,
                 "threshold-size": self.threshold_size,
                 "throughput-mbps": round(self.stream_bytes * 8 / 1e6 / secs, 3),
+                "last-window-mbps": round(self.window_bandwidth * 8 / 1e6, 3),
+                "transferred-queued": self.ram_queued,
+                "switchover-ms": round(self.switchover_time * 1000, 3),
                 "pages": {"normal": r.normal_pages, "zero": r.zero_pages, "xbzrle": r.xbzrle_pages,
                           "compressed": r.compressed_pages, "xbzrle-unchanged": r.xbzrle_unchanged},
                 "iterations": [it.as_dict() for it in self.iterations],

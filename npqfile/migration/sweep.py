@@ -8,8 +8,15 @@ list of cases), :func:`apply_param` (one value into a :class:`MigrationConfig`) 
 with ``min(cases, cpu_count)`` workers: each migration has a sender, a workload and a
 destination thread, so cases do not share a GIL) and returns one row per case.
 
+Destinations: cases run at the same time, so they cannot share one.  ``file:PATH``
+gives each case its own file, ``PATH`` with the case number before the suffix
+(``snap.bin`` -> ``snap.1.bin``, ``snap.2.bin``...; :func:`case_destination`, reported
+in each row's ``to``); in-process, ``null:`` and ``mem:`` need nothing; ``tcp:``,
+``unix:``, ``exec:`` and ``fd:`` are refused (one listener, one command, one fd).
+
 Goals: the table guestperf users draw (total time, downtime, converged or not) in one
-command.  Plan: configs are picklable dataclasses; each worker returns plain dicts.
+command; every bad sweep a ValueError naming what is wrong, before any case runs.
+Plan: configs are picklable dataclasses; each worker returns plain dicts.
 """
 
 from __future__ import annotations
@@ -61,8 +68,10 @@ def apply_param(cfg: MigrationConfig, name: str, value: str) -> None:
 
 def parse_sweep(specs: list[str]) -> list[list[tuple[str, str]]]:
     """``PARAM=V1,V2`` strings -> every combination as a list of (param, value).
-    Raises ValueError for a malformed spec or an unknown parameter."""
+    Raises ValueError for a malformed spec, an unknown parameter or one given twice
+    (``--sweep size=16M --sweep size=8M``: write ``size=16M,8M``)."""
     axes = []
+    seen: set[str] = set()
     for spec in specs:
         name, eq, values = spec.partition("=")
         name = name.strip()
@@ -70,8 +79,27 @@ def parse_sweep(specs: list[str]) -> list[list[tuple[str, str]]]:
             raise ValueError(f"--sweep expects PARAM=V1,V2,..., got {spec!r}")
         if name not in SWEEP_PARAMS:
             raise ValueError(f"unknown sweep parameter {name!r} (choose {', '.join(SWEEP_PARAMS)})")
+        if name in seen:
+            raise ValueError(f"sweep parameter {name!r} given twice: list all its values in one "
+                             f"--sweep {name}=V1,V2,...")
+        seen.add(name)
         axes.append([(name, v.strip()) for v in values.split(",") if v.strip()])
     return [list(combo) for combo in itertools.product(*axes)]
+
+
+def case_destination(to: str | None, case: int) -> str | None:
+    """The destination of sweep case number ``case`` (1-based) when the base config goes
+    to ``to``: ``file:PATH`` becomes ``file:`` PATH with ``.N`` before its suffix; the
+    in-process default, ``null:`` and ``mem:`` stay.  Raises ValueError for a
+    destination cases would have to share (tcp:, unix:, exec:, fd:)."""
+    if to in (None, "inprocess", "null:", "mem:"):
+        return to
+    scheme = to.partition(":")[0]
+    if scheme == "file":
+        root, ext = os.path.splitext(to[len("file:"):])
+        return f"file:{root}.{case}{ext}"
+    raise ValueError(f"--sweep cannot send its parallel cases to {to!r}: they would share one {scheme}: "
+                     "destination (use file:PATH for one file per case, or null:)")
 
 
 def _run_case(cfg: MigrationConfig) -> dict[str, Any]:
@@ -85,12 +113,14 @@ def _run_case(cfg: MigrationConfig) -> dict[str, Any]:
 def run_sweep(base: MigrationConfig, specs: list[str], jobs: int | None = None) -> list[dict[str, Any]]:
     """Run every combination of ``specs`` on top of ``base``; returns one row per case
     (the case's parameters plus status, outcome, converged, total-ms, downtime-ms,
-    iterations, transferred bytes, verified).  A case that raises gives a row with
-    ``status="error"``."""
+    iterations, transferred bytes, verified, and ``to``, the case's destination).  A
+    case that raises gives a row with ``status="error"``.  Raises ValueError for a bad
+    sweep or a destination the cases cannot share, before any case runs."""
     cases = parse_sweep(specs)
     configs = []
-    for case in cases:
+    for number, case in enumerate(cases, 1):
         cfg = copy.deepcopy(base)
+        cfg.to = case_destination(base.to, number)
         for name, value in case:
             apply_param(cfg, name, value)
         configs.append(cfg)
@@ -100,10 +130,10 @@ def run_sweep(base: MigrationConfig, specs: list[str], jobs: int | None = None) 
     rows = []
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         futures = [pool.submit(_run_case, cfg) for cfg in configs]
-        for case, fut in zip(cases, futures):
+        for case, cfg, fut in zip(cases, configs, futures):
             try:
                 result = fut.result()
             except (OSError, ValueError, RuntimeError) as exc:
                 result = {"status": "error", "outcome": str(exc), "converged": False}
-            rows.append({**dict(case), **result})
+            rows.append({**dict(case), **result, "to": cfg.to})
     return rows

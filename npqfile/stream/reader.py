@@ -33,7 +33,7 @@ MAX_SHOWN = 64   # characters of a wire name quoted in a message
 
 _ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 # One escaped character of wire_name's output, so shown() never cuts an escape in half.
-_TOKEN = re.compile(r"\\(?:x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8}|[\\nrt])|.", re.S)
+_TOKEN = re.compile(r"\\(?:x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8}|[\\nrt])|.", re.DOTALL)
 
 
 def wire_name(raw: bytes | str) -> str:

@@ -14,6 +14,7 @@ the migration engine drives them.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -34,33 +35,43 @@ PASS_PAGES = 1 << 18   # page indices handed to save_pages per call (1 GiB of 4 
 def save_snapshot(f: QEMUFile, ram: GuestRAM, *, machine: str = "none", send_configuration: bool = True,
                   send_section_footer: bool = True, send_vmdesc: bool = True, runstate: str = "prelaunch",
                   xbzrle_cache_size: int = 0, compress_level: int | None = None,
-                  zero_page_detection: bool = True) -> RAMStats:
+                  zero_page_detection: bool = True, release_ram: bool = False,
+                  progress: Callable[[int], None] | None = None, progress_every: int = 1 << 20) -> RAMStats:
     """Write all of ``ram`` as one complete migration stream to the writable QEMUFile ``f``.
 
     Returns the RAM statistics.  ``machine`` must be the destination's machine-type name
     (``none``; ``pc-i440fx-7.2`` for ``-M pc`` on 7.2).  ``runstate`` is what the
-    ``globalstate`` section tells the destination to enter.  Flushes ``f`` at the end;
-    raises the file's FileError if any write failed, ValueError for bad arguments.
+    ``globalstate`` section tells the destination to enter.  ``release_ram`` sends normal
+    pages ``may_free`` (released once written).  ``progress(ram_bytes)`` is called after
+    every ``progress_every`` bytes of a block's pages (whole pages, at least one) with the
+    RAM bytes queued so far.  Flushes ``f`` at the end; raises the file's FileError if
+    any write failed, ValueError for bad arguments.
     """
     w = SaveVMWriter(f, machine=machine, send_configuration=send_configuration,
                      send_section_footer=send_section_footer, send_vmdesc=send_vmdesc)
     devices = none_machine_devices(runstate)
     saver = RAMSaver(f, ram, xbzrle_cache_size=xbzrle_cache_size, compress_level=compress_level,
-                     zero_page_detection=zero_page_detection)
+                     zero_page_detection=zero_page_detection, release_ram=release_ram)
     w.write_header()
     with w.section(RAM, QEMU_VM_SECTION_START):
         saver.save_setup()
+    sent = 0
     with w.section(RAM, QEMU_VM_SECTION_PART):
         for block in ram.blocks:
-            for start in range(0, block.n_pages, PASS_PAGES):
-                saver.save_pages(block, np.arange(start, min(start + PASS_PAGES, block.n_pages)))
+            step = PASS_PAGES if progress is None else max(1, min(PASS_PAGES, progress_every // block.page_size))
+            for start in range(0, block.n_pages, step):
+                end = min(start + step, block.n_pages)
+                saver.save_pages(block, np.arange(start, end))
+                sent += (end - start) * block.page_size
+                if progress is not None:
+                    progress(sent)
         saver.write_eos()
     with w.section(RAM, QEMU_VM_SECTION_END):
         saver.write_eos()
     for se, payload, _desc in devices:
         w.write_full_section(se, payload)
     w.write_eof()
-    w.write_vmdesc([desc for _se, _payload, desc in devices])
+    w.write_vmdesc([desc for _se, _payload, desc in devices], saver.page_size)
     f.fflush()
     if f.get_error():
         raise f.error

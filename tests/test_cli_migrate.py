@@ -19,6 +19,7 @@ from npqfile.migration.workloads import make_workload
 from npqfile.ram import GuestRAM
 from npqfile.stream.devices import none_machine_devices
 from npqfile.stream.vmdesc import encode_vmdesc
+from npqfile.units import parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -104,6 +105,11 @@ def test_not_converging_exits_2(capsys):
     (["--max-bandwidth", "fast"], "not a rate"), (["--workload", "spiky"], "unknown workload"),
     (["--compress", "brotli"], "unknown compression"), (["--to", "ftp:x"], "unknown migration URI"),
     (["--sweep", "colour=red"], "unknown sweep parameter"),
+    (["--sweep", "size=2M,4M", "--sweep", "size=8M"], "sweep parameter 'size' given twice"),
+    (["--sweep", "size=2M", "--to", "tcp:127.0.0.1:5"], "cannot send its parallel cases to 'tcp:127.0.0.1:5'"),
+    (["--seed", "-1"], "--seed must be a non-negative integer, got -1"),
+    (["--size", "256T"], "cannot allocate the 256.0 TiB guest RAM (block 'ram')"),
+    (["--plot", "/nonexistent/dir/p.png"], "plot /nonexistent/dir/p.png: directory /nonexistent/dir does not exist"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     assert main(["migrate", "--quiet", "--size", "1M", *argv]) == 1
@@ -133,13 +139,15 @@ def _start_incoming(uri: str, *extra: str) -> tuple[subprocess.Popen, str]:
     return proc, line.split("listening on ", 1)[1].strip()
 
 
-def _migrate_between_processes(uri: str, dest_ram: str, *migrate_args: str):
+def _migrate_between_processes(uri: str, dest_ram: str, *migrate_args: str, incoming_args: tuple = (),
+                               as_json: bool = True):
     """Start ``npqfile incoming URI --ram DEST_RAM``, run ``npqfile migrate --to`` it; returns
     (incoming process, migrate CompletedProcess, incoming stdout, incoming stderr)."""
-    proc, real_uri = _start_incoming(uri, "--ram", dest_ram)
+    proc, real_uri = _start_incoming(uri, "--ram", dest_ram, *incoming_args)
     try:
-        src = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--to", real_uri, "--json", *migrate_args],
-                             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
+        src = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--to", real_uri,
+                              *(["--json"] if as_json else ["--quiet"]), *migrate_args],
+                             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60, check=False)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
@@ -163,14 +171,102 @@ def test_incoming_refuses_a_wrong_size(tmp_path):
     proc, src, _, dest_err = _migrate_between_processes("tcp:127.0.0.1:0", "8M", "--size", "4M", "--workload", "idle")
     assert proc.returncode == 1 and "error:" in dest_err
     assert src.returncode == 1 and "Size mismatch: ram: 0x400000 != 0x800000" in src.stderr
-    assert json.loads(src.stdout)["npqfile"]["verification"]["ok"] is False
+    ver = json.loads(src.stdout)["npqfile"]["verification"]
+    # nothing was compared: "not done" and why, never a mismatch
+    assert ver["ok"] is False and ver["done"] is False
+    assert ver["error"].startswith("destination failed: Size mismatch") and "mismatched" not in ver
+
+
+def test_a_rejected_stream_reports_written_bytes_and_no_verification():
+    # the destination gives up at the setup records: most RAM pages are never written
+    proc, src, _, _ = _migrate_between_processes("tcp:127.0.0.1:0", "8M", "--size", "16M", "--workload", "idle",
+                                                 "--compress", "lz4", as_json=False)
+    out = src.stdout
+    assert proc.returncode == 1 and src.returncode == 1
+    assert "not done: destination failed:" in out and "MISMATCH" not in out
+    transferred = int(out.split("transferred (RAM)")[1].split("(")[1].split(" B")[0])
+    stream = out.split("stream bytes")[1].split("│")[1].strip()
+    assert transferred <= parse_size(stream.replace(" ", "").replace("iB", ""))
+
+
+def test_compressed_stream_into_a_plain_destination_is_not_a_mismatch():
+    proc, src, _, dest_err = _migrate_between_processes("tcp:127.0.0.1:0", "4M", "--size", "4M", "--workload", "idle",
+                                                        "--compress", "zstd")
+    assert proc.returncode == 1 and "error:" in dest_err
+    d = json.loads(src.stdout)
+    ver = d["npqfile"]["verification"]
+    assert src.returncode == 1 and ver["done"] is False and ver["error"].startswith("destination failed:")
+    assert d["ram"]["transferred"] <= d["npqfile"]["stream-bytes"]
 
 
 def test_exec_transport_is_reported_unverified(tmp_path, capsys):
     out = tmp_path / "s.bin"
     rc, d = run_json(capsys, "--size", "2M", "--workload", "idle", "--to", f"exec:cat > {out}")
-    assert rc == 0 and d["npqfile"]["verification"]["ok"] is None
+    assert rc == 0 and d["npqfile"]["verification"] == {"method": None, "ok": None,
+                                                        "note": "exec: has no return path"}
     assert out.stat().st_size == d["npqfile"]["stream-bytes"]
+    assert main(["migrate", "--quiet", "--size", "2M", "--workload", "idle", "--to", "null:"]) == 0
+    assert "not verified (null: has no return path)" in capsys.readouterr().out
+
+
+def test_exec_command_failure_fails_the_migration(capsys):
+    rc = main(["migrate", "--quiet", "--size", "2M", "--workload", "idle", "--to", "exec:cat > /dev/null; exit 3"])
+    captured = capsys.readouterr()
+    assert rc == 1 and "migration failed" in captured.out
+    assert "error: migration failed:" in captured.err and "exited with status 3" in captured.err
+
+
+def test_stream_on_stdout_puts_the_report_on_stderr(tmp_path):
+    snap = tmp_path / "snap.bin"
+    with open(snap, "wb") as out:
+        res = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--json", "--size", "2M", "--workload", "idle",
+                              "--to", "fd:1"], stdout=out, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
+                             timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    d = json.loads(res.stderr)
+    assert snap.stat().st_size == d["npqfile"]["stream-bytes"] == expected_stream_bytes(d)
+    assert main(["analyze", str(snap)]) == 0
+
+
+def test_xbzrle_cache_size_is_an_alias(capsys):
+    rc, d = run_json(capsys, "--size", "2M", "--workload", "idle", "--xbzrle-cache-size", "1M")
+    assert rc == 0 and d["xbzrle-cache"]["cache-size"] == MIB
+
+
+def test_plot_directory_is_checked_before_migrating(monkeypatch, capsys):
+    import npqfile.cli.migrate as cli
+
+    def must_not_run(*a, **k):
+        raise AssertionError("migrated before checking the plot path")
+
+    monkeypatch.setattr(cli, "run_migration", must_not_run)
+    assert main(["migrate", "--quiet", "--size", "1M", "--plot", "/nonexistent/dir/p.png"]) == 1
+    assert "cannot write the plot" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_incoming_timeout_must_be_positive(value, capsys):
+    assert main(["incoming", "tcp:127.0.0.1:0", "--ram", "1M", f"--timeout={value}"]) == 1
+    captured = capsys.readouterr()
+    assert "listening" not in captured.out
+    assert captured.err.strip() == f"error: --timeout must be a positive number of seconds, got {value}"
+
+
+def test_incoming_names_a_guest_too_large_to_map(capsys):
+    assert main(["incoming", "file:/dev/null", "--ram", "256T"]) == 1
+    assert "cannot allocate the 256.0 TiB guest RAM (block 'ram')" in capsys.readouterr().err
+
+
+def test_sweep_to_a_file_writes_one_file_per_case_and_plots(tmp_path, capsys):
+    png = tmp_path / "sweep.png"
+    rc = main(["migrate", "--json", "--workload", "idle", "--to", f"file:{tmp_path / 'snap.bin'}",
+               "--sweep", "size=2M,4M", "--plot", str(png), "--jobs", "2"])
+    rows = json.loads(capsys.readouterr().out)
+    assert rc == 0 and [r["to"] for r in rows] == [f"file:{tmp_path / 'snap.1.bin'}", f"file:{tmp_path / 'snap.2.bin'}"]
+    assert all(r["verified"] is True for r in rows)
+    sizes = [(tmp_path / f"snap.{i}.bin").stat().st_size for i in (1, 2)]
+    assert sizes[1] > sizes[0] > 2 * MIB // 2
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # -- real QEMU -----------------------------------------------------------------------------

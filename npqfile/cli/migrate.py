@@ -27,7 +27,7 @@ import time
 from npqfile.migration.engine import MigrationParams
 from npqfile.migration.session import INITS, MigrationConfig, run_migration
 from npqfile.migration.stats import MigrationStats
-from npqfile.migration.sweep import SWEEP_PARAMS, with_rate, run_sweep
+from npqfile.migration.sweep import SWEEP_PARAMS, run_sweep, with_rate
 from npqfile.units import format_bytes, parse_rate, parse_size
 
 NAME = "migrate"

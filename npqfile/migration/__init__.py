@@ -21,7 +21,17 @@ from npqfile.migration.sweep import run_sweep
 from npqfile.migration.workloads import Workload, make_workload
 
 __all__ = [
-    "Destination", "DestinationResult", "block_hashes", "MigrationEngine", "MigrationParams",
-    "MigrationConfig", "run_migration", "IterationStats", "MigrationStats", "WindowStats", "run_sweep",
-    "Workload", "make_workload",
+    "Destination",
+    "DestinationResult",
+    "IterationStats",
+    "MigrationConfig",
+    "MigrationEngine",
+    "MigrationParams",
+    "MigrationStats",
+    "WindowStats",
+    "Workload",
+    "block_hashes",
+    "make_workload",
+    "run_migration",
+    "run_sweep",
 ]

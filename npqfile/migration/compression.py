@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import errno
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from npqfile.channels import flat_bytes
 
@@ -161,10 +162,13 @@ class DecompressingReader:
         self._raw_pos = 0            # compressed bytes consumed: the inner channel's position
         self._eof = False
         if comp.method == "zstd":
-            self._z = _module("zstandard").ZstdDecompressor().decompressobj()
+            zstd = _module("zstandard")
+            self._z = zstd.ZstdDecompressor().decompressobj()
+            self._errors: tuple[type[BaseException], ...] = (zstd.ZstdError,)
         else:
             self._lz4 = _module("lz4.frame")
             self._d = self._lz4.LZ4FrameDecompressor()
+            self._errors = (RuntimeError, ValueError)    # what lz4.frame raises on bad input
 
     def _decode(self, data: bytes) -> bytes:
         if self.comp.method == "zstd":
@@ -190,8 +194,9 @@ class DecompressingReader:
             self._raw_pos += n
             try:
                 self._pending += self._decode(bytes(self._raw[:n]))
-            except Exception as exc:  # zstd/lz4 raise their own error types
-                raise OSError(5, f"{self.comp.method} decompression failed: {exc}") from None
+            except self._errors as exc:
+                raise OSError(errno.EIO, f"{self.comp.method} decompression failed at compressed offset "
+                                         f"{self._raw_pos - n}..{self._raw_pos}: {exc}") from None
         n = min(len(buf), len(self._pending))
         buf[:n] = self._pending[:n]
         del self._pending[:n]

@@ -33,6 +33,7 @@ from npqfile.errors import FileError, StreamError
 from npqfile.qemufile import QEMUFile
 from npqfile.ram import GuestRAM
 from npqfile.stream.loader import load_stream
+from npqfile.stream.reader import shown
 from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES
 
 VERIFY_MAGIC = b"NPQV"
@@ -97,7 +98,7 @@ class Destination:
             res.warnings = list(loaded.warnings)
             res.stats = {k: v for k, v in loaded.stats.as_dict().items() if k != "parts"}
             if self.machine is not None and loaded.machine not in (None, self.machine):
-                raise StreamError(f"Machine type received is '{loaded.machine}' and local is '{self.machine}'")
+                raise StreamError(f"Machine type received is '{shown(loaded.machine)}' and local is '{self.machine}'")
             res.load_time = time.monotonic() - t0
             if self.hash_blocks and self.ram is not None:
                 h0 = time.monotonic()

@@ -33,6 +33,7 @@ forced through stop-and-copy with ``on_limit="force"``).  Plan: one method per p
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,9 +46,18 @@ from npqfile.migration.bandwidth import RateWindows
 from npqfile.migration.destination import block_hashes
 from npqfile.migration.stats import IterationStats, MigrationStats
 from npqfile.migration.workloads import Workload
-from npqfile.qemufile import RAM_CONTROL_FINISH, RAM_CONTROL_ROUND, RAM_CONTROL_SETUP, QEMUFile
+from npqfile.qemufile import (
+    RAM_CONTROL_FINISH,
+    RAM_CONTROL_ROUND,
+    RAM_CONTROL_SETUP,
+    QEMUFile,
+)
 from npqfile.ram import GuestRAM
-from npqfile.stream.constants import QEMU_VM_SECTION_END, QEMU_VM_SECTION_PART, QEMU_VM_SECTION_START
+from npqfile.stream.constants import (
+    QEMU_VM_SECTION_END,
+    QEMU_VM_SECTION_PART,
+    QEMU_VM_SECTION_START,
+)
 from npqfile.stream.devices import RAM, none_machine_devices
 from npqfile.stream.ram_saver import RAMSaver
 from npqfile.stream.savevm import SaveVMWriter
@@ -233,7 +243,7 @@ class MigrationEngine:
         written (puts are no-ops), so later sections contribute nothing."""
         marks = self._marks + [(None, self._ram_counted())]
         total = 0
-        for (off, before), (_next, after) in zip(marks, marks[1:]):
+        for (off, before), (_next, after) in itertools.pairwise(marks):
             total += max(0, min(written - off, after - before))
         return total
 

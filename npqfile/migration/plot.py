@@ -5,7 +5,7 @@ with two panels: per-iteration bytes sent (bars) and dirty pages at the start of
 iteration (line, right axis); and the source guest RAM's resident size and the stream
 bytes over time (from ``stats.timeline``, sampled every 100 ms window when
 ``sample_rss`` is on, and at switchover, after release-ram's release and at completion,
-so the RSS drop shows inside the downtime, which is shaded); :func:`plot_sweep(rows,
+so the RSS drop shows while the guest is stopped, which is shaded); :func:`plot_sweep(rows,
 names, path)` for a ``--sweep``: total time (bars) and downtime (line) per case;
 :func:`check_writable(path)` to fail before a long run rather than after it.
 Goals: the figure guestperf users look at, in one call.  Errors: OSError if the file
@@ -49,7 +49,7 @@ def plot_migration(stats: MigrationStats, path: str | os.PathLike) -> None:
     fig, (ax1, ax3) = plt.subplots(2, 1, figsize=(8, 7))
     try:
         its = stats.iterations
-        labels = [("final" if it.final else str(it.index)) for it in its]
+        labels = [(f"{it.index}\nfinal" if it.final else str(it.index)) for it in its]
         xs = range(len(its))
         ax1.bar(xs, [it.bytes_sent / MIB for it in its], color="tab:blue", label="bytes sent")
         ax1.set_xticks(list(xs), labels)
@@ -66,8 +66,8 @@ def plot_migration(stats: MigrationStats, path: str | os.PathLike) -> None:
             ax3.plot(ts, [r / MIB for _t, _b, r in tl], color="tab:green", label="source RSS")
             ax3.plot(ts, [b / MIB for _t, b, _r in tl], color="tab:gray", linestyle="--", label="stream bytes")
             if stats.switchover_time:
-                ax3.axvspan(stats.switchover_time, stats.switchover_time + stats.downtime, color="tab:orange",
-                            alpha=0.2, label="downtime")
+                # from vm_stop to the end (the reported downtime leaves out verification hashing)
+                ax3.axvspan(stats.switchover_time, ts[-1], color="tab:orange", alpha=0.2, label="guest stopped")
             ax3.legend(loc="best")
         else:
             ax3.text(0.5, 0.5, "no RSS samples", ha="center", va="center", transform=ax3.transAxes)
@@ -85,7 +85,7 @@ def plot_sweep(rows: list[dict[str, Any]], names: list[str], path: str | os.Path
     right axis; cases that did not converge are hatched.  Raises OSError when it cannot
     be written."""
     plt = _pyplot()
-    fig, ax1 = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2), 5))
+    fig, ax1 = plt.subplots(figsize=(max(6.0, 1.6 * len(rows) + 2), 5))
     try:
         labels = ["\n".join(f"{n}={row[n]}" for n in names) for row in rows]
         xs = list(range(len(rows)))

@@ -31,12 +31,21 @@ from typing import Any
 import numpy as np
 
 from npqfile.channels import SocketChannel, open_channel
-from npqfile.migration.compression import CompressingWriter, DecompressingReader, parse_compress
-from npqfile.migration.destination import Destination, block_hash, block_hashes, read_verification
+from npqfile.errors import StreamError
+from npqfile.migration.compression import (
+    CompressingWriter,
+    DecompressingReader,
+    parse_compress,
+)
+from npqfile.migration.destination import (
+    Destination,
+    block_hash,
+    block_hashes,
+    read_verification,
+)
 from npqfile.migration.engine import MigrationEngine, MigrationParams
 from npqfile.migration.stats import MigrationStats
 from npqfile.migration.workloads import Workload, make_workload
-from npqfile.errors import StreamError
 from npqfile.qemufile import QEMUFile
 from npqfile.ram import GuestRAM
 from npqfile.stream.loader import load_stream
@@ -181,10 +190,7 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationSt
         engine = MigrationEngine(ram, f, wl, params, pre_switchover=pre_switchover, on_progress=on_progress,
                                  hash_at_switchover=cfg.verify and params.release_ram)
         st = engine.run()
-        if comp.on_channel:
-            st.compression = {"method": comp.method, "level": comp.level, "where": "channel",
-                              "bytes-in": channel.bytes_in, "bytes-out": channel.bytes_out}
-        elif comp.method == "zlib":
+        if comp.method == "zlib":
             st.compression = {"method": "zlib", "level": comp.level, "where": "pages",
                               "pages": st.ram.compressed_pages, "bytes-out": st.ram.compressed_bytes}
         src_hashes = engine.switchover_hashes or None
@@ -199,6 +205,9 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationSt
             st.status, st.converged = "failed", False
             st.outcome = f"error: {f.error or os.strerror(-ret)}"
         f = None
+        if comp.on_channel:   # after close: the zstd frame's end is written then
+            st.compression = {"method": comp.method, "level": comp.level, "where": "channel",
+                              "bytes-in": channel.bytes_in, "bytes-out": channel.bytes_out}
         if dest is not None:
             res = dest.join(VERIFY_TIMEOUT)
             st.destination = res.as_dict()

@@ -17,8 +17,8 @@ copied into ``_buf`` and described by internal iovec entries; ``put_buffer_async
 queues the caller's memory itself.  An iovec entry is a list
 ``[view, start, length, may_free, root]``: for the staging buffer ``view`` is None and
 ``start`` is the offset in ``_buf``; for caller memory ``view`` is the caller's
-(C-contiguous) memoryview -- or ``root`` itself once adjacent views were coalesced into
-one run, whose view is cut at flush time -- ``root`` the object that owns the memory (an
+(C-contiguous) memoryview -- or the list of views coalesced into one run, whose single
+view is cut from ``root`` at flush time -- ``root`` the object that owns the memory (an
 mmap for RAM, see ``npqfile.buffers``) and ``start`` its address, computed only when
 needed (coalescing or release), because taking an address costs more than the rest of
 a put.  Read side: ``_buf[_buf_index:_buf_size]`` holds read-ahead
@@ -97,8 +97,12 @@ def _put_be(n: int, fmt: str, doc: str) -> Callable[[QEMUFile, int], None]:
     shifts = tuple(range(8 * (n - 1), -8, -8))
 
     def put_be(self: QEMUFile, v: int) -> None:
-        if self._last_error:
-            return
+        if self._no_puts:
+            return self._refuse_put()
+        try:
+            v &= mask
+        except TypeError:
+            raise TypeError(f"put_be{8 * n} needs an int, not {type(v).__name__}") from None
         i = self._buf_index
         if i + n < self._io_buf_size:
             tail = self._tail
@@ -110,7 +114,7 @@ def _put_be(n: int, fmt: str, doc: str) -> Callable[[QEMUFile, int], None]:
             else:
                 i = -1
             if i >= 0:
-                pack_into(self._buf, i, v & mask)
+                pack_into(self._buf, i, v)
                 self._bytes_xfer += n
                 self._buf_index = i + n
                 return
@@ -134,7 +138,7 @@ class QEMUFile:
         "_channel", "_writable", "_io_buf_size", "_max_iov", "_buf", "_bufmv",
         "_buf_index", "_buf_size", "_iov", "_tail", "_has_free",
         "_pos", "_bytes_xfer", "_xfer_limit", "_last_error", "_error", "_hooks",
-        "_closed", "_last_obj", "_last_root", "released_bytes", "release_errors", "__weakref__",
+        "_closed", "_no_puts", "_last_obj", "_last_root", "released_bytes", "release_errors", "__weakref__",
     )
 
     def __init__(self, channel: Any, *, io_buf_size: int = IO_BUF_SIZE, max_iov: int = MAX_IOV_SIZE):
@@ -165,6 +169,7 @@ class QEMUFile:
         self._error: FileError | None = None
         self._hooks: Any = None
         self._closed = False
+        self._no_puts = not can_write  # puts refused (reader, closed) or no-ops (error)
         self._last_obj: Any = None  # memoryview.obj of the last async buffer and its root:
         self._last_root: Any = None  # resolving a root walks numpy bases, so cache one
         self.released_bytes = 0  # bytes of guest RAM released after successful writes
@@ -214,8 +219,9 @@ class QEMUFile:
                 ret = ret2
         if self._last_error:
             ret = self._last_error
-        self._closed = True
+        self._closed = self._no_puts = True
         self._iov.clear()
+        self._buf_index = self._buf_size = 0  # gets fall to the checked path
         self._last_obj = self._last_root = None
         return ret
 
@@ -261,6 +267,7 @@ class QEMUFile:
         already recorded; the first error and its message stick."""
         if self._last_error == 0 and ret != 0:
             self._last_error = ret
+            self._no_puts = True
             code = abs(ret)
             try:
                 text = os.strerror(code)
@@ -285,6 +292,8 @@ class QEMUFile:
         Returns 0 or the sticky error.  With an error already recorded it does no I/O.
         A write that fails or comes back short records the error (-EIO for short).
         may_free memory is released only after a write that succeeded in full."""
+        if self._closed:
+            raise ValueError("QEMUFile is closed")
         if not self._writable or self._last_error:
             return self._last_error
         iov = self._iov
@@ -292,7 +301,7 @@ class QEMUFile:
             bufmv = self._bufmv
             views = [bufmv[e[1]:e[1] + e[2]] if e[0] is None
                      else e[0] if type(e[0]) is memoryview
-                     else span_of(e[0], e[1], e[2]) for e in iov]
+                     else span_of(e[4], e[1], e[2]) for e in iov]
             expect = self._queued
             try:
                 ret = self._channel.writev(views, self._pos)
@@ -375,11 +384,22 @@ class QEMUFile:
         if self._buf_index == self._io_buf_size:
             self.fflush()
 
+    def _refuse_put(self) -> None:
+        """Called when ``_no_puts`` is set: after an error a put is a no-op (as in QEMU);
+        on a closed or a readable file it is a mistake, reported as ValueError."""
+        if self._closed:
+            raise ValueError("QEMUFile is closed")
+        if not self._writable:
+            raise ValueError("cannot write to a readable QEMUFile")
+
     def put_byte(self, v: int) -> None:
         """qemu_put_byte: queue the low 8 bits of ``v``."""
-        if self._last_error:
-            return
-        self._buf[self._buf_index] = v & 0xFF
+        if self._no_puts:
+            return self._refuse_put()
+        try:
+            self._buf[self._buf_index] = v & 0xFF
+        except TypeError:
+            raise TypeError(f"put_byte needs an int, not {type(v).__name__}") from None
         self._bytes_xfer += 1
         self._add_buf_to_iovec(1)
 
@@ -390,8 +410,8 @@ class QEMUFile:
     def put_buffer(self, buf: Any) -> None:
         """qemu_put_buffer: copy ``buf`` (any C-contiguous buffer) into the stream,
         at most IO_BUF_SIZE bytes per iovec, flushing when the buffer fills."""
-        if self._last_error:
-            return
+        if self._no_puts:
+            return self._refuse_put()
         mv = flat_bytes(buf)
         size = mv.nbytes
         off = 0
@@ -415,8 +435,8 @@ class QEMUFile:
         TypeError; after the write that carried it succeeds in full, the whole pages
         inside it are released (see ``_release_ram``).  Raises ValueError for a
         non-contiguous buffer."""
-        if self._last_error:
-            return
+        if self._no_puts:
+            return self._refuse_put()
         mv = buf if type(buf) is memoryview else memoryview(buf)
         if not mv.c_contiguous:
             raise ValueError("put_buffer_async needs a C-contiguous buffer")
@@ -441,7 +461,12 @@ class QEMUFile:
                     last[1] = address_of(last[0])
                 addr = address_of(mv)
                 if addr == last[1] + last[2] and flat_or_none(root) is not None:
-                    last[0] = root  # a run: its view over root is made at flush time
+                    # A run: one iovec, cut from root at flush time.  The views stay
+                    # referenced, so their memory cannot be unmapped while queued.
+                    if type(last[0]) is memoryview:
+                        last[0] = [last[0], mv]
+                    else:
+                        last[0].append(mv)
                     last[2] += n
                     return
         if len(iov) >= self._max_iov:  # only reachable in an error state (QEMU 6.1 fix)
@@ -462,6 +487,8 @@ class QEMUFile:
         Python cost.  ``headers`` holds ``len(pages)`` headers of ``header_size`` bytes
         back to back; ``pages`` are C-contiguous buffers.  Not in QEMU (C needs no
         batching); see README."""
+        if self._no_puts:
+            return self._refuse_put()
         hdr = flat_bytes(headers)
         n = len(pages)
         h = header_size
@@ -530,7 +557,12 @@ class QEMUFile:
     def put_counted_string(self, s: bytes | str) -> None:
         """qemu_put_counted_string: one length byte, then the bytes (no NUL).
         Raises ValueError for strings of 256 bytes or more."""
-        data = s.encode() if isinstance(s, str) else bytes(s)
+        if isinstance(s, str):
+            data = s.encode()
+        elif isinstance(s, (bytes, bytearray, memoryview)):
+            data = bytes(s)
+        else:
+            raise TypeError(f"put_counted_string needs str or bytes, not {type(s).__name__}")
         if len(data) >= 256:
             raise ValueError(f"counted string too long: {len(data)} bytes (at most 255)")
         self.put_byte(len(data))
@@ -541,14 +573,16 @@ class QEMUFile:
 
         The compressed bytes must fit the staging buffer after the length (flushing
         first if needed).  Returns the bytes queued (length + 4), or -1 when they
-        cannot fit, compression fails, or an error is already recorded."""
-        if self._last_error:
+        cannot fit, compression fails, or an error is already recorded.  Raises
+        ValueError for a level outside -1..9."""
+        if not -1 <= level <= 9:
+            raise ValueError(f"zlib compression level must be -1..9, not {level}")
+        if self._no_puts:
+            self._refuse_put()
             return -1
         data = flat_bytes(buf)
         bound = compress_bound(data.nbytes)
         if self._io_buf_size - self._buf_index - 4 < bound:
-            if not self._writable:
-                return -1
             self.fflush()
             if self._last_error or self._io_buf_size - 4 < bound:
                 return -1
@@ -565,7 +599,9 @@ class QEMUFile:
     def put_qemu_file(self, src: QEMUFile) -> int:
         """qemu_put_qemu_file: copy ``src``'s staged bytes into this stream and empty
         ``src``'s buffer (its queued iovecs are dropped, as in QEMU).  Returns the
-        number of bytes copied."""
+        number of bytes copied.  TypeError when ``src`` is not a QEMUFile."""
+        if not isinstance(src, QEMUFile):
+            raise TypeError(f"put_qemu_file needs a QEMUFile, not {type(src).__name__}")
         n = src._buf_index
         if n > 0:
             self.put_buffer(src._bufmv[:n])
@@ -645,6 +681,8 @@ class QEMUFile:
         if fn is None:
             return False
         ret = fn(self, flags, data)
+        if ret is not None and not isinstance(ret, int):
+            raise TypeError(f"{name} hook returned {ret!r}; hooks return 0 or a negative errno")
         if ret is not None and ret < 0:
             self.set_error(ret, f"{name} hook failed")
         return True
@@ -667,7 +705,10 @@ class QEMUFile:
         fn = self._hook("save_page")
         if fn is None:
             return RAM_SAVE_CONTROL_NOT_SUPP, 0
-        ret, bytes_sent = fn(self, block_offset, offset, size)
+        try:
+            ret, bytes_sent = fn(self, block_offset, offset, size)
+        except (TypeError, ValueError):
+            raise TypeError("the save_page hook must return (ret, bytes_sent)") from None
         if ret != RAM_SAVE_CONTROL_NOT_SUPP:
             self._bytes_xfer += size
         if ret not in (RAM_SAVE_CONTROL_DELAYED, RAM_SAVE_CONTROL_NOT_SUPP):
@@ -687,6 +728,8 @@ class QEMUFile:
         non-blocking channel with nothing to read is waited on."""
         if self._writable:
             raise ValueError("cannot read from a writable QEMUFile")
+        if self._closed:
+            raise ValueError("QEMUFile is closed")
         i, size = self._buf_index, self._buf_size
         pending = size - i
         if pending > 0 and i > 0:
@@ -708,6 +751,9 @@ class QEMUFile:
                 self._wait_readable()
                 continue
             break
+        if not isinstance(n, int) or not 0 <= n <= len(room):
+            self.set_error(-errno.EIO, f"channel readinto returned {n!r} for a {len(room)}-byte buffer")
+            return 0
         if n > 0:
             self._buf_size += n
             self._pos += n
@@ -725,6 +771,8 @@ class QEMUFile:
     def _check_readable_peek(self, size: int, offset: int) -> None:
         if self._writable:
             raise ValueError("cannot peek a writable QEMUFile")
+        if self._closed:
+            raise ValueError("QEMUFile is closed")
         if not 0 <= offset < self._io_buf_size:
             raise ValueError(f"peek offset {offset} outside 0..{self._io_buf_size - 1}")
         if not 0 <= size <= self._io_buf_size - offset:

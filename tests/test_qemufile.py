@@ -641,3 +641,83 @@ def test_put_records_rejects_a_bad_page_without_queuing_anything():
     f.put_buffer(b"C" * 16)
     f.fflush()
     assert bytes(ch.data) == b"C" * 16
+
+
+# -- misuse is an exception, never a corrupted stream ----------------------------------
+
+
+def test_puts_on_a_reader_and_use_after_close_are_value_errors():
+    r = reader(b"ABCDEFGH")
+    for put in (lambda: r.put_byte(1), lambda: r.put_be32(1), lambda: r.put_buffer(b"z" * 40000),
+                lambda: r.put_compression_data(b"x" * 100), lambda: r.put_records(b"h" * 8, 8, [b"p"])):
+        with pytest.raises(ValueError, match="readable"):
+            put()
+    assert r.get_byte() == ord("A") and r.tell() == 1
+    assert r.close() == 0
+    with pytest.raises(ValueError, match="closed"):
+        r.get_byte()
+    ch = MemoryChannel()
+    w = QEMUFile(ch)
+    w.put_byte(1)
+    assert w.close() == 0
+    with pytest.raises(ValueError, match="closed"):
+        w.put_buffer(b"after")
+    with pytest.raises(ValueError, match="closed"):
+        w.fflush()
+    assert ch.getvalue() == b"\x01"
+
+
+def test_wrong_value_types_queue_nothing():
+    ch = MemoryChannel()
+    f = QEMUFile(ch)
+    for put, name in ((f.put_be32, "put_be32"), (f.put_be64, "put_be64"), (f.put_byte, "put_byte")):
+        with pytest.raises(TypeError, match=name):
+            put(1.5)
+    for bad in (3, [65, 66]):
+        with pytest.raises(TypeError, match="str or bytes"):
+            f.put_counted_string(bad)
+    with pytest.raises(TypeError, match="QEMUFile"):
+        f.put_qemu_file(None)
+    with pytest.raises(ValueError, match="level"):
+        f.put_compression_data(b"x", level=42)
+    f.put_byte(7)
+    f.fflush()
+    assert ch.getvalue() == b"\x07"
+
+
+def test_a_queued_coalesced_run_keeps_its_ram_block_open():
+    from npqfile.ram import RAMBlock, RAMBlockInUseError
+
+    block = RAMBlock("c", 8 * PAGE)
+    ch = MemoryChannel()
+    f = QEMUFile(ch)
+    f.put_buffer_async(block.page(1))
+    f.put_buffer_async(block.page(2))  # coalesced with page 1 into one iovec
+    with pytest.raises(RAMBlockInUseError):
+        block.close()
+    assert f.fflush() == 0 and len(ch.getvalue()) == 2 * PAGE and ch.writes == [2 * PAGE]
+    block.close()
+
+
+def test_misbehaving_hooks_and_channels_are_reported():
+    class BadHooks:
+        def before_ram_iterate(self, f, flags, data):
+            return "yes"
+
+        def save_page(self, f, block_offset, offset, size):
+            return 0
+
+    f = QEMUFile(NullChannel())
+    f.set_hooks(BadHooks())
+    with pytest.raises(TypeError, match="before_ram_iterate"):
+        f.ram_control_before_iterate(RAM_CONTROL_ROUND)
+    with pytest.raises(TypeError, match="save_page"):
+        f.ram_control_save_page(0, 0, PAGE)
+
+    class Liar:
+        def readinto(self, buf, pos):
+            return len(buf) + 10
+
+    g = QEMUFile(Liar())
+    assert g.get_byte() == 0 and g.get_error() == -errno.EIO
+    assert "readinto returned" in str(g.error)

@@ -529,3 +529,23 @@ def test_header_and_configuration_errors_name_the_field_offset(data, offset, rea
     with pytest.raises(StreamError, match=reason) as e:
         load_bytes(data)
     assert e.value.offset == offset
+
+
+def test_saver_refuses_blocks_it_did_not_declare_and_non_ram():
+    from npqfile.ram import RAMBlock
+
+    ram = make_ram({"ram": 4 * PAGE})
+    stranger = RAMBlock("other", 4 * PAGE)
+    try:
+        f, ch = writer()
+        saver = RAMSaver(f, ram)
+        saver.save_setup()
+        before = f.ftell_fast()
+        with pytest.raises(ValueError, match="'other' is not one of this saver's RAM blocks"):
+            saver.save_pages(stranger, [0])
+        assert f.ftell_fast() == before
+        with pytest.raises(TypeError, match="GuestRAM"):
+            RAMSaver(f, [stranger])
+    finally:
+        stranger.close()
+        ram.close()

@@ -101,10 +101,13 @@ class RAMBlock:
     # -- mapping ------------------------------------------------------------------------
 
     def _map(self, kind: str, path: str | None) -> RAMBlockMmap:
-        if kind == "private":
-            mm = RAMBlockMmap(-1, self.size, flags=mmap.MAP_PRIVATE)
-        elif kind == "shared":
-            mm = RAMBlockMmap(-1, self.size, flags=mmap.MAP_SHARED)
+        if kind in ("private", "shared"):
+            flags = mmap.MAP_PRIVATE if kind == "private" else mmap.MAP_SHARED
+            try:
+                mm = RAMBlockMmap(-1, self.size, flags=flags)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot map {self.size} bytes for RAM block {self.name!r}: "
+                                         f"{exc.strerror}") from None
         else:
             if kind == "memfd":
                 self._fd = os.memfd_create(self.name.encode()[:249].decode(errors="ignore") or "ram",

@@ -51,6 +51,8 @@ class RAMSaver:
     def __init__(self, f, ram, *, zero_page_detection: bool = True, xbzrle_cache_size: int = 0,
                  compress_level: int | None = None, release_ram: bool = False,
                  mr_addr: dict[str, int] | None = None):
+        if not hasattr(ram, "blocks"):
+            raise TypeError(f"RAMSaver needs a GuestRAM, not {type(ram).__name__}")
         self.f = f
         self.ram = ram
         self.zero_page_detection = zero_page_detection
@@ -101,9 +103,12 @@ class RAMSaver:
 
         Returns how many indices were consumed: all of them, or fewer when
         ``rate_limited`` and ``f.rate_limit()`` became true (the page that crossed the
-        limit is sent and counted).  Raises ValueError for an index outside the block
-        (a caller bug: nothing is written for that batch).
+        limit is sent and counted).  Raises ValueError for a block the saver's RAM does
+        not hold or an index outside the block (a caller bug: nothing is written).
         """
+        if not any(b is block for b in self.ram.blocks):
+            raise ValueError(f"block {block.name!r} is not one of this saver's RAM blocks "
+                             f"(its setup record did not declare it)")
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= block.n_pages):
             raise ValueError(f"page index out of range for block {block.name!r} ({block.n_pages} pages)")

@@ -481,10 +481,11 @@ class QEMUFile:
             self.fflush()
 
     def put_records(self, headers: Any, header_size: int, pages: Any, may_free: bool = False) -> None:
-        """Batch form of ``put_buffer(header_k); put_buffer_async(pages[k], may_free)``
-        for k in order -- the RAM section's per-page pattern -- with exactly the same
-        iovecs, flush points and releases as those calls, for a fraction of their
-        Python cost.  ``headers`` holds ``len(pages)`` headers of ``header_size`` bytes
+        """Batch form of "put each byte of header_k (``put_be64`` for an 8-byte header),
+        then ``put_buffer_async(pages[k], may_free)``" for k in order -- the RAM
+        section's per-page pattern, QEMU's ``save_page_header`` + ``save_normal_page``
+        -- with exactly the same iovecs, flush points and releases as those calls, for a
+        fraction of their Python cost.  ``headers`` holds ``len(pages)`` headers of ``header_size`` bytes
         back to back; ``pages`` are C-contiguous buffers.  Not in QEMU (C needs no
         batching); see README."""
         if self._no_puts:
@@ -506,8 +507,10 @@ class QEMUFile:
                 k += fast
                 if k == n:
                     break
-            # ... and that record the slow, exact way.
-            self.put_buffer(hdr[k * h:(k + 1) * h])
+            # ... and that record the slow, exact way: QEMU puts a header byte by byte,
+            # so a flush may fall inside it.
+            for byte in hdr[k * h:(k + 1) * h]:
+                self.put_byte(byte)
             self.put_buffer_async(pages[k], may_free)
             k += 1
 

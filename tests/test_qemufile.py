@@ -215,14 +215,14 @@ def test_put_records_matches_the_per_call_sequence():
         traces = []
         for batch in (True, False):
             ch = Recorder()
-            f = QEMUFile(ch, max_iov=9, io_buf_size=200)
+            f = QEMUFile(ch, max_iov=9, io_buf_size=200 + lead * 3)
             for j in range(lead):
                 f.put_byte(j)
             if batch:
                 f.put_records(heads, 8, pages)
             else:
                 for k, p in enumerate(pages):
-                    f.put_buffer(heads[8 * k:8 * k + 8])
+                    f.put_be64(int.from_bytes(heads[8 * k:8 * k + 8], "big"))
                     f.put_buffer_async(p)
             f.fflush()
             traces.append((ch.calls, bytes(ch.data)))

@@ -549,3 +549,26 @@ def test_saver_refuses_blocks_it_did_not_declare_and_non_ram():
     finally:
         stranger.close()
         ram.close()
+
+
+def test_rate_limit_is_checked_before_each_page_as_in_ram_save_iterate():
+    ram = make_ram({"ram": np.full(8 * PAGE, 7, np.uint8)})
+    try:
+        for compress_level in (None, 1):   # the plain (batched) path and the per-page path
+            f, ch = writer()
+            saver = RAMSaver(f, ram, compress_level=compress_level)
+            saver.save_setup()
+            f.reset_rate_limit()
+            record = PAGE + 8 if compress_level is None else None
+            first = saver.save_pages(ram.block("ram"), range(1), rate_limited=True)
+            used = f.bytes_xfer
+            f.set_rate_limit(used + 1)     # the next page crosses it, the one after is not sent
+            assert saver.save_pages(ram.block("ram"), range(1, 8), rate_limited=True) == 1
+            assert saver.save_pages(ram.block("ram"), range(2, 8), rate_limited=True) == 0   # already over
+            f.reset_rate_limit()
+            f.set_rate_limit(0)
+            assert saver.save_pages(ram.block("ram"), range(2, 8), rate_limited=True) == 6
+            assert first == 1 and (record is None or used == record + 4)
+            f.close()
+    finally:
+        ram.close()

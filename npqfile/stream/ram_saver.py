@@ -102,8 +102,9 @@ class RAMSaver:
         """Send the pages ``indices`` (page numbers in ``block``) in order.
 
         Returns how many indices were consumed: all of them, or fewer when
-        ``rate_limited`` and ``f.rate_limit()`` became true (the page that crossed the
-        limit is sent and counted).  Raises ValueError for a block the saver's RAM does
+        ``rate_limited``: like QEMU's ``ram_save_iterate``, ``f.rate_limit()`` is checked
+        before each page, so the page that crossed the limit is sent and none after it
+        (none at all if the limit was already exceeded).  Raises ValueError for a block the saver's RAM does
         not hold or an index outside the block (a caller bug: nothing is written).
         """
         if not any(b is block for b in self.ram.blocks):
@@ -115,6 +116,8 @@ class RAMSaver:
         general = self.cache is not None or self.compress_level is not None
         done = 0
         for start in range(0, idx.size, BATCH_PAGES):
+            if rate_limited and self.f.rate_limit():
+                break
             chunk = idx[start:start + BATCH_PAGES]
             zero = self._zero_mask(block, chunk)
             if general:
@@ -150,9 +153,10 @@ class RAMSaver:
         """The hot path: ZERO or PAGE per page, pages zero-copy from RAM.
 
         Runs of normal pages go through ``f.put_records`` (the same bytes, iovecs and
-        flush points as a header put and an async put per page).  With ``rate_limited``
-        the number of pages is worked out first from the record sizes: QEMU checks the
-        limit after each page and stops after the page that crossed it."""
+        flush points as ``put_be64`` + ``put_buffer_async`` per page).  With
+        ``rate_limited`` the number of pages is worked out first from the record sizes:
+        QEMU checks the limit before each page, so it stops after the page that crossed
+        it (``save_pages`` has checked that the limit was not exceeded already)."""
         f, st = self.f, self.stats
         ps = block.page_size
         offsets = chunk * ps
@@ -161,16 +165,13 @@ class RAMSaver:
         n = chunk.size
         # The block's first record names it: sent the general way, below.
         idstr = 0 if block is self.last_sent_block else 1 + len(block.name.encode())
-        if rate_limited:
-            limit = f.get_rate_limit()
-            if f.rate_limit():
-                n = 1
-            elif limit > 0:
-                sizes = np.where(zero, 9, 8 + ps)
-                sizes[0] += idstr
-                over = np.flatnonzero(f.bytes_xfer + np.cumsum(sizes) > limit)
-                if over.size:
-                    n = int(over[0]) + 1
+        limit = f.get_rate_limit()
+        if rate_limited and limit > 0:   # not exceeded yet: save_pages checked
+            sizes = np.where(zero, 9, 8 + ps)
+            sizes[0] += idstr
+            over = np.flatnonzero(f.bytes_xfer + np.cumsum(sizes) > limit)
+            if over.size:
+                n = int(over[0]) + 1
         first = 0
         if idstr:
             self._save_one(block, int(chunk[0]), bool(zero[0]))
@@ -203,10 +204,10 @@ class RAMSaver:
         f = self.f
         n = 0
         for i, is_zero in zip(chunk.tolist(), zero.tolist()):
+            if n and rate_limited and f.rate_limit():   # the first was checked by save_pages
+                break
             self._save_one(block, i, is_zero)
             n += 1
-            if rate_limited and f.rate_limit():
-                break
         return n
 
     def _header(self, block, offset: int, flag: int) -> None:

@@ -137,6 +137,28 @@ def main() -> None:
         for i in range(0, len(scattered), 64):
             os.writev(devnull, scattered[i:i + 64])
 
+    def naive_loop(_k: int) -> None:
+        # The least a Python stream can do per page (machine-limits.md's "naive loop"):
+        # pack the 8-byte header into a staging buffer, queue a view of it and the page,
+        # writev every 64 entries.  No errors, no flush rules, no coalescing.
+        staging = bytearray(32768)
+        sv = memoryview(staging)
+        pack = struct.Struct(">Q").pack_into
+        iov: list = []
+        put = iov.append
+        pos = 0
+        for i, v in enumerate(scattered):
+            pack(staging, pos, i)
+            put(sv[pos:pos + 8])
+            put(v)
+            pos += 8
+            if len(iov) == 64:
+                os.writev(devnull, iov)
+                iov.clear()
+                pos = 0
+        if iov:
+            os.writev(devnull, iov)
+
     np_ = len(scattered)
     rows = [
         ("put_byte", "bare method storing a byte", *pairs(args.reps, lambda: per_op(put_byte, n), lambda: per_op(bare_byte, n))),
@@ -148,6 +170,10 @@ def main() -> None:
             args.reps, lambda: per_op(header_and_page, np_), lambda: per_op(bare_writev, np_))),
         ("put_records /page (hdr+page)", "bare os.writev 64 pages /dev/null", *pairs(
             args.reps, lambda: per_op(records, np_), lambda: per_op(bare_writev, np_))),
+        ("put_be64+put_buffer_async /page", "naive hdr+page loop, writev /dev/null", *pairs(
+            args.reps, lambda: per_op(header_and_page, np_), lambda: per_op(naive_loop, np_))),
+        ("put_records /page (hdr+page)", "naive hdr+page loop, writev /dev/null", *pairs(
+            args.reps, lambda: per_op(records, np_), lambda: per_op(naive_loop, np_))),
     ]
     os.close(devnull)
     print(f"{'operation':34} {'ns/op':>8}   {'baseline':36} {'ns/op':>8}  ratio")

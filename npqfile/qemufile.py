@@ -32,12 +32,14 @@ from __future__ import annotations
 import errno
 import logging
 import mmap
+import operator
 import os
 import select
 import struct
 import time
 import zlib
 from collections.abc import Callable
+from itertools import repeat
 from typing import Any
 
 
@@ -76,6 +78,10 @@ RAM_SAVE_CONTROL_NOT_SUPP = -1000
 RAM_SAVE_CONTROL_DELAYED = -2000
 
 _PAGE = mmap.PAGESIZE
+_C_CONTIGUOUS = operator.attrgetter("c_contiguous")
+_OBJ = operator.attrgetter("obj")
+_NBYTES = operator.attrgetter("nbytes")
+_LENGTH = operator.itemgetter(2)  # of an iovec entry
 _MASK64 = (1 << 64) - 1
 _be16 = struct.Struct(">H")
 _be32 = struct.Struct(">I")
@@ -518,42 +524,52 @@ class QEMUFile:
                                may_free: bool) -> None:
         """Queue records k..k+count-1, which the caller has checked cause no flush.
         Every page is checked before anything is queued, so a bad page (ValueError,
-        TypeError) leaves the stream as it was."""
+        TypeError) leaves the stream as it was.  The iovec entries are built with
+        map/zip (C loops); entries that can no longer change are tuples."""
+        mvs = [p if type(p) is memoryview else memoryview(p) for p in pages[k:k + count]]
+        if not all(map(_C_CONTIGUOUS, mvs)):
+            bad = next(j for j, mv in enumerate(mvs) if not mv.c_contiguous)
+            raise ValueError(f"page {k + bad} of put_records is not C-contiguous")
+        objs = list(map(_OBJ, mvs))
         last_obj, last_root = self._last_obj, self._last_root
-        entries = []
-        total = count * h
-        for j in range(k, k + count):
-            page = pages[j]
-            mv = page if type(page) is memoryview else memoryview(page)
-            if not mv.c_contiguous:
-                raise ValueError(f"page {j} of put_records is not C-contiguous")
-            obj = mv.obj
-            if obj is not last_obj:
-                last_obj, last_root = obj, root_of(mv)
-            nb = mv.nbytes
-            if may_free:
-                if not isinstance(last_root, mmap.mmap):
-                    raise TypeError(f"put_records(may_free=True): page {j} is not backed by an mmap.mmap")
-                entries.append([mv, address_of(mv), nb, True, last_root])
-            else:
-                entries.append([mv, None, nb, False, last_root])
-            total += nb
+        if objs[0] is not last_obj:
+            last_obj, last_root = objs[0], root_of(mvs[0])
+        if all(map(operator.is_, objs, repeat(last_obj))):
+            roots: Any = repeat(last_root, count)      # the usual case: one block's views
+        else:
+            roots = []
+            for mv, obj in zip(mvs, objs):
+                if obj is not last_obj:
+                    last_obj, last_root = obj, root_of(mv)
+                roots.append(last_root)
+        sizes = list(map(_NBYTES, mvs))
+        if may_free:
+            roots = list(roots)
+            for j, root in enumerate(roots):
+                if not isinstance(root, mmap.mmap):
+                    raise TypeError(f"put_records(may_free=True): page {k + j} is not backed by an mmap.mmap")
+            addrs: Any = map(address_of, mvs)
+        else:
+            addrs = repeat(None)
+        page_entries = list(zip(mvs, addrs, sizes, repeat(bool(may_free)), roots))
         bi = self._buf_index
         self._bufmv[bi:bi + count * h] = hdr[k * h:(k + count) * h]
         iov = self._iov
         if self._tail is not None:
             self._tail[2] += h
         else:
-            iov.append([None, bi, h, False, None])
-        for j, entry in enumerate(entries, 1):
-            iov.append(entry)
-            if j < count:
-                iov.append([None, bi + j * h, h, False, None])
-        # The last record's page ends the chunk, so the tail is caller memory.
+            iov.append((None, bi, h, False, None))
+        # page, header, page, header, ..., page; the last page may still coalesce
+        # with a later put_buffer_async, so it is a (mutable) list.
+        chunk: list = [None] * (2 * count - 1)
+        chunk[0::2] = page_entries
+        chunk[1::2] = zip(repeat(None), range(bi + h, bi + count * h, h), repeat(h), repeat(False), repeat(None))
+        chunk[-1] = list(chunk[-1])
+        iov.extend(chunk)
         self._last_obj, self._last_root = last_obj, last_root
         self._tail = None
         self._buf_index = bi + count * h
-        self._bytes_xfer += total
+        self._bytes_xfer += count * h + sum(sizes)
         if may_free:
             self._has_free = True
 
@@ -619,7 +635,7 @@ class QEMUFile:
     @property
     def _queued(self) -> int:
         """Bytes described by the queued iovecs."""
-        return sum([e[2] for e in self._iov])
+        return sum(map(_LENGTH, self._iov))
 
     def ftell_fast(self) -> int:
         """qemu_ftell_fast: bytes written plus bytes queued, without flushing."""

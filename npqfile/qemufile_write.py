@@ -1,0 +1,429 @@
+"""The write side of QEMUFile: staging buffer, iovecs, flush points, release-ram.
+
+Supports: ``fflush`` and every put of the seed (``put_byte``, ``put_be16/32/64``,
+``put_buffer``, ``put_buffer_async`` with ``may_free``, ``put_counted_string``,
+``put_compression_data``, ``put_qemu_file``) plus the batch ``put_records``.
+
+Goals: the seed's bytes and flush points with QEMU's later fixes (``add_to_iovec``
+returns "flushed" and is bounded before appending; no I/O after an error; length before
+data in compressed records; release only after a write that succeeded), at the lowest
+Python cost per page.
+
+Plan: a mixin of ``QEMUFile`` (which holds the state; see its module for the iovec
+entry layout).  Small puts are copied into ``_buf`` and described by internal entries,
+``put_buffer_async`` queues caller memory; ``fflush`` hands every entry to the channel
+in one ``writev`` and then releases the may_free runs.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import operator
+import struct
+import zlib
+from collections.abc import Callable
+from itertools import repeat
+from typing import TYPE_CHECKING, Any
+
+from npqfile.buffers import address_of, flat_bytes, flat_or_none, root_of, span_of
+
+if TYPE_CHECKING:
+    from npqfile.qemufile import QEMUFile
+
+log = logging.getLogger("npqfile.qemufile")
+
+_PAGE = mmap.PAGESIZE
+_C_CONTIGUOUS = operator.attrgetter("c_contiguous")
+_OBJ = operator.attrgetter("obj")
+_NBYTES = operator.attrgetter("nbytes")
+
+
+def compress_bound(size: int) -> int:
+    """zlib's compressBound(): the most deflate can produce from ``size`` bytes."""
+    return size + (size >> 12) + (size >> 14) + (size >> 25) + 13
+
+
+def _put_be(n: int, fmt: str, doc: str) -> Callable[[QEMUFile, int], None]:
+    """Build put_be16/32/64.  QEMU composes them of put_byte calls; the fast path packs
+    all ``n`` bytes at once when no flush can fall inside them (no new iovec that would
+    fill the array, no end of the staging buffer), which queues exactly what ``n``
+    put_byte calls would; otherwise it makes those calls."""
+    pack_into = struct.Struct(fmt).pack_into
+    mask = (1 << 8 * n) - 1
+    shifts = tuple(range(8 * (n - 1), -8, -8))
+
+    def put_be(self: QEMUFile, v: int) -> None:
+        if self._no_puts:
+            return self._refuse_put()
+        try:
+            v &= mask
+        except TypeError:
+            raise TypeError(f"put_be{8 * n} needs an int, not {type(v).__name__}") from None
+        i = self._buf_index
+        if i + n < self._io_buf_size:
+            tail = self._tail
+            if tail is not None:
+                tail[2] += n
+            elif len(self._iov) + 1 < self._max_iov:
+                self._tail = tail = [None, i, n, False, None]
+                self._iov.append(tail)
+            else:
+                i = -1
+            if i >= 0:
+                pack_into(self._buf, i, v)
+                self._bytes_xfer += n
+                self._buf_index = i + n
+                return
+        for shift in shifts:
+            self.put_byte(v >> shift)
+
+    put_be.__name__ = put_be.__qualname__ = f"put_be{8 * n}"
+    put_be.__doc__ = doc
+    return put_be
+
+
+class WriteSide:
+    """The puts and ``fflush`` of ``QEMUFile`` (a mixin: the state lives there)."""
+
+    __slots__ = ()
+
+
+    def fflush(self) -> int:
+        """qemu_fflush: hand every queued iovec to the channel in one ``writev``.
+
+        Returns 0 or the sticky error.  With an error already recorded it does no I/O.
+        A write that fails or comes back short records the error (-EIO for short).
+        may_free memory is released only after a write that succeeded in full."""
+        if self._closed:
+            raise ValueError("QEMUFile is closed")
+        if not self._writable or self._last_error:
+            return self._last_error
+        iov = self._iov
+        if iov:
+            bufmv = self._bufmv
+            views = [bufmv[e[1]:e[1] + e[2]] if e[0] is None
+                     else e[0] if type(e[0]) is memoryview
+                     else span_of(e[4], e[1], e[2]) for e in iov]
+            expect = self._queued
+            try:
+                ret = self._channel.writev(views, self._pos)
+            except OSError as exc:
+                self.set_error(-(exc.errno or errno.EIO),
+                               f"write of {expect} bytes at stream offset {self._pos} failed: {exc.strerror or exc}")
+            else:
+                if not isinstance(ret, int):
+                    self.set_error(-errno.EIO, f"channel writev returned {ret!r}, not a byte count")
+                else:
+                    if ret >= 0:
+                        self._pos += ret
+                    if ret != expect:
+                        self.set_error(ret if ret < 0 else -errno.EIO,
+                                       f"short write at stream offset {self._pos}: {ret} of {expect} bytes")
+                    elif self._has_free:
+                        self._release_ram()
+            del views
+        self._buf_index = 0
+        iov.clear()
+        self._tail = None
+        self._has_free = False
+        self._last_obj = self._last_root = None  # hold no exports of caller memory
+        return self._last_error
+
+    def _release_ram(self) -> None:
+        """qemu_iovec_release_ram: coalesce the may_free iovecs that are adjacent in
+        memory and release the whole pages inside each run."""
+        run_root = None
+        run_start = run_end = 0
+        for e in self._iov:
+            if not e[3]:
+                continue
+            root, start = e[4], e[1]
+            if root is run_root and start == run_end:
+                run_end += e[2]
+                continue
+            if run_root is not None:
+                self._release_run(run_root, run_start, run_end)
+            run_root, run_start, run_end = root, start, start + e[2]
+        if run_root is not None:
+            self._release_run(run_root, run_start, run_end)
+
+    def _release_run(self, root: Any, start_addr: int, end_addr: int) -> None:
+        base = address_of(memoryview(root))
+        start = -(-(start_addr - base) // _PAGE) * _PAGE
+        end = (end_addr - base) // _PAGE * _PAGE
+        if end <= start:
+            return
+        release = getattr(root, "release_pages", None)
+        try:
+            if release is not None:
+                release(start, end - start)
+            else:
+                root.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except OSError as exc:
+            # QEMU only reports a failed madvise; the stream itself is fine.
+            self.release_errors += 1
+            log.warning("migrate: release of %d bytes at offset %d failed: %s", end - start, start, exc)
+        else:
+            self.released_bytes += end - start
+
+    def _add_buf_to_iovec(self, n: int) -> None:
+        """add_buf_to_iovec: describe ``n`` bytes just copied to ``_buf[_buf_index:]``.
+
+        The buffer index advances only when the add did not flush (QEMU 4.2 fix)."""
+        tail = self._tail
+        if tail is not None:
+            tail[2] += n
+        else:
+            iov = self._iov
+            if len(iov) >= self._max_iov:  # only reachable in an error state (QEMU 6.1 fix)
+                return
+            self._tail = tail = [None, self._buf_index, n, False, None]
+            iov.append(tail)
+            if len(iov) >= self._max_iov:
+                self.fflush()
+                return
+        self._buf_index += n
+        if self._buf_index == self._io_buf_size:
+            self.fflush()
+
+    def _refuse_put(self) -> None:
+        """Called when ``_no_puts`` is set: after an error a put is a no-op (as in QEMU);
+        on a closed or a readable file it is a mistake, reported as ValueError."""
+        if self._closed:
+            raise ValueError("QEMUFile is closed")
+        if not self._writable:
+            raise ValueError("cannot write to a readable QEMUFile")
+
+    def put_byte(self, v: int) -> None:
+        """qemu_put_byte: queue the low 8 bits of ``v``."""
+        if self._no_puts:
+            return self._refuse_put()
+        try:
+            self._buf[self._buf_index] = v & 0xFF
+        except TypeError:
+            raise TypeError(f"put_byte needs an int, not {type(v).__name__}") from None
+        self._bytes_xfer += 1
+        self._add_buf_to_iovec(1)
+
+    put_be16 = _put_be(2, ">H", "qemu_put_be16: two bytes, most significant first.")
+    put_be32 = _put_be(4, ">I", "qemu_put_be32: four bytes, most significant first.")
+    put_be64 = _put_be(8, ">Q", "qemu_put_be64: eight bytes, most significant first.")
+
+    def put_buffer(self, buf: Any) -> None:
+        """qemu_put_buffer: copy ``buf`` (any C-contiguous buffer) into the stream,
+        at most IO_BUF_SIZE bytes per iovec, flushing when the buffer fills."""
+        if self._no_puts:
+            return self._refuse_put()
+        mv = flat_bytes(buf)
+        size = mv.nbytes
+        off = 0
+        while size > 0:
+            i = self._buf_index
+            n = min(self._io_buf_size - i, size)
+            self._bufmv[i:i + n] = mv[off:off + n]
+            self._bytes_xfer += n
+            self._add_buf_to_iovec(n)
+            if self._last_error:
+                break
+            off += n
+            size -= n
+
+    def put_buffer_async(self, buf: Any, may_free: bool = False) -> None:
+        """qemu_put_buffer_async: queue ``buf`` itself, without copying.
+
+        The memory must stay alive and unchanged until the next flush: the bytes sent
+        are the ones it holds at flush time.  With ``may_free`` the memory must belong
+        to an ``mmap.mmap`` (directly, a memoryview slice or a numpy view of one), else
+        TypeError; after the write that carried it succeeds in full, the whole pages
+        inside it are released (see ``_release_ram``).  Raises ValueError for a
+        non-contiguous buffer."""
+        if self._no_puts:
+            return self._refuse_put()
+        mv = buf if type(buf) is memoryview else memoryview(buf)
+        if not mv.c_contiguous:
+            raise ValueError("put_buffer_async needs a C-contiguous buffer")
+        obj = mv.obj
+        if obj is self._last_obj:
+            root = self._last_root
+        else:
+            root = root_of(mv)
+            self._last_obj, self._last_root = obj, root
+        if may_free and not isinstance(root, mmap.mmap):
+            raise TypeError(
+                f"put_buffer_async(may_free=True) needs memory backed by an mmap.mmap, not {type(root).__name__}")
+        n = mv.nbytes
+        self._bytes_xfer += n
+        iov = self._iov
+        addr = None
+        if iov and self._tail is None:
+            last = iov[-1]
+            if last[4] is root and last[3] == bool(may_free):
+                # Possibly adjacent to the previous view: only now is an address worth taking.
+                if last[1] is None:
+                    last[1] = address_of(last[0])
+                addr = address_of(mv)
+                if addr == last[1] + last[2] and flat_or_none(root) is not None:
+                    # A run: one iovec, cut from root at flush time.  The views stay
+                    # referenced, so their memory cannot be unmapped while queued.
+                    if type(last[0]) is memoryview:
+                        last[0] = [last[0], mv]
+                    else:
+                        last[0].append(mv)
+                    last[2] += n
+                    return
+        if len(iov) >= self._max_iov:  # only reachable in an error state (QEMU 6.1 fix)
+            return
+        if may_free:
+            iov.append([mv, address_of(mv) if addr is None else addr, n, True, root])
+            self._has_free = True
+        else:
+            iov.append([mv, addr, n, False, root])
+        self._tail = None
+        if len(iov) >= self._max_iov:
+            self.fflush()
+
+    def put_records(self, headers: Any, header_size: int, pages: Any, may_free: bool = False) -> None:
+        """Batch form of "put each byte of header_k (``put_be64`` for an 8-byte header),
+        then ``put_buffer_async(pages[k], may_free)``" for k in order -- the RAM
+        section's per-page pattern, QEMU's ``save_page_header`` + ``save_normal_page``
+        -- with exactly the same iovecs, flush points and releases as those calls, for a
+        fraction of their Python cost.  ``headers`` holds ``len(pages)`` headers of ``header_size`` bytes
+        back to back; ``pages`` are C-contiguous buffers.  Not in QEMU (C needs no
+        batching); see README."""
+        if self._no_puts:
+            return self._refuse_put()
+        hdr = flat_bytes(headers)
+        n = len(pages)
+        h = header_size
+        if h < 1 or hdr.nbytes != h * n:
+            raise ValueError(f"headers hold {hdr.nbytes} bytes, expected {n} x {h}")
+        k = 0
+        while k < n and not self._last_error:
+            # Records that fit before the next flush: each adds a header iovec (the
+            # first one coalesces into a staging-buffer tail) and a page iovec.  Take
+            # all but the record during which QEMU would flush in one go ...
+            room = self._max_iov - len(self._iov) + (0 if self._tail is None else 1)
+            fast = min((room - 1) // 2, n - k, (self._io_buf_size - 1 - self._buf_index) // h)
+            if fast > 0:
+                self._put_records_unflushed(hdr, h, pages, k, fast, may_free)
+                k += fast
+                if k == n:
+                    break
+            # ... and that record the slow, exact way: QEMU puts a header byte by byte,
+            # so a flush may fall inside it.
+            for byte in hdr[k * h:(k + 1) * h]:
+                self.put_byte(byte)
+            self.put_buffer_async(pages[k], may_free)
+            k += 1
+
+    def _put_records_unflushed(self, hdr: memoryview, h: int, pages: Any, k: int, count: int,
+                               may_free: bool) -> None:
+        """Queue records k..k+count-1, which the caller has checked cause no flush.
+        Every page is checked before anything is queued, so a bad page (ValueError,
+        TypeError) leaves the stream as it was.  The iovec entries are built with
+        map/zip (C loops); entries that can no longer change are tuples."""
+        mvs = [p if type(p) is memoryview else memoryview(p) for p in pages[k:k + count]]
+        if not all(map(_C_CONTIGUOUS, mvs)):
+            bad = next(j for j, mv in enumerate(mvs) if not mv.c_contiguous)
+            raise ValueError(f"page {k + bad} of put_records is not C-contiguous")
+        objs = list(map(_OBJ, mvs))
+        last_obj, last_root = self._last_obj, self._last_root
+        if objs[0] is not last_obj:
+            last_obj, last_root = objs[0], root_of(mvs[0])
+        if all(map(operator.is_, objs, repeat(last_obj))):
+            roots: Any = repeat(last_root, count)      # the usual case: one block's views
+        else:
+            roots = []
+            for mv, obj in zip(mvs, objs):
+                if obj is not last_obj:
+                    last_obj, last_root = obj, root_of(mv)
+                roots.append(last_root)
+        sizes = list(map(_NBYTES, mvs))
+        if may_free:
+            roots = list(roots)
+            for j, root in enumerate(roots):
+                if not isinstance(root, mmap.mmap):
+                    raise TypeError(f"put_records(may_free=True): page {k + j} is not backed by an mmap.mmap")
+            addrs: Any = map(address_of, mvs)
+        else:
+            addrs = repeat(None)
+        page_entries = list(zip(mvs, addrs, sizes, repeat(bool(may_free)), roots))
+        bi = self._buf_index
+        self._bufmv[bi:bi + count * h] = hdr[k * h:(k + count) * h]
+        iov = self._iov
+        if self._tail is not None:
+            self._tail[2] += h
+        else:
+            iov.append((None, bi, h, False, None))
+        # page, header, page, header, ..., page; the last page may still coalesce
+        # with a later put_buffer_async, so it is a (mutable) list.
+        chunk: list = [None] * (2 * count - 1)
+        chunk[0::2] = page_entries
+        chunk[1::2] = zip(repeat(None), range(bi + h, bi + count * h, h), repeat(h), repeat(False), repeat(None))
+        chunk[-1] = list(chunk[-1])
+        iov.extend(chunk)
+        self._last_obj, self._last_root = last_obj, last_root
+        self._tail = None
+        self._buf_index = bi + count * h
+        self._bytes_xfer += count * h + sum(sizes)
+        if may_free:
+            self._has_free = True
+
+    def put_counted_string(self, s: bytes | str) -> None:
+        """qemu_put_counted_string: one length byte, then the bytes (no NUL).
+        Raises ValueError for strings of 256 bytes or more."""
+        if isinstance(s, str):
+            data = s.encode()
+        elif isinstance(s, (bytes, bytearray, memoryview)):
+            data = bytes(s)
+        else:
+            raise TypeError(f"put_counted_string needs str or bytes, not {type(s).__name__}")
+        if len(data) >= 256:
+            raise ValueError(f"counted string too long: {len(data)} bytes (at most 255)")
+        self.put_byte(len(data))
+        self.put_buffer(data)
+
+    def put_compression_data(self, buf: Any, level: int = zlib.Z_DEFAULT_COMPRESSION) -> int:
+        """qemu_put_compression_data: ``be32 length`` + zlib stream of ``buf``.
+
+        The compressed bytes must fit the staging buffer after the length (flushing
+        first if needed).  Returns the bytes queued (length + 4), or -1 when they
+        cannot fit, compression fails, or an error is already recorded.  Raises
+        ValueError for a level outside -1..9."""
+        if not -1 <= level <= 9:
+            raise ValueError(f"zlib compression level must be -1..9, not {level}")
+        if self._no_puts:
+            self._refuse_put()
+            return -1
+        data = flat_bytes(buf)
+        bound = compress_bound(data.nbytes)
+        if self._io_buf_size - self._buf_index - 4 < bound:
+            self.fflush()
+            if self._last_error or self._io_buf_size - 4 < bound:
+                return -1
+        try:
+            comp = zlib.compressobj(level)
+            out = comp.compress(data) + comp.flush()
+        except zlib.error:
+            return -1
+        # Length first, through the put path, then the data: never pre-place data.
+        self.put_be32(len(out))
+        self.put_buffer(out)
+        return len(out) + 4
+
+    def put_qemu_file(self, src: QEMUFile) -> int:
+        """qemu_put_qemu_file: copy ``src``'s staged bytes into this stream and empty
+        ``src``'s buffer (its queued iovecs are dropped, as in QEMU).  Returns the
+        number of bytes copied.  TypeError when ``src`` is not a QEMUFile."""
+        if not isinstance(src, WriteSide):
+            raise TypeError(f"put_qemu_file needs a QEMUFile, not {type(src).__name__}")
+        n = src._buf_index
+        if n > 0:
+            self.put_buffer(src._bufmv[:n])
+            src._buf_index = 0
+            src._iov.clear()
+            src._tail = None
+            src._has_free = False
+        return n

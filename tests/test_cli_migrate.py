@@ -19,7 +19,6 @@ from npqfile.migration.workloads import make_workload
 from npqfile.ram import GuestRAM
 from npqfile.stream.devices import none_machine_devices
 from npqfile.stream.vmdesc import encode_vmdesc
-from npqfile.units import parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -185,8 +184,8 @@ def test_a_rejected_stream_reports_written_bytes_and_no_verification():
     assert proc.returncode == 1 and src.returncode == 1
     assert "not done: destination failed:" in out and "MISMATCH" not in out
     transferred = int(out.split("transferred (RAM)")[1].split("(")[1].split(" B")[0])
-    stream = out.split("stream bytes")[1].split("│")[1].strip()
-    assert transferred <= parse_size(stream.replace(" ", "").replace("iB", ""))
+    stream = int(out.split("stream bytes")[1].split("(")[1].split(" B")[0])
+    assert 0 < transferred <= stream
 
 
 def test_compressed_stream_into_a_plain_destination_is_not_a_mismatch():

@@ -147,7 +147,7 @@ def _summary(st: MigrationStats, out) -> None:
         ("transferred (RAM)", f"{format_bytes(r['transferred'])} ({r['transferred']} B)"
                               + ("" if x["transferred-queued"] == r["transferred"]
                                  else f"; {x['transferred-queued']} B queued")),
-        ("stream bytes", f"{format_bytes(x['stream-bytes'])}"),
+        ("stream bytes", f"{format_bytes(x['stream-bytes'])} ({x['stream-bytes']} B)"),
         ("pages normal / duplicate", f"{r['normal']} / {r['duplicate']}"),
         ("pages xbzrle / compressed", f"{x['pages']['xbzrle']} / {x['pages']['compressed']}"),
         ("dirty sync count", str(r["dirty-sync-count"])), ("dirty pages rate", f"{r['dirty-pages-rate']:.0f} pages/s"),

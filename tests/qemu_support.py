@@ -40,13 +40,22 @@ class QemuVM:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._err)
         self.qmp = None
         try:
-            deadline = time.monotonic() + 10
-            while not os.path.exists(self.sock):
+            # QEMU creates the socket file at bind() and listens just after: a connect in
+            # between is refused, so retry until QEMU accepts or gives up
+            deadline = time.monotonic() + 20
+            while True:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise AssertionError(f"QEMU did not start: {self.stderr()}")
+                if os.path.exists(self.sock):
+                    qmp = QEMUMonitorProtocol(self.sock)
+                    try:
+                        qmp.connect()
+                    except Exception:  # qemu.qmp wraps ECONNREFUSED in its own error types
+                        qmp.close()
+                    else:
+                        self.qmp = qmp
+                        break
                 time.sleep(0.01)
-            self.qmp = QEMUMonitorProtocol(self.sock)
-            self.qmp.connect()
         except BaseException:
             self.close()
             raise

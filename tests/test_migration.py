@@ -414,3 +414,22 @@ def test_sweep_destinations_and_repeated_parameters():
             case_destination(uri, 1)
     with pytest.raises(ValueError, match="'size' given twice"):
         parse_sweep(["size=16M,32M", "size=8M"])
+
+
+def test_workload_write_size_gives_xbzrle_real_deltas():
+    wl = make_workload("uniform:rate=1000,bytes=256,seed=2")
+    assert wl.write_bytes == 256 and wl.describe()["write-bytes"] == 256
+    ram = GuestRAM()
+    ram.add_block("ram", 1 * MIB)
+    try:
+        wl.prepare(256)
+        wl._bounds = np.array([0, 256])
+        before = ram.block("ram").array.copy()
+        wl.step(ram, 50)
+        changed = (ram.block("ram").pages != before.reshape(256, PS)).sum(axis=1)
+        assert changed.max() > 1 and changed.sum() <= 50 * 256        # up to 256 bytes per write
+        assert set(np.flatnonzero(changed)) <= set(ram.block("ram").sync_dirty().tolist())
+    finally:
+        ram.close()
+    with pytest.raises(ValueError, match="bytes"):
+        make_workload("uniform:bytes=0")

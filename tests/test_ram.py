@@ -277,3 +277,27 @@ def test_guest_ram_close_names_busy_blocks():
     assert ram.block("a").closed and not ram.block("b").closed
     del held
     ram.close()
+
+
+def test_scribble_writes_n_random_bytes_per_page_and_marks_them_dirty():
+    import numpy as np
+
+    from npqfile.ram import RAMBlock
+
+    block = RAMBlock("s", 64 * 4096)
+    try:
+        before = block.array.copy()
+        pages = np.array([3, 9, 40])
+        block.scribble(pages, 100, np.random.default_rng(1))
+        changed = (block.pages != before.reshape(64, 4096))
+        assert set(np.flatnonzero(changed.any(axis=1))) <= set(pages.tolist())
+        assert all(1 <= changed[p].sum() <= 100 for p in pages)   # random bytes may equal the old ones
+        span = np.flatnonzero(changed[9])
+        assert span.max() - span.min() < 100                      # one run of at most 100 bytes
+        assert sorted(block.sync_dirty().tolist()) == [3, 9, 40]
+        with pytest.raises(ValueError, match="write size"):
+            block.scribble(pages, 0, np.random.default_rng(1))
+        with pytest.raises(ValueError):
+            block.scribble([64], 8, np.random.default_rng(1))
+    finally:
+        block.close()

@@ -42,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block", default="ram", help="RAM block name (QEMU -M none: ram; pc/q35: pc.ram)")
     g.add_argument("--init", default="mixed", choices=INITS, help="initial contents (default mixed)")
     g.add_argument("--workload", default=DEFAULT_WORKLOAD,
-                   help="KIND[:rate=R,hot=F,share=S,a=A,seed=N], KIND one of idle, uniform, hotset, "
-                        f"sequential, zipf (default {DEFAULT_WORKLOAD})")
+                   help="KIND[:rate=R,hot=F,share=S,a=A,seed=N,bytes=B], KIND one of idle, uniform, hotset, "
+                        f"sequential, zipf; bytes = bytes changed per page write (default 1) (default {DEFAULT_WORKLOAD})")
     g.add_argument("--dirty-rate", help="override the workload's rate (pages/s, or 50MB/s)")
     g.add_argument("--seed", type=int, default=1, help="seed of contents and workload (>= 0)")
     m = p.add_argument_group("migration (QEMU parameters and capabilities)")

@@ -7,7 +7,9 @@ permutation) and any Python callable (``fn(ram)`` or ``fn(ram, rng)``, called on
 time slice).  Rates are pages/s or a byte rate (``50MB/s``).  Text specs such as
 ``hotset:rate=20000,hot=0.1,share=0.9,seed=1`` build them (:func:`make_workload`).
 
-Goals: the writes go through ``RAMBlock.touch`` so the dirty bitmap is exact; each
+Goals: the writes go through ``RAMBlock.touch`` (one byte per page write) or, with
+``bytes=N``, ``RAMBlock.scribble`` (N random bytes at a random offset: XBZRLE then has
+real deltas to encode), so the dirty bitmap is exact; each
 model is reproducible from its seed (a numpy Generator); ``pause()`` returns only once
 the thread has acknowledged it is stopped (QEMU stops the vCPUs before the final
 bitmap sync; a write after it would be lost to the destination).  The thread must not
@@ -45,6 +47,7 @@ class Workload:
     """
 
     kind = "idle"
+    write_bytes = 1      # bytes changed per page write: 1 = RAMBlock.touch, more = scribble
 
     def __init__(self, rate: float = 0.0, seed: int = 0):
         if rate < 0:
@@ -76,17 +79,24 @@ class Workload:
         pages = self.pick(count, n_pages)
         blocks = ram.blocks
         if len(blocks) == 1:
-            blocks[0].touch(pages)
+            self._write(blocks[0], pages)
             return
         which = np.searchsorted(self._bounds, pages, side="right") - 1
         for i, block in enumerate(blocks):
             mine = pages[which == i]
             if mine.size:
-                block.touch(mine - self._bounds[i])
+                self._write(block, mine - self._bounds[i])
+
+    def _write(self, block: Any, pages: np.ndarray) -> None:
+        if self.write_bytes == 1:
+            block.touch(pages)
+        else:
+            block.scribble(pages, self.write_bytes, self.rng)
 
     def describe(self) -> dict[str, Any]:
         """The model and its parameters (for statistics)."""
-        return {"kind": self.kind, "rate-pages": self.rate, "seed": self.seed, "writes": self.writes}
+        return {"kind": self.kind, "rate-pages": self.rate, "seed": self.seed, "writes": self.writes,
+                "write-bytes": self.write_bytes}
 
     # -- thread control ----------------------------------------------------------------
     def start(self, ram: GuestRAM) -> None:
@@ -260,7 +270,8 @@ def parse_workload_rate(text: str | float, page_size: int = 4096) -> float:
 
 
 def make_workload(spec: str | Workload | Callable, *, seed: int | None = None, page_size: int = 4096) -> Workload:
-    """Build a workload from ``KIND[:key=value,...]`` (keys: rate, seed, hot, share, a), a
+    """Build a workload from ``KIND[:key=value,...]`` (keys: rate, seed, hot, share, a, and
+    bytes: how many bytes each page write changes, 1 by default), a
     Workload (returned as is) or a callable.  Returns the Workload; ValueError for an
     unknown kind or key, or a bad value."""
     if isinstance(spec, Workload):
@@ -272,6 +283,7 @@ def make_workload(spec: str | Workload | Callable, *, seed: int | None = None, p
     if kind not in _CLASSES:
         raise ValueError(f"unknown workload {kind!r} (choose {', '.join(KINDS)}, or pass a callable)")
     kw: dict[str, Any] = {}
+    write_bytes = 1
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
         if not eq:
@@ -284,8 +296,12 @@ def make_workload(spec: str | Workload | Callable, *, seed: int | None = None, p
                 kw["seed"] = int(value)
             elif key in ("hot", "share", "a"):
                 kw[key] = float(value)
+            elif key == "bytes":
+                write_bytes = int(value)
+                if not 1 <= write_bytes <= page_size:
+                    raise ValueError
             else:
-                raise ValueError(f"unknown workload option {key!r} in {spec!r} (rate, seed, hot, share, a)")
+                raise ValueError(f"unknown workload option {key!r} in {spec!r} (rate, seed, hot, share, a, bytes)")
         except ValueError as exc:
             if "workload option" in str(exc):
                 raise
@@ -293,6 +309,8 @@ def make_workload(spec: str | Workload | Callable, *, seed: int | None = None, p
     if seed is not None:
         kw.setdefault("seed", seed)
     try:
-        return _CLASSES[kind](**kw)
+        wl = _CLASSES[kind](**kw)
     except TypeError:
         raise ValueError(f"workload {kind!r} does not take the options {sorted(kw)} ({spec!r})") from None
+    wl.write_bytes = write_bytes
+    return wl

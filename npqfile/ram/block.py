@@ -202,6 +202,20 @@ class RAMBlock:
         self.pages[sel, 0] += np.uint8(1)
         self._dirty.mark(sel)
 
+    def scribble(self, pages: Any, nbytes: int, rng: np.random.Generator) -> None:
+        """Overwrite ``nbytes`` consecutive bytes at a random offset of each page in
+        ``pages`` with random bytes (a guest write of that size), and mark the pages
+        dirty; vectorised.  Raises ValueError for ``nbytes`` outside 1..page_size or
+        indices outside the block."""
+        if not 1 <= nbytes <= self.page_size:
+            raise ValueError(f"write size {nbytes} for RAM block {self.name!r} is not in 1..{self.page_size}")
+        sel = page_selector(pages, self.n_pages, self.name)
+        idx = np.arange(self.n_pages)[sel] if isinstance(sel, slice) else sel
+        offsets = rng.integers(0, self.page_size - nbytes + 1, idx.size)
+        cols = offsets[:, None] + np.arange(nbytes)
+        self.pages[idx[:, None], cols] = rng.integers(0, 256, (idx.size, nbytes), dtype=np.uint8)
+        self._dirty.mark(idx)
+
     def fill(self, pages: Any, value: int) -> None:
         """Set every byte of ``pages`` to ``value`` (0..255) and mark them dirty.
         Raises ValueError for a bad value or indices outside the block."""

@@ -33,7 +33,6 @@ class ReadSide:
 
     __slots__ = ()
 
-
     def _fill_buffer(self) -> int:
         """qemu_fill_buffer: move the pending bytes to the front and read more.
 

@@ -89,7 +89,6 @@ class WriteSide:
 
     __slots__ = ()
 
-
     def fflush(self) -> int:
         """qemu_fflush: hand every queued iovec to the channel in one ``writev``.
 

@@ -19,11 +19,10 @@ from npqfile.qemufile import QEMUFile
 from npqfile.ram import GuestRAM
 from npqfile.stream import load_file, save_snapshot
 from npqfile.stream.vmdesc import find_vmdesc
+from qemu_support import MIB, RAM_SIZE, QemuVM
 from test_stream_support import PAGE, pattern_pages
 
 pytestmark = pytest.mark.component
-
-from qemu_support import MIB, RAM_SIZE, QemuVM
 
 
 def _ram_file(tmp_path, pages: np.ndarray | None, name="ram.bin", size=RAM_SIZE):

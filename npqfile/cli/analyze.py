@@ -187,7 +187,8 @@ def _print_text(result: LoadResult, path: str, size: int, out) -> None:
         for b in result.ram.blocks:
             print(f"  {b.name:<28} {b.size:>12} ({format_bytes(b.size)})  sha256 {_sha256(b)}", file=out)
     print(f"pages    normal {st.normal_pages}, zero {st.zero_pages}, xbzrle {st.xbzrle_pages}, "
-          f"compressed {st.compressed_pages} (total {st.pages}; {st.pages_bytes} bytes of RAM section payload, setup and EOS records included)", file=out)
+          f"compressed {st.compressed_pages} (total {st.pages}; {st.pages_bytes} bytes of RAM section "
+          f"payload, setup and EOS records included)", file=out)
     for i, p in enumerate(st.parts):
         print(f"  part {i:<4} {p['type']:<5} at {p['offset']:>10}: normal {p['normal']}, zero {p['zero']}, "
               f"xbzrle {p['xbzrle']}, compressed {p['compressed']} ({p['bytes']} bytes)", file=out)

@@ -16,7 +16,8 @@ Plan: the mmap is a ``RAMBlockMmap`` so a QEMUFile handed any view of the block 
 release through the right primitive.  Like QEMU's ram_block_add, every block gets
 MADV_DONTFORK (a fork -- e.g. an exec: channel -- then neither copies nor COW-shares the
 guest RAM) and, unless ``hugepages=False``, MADV_HUGEPAGE (transparent huge pages: a
-destination filled page by page faults 512 times less, measured 5x faster here).  For private blocks one page is faulted *before* that madvise: a fresh
+destination filled page by page faults 512 times less, measured 5x faster here).
+For private blocks one page is faulted *before* that madvise: a fresh
 anonymous VMA has no anon_vma and the kernel would merge it with an adjacent block of
 equal flags, making smaps report two blocks as one mapping; with its own anon_vma it
 stays separate.  The page is released again at once.

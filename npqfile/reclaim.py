@@ -277,10 +277,23 @@ def compare_configs(base: ReclaimConfig, backings: Sequence[str] = BACKINGS,
     return out
 
 
+# What describes a configuration (kept for every row); every other field is a
+# measurement, which a configuration that never ran ("unsupported", "failed") lacks.
+_CONFIG_FIELDS = ("backing", "advice", "release", "size", "status", "error", "reason")
+
+
+def _result_dict(r: ReclaimResult) -> dict:
+    d = dataclasses.asdict(r)
+    if r.status != "ok":
+        d = {k: (v if k in _CONFIG_FIELDS else None) for k, v in d.items()}
+    return d
+
+
 def results_json(results: Sequence[ReclaimResult]) -> str:
-    """Return the results as a JSON document: ``{"kernel", "host_page_size", "results"}``."""
+    """Return the results as a JSON document: ``{"kernel", "host_page_size", "results"}``.
+    Rows that did not run (``status`` unsupported or failed) have null measurements."""
     doc = {"kernel": platform.release(), "host_page_size": HOST_PAGE_SIZE,
-           "results": [dataclasses.asdict(r) for r in results]}
+           "results": [_result_dict(r) for r in results]}
     return json.dumps(doc, indent=2)
 
 

@@ -368,8 +368,19 @@ def test_release_ram_releases_zero_pages_of_the_final_pass(monkeypatch):
         assert st.rss_after == 0                     # zero pages too, not only data pages
         # the 64 adjacent zero pages went in one coalesced release, not one per page
         assert (100 * PS, 64 * PS) in releases
+        # every page released once: released bytes never exceed the RAM
+        assert st.released_bytes <= 4 * MIB
     finally:
         ram.close()
+
+
+def test_release_ram_counts_each_page_once_with_zero_and_data_pages_in_the_final_pass():
+    # mixed contents and a bandwidth limit leave data and zero pages for stop-and-copy
+    cfg = MigrationConfig(size=16 * MIB, init="mixed", workload="idle",
+                          params=MigrationParams(release_ram=True, max_bandwidth=100e6, downtime_limit=0.05))
+    st = run_migration(cfg)
+    assert st.status == "completed" and st.verification["ok"] is True
+    assert st.rss_after == 0 and st.released_bytes == 16 * MIB
 
 
 def test_iterations_are_numbered_in_order_with_their_sync_count():
@@ -433,3 +444,14 @@ def test_workload_write_size_gives_xbzrle_real_deltas():
         ram.close()
     with pytest.raises(ValueError, match="bytes"):
         make_workload("uniform:bytes=0")
+
+
+def test_bare_workload_kinds_write_and_sweep_takes_option_names():
+    from npqfile.migration.sweep import parse_sweep
+
+    assert make_workload("hotset").rate > 0 and make_workload("uniform").rate > 0
+    assert make_workload("idle").rate == 0
+    cases = parse_sweep(["max-bandwidth=0,100MB/s", "downtime-limit=50"])
+    assert [[name for name, _ in case] for case in cases] == [["bandwidth", "downtime"]] * 2
+    with pytest.raises(ValueError, match=r"bytes=5000 .* must be 1\.\.4096"):
+        make_workload("hotset:bytes=5000")

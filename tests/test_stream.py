@@ -572,3 +572,19 @@ def test_rate_limit_is_checked_before_each_page_as_in_ram_save_iterate():
             f.close()
     finally:
         ram.close()
+
+
+@pytest.mark.parametrize("kind", ["zstd", "lz4"])
+def test_a_channel_compressed_stream_is_named_as_such(kind):
+    import lz4.frame
+    import zstandard
+
+    ram = make_ram({"ram": 4 * PAGE})
+    try:
+        data = snapshot_bytes(ram)
+    finally:
+        ram.close()
+    packed = zstandard.ZstdCompressor().compress(data) if kind == "zstd" else lz4.frame.compress(data)
+    with pytest.raises(StreamError, match=f"this is an? {kind} frame") as e:
+        load_bytes(packed)
+    assert e.value.offset == 0

@@ -81,6 +81,10 @@ def config_from_args(args: argparse.Namespace) -> MigrationConfig:
         raise ValueError(f"--seed must be a non-negative integer, got {args.seed}")
     if args.jobs is not None and args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    if not args.downtime_limit >= 0:
+        raise ValueError(f"--downtime-limit must be a non-negative number of ms, got {args.downtime_limit}")
+    if not args.time_limit > 0:
+        raise ValueError(f"--time-limit must be a positive number of seconds, got {args.time_limit}")
     params = MigrationParams(
         max_bandwidth=parse_rate(args.max_bandwidth), downtime_limit=args.downtime_limit / 1000.0,
         max_iterations=args.max_iterations, time_limit=args.time_limit, on_limit=args.on_limit,
@@ -160,7 +164,7 @@ def _summary(st: MigrationStats, out) -> None:
         xc = d["xbzrle-cache"]
         rows.append(("xbzrle cache miss / encoding rate", f"{xc['cache-miss']} / {xc['encoding-rate']}"))
     if st.compression:
-        rows.append(("compression", json.dumps(st.compression)))
+        rows.append(("compression", ", ".join(f"{k} {v}" for k, v in st.compression.items())))
     for row in rows:
         t.add_row(*row)
     it = Table(title="iterations")

@@ -189,6 +189,8 @@ class MigrationEngine:
             else:
                 st.status = "cancelled"
                 st.remaining = self._dirty * st.page_size
+                st.precopy_bytes = self._ram_counted()   # what was sent while the guest ran
+                st.expected_downtime = st.remaining / max(st.bandwidth, 1.0)
                 self.f.shutdown()
             if st.status != "cancelled":
                 self.f.fflush()
@@ -374,11 +376,14 @@ class MigrationEngine:
         if block is None:
             self._dirty = 0
             return 0
-        zeros_before = self.saver.stats.zero_pages
+        # zero pages go as ZERO records, which carry no memory to release once written:
+        # find them before sending (the normal pages sent may_free read as zero once
+        # QEMUFile released them, and must not be released and counted twice)
+        zero = self._zero_pages(block, idx) if self.saver.release_ram else None
         n = self.saver.save_pages(block, idx, rate_limited=rate_limited)
         sent = idx[:n]
-        if self.saver.release_ram and self.saver.stats.zero_pages > zeros_before:
-            self._release_zero(block, sent)
+        if zero is not None and n:
+            self._release_zero(block, sent[zero[:n]])
         self._bitmap[block.name][sent] = False
         self._dirty -= n
         if n:
@@ -453,17 +458,21 @@ class MigrationEngine:
             ranges = np.stack([starts * b.page_size, (ends - starts) * b.page_size], axis=1)
             self.stats.released_bytes += b.release(ranges)
 
-    def _release_zero(self, block, sent: np.ndarray) -> None:
-        """Release the zero pages among ``sent`` (QEMU's save_zero_page releases each one
-        under release-ram: a ZERO record carries no data, so nothing is waiting to be
-        written).  The batch's pages are checked at once and released in one call, which
-        coalesces adjacent pages into runs (one syscall per run, not per page)."""
-        first, last = int(sent[0]), int(sent[-1])
-        if last - first + 1 == sent.size:          # sorted and unique: a contiguous run
+    @staticmethod
+    def _zero_pages(block, idx: np.ndarray) -> np.ndarray:
+        """Bool mask: which pages of ``idx`` are all zero (read once, a batch at a time)."""
+        first, last = int(idx[0]), int(idx[-1])
+        if last - first + 1 == idx.size:           # sorted and unique: a contiguous run
             pages = block.pages[first:last + 1]    # a view, no copy
         else:
-            pages = block.pages[sent]
-        zero = sent[~pages.view(np.uint64).any(axis=1)]
+            pages = block.pages[idx]
+        return ~pages.view(np.uint64).any(axis=1)
+
+    def _release_zero(self, block, zero: np.ndarray) -> None:
+        """Release the pages ``zero`` just sent as ZERO records (QEMU's save_zero_page
+        releases each one under release-ram: a ZERO record carries no data, so nothing
+        is waiting to be written).  One call for the batch, which coalesces adjacent
+        pages into runs (one syscall per run, not per page)."""
         if zero.size:
             ps = block.page_size
             ranges = np.stack([zero * ps, np.full(zero.size, ps, dtype=np.int64)], axis=1)

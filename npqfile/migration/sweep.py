@@ -33,6 +33,11 @@ from npqfile.units import parse_rate, parse_size
 
 SWEEP_PARAMS = ("bandwidth", "dirty-rate", "downtime", "size", "workload", "xbzrle-cache", "compress",
                 "max-iterations", "release-ram")
+# the option names of ``npqfile migrate`` (and QEMU's parameter names) work too
+SWEEP_ALIASES = {"max-bandwidth": "bandwidth", "max_bandwidth": "bandwidth", "downtime-limit": "downtime",
+                 "downtime_limit": "downtime", "xbzrle-cache-size": "xbzrle-cache",
+                 "xbzrle_cache_size": "xbzrle-cache", "max_iterations": "max-iterations",
+                 "release_ram": "release-ram", "dirty_rate": "dirty-rate"}
 
 
 def with_rate(spec: str, rate: str) -> str:
@@ -74,7 +79,7 @@ def parse_sweep(specs: list[str]) -> list[list[tuple[str, str]]]:
     seen: set[str] = set()
     for spec in specs:
         name, eq, values = spec.partition("=")
-        name = name.strip()
+        name = SWEEP_ALIASES.get(name.strip(), name.strip())
         if not eq or not values.strip():
             raise ValueError(f"--sweep expects PARAM=V1,V2,..., got {spec!r}")
         if name not in SWEEP_PARAMS:

@@ -36,6 +36,7 @@ from npqfile.ram import GuestRAM
 from npqfile.units import parse_rate
 
 SLICE = 0.005                # seconds between write batches
+DEFAULT_RATE = 25000.0       # page writes/s of a workload given without rate=
 MAX_BATCH = 1 << 16          # writes per slice at most (a catch-up after a stall stays bounded)
 KINDS = ("idle", "uniform", "hotset", "sequential", "zipf")
 
@@ -172,7 +173,7 @@ class HotSet(Workload):
     """A random ``hot`` fraction of pages receives ``share`` of the writes."""
     kind = "hotset"
 
-    def __init__(self, rate: float = 0.0, seed: int = 0, hot: float = 0.1, share: float = 0.9):
+    def __init__(self, rate: float = 0.0, seed: int = 0, hot: float = 0.05, share: float = 0.9):
         super().__init__(rate, seed)
         if not 0 < hot <= 1 or not 0 <= share <= 1:
             raise ValueError(f"hotset needs 0 < hot <= 1 and 0 <= share <= 1, got hot={hot}, share={share}")
@@ -299,7 +300,8 @@ def make_workload(spec: str | Workload | Callable, *, seed: int | None = None, p
             elif key == "bytes":
                 write_bytes = int(value)
                 if not 1 <= write_bytes <= page_size:
-                    raise ValueError
+                    raise ValueError(f"workload option bytes={value} in {spec!r} must be 1..{page_size} "
+                                     f"(bytes changed per page write)")
             else:
                 raise ValueError(f"unknown workload option {key!r} in {spec!r} (rate, seed, hot, share, a, bytes)")
         except ValueError as exc:
@@ -308,6 +310,8 @@ def make_workload(spec: str | Workload | Callable, *, seed: int | None = None, p
             raise ValueError(f"bad value {value!r} for {key} in workload {spec!r}") from None
     if seed is not None:
         kw.setdefault("seed", seed)
+    if kind != "idle":
+        kw.setdefault("rate", DEFAULT_RATE)   # a bare "hotset" writes, as the default does
     try:
         wl = _CLASSES[kind](**kw)
     except TypeError:

@@ -45,6 +45,15 @@ MAX_MACHINE_NAME = 4096          # configuration name length we accept (QEMU all
 MAX_VMDESC_BYTES = 64 << 20      # a vmdesc is tens of KiB; refuse to buffer gigabytes of "JSON"
 MAX_PACKAGED_DEPTH = 2
 
+# Whole streams compressed on the channel (npqfile migrate --compress zstd|lz4, or a
+# user's pipeline) start with a frame magic instead of QEVM: say so.
+_COMPRESSED_MAGIC = {
+    0x28B52FFD: "; this is a zstd frame: decompress it first (zstd -dc FILE | npqfile analyze -), "
+                "or give incoming --compress zstd",
+    0x04224D18: "; this is an lz4 frame: decompress it first (lz4 -dc FILE | npqfile analyze -), "
+                "or give incoming --compress lz4",
+}
+
 
 @dataclass
 class SectionInfo:
@@ -98,7 +107,9 @@ class _Loader:
         r, res = self.r, self.res
         magic = r.be32("the file magic")
         if magic != QEMU_VM_FILE_MAGIC:
-            raise r.error(f"not a QEMU migration stream: magic {magic:#010x}, expected {QEMU_VM_FILE_MAGIC:#010x} (QEVM)")
+            hint = _COMPRESSED_MAGIC.get(magic, "")
+            raise r.error(f"not a QEMU migration stream: magic {magic:#010x}, expected "
+                          f"{QEMU_VM_FILE_MAGIC:#010x} (QEVM){hint}")
         r.begin()
         version = r.be32("the file version")
         if version == QEMU_VM_FILE_VERSION_COMPAT:

@@ -156,14 +156,14 @@ class QEMUFile(WriteSide, ReadSide):
         ret = self._last_error
         close = getattr(self._channel, "close", None)
         if close is not None:
+            why = None
             try:
                 ret2 = close()
             except OSError as exc:
-                ret2 = -(exc.errno or errno.EIO)
-                self.set_error(ret2, f"closing the channel failed: {exc}")
+                ret2, why = -(exc.errno or errno.EIO), str(exc)
             ret2 = 0 if ret2 is None else int(ret2)
             if ret2 < 0:
-                why = getattr(self._channel, "error", None) or os.strerror(-ret2)
+                why = why or getattr(self._channel, "error", None) or os.strerror(-ret2)
                 self.set_error(ret2, f"closing the channel failed ({why})")
             if ret >= 0:
                 ret = ret2
@@ -328,10 +328,11 @@ class QEMUFile(WriteSide, ReadSide):
         fn = self._hook("save_page")
         if fn is None:
             return RAM_SAVE_CONTROL_NOT_SUPP, 0
+        result = fn(self, block_offset, offset, size)
         try:
-            ret, bytes_sent = fn(self, block_offset, offset, size)
+            ret, bytes_sent = result
         except (TypeError, ValueError):
-            raise TypeError("the save_page hook must return (ret, bytes_sent)") from None
+            raise TypeError(f"the save_page hook must return (ret, bytes_sent), not {result!r}") from None
         if ret != RAM_SAVE_CONTROL_NOT_SUPP:
             self._bytes_xfer += size
         if ret not in (RAM_SAVE_CONTROL_DELAYED, RAM_SAVE_CONTROL_NOT_SUPP):

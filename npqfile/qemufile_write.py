@@ -170,14 +170,14 @@ class WriteSide:
     def _add_buf_to_iovec(self, n: int) -> None:
         """add_buf_to_iovec: describe ``n`` bytes just copied to ``_buf[_buf_index:]``.
 
-        The buffer index advances only when the add did not flush (QEMU 4.2 fix)."""
+        The buffer index advances only when the add did not flush (QEMU 4.2 fix).  The
+        list cannot be full here (QEMU 6.1 guards it): every append that fills it flushes,
+        a flush empties it even when the write fails, and after an error puts stop."""
         tail = self._tail
         if tail is not None:
             tail[2] += n
         else:
             iov = self._iov
-            if len(iov) >= self._max_iov:  # only reachable in an error state (QEMU 6.1 fix)
-                return
             self._tail = tail = [None, self._buf_index, n, False, None]
             iov.append(tail)
             if len(iov) >= self._max_iov:
@@ -272,8 +272,6 @@ class WriteSide:
                         last[0].append(mv)
                     last[2] += n
                     return
-        if len(iov) >= self._max_iov:  # only reachable in an error state (QEMU 6.1 fix)
-            return
         if may_free:
             iov.append([mv, address_of(mv) if addr is None else addr, n, True, root])
             self._has_free = True
@@ -288,9 +286,9 @@ class WriteSide:
         then ``put_buffer_async(pages[k], may_free)``" for k in order -- the RAM
         section's per-page pattern, QEMU's ``save_page_header`` + ``save_normal_page``
         -- with exactly the same iovecs, flush points and releases as those calls, for a
-        fraction of their Python cost.  ``headers`` holds ``len(pages)`` headers of ``header_size`` bytes
-        back to back; ``pages`` are C-contiguous buffers.  Not in QEMU (C needs no
-        batching); see README."""
+        fraction of their Python cost.  ``headers`` holds ``len(pages)`` headers of
+        ``header_size`` bytes back to back; ``pages`` are C-contiguous buffers.  Not in
+        QEMU (C needs no batching); see README."""
         if self._no_puts:
             return self._refuse_put()
         hdr = flat_bytes(headers)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import hashlib
 import json
 import os
 import re
@@ -65,10 +64,6 @@ def safe_name(name: str) -> str:
     """A block idstr as one file name: ``/rom@etc/acpi/tables`` -> ``rom@etc_acpi_tables``."""
     safe = re.sub(r"[^A-Za-z0-9._@+-]", "_", name.strip("/")).lstrip(".")
     return safe or "block"
-
-
-def _sha256(block) -> str:
-    return hashlib.sha256(block.array).hexdigest()
 
 
 def extract(result: LoadResult, directory: str) -> list[str]:
@@ -147,7 +142,7 @@ def to_json(result: LoadResult, path: str, size: int) -> dict:
                      for s in result.sections],
         "commands": result.commands,
         "ram": {
-            "blocks": [{"name": b.name, "size": b.size, "sha256": _sha256(b)} for b in (ram.blocks if ram else [])],
+            "blocks": [{"name": b.name, "size": b.size, "sha256": b.sha256()} for b in (ram.blocks if ram else [])],
             "stats": result.stats.as_dict(),
         },
         "vmdesc": result.vmdesc is not None,
@@ -185,7 +180,7 @@ def _print_text(result: LoadResult, path: str, size: int, out) -> None:
     if result.ram:
         print("RAM blocks:", file=out)
         for b in result.ram.blocks:
-            print(f"  {b.name:<28} {b.size:>12} ({format_bytes(b.size)})  sha256 {_sha256(b)}", file=out)
+            print(f"  {b.name:<28} {b.size:>12} ({format_bytes(b.size)})  sha256 {b.sha256()}", file=out)
     print(f"pages    normal {st.normal_pages}, zero {st.zero_pages}, xbzrle {st.xbzrle_pages}, "
           f"compressed {st.compressed_pages} (total {st.pages}; {st.pages_bytes} bytes of RAM section "
           f"payload, setup and EOS records included)", file=out)

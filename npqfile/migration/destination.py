@@ -21,7 +21,6 @@ Goals: a failure is a result (``status``/``error``), never an exception lost in 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 import threading
@@ -40,14 +39,9 @@ VERIFY_MAGIC = b"NPQV"
 MAX_VERIFY_BYTES = 1 << 20
 
 
-def block_hash(block) -> str:
-    """sha256 hex digest of one RAMBlock's bytes (hashlib releases the GIL while hashing)."""
-    return hashlib.sha256(memoryview(block.array)).hexdigest()
-
-
 def block_hashes(ram: GuestRAM) -> dict[str, str]:
     """sha256 hex digest of every block, by block name."""
-    return {b.name: block_hash(b) for b in ram.blocks}
+    return {b.name: b.sha256() for b in ram.blocks}
 
 
 @dataclass

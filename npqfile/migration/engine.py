@@ -376,14 +376,13 @@ class MigrationEngine:
         if block is None:
             self._dirty = 0
             return 0
-        # zero pages go as ZERO records, which carry no memory to release once written:
-        # find them before sending (the normal pages sent may_free read as zero once
-        # QEMUFile released them, and must not be released and counted twice)
-        zero = self._zero_pages(block, idx) if self.saver.release_ram else None
         n = self.saver.save_pages(block, idx, rate_limited=rate_limited)
         sent = idx[:n]
-        if zero is not None and n:
-            self._release_zero(block, sent[zero[:n]])
+        if self.saver.release_ram and n:
+            # ZERO records carry no memory for QEMUFile to release once written: release
+            # the pages the saver sent that way (not re-read: pages sent may_free already
+            # read as zero once released, and must not be released and counted twice)
+            self._release_zero(block, sent[self.saver.sent_zero])
         self._bitmap[block.name][sent] = False
         self._dirty -= n
         if n:
@@ -457,16 +456,6 @@ class MigrationEngine:
             starts, ends = edges[0::2], edges[1::2]
             ranges = np.stack([starts * b.page_size, (ends - starts) * b.page_size], axis=1)
             self.stats.released_bytes += b.release(ranges)
-
-    @staticmethod
-    def _zero_pages(block, idx: np.ndarray) -> np.ndarray:
-        """Bool mask: which pages of ``idx`` are all zero (read once, a batch at a time)."""
-        first, last = int(idx[0]), int(idx[-1])
-        if last - first + 1 == idx.size:           # sorted and unique: a contiguous run
-            pages = block.pages[first:last + 1]    # a view, no copy
-        else:
-            pages = block.pages[idx]
-        return ~pages.view(np.uint64).any(axis=1)
 
     def _release_zero(self, block, zero: np.ndarray) -> None:
         """Release the pages ``zero`` just sent as ZERO records (QEMU's save_zero_page

@@ -39,7 +39,6 @@ from npqfile.migration.compression import (
 )
 from npqfile.migration.destination import (
     Destination,
-    block_hash,
     block_hashes,
     read_verification,
 )
@@ -119,7 +118,7 @@ def _compare(src: GuestRAM, dst: GuestRAM | None, src_hashes: dict[str, str] | N
             continue
         other = dst.block(b.name)
         if src_hashes is not None:
-            if block_hash(other) != src_hashes.get(b.name):
+            if other.sha256() != src_hashes.get(b.name):
                 bad.append(b.name)
         elif other.size != b.size or not np.array_equal(b.array, other.array):
             bad.append(b.name)

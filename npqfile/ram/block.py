@@ -25,6 +25,7 @@ stays separate.  The page is released again at once.
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import weakref
@@ -202,6 +203,12 @@ class RAMBlock:
         sel = page_selector(pages, self.n_pages, self.name)
         self.pages[sel, 0] += np.uint8(1)
         self._dirty.mark(sel)
+
+    def sha256(self) -> str:
+        """The sha256 hex digest of the block's bytes (hashlib releases the GIL while
+        hashing, so a migration thread keeps running)."""
+        self._check_open()
+        return hashlib.sha256(self.array).hexdigest()
 
     def scribble(self, pages: Any, nbytes: int, rng: np.random.Generator) -> None:
         """Overwrite ``nbytes`` consecutive bytes at a random offset of each page in

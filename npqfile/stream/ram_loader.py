@@ -101,13 +101,11 @@ class RAMLoader:
                 hdr = get_be64()
                 if get_error():
                     raise r._fail("a RAM record header")
-                r.offset += 8
                 dest = self.last_recv_block
                 addr = hdr & ~mask
                 if hdr & mask == continue_page and dest is not None and addr + ps <= dest.size:
                     if get_buffer(dest.view[addr:addr + ps]) != ps or get_error():
                         raise r._fail("a page")
-                    r.offset += ps
                     st.normal_pages += 1
                     continue
             else:

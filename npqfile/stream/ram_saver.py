@@ -68,6 +68,7 @@ class RAMSaver:
         self.last_stage = False     # engine sets it for the final round: misses no longer fill the cache
         self.generation = 0         # engine sets QEMU's dirty_sync_count here (cache ageing)
         self.last_sent_block = None
+        self.sent_zero = np.zeros(0, dtype=bool)   # of the last save_pages call
         self.stats = RAMStats()
         self._zero_page = np.zeros(self.page_size, dtype=np.uint8)
 
@@ -104,8 +105,10 @@ class RAMSaver:
         Returns how many indices were consumed: all of them, or fewer when
         ``rate_limited``: like QEMU's ``ram_save_iterate``, ``f.rate_limit()`` is checked
         before each page, so the page that crossed the limit is sent and none after it
-        (none at all if the limit was already exceeded).  Raises ValueError for a block the saver's RAM does
-        not hold or an index outside the block (a caller bug: nothing is written).
+        (none at all if the limit was already exceeded).  Afterwards ``sent_zero``
+        marks which of the consumed pages went as ZERO records.  Raises ValueError for
+        a block the saver's RAM does not hold or an index outside the block (a caller
+        bug: nothing is written).
         """
         if not any(b is block for b in self.ram.blocks):
             raise ValueError(f"block {block.name!r} is not one of this saver's RAM blocks "
@@ -115,6 +118,7 @@ class RAMSaver:
             raise ValueError(f"page index out of range for block {block.name!r} ({block.n_pages} pages)")
         general = self.cache is not None or self.compress_level is not None
         done = 0
+        zeros = []
         for start in range(0, idx.size, BATCH_PAGES):
             if rate_limited and self.f.rate_limit():
                 break
@@ -125,8 +129,10 @@ class RAMSaver:
             else:
                 n = self._save_plain(block, chunk, zero, rate_limited)
             done += n
+            zeros.append(zero[:n])
             if n < chunk.size:
                 break
+        self.sent_zero = np.concatenate(zeros) if zeros else np.zeros(0, dtype=bool)
         return done
 
     def _zero_mask(self, block, chunk: np.ndarray) -> np.ndarray:
@@ -137,7 +143,7 @@ class RAMSaver:
         if last - first + 1 == chunk.size and (chunk.size < 2 or np.all(np.diff(chunk) == 1)):
             pages = block.pages[first:last + 1]      # a view: no copy
         else:
-            pages = block.pages[chunk]               # gathered copy, for the test only
+            pages = block.pages[chunk]               # scattered (dirty) pages: a gathered copy
         words = pages.reshape(chunk.size, -1).view(np.uint64)
         return np.bitwise_or.reduce(words, axis=1) == 0
 
@@ -179,19 +185,17 @@ class RAMSaver:
         flat = memoryview(block.array)
         may_free = self.release_ram
         put_be64, put_byte = f.put_be64, f.put_byte
-        k = first
-        while k < n:
-            if zero[k]:
-                put_be64(int(headers[k]))
-                put_byte(0)
-                k += 1
+        # runs of zero and of normal pages, found with numpy
+        edges = (np.flatnonzero(np.diff(zero[first:n].view(np.int8))) + first + 1).tolist()
+        for a, b in zip([first, *edges], [*edges, n]):
+            if a == b:
                 continue
-            end = k + 1
-            while end < n and not zero[end]:
-                end += 1
-            offs = offsets[k:end].tolist()
-            f.put_records(headers[k:end], 8, [flat[o:o + ps] for o in offs], may_free)
-            k = end
+            if zero[a]:    # ZERO records: be64 header + fill byte, byte by byte as QEMU puts them
+                for hdr in headers[a:b].tolist():
+                    put_be64(hdr)
+                    put_byte(0)
+            else:
+                f.put_records(headers[a:b], 8, [flat[o:o + ps] for o in offsets[a:b].tolist()], may_free)
         sent = n - first
         nz = int(np.count_nonzero(zero[first:n]))
         st.zero_pages += nz

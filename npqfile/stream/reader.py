@@ -10,10 +10,10 @@ check ``qemu_file_get_error``; every read here checks instead and raises
 :class:`~npqfile.errors.StreamError` naming the offset of the record being read, the
 current section and what was being read.  Nothing else escapes.
 
-Plan: QEMUFile exposes no logical read position (its ``ftell`` on a readable file is
-the channel position, ahead by the read-ahead buffer, as in QEMU), so the reader keeps
-its own count of consumed bytes.  ``record`` marks where the current record began;
-errors report that offset, which is where a hex dump should start looking.
+Plan: the offset is QEMUFile's logical read position (``tell()``; its ``ftell`` is the
+channel position, ahead by the read-ahead buffer, as in QEMU) from where the reader
+started.  ``record`` marks where the current record began; errors report that offset,
+which is where a hex dump should start looking.
 
 Names read from the wire (block names, section idstrs, machine and capability names)
 are arbitrary bytes: :func:`wire_name` turns them into printable text once, when read
@@ -95,10 +95,15 @@ class StreamReader:
 
     def __init__(self, f, *, offset: int = 0):
         self.f = f
-        self.offset = offset
+        self._base = offset - f.tell()   # stream offset of the file's position 0
         self.record = offset
         self.section: str | None = None
         self.limit: int | None = None
+
+    @property
+    def offset(self) -> int:
+        """Stream byte offset of the next byte (derived from the file's read position)."""
+        return self._base + self.f.tell()
 
     # -- errors ------------------------------------------------------------------------
     def error(self, reason: str, offset: int | None = None) -> StreamError:
@@ -131,7 +136,6 @@ class StreamReader:
         v = getter()
         if self.f.get_error():
             raise self._fail(what)
-        self.offset += n
         return v
 
     def u8(self, what: str = "a byte") -> int:
@@ -153,7 +157,6 @@ class StreamReader:
         got = self.f.get_buffer(buf)
         if got != n or self.f.get_error():
             raise self._fail(what)
-        self.offset += n
 
     def read(self, n: int, what: str = "a buffer") -> bytes:
         """Return the next ``n`` bytes. The caller bounds ``n`` (never from the wire unchecked)."""

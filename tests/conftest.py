@@ -23,6 +23,19 @@ def require(condition: bool, what: str) -> None:
     pytest.skip(f"component missing: {what}")
 
 
+QEMU_VERSIONS = ("7.2", "10.0")   # interop tests parametrise over both; CI installs both
+
+
+def require_qemu(version: str | None = None):
+    """The real QEMU ``version`` ("7.2", "10.0"; None: the one on PATH) as an
+    ``npqfile.qemu.QemuBinary``; skips (fails in CI) when it is not installed."""
+    from npqfile.qemu import QemuNotFound, find_qemu
+    try:
+        return find_qemu(version)
+    except QemuNotFound as exc:
+        require(False, f"QEMU {version or ''}: {exc}")
+
+
 def require_program(name: str) -> str:
     path = shutil.which(name)
     require(path is not None, f"program {name!r} on PATH")

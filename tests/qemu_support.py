@@ -1,4 +1,4 @@
-"""A real QEMU (7.2 here) as a test peer: one paused qemu-system-x86_64 whose guest RAM is
+"""A real QEMU (7.2 by default, 10.0 with version="10.0") as a test peer: one paused qemu-system-x86_64 whose guest RAM is
 a file the test controls (``memory-backend-file,share=on``), driven over QMP with
 ``qemu.qmp``'s synchronous client and always killed.  QEMU's stderr goes into every
 assertion message.  Used by test_qemu_interop.py and test_cli_migrate.py.
@@ -10,7 +10,7 @@ import os
 import subprocess
 import time
 
-from conftest import require_program
+from conftest import require_qemu
 
 MIB = 1 << 20
 RAM_SIZE = 16 * MIB
@@ -22,15 +22,17 @@ class QemuVM:
 
     runs = 0
 
-    def __init__(self, tmp_path, ram_file, *, machine="none", incoming=False, extra=(), size=RAM_SIZE):
+    def __init__(self, tmp_path, ram_file, *, machine="none", incoming=False, extra=(), size=RAM_SIZE,
+                 version: str | None = "7.2"):
         from qemu.qmp.legacy import QEMUMonitorProtocol
-        self.binary = require_program("qemu-system-x86_64")
+        self.qemu = require_qemu(version)
+        self.binary = self.qemu.path
         QemuVM.runs += 1
         tag = f"{machine}-{'in' if incoming else 'out'}-{QemuVM.runs}"
         self.sock = str(tmp_path / f"qmp-{tag}.sock")
         self.stderr_path = tmp_path / f"qemu-{tag}.err"
         ram_id = MACHINE_RAM_ID[machine]
-        cmd = [self.binary, "-M", f"{machine},memory-backend={ram_id}", "-m", str(size // MIB) + "M",
+        cmd = [*self.qemu.command(), "-M", f"{machine},memory-backend={ram_id}", "-m", str(size // MIB) + "M",
                "-object", f"memory-backend-file,id={ram_id},size={size // MIB}M,mem-path={ram_file},share=on",
                "-nodefaults", "-display", "none", "-S", "-monitor", "none", "-serial", "none",
                "-qmp", f"unix:{self.sock},server=on,wait=off", *extra]

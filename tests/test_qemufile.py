@@ -98,7 +98,7 @@ def test_put_byte_flushes_exactly_at_the_buffer_boundary():
     ch = Recorder()
     f = QEMUFile(ch)
     for i in range(IO_BUF_SIZE):
-        f.put_byte(i)
+        f.put_byte(i & 0xFF)
     assert ch.calls == [(1, IO_BUF_SIZE)]
     f.put_byte(7)
     assert f.ftell_fast() == IO_BUF_SIZE + 1
@@ -109,11 +109,11 @@ def test_put_byte_flushes_exactly_at_the_buffer_boundary():
 def test_consecutive_small_puts_make_one_iovec_in_big_endian_order():
     ch = Recorder()
     f = QEMUFile(ch)
-    f.put_byte(0x1FF)  # low 8 bits, like C
+    f.put_byte(0xFF)
     f.put_be16(0x0200)
     f.put_be32(70000)
     f.put_be64(12121212)
-    f.put_be64(-12121212)
+    f.put_be64(-12121212 & (2**64 - 1))
     f.put_counted_string("pc.ram")
     f.fflush()
     assert ch.calls == [(1, 1 + 2 + 4 + 8 + 8 + 7)]
@@ -154,7 +154,7 @@ def test_fast_multibyte_puts_flush_where_single_bytes_would():
                 v = 0x0102030405060708 * (i + 1) & (2**64 - 1)
                 if bytewise:
                     for shift in range(56, -8, -8):
-                        f.put_byte(v >> shift)
+                        f.put_byte(v >> shift & 0xFF)
                 else:
                     f.put_be64(v)
             f.fflush()
@@ -217,7 +217,7 @@ def test_put_records_matches_the_per_call_sequence():
             ch = Recorder()
             f = QEMUFile(ch, max_iov=9, io_buf_size=200 + lead * 3)
             for j in range(lead):
-                f.put_byte(j)
+                f.put_byte(j & 0xFF)
             if batch:
                 f.put_records(heads, 8, pages)
             else:
@@ -683,6 +683,25 @@ def test_wrong_value_types_queue_nothing():
     f.put_byte(7)
     f.fflush()
     assert ch.getvalue() == b"\x07"
+
+
+@pytest.mark.parametrize("io_buf_size", [IO_BUF_SIZE, 16])
+def test_out_of_range_values_are_value_errors_and_queue_nothing(io_buf_size):
+    """QEMU's C types truncate; a Python caller passing such a value has a bug (README
+    "Differences from QEMU").  Both the packed fast path and the per-byte path (a put that
+    straddles the end of a 16-byte staging buffer) refuse, and nothing is queued."""
+    ch = MemoryChannel()
+    f = QEMUFile(ch, io_buf_size=io_buf_size)
+    for i in range(12):
+        f.put_byte(0x41)
+    for put, bad in ((f.put_byte, 256), (f.put_byte, -1), (f.put_be16, -1), (f.put_be16, 1 << 16),
+                     (f.put_be32, 2**40 + 7), (f.put_be64, 2**64 + 1), (f.put_be64, -1)):
+        with pytest.raises(ValueError, match=f"{put.__name__} value {bad}"):
+            put(bad)
+    for put, good in ((f.put_byte, 255), (f.put_be16, 0xFFFF), (f.put_be32, 2**32 - 1), (f.put_be64, 2**64 - 1)):
+        put(good)
+    assert f.fflush() == 0 and f.get_error() == 0
+    assert ch.getvalue() == b"A" * 12 + b"\xff" * (1 + 2 + 4 + 8)
 
 
 def test_a_queued_coalesced_run_keeps_its_ram_block_open():

@@ -71,6 +71,7 @@ class ReadSide:
             self._buf_size += n
             self._pos += n
             return n
+        self._eof = not self._last_error   # only if end of stream is the first error
         self.set_error(-errno.EIO, f"unexpected end of stream at offset {self._pos}")
         return 0
 

@@ -21,7 +21,9 @@ import errno
 import logging
 import mmap
 import operator
+import select
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from itertools import repeat
@@ -43,6 +45,19 @@ _NBYTES = operator.attrgetter("nbytes")
 def compress_bound(size: int) -> int:
     """zlib's compressBound(): the most deflate can produce from ``size`` bytes."""
     return size + (size >> 12) + (size >> 14) + (size >> 25) + 13
+
+
+def _skip_bytes(views: list, n: int) -> list:
+    """``views`` without their first ``n`` bytes."""
+    out = []
+    for v in views:
+        size = v.nbytes
+        if n >= size:
+            n -= size
+            continue
+        out.append(flat_bytes(v)[n:] if n else v)
+        n = 0
+    return out
 
 
 def _bad_value(name: str, bits: int, v: Any) -> Exception:
@@ -124,13 +139,16 @@ class WriteSide:
                      else span_of(e[4], e[1], e[2]) for e in iov]
             expect = self._queued
             try:
-                ret = self._channel.writev(views, self._pos)
+                ret = self._writev(views, expect)
             except OSError as exc:
                 self.set_error(-(exc.errno or errno.EIO),
                                f"write of {expect} bytes at stream offset {self._pos} failed: {exc.strerror or exc}")
             else:
                 if not isinstance(ret, int):
                     self.set_error(-errno.EIO, f"channel writev returned {ret!r}, not a byte count")
+                elif ret > expect:
+                    self.set_error(-errno.EIO, f"channel bug: writev returned {ret} for a write of {expect} "
+                                               f"bytes at stream offset {self._pos}")
                 else:
                     if ret >= 0:
                         self._pos += ret
@@ -146,6 +164,33 @@ class WriteSide:
         self._has_free = False
         self._last_obj = self._last_root = None  # hold no exports of caller memory
         return self._last_error
+
+    def _writev(self, views: list, expect: int) -> Any:
+        """The channel's ``writev``, retried as the read side retries ``readinto``: EINTR
+        at once, EAGAIN (a non-blocking channel) after waiting until it can take more.
+        The channel protocol says a raising writev wrote nothing, unless it reports
+        ``characters_written`` (as BlockingIOError does): those bytes are skipped.
+        Returns what the last call returned plus the bytes written before it."""
+        done = 0
+        while True:
+            try:
+                ret = self._channel.writev(views, self._pos + done)
+            except (BlockingIOError, InterruptedError) as exc:
+                partial = getattr(exc, "characters_written", 0) or 0
+                if partial:
+                    done += partial
+                    views = _skip_bytes(views, partial)
+                if isinstance(exc, BlockingIOError):
+                    self._wait_writable()
+                continue
+            return ret + done if isinstance(ret, int) and done else ret
+
+    def _wait_writable(self) -> None:
+        fileno = getattr(self._channel, "fileno", None)
+        if fileno is None:
+            time.sleep(0.001)
+            return
+        select.select([], [fileno()], [], 1.0)
 
     def _release_ram(self) -> None:
         """qemu_iovec_release_ram: coalesce the may_free iovecs that are adjacent in

@@ -740,3 +740,48 @@ def test_misbehaving_hooks_and_channels_are_reported():
     g = QEMUFile(Liar())
     assert g.get_byte() == 0 and g.get_error() == -errno.EIO
     assert "readinto returned" in str(g.error)
+
+
+def test_writev_eintr_is_retried_and_eagain_is_waited_on():
+    """The read side retries EINTR and waits on EAGAIN; so does the write side now.  A
+    BlockingIOError that reports ``characters_written`` had those bytes taken."""
+
+    class Flaky(Recorder):
+        def __init__(self, faults):
+            super().__init__()
+            self.faults = list(faults)
+
+        def writev(self, buffers, pos):
+            if self.faults:
+                fault = self.faults.pop(0)
+                if fault == "partial":
+                    first = memoryview(buffers[0]).cast("B")
+                    self.data += first[:3]
+                    exc = BlockingIOError(errno.EAGAIN, "try again")
+                    exc.characters_written = 3
+                    raise exc
+                raise fault
+            return super().writev(buffers, pos)
+
+    for faults in ([InterruptedError(errno.EINTR, "interrupted")] * 3,
+                   [BlockingIOError(errno.EAGAIN, "try again")] * 2,
+                   ["partial", InterruptedError(errno.EINTR, "interrupted")]):
+        ch = Flaky(faults)
+        f = QEMUFile(ch)
+        f.put_buffer(b"hello world")
+        f.put_buffer_async(b"0123456789")
+        assert f.fflush() == 0, f.error
+        assert bytes(ch.data) == b"hello world0123456789"
+        assert f.ftell_fast() == 21
+
+
+def test_writev_claiming_more_than_it_was_given_is_a_channel_bug_not_a_short_write():
+    class Braggart:
+        def writev(self, buffers, pos):
+            return 10**9
+
+    f = QEMUFile(Braggart())
+    f.put_buffer(b"abc")
+    assert f.fflush() == -errno.EIO
+    assert "channel bug: writev returned 1000000000 for a write of 3 bytes" in str(f.error)
+    assert "short write" not in str(f.error)

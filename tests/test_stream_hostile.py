@@ -53,3 +53,91 @@ def test_a_read_error_or_shutdown_is_not_called_a_truncated_stream():
 
     with pytest.raises(StreamError, match="truncated stream"):   # a real end of stream still is
         load_bytes(data[:cut])
+
+
+def _with_vmdesc(stream_without_eof: bytes, json_bytes: bytes) -> bytes:
+    return stream_without_eof + b"\x00" + b"\x06" + struct.pack(">I", len(json_bytes)) + json_bytes
+
+
+def test_deeply_nested_vmdesc_is_a_stream_error_not_a_recursion_error(tmp_path):
+    from npqfile.stream import load_file
+    body = header() + ram_start({"ram": PAGE}) + part(b"")
+    nested = b"[" * 100000 + b"]" * 100000
+    data = _with_vmdesc(body, nested)
+    with pytest.raises(StreamError, match="nests too deeply") as e:
+        load_bytes(data)
+    assert e.value.offset == len(body) + 1      # the 0x06 vmdescription marker
+    path = tmp_path / "nested.bin"
+    path.write_bytes(data)
+    with pytest.raises(StreamError, match="nests too deeply"):
+        load_file(path)
+
+
+def test_bookkeeping_is_bounded_by_counts_not_stream_length():
+    from npqfile.stream.loader import MAX_LISTED
+    n = MAX_LISTED + 2500
+    empty_part = part(b"")
+    ping = b"\x08\0\x02\0\x04\0\0\0\x07"
+    data = header() + ram_start({"ram": 16 * PAGE}) + empty_part * n + ping * n + b"\x00"
+    res = load_bytes(data)
+    assert res.complete
+    assert len(res.sections) == MAX_LISTED and res.sections_not_listed == n + 1 - MAX_LISTED
+    assert len(res.commands) == MAX_LISTED and res.commands_not_listed == n - MAX_LISTED
+    assert len(res.stats.parts) == MAX_LISTED and res.parts_not_listed == n + 1 - MAX_LISTED
+
+
+def test_vmdesc_page_size_is_bounded_and_its_error_names_the_offset(tmp_path):
+    from npqfile.stream import load_file
+    body = header() + ram_start({"ram": PAGE}) + part(b"")
+    for page_size, ok in ((1 << 33, False), ((1 << 30) + 1, False), (True, False), (1 << 30, True)):
+        doc = json.dumps({"page_size": page_size, "devices": []}).encode()
+        path = tmp_path / "ps.bin"
+        path.write_bytes(_with_vmdesc(body, doc))
+        if ok:
+            # 1 GiB pages are QEMU's largest: accepted (this stream's records then make no sense)
+            with pytest.raises(StreamError) as e:
+                load_file(path)
+            assert "page_size" not in str(e.value)
+            continue
+        with pytest.raises(StreamError, match="page_size .* is not a power of two from 1024 to 1073741824") as e:
+            load_file(path)
+        assert e.value.offset == len(body) + 1
+
+
+def test_a_compressed_record_allocates_only_what_it_carries():
+    """A be32 length near compressBound(1 GiB) on a record that carries a few bytes:
+    the reader must not allocate the claimed length before the bytes arrive."""
+    import tracemalloc
+    gib = 1 << 30
+    rec = struct.pack(">Q", 0x100) + cstr("ram") + struct.pack(">I", gib) + b"\x78\x9c"
+    data = header() + ram_start({"ram": gib}) + part(rec)
+    tracemalloc.start()
+    try:
+        with pytest.raises(StreamError, match="truncated stream"):
+            load_bytes(data, vmdesc={"page_size": gib, "devices": []})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+
+
+def test_device_walks_are_bounded_per_input_byte():
+    """Zero-size fields consume no input: millions of them over several sections are
+    refused once the stream's free visits are spent (before: 4M per section, unbounded)."""
+    from npqfile.stream.vmdesc import FREE_FIELD_VISITS
+    per_section = FREE_FIELD_VISITS // 2 + 1
+    devices, sections = [], b""
+    for i in range(3):
+        name = f"dev{i}"
+        devices.append({"name": name, "instance_id": 0, "fields": [
+            {"name": "nothing", "type": "buffer", "size": 0, "array_len": per_section}]})
+        sections += b"\x04" + struct.pack(">I", 10 + i) + cstr(name) + struct.pack(">II", 0, 1) + footer_bytes(10 + i)
+    data = header() + ram_start({"ram": PAGE}) + sections + b"\x00"
+    with pytest.raises(StreamError, match="field visits") as e:
+        load_bytes(data, vmdesc={"devices": devices})
+    assert "dev1" in str(e.value)
+    # real device state pays for its visits: a field per byte is never refused
+    desc = {"devices": [{"name": "big", "instance_id": 0, "fields": [
+        {"name": "b", "type": "uint8", "size": 1, "array_len": FREE_FIELD_VISITS + 10}]}]}
+    sec = b"\x04\0\0\0\x09" + cstr("big") + struct.pack(">II", 0, 1) + bytes(FREE_FIELD_VISITS + 10) + footer_bytes(9)
+    assert load_bytes(header() + ram_start({"ram": PAGE}) + sec + b"\x00", vmdesc=desc).complete

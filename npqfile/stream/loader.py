@@ -33,17 +33,21 @@ from npqfile.stream.constants import (
     QEMU_VM_EOF, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, QEMU_VM_FILE_VERSION_COMPAT,
     QEMU_VM_SECTION_END, QEMU_VM_SECTION_FOOTER, QEMU_VM_SECTION_FULL, QEMU_VM_SECTION_PART,
     QEMU_VM_SECTION_START, QEMU_VM_SUBSECTION, QEMU_VM_VMDESCRIPTION, RAM_SECTION_IDSTR,
-    RAM_SECTION_VERSION, SECTION_TYPE_NAMES, TARGET_PAGE_SIZE,
+    RAM_SECTION_VERSION, SECTION_TYPE_NAMES,
 )
 from npqfile.stream.devices import BUILTIN_VMDESC
 from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES, RAMLoader
 from npqfile.stream.ram_stats import RAMStats
-from npqfile.stream.reader import StreamReader, label, shown, wire_name
-from npqfile.stream.vmdesc import device_index, parse_vmdesc, walk_vmsd
+from npqfile.stream.reader import StreamReader, shown, wire_name
+from npqfile.stream.vmdesc import WalkBudget, check_page_size, device_index, parse_vmdesc, walk_vmsd
 
 MAX_MACHINE_NAME = 4096          # configuration name length we accept (QEMU allocates whatever is sent)
 MAX_VMDESC_BYTES = 64 << 20      # a vmdesc is tens of KiB; refuse to buffer gigabytes of "JSON"
 MAX_PACKAGED_DEPTH = 2
+# Sections and commands listed in a LoadResult; beyond that they are only counted, so
+# memory follows the declared RAM, not the stream's length (millions of empty PARTs or
+# PINGs are a few bytes each on the wire).
+MAX_LISTED = 10000
 
 # Whole streams compressed on the channel (npqfile migrate --compress zstd|lz4, or a
 # user's pipeline) start with a frame magic instead of QEVM: say so.
@@ -84,17 +88,23 @@ class LoadResult:
     stopped: str | None = None     # why reading stopped early (partial_ok=True)
     warnings: list[str] = field(default_factory=list)
     end_offset: int = 0
+    sections_not_listed: int = 0   # sections read beyond the first MAX_LISTED (counted only)
+    commands_not_listed: int = 0   # commands likewise
+
+    @property
+    def parts_not_listed(self) -> int:
+        """RAM section payloads counted in ``stats`` but not listed in ``stats.parts``."""
+        return self.stats.parts_not_listed
 
 
 class _Loader:
-    def __init__(self, f, ram, *, vmdesc, max_ram_bytes, capabilities, decode_devices, partial_ok):
+    def __init__(self, f, ram, *, vmdesc, vmdesc_offset, max_ram_bytes, capabilities, decode_devices, partial_ok):
         self.r = StreamReader(f)
         self.res = LoadResult()
         self.devices = device_index(vmdesc)
-        page_size = vmdesc.get("page_size", TARGET_PAGE_SIZE) if vmdesc else TARGET_PAGE_SIZE
-        if not isinstance(page_size, int) or page_size < 1024 or page_size & (page_size - 1):
-            raise StreamError(f"vmdesc page_size {label(page_size)} is not a power of two >= 1024", None, None)
+        page_size = check_page_size(vmdesc, vmdesc_offset)
         self.ram = RAMLoader(ram, max_ram_bytes=max_ram_bytes, page_size=page_size)
+        self.walks = WalkBudget()
         self.res.stats = self.ram.stats
         self.ram.ignore_shared = "x-ignore-shared" in capabilities
         self.decode = decode_devices
@@ -229,14 +239,17 @@ class _Loader:
                 raise _Stop(r.error(f"cannot size device section '{shown(info.idstr)}' (instance {info.instance_id}, "
                                     f"version {info.version_id}): device sections carry no length and "
                                     f"no vmdesc describes it", info.offset))
-            values = walk_vmsd(r, desc)
+            values = walk_vmsd(r, desc, self.walks)
             info.fields = values if self.decode else None
         else:
             raise _Stop(r.error(f"cannot size live section '{shown(info.idstr)}' ({info.type}): only RAM "
                                 f"iterative sections can be read", info.offset))
         info.size = r.offset - begin
         info.footer = self._footer(info)
-        self.res.sections.append(info)
+        if len(self.res.sections) < MAX_LISTED:
+            self.res.sections.append(info)
+        else:
+            self.res.sections_not_listed += 1
 
     def _footer(self, info: SectionInfo) -> bool:
         """check_section_footer: ``0x7e`` + the same section id, once footers are in use."""
@@ -280,7 +293,10 @@ class _Loader:
             if n < 1 or data[0] != n - 1:
                 raise r.error(f"RECV_BITMAP payload of {n} bytes is not one counted string")
             entry["block"] = wire_name(data[1:])
-        self.res.commands.append(entry)
+        if len(self.res.commands) < MAX_LISTED:
+            self.res.commands.append(entry)
+        else:
+            self.res.commands_not_listed += 1
         if cmd == MIG_CMD_PACKAGED:
             self._packaged(struct.unpack(">I", data)[0], depth)
 
@@ -336,7 +352,7 @@ class _Stop(Exception):
         self.error = error
 
 
-def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None,
+def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None, vmdesc_offset: int | None = None,
                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, capabilities: tuple[str, ...] | list[str] = (),
                 decode_devices: bool = False, partial_ok: bool = False) -> LoadResult:
     """Read a whole migration stream from the readable QEMUFile ``f``.
@@ -344,13 +360,14 @@ def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None,
     ``ram``: the destination (each declared block must exist with the same size), or
     None to create one from the stream's declarations (at most ``max_ram_bytes``,
     lazily mapped).  ``vmdesc``: the stream's vmdesc JSON if known in advance (see
-    :func:`~npqfile.stream.vmdesc.find_vmdesc`), used to step over device sections.
+    :func:`~npqfile.stream.vmdesc.find_vmdesc`), used to step over device sections;
+    ``vmdesc_offset`` where it was found (named in errors about it).
     ``capabilities``: capabilities the source had on that the stream itself does not
     announce (e.g. ``x-ignore-shared`` for streams older than QEMU 7.2's configuration
     capabilities).  Returns a :class:`LoadResult`.  Raises StreamError for a malformed
     stream, or for a section that cannot be sized unless ``partial_ok``.
     """
-    loader = _Loader(f, ram, vmdesc=vmdesc, max_ram_bytes=max_ram_bytes, capabilities=tuple(capabilities),
+    loader = _Loader(f, ram, vmdesc=vmdesc, vmdesc_offset=vmdesc_offset, max_ram_bytes=max_ram_bytes, capabilities=tuple(capabilities),
                      decode_devices=decode_devices, partial_ok=partial_ok)
     try:
         return loader.run()

@@ -141,3 +141,62 @@ def test_device_walks_are_bounded_per_input_byte():
         {"name": "b", "type": "uint8", "size": 1, "array_len": FREE_FIELD_VISITS + 10}]}]}
     sec = b"\x04\0\0\0\x09" + cstr("big") + struct.pack(">II", 0, 1) + bytes(FREE_FIELD_VISITS + 10) + footer_bytes(9)
     assert load_bytes(header() + ram_start({"ram": PAGE}) + sec + b"\x00", vmdesc=desc).complete
+
+
+# -- device sections after the RAM, sized by the vmdesc that follows EOF (issue 8, item 6) ----
+
+MYSTERY_DESC = {"page_size": PAGE, "devices": [
+    {"name": "mystery", "instance_id": 0, "fields": [{"name": "x", "type": "buffer", "size": 3}]}]}
+
+
+def _live_pc_like_stream(vmdesc=MYSTERY_DESC) -> bytes:
+    """RAM, then a device section only the trailing vmdesc describes, as a -M pc source sends."""
+    dev = b"\x04\0\0\0\x09" + cstr("mystery") + b"\0\0\0\0\0\0\0\1" + b"\0\6\0" + footer_bytes(9)
+    body = (header() + ram_start({"ram": 2 * PAGE, "rom": PAGE}) + part(page_record(0, b"\x11" * PAGE)
+            + page_record(0, b"\x22" * PAGE, block="rom")) + dev)
+    return _with_vmdesc(body, json.dumps(vmdesc).encode())
+
+
+class NoEndReader:
+    """Serves ``data`` in ``chunk``-byte reads, then fails the test if read again: the
+    source (like npqfile's) keeps its connection open after the vmdesc."""
+
+    def __init__(self, data: bytes, chunk: int):
+        self.data, self.chunk, self.pos = data, chunk, 0
+
+    def readinto(self, buf, pos):
+        assert self.pos < len(self.data), "read past the vmdesc: the reader waited for an end of stream"
+        n = min(len(buf), self.chunk, len(self.data) - self.pos)
+        buf[:n] = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1 << 20])
+def test_device_tail_is_sized_by_the_vmdesc_that_follows_eof(chunk):
+    data = _live_pc_like_stream()
+    with pytest.raises(StreamError, match="cannot size device section 'mystery'"):
+        load_bytes(data)                       # the old behaviour stays the default
+    res = load_stream(QEMUFile(NoEndReader(data, chunk)), device_tail_bytes=1 << 20, decode_devices=True)
+    assert res.complete and res.vmdesc == MYSTERY_DESC
+    assert res.sections[-1].idstr == "mystery" and res.sections[-1].fields == {"x": "000600"}
+    assert (res.ram.block("ram").pages[0] == 0x11).all() and (res.ram.block("rom").pages[0] == 0x22).all()
+    assert res.end_offset == len(data)
+
+
+def test_device_tail_is_bounded_and_its_failures_are_clear():
+    data = _live_pc_like_stream()
+    with pytest.raises(StreamError, match="no vmdescription within the 40 bytes") as e:
+        load_bytes(data, device_tail_bytes=40)
+    assert e.value.section == "mystery"
+    cut = data[:data.rindex(b"\x06")]
+    with pytest.raises(StreamError, match="stream ended without a vmdescription"):
+        load_bytes(cut, device_tail_bytes=1 << 20)
+    with pytest.raises(StreamError, match="nests too deeply"):
+        load_bytes(_with_vmdesc(cut[:-1], b"[" * 100000 + b"]" * 100000), device_tail_bytes=1 << 20)
+    with pytest.raises(StreamError, match="reading it failed: .*Connection reset by peer"):
+        load_stream(QEMUFile(FailingReader(cut, OSError(errno.ECONNRESET, "Connection reset by peer"))),
+                    device_tail_bytes=1 << 20)
+    other = {"page_size": PAGE, "devices": []}
+    with pytest.raises(StreamError, match="cannot size device section 'mystery'"):
+        load_bytes(_live_pc_like_stream(other), device_tail_bytes=1 << 20)

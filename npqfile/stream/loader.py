@@ -35,6 +35,9 @@ from npqfile.stream.constants import (
     QEMU_VM_SECTION_START, QEMU_VM_SUBSECTION, QEMU_VM_VMDESCRIPTION, RAM_SECTION_IDSTR,
     RAM_SECTION_VERSION, SECTION_TYPE_NAMES,
 )
+from npqfile.channels import MemoryReader
+from npqfile.qemufile import QEMUFile
+from npqfile.stream.device_tail import read_device_tail
 from npqfile.stream.devices import BUILTIN_VMDESC
 from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES, RAMLoader
 from npqfile.stream.ram_stats import RAMStats
@@ -98,7 +101,8 @@ class LoadResult:
 
 
 class _Loader:
-    def __init__(self, f, ram, *, vmdesc, vmdesc_offset, max_ram_bytes, capabilities, decode_devices, partial_ok):
+    def __init__(self, f, ram, *, vmdesc, vmdesc_offset, max_ram_bytes, capabilities, decode_devices, partial_ok,
+                 device_tail_bytes):
         self.r = StreamReader(f)
         self.res = LoadResult()
         self.devices = device_index(vmdesc)
@@ -110,6 +114,8 @@ class _Loader:
         self.decode = decode_devices
         self.partial_ok = partial_ok
         self.open: dict[int, SectionInfo] = {}    # section id -> its START/FULL info
+        self.device_tail_bytes = device_tail_bytes
+        self.deferred = False                     # reading from a kept device tail
         self.footers_seen = False
 
     # -- top level ---------------------------------------------------------------------
@@ -134,11 +140,11 @@ class _Loader:
             res.stopped = str(stop.error)
             if not self.partial_ok:
                 raise stop.error from None
-            res.end_offset = r.offset
+            res.end_offset = self.r.offset
             return self._finish()
         res.complete = True
         self._vmdesc_after_eof()
-        res.end_offset = r.offset
+        res.end_offset = self.r.offset
         return self._finish()
 
     def _finish(self) -> LoadResult:
@@ -147,8 +153,8 @@ class _Loader:
 
     def _sections(self, depth: int) -> None:
         """qemu_loadvm_state_main: records until QEMU_VM_EOF."""
-        r = self.r
         while True:
+            r = self.r      # a deferred device tail replaces the reader (see _defer_to_vmdesc)
             r.section = None
             at = r.begin()
             t = r.u8("a section type")
@@ -235,6 +241,9 @@ class _Loader:
             self.ram.load(r, info.type, info.section_id)
         elif info.type == "full":
             desc = self.devices.get((info.idstr, info.instance_id)) or BUILTIN_VMDESC.get((info.idstr, info.version_id))
+            if desc is None and self.device_tail_bytes and not self.deferred and r.limit is None:
+                r = self._defer_to_vmdesc(info)
+                desc = self.devices.get((info.idstr, info.instance_id))
             if desc is None:
                 raise _Stop(r.error(f"cannot size device section '{shown(info.idstr)}' (instance {info.instance_id}, "
                                     f"version {info.version_id}): device sections carry no length and "
@@ -250,6 +259,22 @@ class _Loader:
             self.res.sections.append(info)
         else:
             self.res.sections_not_listed += 1
+
+    def _defer_to_vmdesc(self, info: SectionInfo) -> StreamReader:
+        """A device section nothing describes yet, on a stream that cannot be searched
+        for its vmdesc first (a socket, a pipe): keep the rest of the stream in memory
+        (bounded by ``device_tail_bytes``) until the vmdesc QEMU sends after EOF arrives,
+        then read on from the kept bytes with it.  Returns the new reader; raises
+        StreamError when no vmdesc comes within the bound."""
+        r = self.r
+        start = r.offset
+        tail, doc, _ = read_device_tail(r.f, self.device_tail_bytes, start, r.section)
+        self.devices = device_index(doc)
+        self.deferred = True
+        kept = StreamReader(QEMUFile(MemoryReader(tail)), offset=start)
+        kept.section, kept.record = r.section, r.record
+        self.r = kept
+        return kept
 
     def _footer(self, info: SectionInfo) -> bool:
         """check_section_footer: ``0x7e`` + the same section id, once footers are in use."""
@@ -354,7 +379,7 @@ class _Stop(Exception):
 
 def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None, vmdesc_offset: int | None = None,
                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, capabilities: tuple[str, ...] | list[str] = (),
-                decode_devices: bool = False, partial_ok: bool = False) -> LoadResult:
+                decode_devices: bool = False, partial_ok: bool = False, device_tail_bytes: int = 0) -> LoadResult:
     """Read a whole migration stream from the readable QEMUFile ``f``.
 
     ``ram``: the destination (each declared block must exist with the same size), or
@@ -364,11 +389,14 @@ def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None, v
     ``vmdesc_offset`` where it was found (named in errors about it).
     ``capabilities``: capabilities the source had on that the stream itself does not
     announce (e.g. ``x-ignore-shared`` for streams older than QEMU 7.2's configuration
-    capabilities).  Returns a :class:`LoadResult`.  Raises StreamError for a malformed
+    capabilities).  ``device_tail_bytes``: when a device section is not described (no
+    vmdesc given: a socket or pipe), keep up to this many bytes of the rest of the stream
+    until the vmdesc after EOF arrives and step over the sections with it (0: stop
+    there, as for a file whose vmdesc was not found).  Returns a :class:`LoadResult`.  Raises StreamError for a malformed
     stream, or for a section that cannot be sized unless ``partial_ok``.
     """
     loader = _Loader(f, ram, vmdesc=vmdesc, vmdesc_offset=vmdesc_offset, max_ram_bytes=max_ram_bytes, capabilities=tuple(capabilities),
-                     decode_devices=decode_devices, partial_ok=partial_ok)
+                     decode_devices=decode_devices, partial_ok=partial_ok, device_tail_bytes=device_tail_bytes)
     try:
         return loader.run()
     finally:

@@ -200,3 +200,17 @@ def test_device_tail_is_bounded_and_its_failures_are_clear():
     other = {"page_size": PAGE, "devices": []}
     with pytest.raises(StreamError, match="cannot size device section 'mystery'"):
         load_bytes(_live_pc_like_stream(other), device_tail_bytes=1 << 20)
+
+
+def test_destination_fails_cleanly_on_a_deeply_nested_vmdesc():
+    """incoming used to die of a RecursionError (and sent no verdict): now it is a failed result."""
+    from npqfile.channels import MemoryReader
+    from npqfile.migration.destination import Destination
+    data = _with_vmdesc(header() + ram_start({"ram": PAGE}) + part(b""), b"[" * 100000 + b"]" * 100000)
+    dest = Destination(machine=None)
+    res = dest.receive(MemoryReader(data))
+    try:
+        assert res.status == "failed" and "nests too deeply" in res.error
+    finally:
+        if dest.ram is not None:
+            dest.ram.close()

@@ -6,9 +6,11 @@ each block's ``sha256``), ``--fields`` (decoded device state, in either form),
 ``--extract DIR`` (one sparse file per RAM block, named safely).  Reads what
 analyze-migration.py rejects: XBZRLE and compressed pages, postcopy commands,
 x-ignore-shared, streams without footers, configuration or (up to the first unsizable
-section) vmdesc.  The input is a file, or a pipe, FIFO or ``-`` (standard input): the
-vmdesc sits at the very end of a stream, so a non-seekable input is first copied
-into an unnamed temporary file (in ``$TMPDIR``) and analysed from there.
+section) vmdesc.  The input is a file (its vmdesc, at the very end, is found first), or
+a pipe, FIFO or ``-`` (standard input), read as a stream like ``incoming`` reads a
+socket: nothing is spooled; device sections after the RAM are kept in memory (bounded)
+until the vmdesc that follows EOF sizes them.  A closed standard output (``analyze X |
+head``) ends the report quietly, as for any Unix filter.
 
 Goals: a bad stream gives exit status 1 and ``error: REASON at offset N (section S)``
 on stderr; a stream cut short by a section that cannot be sized prints what was read,
@@ -22,16 +24,15 @@ import errno
 import json
 import os
 import re
-import shutil
 import stat
 import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 
-from npqfile.stream.loader import LoadResult
+from npqfile.channels import FdChannel
+from npqfile.qemufile import QEMUFile
+from npqfile.stream.device_tail import DEFAULT_DEVICE_TAIL_BYTES
+from npqfile.stream.loader import LoadResult, load_stream
 from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES
 from npqfile.stream.reader import shown
 from npqfile.stream.snapshot import load_file
@@ -41,7 +42,6 @@ NAME = "analyze"
 HELP = "show the sections and RAM of a migration stream (like QEMU's analyze-migration.py)"
 ORDER = 30
 EXTRACT_CHUNK_PAGES = 4096
-SPOOL_CHUNK = 1 << 20
 FIELD_TEXT_CHARS = 100          # a decoded field's value in the text report
 # The capabilities a reader must be told about: every other one announces itself in the stream.
 READER_CAPABILITIES = ("x-ignore-shared",)
@@ -66,8 +66,40 @@ def safe_name(name: str) -> str:
     return safe or "block"
 
 
+def check_extract_dir(directory: str) -> None:
+    """Refuse an ``--extract`` target that exists and is not a directory (``/dev/full``)
+    before any work, with a message naming it (makedirs would say "File exists")."""
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(errno.ENOTDIR, f"--extract {directory}: exists and is not a directory")
+
+
+def _open_extract_file(path: str) -> int:
+    """Open ``path`` for a block image without following a symbolic link planted there
+    and without blocking on a FIFO; anything but a regular file is refused.  Returns
+    the fd; OSError naming the path otherwise."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, f"--extract: {path} is a symbolic link; refusing to write through it") from None
+        if exc.errno == errno.ENXIO:   # a FIFO nobody reads
+            raise OSError(errno.ENXIO, f"--extract: {path} is not a regular file") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"--extract: {path} is not a regular file")
+        os.set_blocking(fd, True)
+        os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def extract(result: LoadResult, directory: str) -> list[str]:
-    """Write each RAM block to ``directory`` as a sparse file; returns the paths. OSError on failure."""
+    """Write each RAM block to ``directory`` as a sparse file; returns the paths. OSError on
+    failure (a non-directory target, a symbolic link or non-regular file in the way)."""
+    check_extract_dir(directory)
     os.makedirs(directory, exist_ok=True)
     paths, used = [], set()
     for block in result.ram.blocks if result.ram else []:
@@ -76,7 +108,7 @@ def extract(result: LoadResult, directory: str) -> list[str]:
             name += "_"
         used.add(name)
         path = os.path.join(directory, name)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        fd = _open_extract_file(path)
         try:
             ps = block.page_size
             for start in range(0, block.n_pages, EXTRACT_CHUNK_PAGES):
@@ -93,14 +125,16 @@ def extract(result: LoadResult, directory: str) -> list[str]:
     return paths
 
 
-@contextmanager
-def seekable_input(path: str) -> Iterator[tuple[str, int]]:
-    """Yield ``(path to load, size in bytes)`` for the analyze input ``path``.
+def load_input(path: str, **kwargs) -> tuple[LoadResult, int]:
+    """Load the analyze input ``path`` (keyword arguments as for ``load_stream``).
 
-    A regular file (or block device) is used in place.  ``-`` (standard input), a
-    FIFO, a pipe or a character device is copied first into an unnamed temporary file,
-    removed on exit, because the vmdesc is at the end of the stream.  Raises OSError
-    naming ``path`` when it cannot be opened, read or spooled (e.g. ENOSPC).
+    A regular file (or block device) is read in place, its trailing vmdesc found first.
+    ``-`` (standard input), a FIFO, a pipe or a character device is read as a stream:
+    the magic is checked first, as for any stream, and device sections after the RAM
+    are kept (at most DEFAULT_DEVICE_TAIL_BYTES) until the vmdesc after EOF sizes them;
+    nothing is copied to disk.  Returns ``(result, size in bytes)`` (for a stream, the
+    bytes read).  Raises OSError naming ``path`` when it cannot be opened or is a
+    directory, StreamError for a malformed stream.
     """
     if path == "-":
         src = os.dup(sys.stdin.fileno())
@@ -112,17 +146,14 @@ def seekable_input(path: str) -> Iterator[tuple[str, int]]:
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, f"{shown_path} is a directory, not a migration stream")
         if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
-            yield (path if path != "-" else f"/proc/self/fd/{src}"), os.lseek(src, 0, os.SEEK_END)
-            return
-        with tempfile.NamedTemporaryFile(prefix="npqfile-analyze-", suffix=".stream") as spool:
-            try:
-                with os.fdopen(os.dup(src), "rb", buffering=0) as fh:
-                    shutil.copyfileobj(fh, spool, SPOOL_CHUNK)
-                spool.flush()
-            except OSError as exc:
-                raise OSError(exc.errno, f"cannot copy {shown_path} to a temporary file in "
-                                         f"{tempfile.gettempdir()}: {exc.strerror or exc}") from None
-            yield spool.name, spool.tell()
+            size = os.lseek(src, 0, os.SEEK_END)
+            return load_file(path if path != "-" else f"/proc/self/fd/{src}", **kwargs), size
+        f = QEMUFile(FdChannel(os.dup(src), "r"))
+        try:
+            result = load_stream(f, device_tail_bytes=DEFAULT_DEVICE_TAIL_BYTES, **kwargs)
+            return result, f.tell()
+        finally:
+            f.close()
     finally:
         os.close(src)
 
@@ -192,17 +223,30 @@ def _print_text(result: LoadResult, path: str, size: int, out) -> None:
         print(f"note     {w}", file=out)
 
 
+def _stdout_closed() -> None:
+    """The reader of standard output went away (``| head``): send the rest of the
+    report nowhere, so neither this run nor the interpreter's exit flush complains."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def run(args: argparse.Namespace) -> int:
     max_ram = parse_size(args.max_ram)
-    with seekable_input(args.stream) as (path, size):
-        result = load_file(path, max_ram_bytes=max_ram, capabilities=args.capability,
-                           decode_devices=args.fields, partial_ok=True)
+    if args.extract:
+        check_extract_dir(args.extract)
+    result, size = load_input(args.stream, max_ram_bytes=max_ram, max_ram_name="--max-ram",
+                              capabilities=args.capability, decode_devices=args.fields, partial_ok=True)
     try:
-        if args.json:
-            json.dump(to_json(result, args.stream, size), sys.stdout, indent=2)
-            print()
-        else:
-            _print_text(result, args.stream, size, sys.stdout)
+        try:
+            if args.json:
+                json.dump(to_json(result, args.stream, size), sys.stdout, indent=2)
+                print()
+            else:
+                _print_text(result, args.stream, size, sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _stdout_closed()
         if args.extract:
             for p in extract(result, args.extract):
                 print(f"wrote {p}", file=sys.stderr)
@@ -210,7 +254,6 @@ def run(args: argparse.Namespace) -> int:
         if result.ram is not None:
             result.ram.close()
     if not result.complete:
-        sys.stdout.flush()
         print(f"error: {result.stopped}", file=sys.stderr)
         return 1
     return 0

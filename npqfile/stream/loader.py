@@ -102,12 +102,12 @@ class LoadResult:
 
 class _Loader:
     def __init__(self, f, ram, *, vmdesc, vmdesc_offset, max_ram_bytes, capabilities, decode_devices, partial_ok,
-                 device_tail_bytes):
+                 device_tail_bytes, max_ram_name):
         self.r = StreamReader(f)
         self.res = LoadResult()
         self.devices = device_index(vmdesc)
         page_size = check_page_size(vmdesc, vmdesc_offset)
-        self.ram = RAMLoader(ram, max_ram_bytes=max_ram_bytes, page_size=page_size)
+        self.ram = RAMLoader(ram, max_ram_bytes=max_ram_bytes, page_size=page_size, max_ram_name=max_ram_name)
         self.walks = WalkBudget()
         self.res.stats = self.ram.stats
         self.ram.ignore_shared = "x-ignore-shared" in capabilities
@@ -242,7 +242,10 @@ class _Loader:
         elif info.type == "full":
             desc = self.devices.get((info.idstr, info.instance_id)) or BUILTIN_VMDESC.get((info.idstr, info.version_id))
             if desc is None and self.device_tail_bytes and not self.deferred and r.limit is None:
-                r = self._defer_to_vmdesc(info)
+                try:
+                    r = self._defer_to_vmdesc(info)
+                except StreamError as exc:
+                    raise _Stop(exc) from None   # as for a file without vmdesc: read up to here
                 desc = self.devices.get((info.idstr, info.instance_id))
             if desc is None:
                 raise _Stop(r.error(f"cannot size device section '{shown(info.idstr)}' (instance {info.instance_id}, "
@@ -379,12 +382,13 @@ class _Stop(Exception):
 
 def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None, vmdesc_offset: int | None = None,
                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, capabilities: tuple[str, ...] | list[str] = (),
-                decode_devices: bool = False, partial_ok: bool = False, device_tail_bytes: int = 0) -> LoadResult:
+                decode_devices: bool = False, partial_ok: bool = False, device_tail_bytes: int = 0,
+                max_ram_name: str = "max_ram_bytes") -> LoadResult:
     """Read a whole migration stream from the readable QEMUFile ``f``.
 
     ``ram``: the destination (each declared block must exist with the same size), or
     None to create one from the stream's declarations (at most ``max_ram_bytes``,
-    lazily mapped).  ``vmdesc``: the stream's vmdesc JSON if known in advance (see
+    lazily mapped; errors name that limit ``max_ram_name``).  ``vmdesc``: the stream's vmdesc JSON if known in advance (see
     :func:`~npqfile.stream.vmdesc.find_vmdesc`), used to step over device sections;
     ``vmdesc_offset`` where it was found (named in errors about it).
     ``capabilities``: capabilities the source had on that the stream itself does not
@@ -396,7 +400,8 @@ def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None, v
     stream, or for a section that cannot be sized unless ``partial_ok``.
     """
     loader = _Loader(f, ram, vmdesc=vmdesc, vmdesc_offset=vmdesc_offset, max_ram_bytes=max_ram_bytes, capabilities=tuple(capabilities),
-                     decode_devices=decode_devices, partial_ok=partial_ok, device_tail_bytes=device_tail_bytes)
+                     decode_devices=decode_devices, partial_ok=partial_ok, device_tail_bytes=device_tail_bytes,
+                     max_ram_name=max_ram_name)
     try:
         return loader.run()
     finally:

@@ -68,8 +68,9 @@ class RAMLoader:
     """
 
     def __init__(self, ram: GuestRAM | None = None, *, max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES,
-                 page_size: int = TARGET_PAGE_SIZE):
+                 page_size: int = TARGET_PAGE_SIZE, max_ram_name: str = "max_ram_bytes"):
         self.ram = ram
+        self.max_ram_name = max_ram_name   # how errors name the limit (a CLI says its option)
         self.created = ram is None
         self.max_ram_bytes = max_ram_bytes
         self.page_size = page_size
@@ -230,7 +231,7 @@ class RAMLoader:
         """MEM_SIZE: blocks until their lengths add up to ``total``; creates or checks each."""
         if self.created and total > self.max_ram_bytes:
             raise r.error(f"stream declares {total:#x} bytes of RAM, more than the "
-                          f"{self.max_ram_bytes:#x}-byte limit (max_ram_bytes)")
+                          f"{self.max_ram_bytes:#x}-byte limit ({self.max_ram_name})")
         remaining = total
         while remaining > 0:
             at = r.offset
@@ -275,7 +276,8 @@ class RAMLoader:
                               f"({len(name.encode())} bytes once made printable, at most {IDSTR_MAX})", at)
             used = sum(d.size for d in self.declared.values())
             if used + length > self.max_ram_bytes:
-                raise r.error(f"block '{shown(name)}' would take the RAM past the {self.max_ram_bytes:#x}-byte limit", at)
+                raise r.error(f"block '{shown(name)}' would take the RAM past the {self.max_ram_bytes:#x}-byte "
+                              f"limit ({self.max_ram_name})", at)
             try:
                 block = self.ram.add_block(name, length)
             except (ValueError, OSError) as exc:

@@ -100,3 +100,29 @@ def test_the_ram_limit_error_names_the_option(tmp_path, capsys):
     assert main(["analyze", str(stream), "--max-ram", "16M"]) == 1
     err = capsys.readouterr().err
     assert "(--max-ram)" in err and "max_ram_bytes" not in err
+
+
+def test_declared_but_unwritten_ram_is_neither_hashed_nor_scanned(tmp_path, capsys):
+    """Three 20 GiB blocks declared by a few hundred bytes: analyze used to hash 60 GiB of
+    zeros (and --extract scanned them).  Hashing is bounded per stream byte; --extract
+    skips memory the stream never wrote (the file is a hole of the right size)."""
+    from test_stream_support import page_record
+    gib20 = 20 << 30
+    blocks = {"a": gib20, "b": gib20, "small": 4 * PAGE}
+    stream = tmp_path / "declared.stream"
+    stream.write_bytes(header() + ram_start(blocks) + part(page_record(PAGE, b"\x5a" * PAGE, block="a")
+                                                           + page_record(0, b"\x33" * PAGE, block="small")) + b"\x00")
+    code, out, err = (main(["analyze", str(stream), "--json", "--max-ram", "64G", "--extract", str(tmp_path / "x")]),
+                      *capsys.readouterr())
+    assert code == 0, err
+    doc = json.loads(out)
+    digests = {b["name"]: b["sha256"] for b in doc["ram"]["blocks"]}
+    import hashlib
+    assert digests["a"] is None and digests["b"] is None
+    assert digests["small"] == hashlib.sha256(b"\x33" * PAGE + bytes(3 * PAGE)).hexdigest()
+    assert any("block 'a'" in w and "not hashed" in w for w in doc["warnings"])
+    image = tmp_path / "x" / "a"
+    assert image.stat().st_size == gib20 and image.stat().st_blocks * 512 < 1 << 20
+    with open(image, "rb") as fh:
+        fh.seek(PAGE)
+        assert fh.read(PAGE) == b"\x5a" * PAGE

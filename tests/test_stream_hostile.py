@@ -214,3 +214,16 @@ def test_destination_fails_cleanly_on_a_deeply_nested_vmdesc():
     finally:
         if dest.ram is not None:
             dest.ram.close()
+
+
+def test_section_ids_and_block_counts_are_bounded():
+    from npqfile.stream.loader import MAX_LISTED
+    from npqfile.stream.ram_loader import MAX_BLOCKS
+    timer = bytes(24)        # the built-in timer description: three 8-byte fields
+    fulls = b"".join(b"\x04" + struct.pack(">I", 100 + i) + cstr("timer") + struct.pack(">II", 0, 2) + timer
+                     for i in range(MAX_LISTED + 1))
+    with pytest.raises(StreamError, match=f"more than {MAX_LISTED} distinct section ids"):
+        load_bytes(header(None) + fulls + b"\x00")
+    blocks = {f"b{i}": PAGE for i in range(MAX_BLOCKS + 1)}
+    with pytest.raises(StreamError, match=f"more than {MAX_BLOCKS} RAM blocks"):
+        load_bytes(minimal_stream(b"", blocks=blocks))

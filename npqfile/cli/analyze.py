@@ -31,6 +31,7 @@ import numpy as np
 
 from npqfile.channels import FdChannel
 from npqfile.qemufile import QEMUFile
+from npqfile.ram import residency
 from npqfile.stream.device_tail import DEFAULT_DEVICE_TAIL_BYTES
 from npqfile.stream.loader import LoadResult, load_stream
 from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES
@@ -42,6 +43,8 @@ NAME = "analyze"
 HELP = "show the sections and RAM of a migration stream (like QEMU's analyze-migration.py)"
 ORDER = 30
 EXTRACT_CHUNK_PAGES = 4096
+HASH_FREE_BYTES = 1 << 30          # block bytes hashed whatever the stream's size
+HASH_BYTES_PER_STREAM_BYTE = 512   # more than a 4 KiB page per 9-byte ZERO record
 FIELD_TEXT_CHARS = 100          # a decoded field's value in the text report
 # The capabilities a reader must be told about: every other one announces itself in the stream.
 READER_CAPABILITIES = ("x-ignore-shared",)
@@ -96,6 +99,23 @@ def _open_extract_file(path: str) -> int:
     return fd
 
 
+def _written_pages(block, start: int, count: int) -> np.ndarray | None:
+    """A bool per page ``start .. start+count-1`` of a private block the loader created:
+    does it hold memory of its own (pagemap present and exclusive, or swapped out)?  A page no record
+    wrote reads as zeros (at most the shared zero page is mapped).  None when it cannot
+    be told (not private, no pagemap): then every page is scanned."""
+    if block.kind != "private":
+        return None
+    ps = block.page_size
+    try:
+        pm = residency.read_pagemap(block.address + start * ps, count * ps)
+    except OSError:
+        return None
+    mask = residency.PM_PRESENT | residency.PM_EXCLUSIVE
+    own = ((pm & mask) == mask) | ((pm & residency.PM_SWAPPED) != 0)   # swapped out: written too
+    return residency.per_target_page(own, ps, count)
+
+
 def extract(result: LoadResult, directory: str) -> list[str]:
     """Write each RAM block to ``directory`` as a sparse file; returns the paths. OSError on
     failure (a non-directory target, a symbolic link or non-regular file in the way)."""
@@ -113,7 +133,12 @@ def extract(result: LoadResult, directory: str) -> list[str]:
             ps = block.page_size
             for start in range(0, block.n_pages, EXTRACT_CHUNK_PAGES):
                 pages = block.pages[start:start + EXTRACT_CHUNK_PAGES]
+                written = _written_pages(block, start, len(pages))
+                if written is not None and not written.any():
+                    continue   # memory the stream never wrote: zeros, a hole, nothing to scan
                 nonzero = np.bitwise_or.reduce(pages.view(np.uint64), axis=1) != 0
+                if written is not None:
+                    nonzero &= written
                 # runs of non-zero pages are written; zero pages stay holes
                 edges = np.flatnonzero(np.diff(np.concatenate(([0], nonzero.view(np.int8), [0]))))
                 for a, b in zip(edges[::2].tolist(), edges[1::2].tolist()):
@@ -158,9 +183,32 @@ def load_input(path: str, **kwargs) -> tuple[LoadResult, int]:
         os.close(src)
 
 
+def block_digests(result: LoadResult, size: int) -> dict[str, str | None]:
+    """sha256 of each block, as long as the bytes hashed stay within HASH_FREE_BYTES plus
+    HASH_BYTES_PER_STREAM_BYTE per byte of the ``size``-byte stream; None for the blocks
+    past that budget (a note in ``result.warnings`` says why).  A real stream carries at
+    least a 9-byte ZERO record per 4 KiB page it sends, so only memory the stream never
+    wrote (blocks declared but not sent: a few hundred bytes declaring tens of GiB) is
+    left unhashed, instead of spinning for minutes over zeros.  Never raises."""
+    budget = HASH_FREE_BYTES + HASH_BYTES_PER_STREAM_BYTE * size
+    out: dict[str, str | None] = {}
+    for b in result.ram.blocks if result.ram else []:
+        if b.size <= budget:
+            budget -= b.size
+            out[b.name] = b.sha256()
+        else:
+            out[b.name] = None
+            result.warnings.append(
+                f"block '{shown(b.name)}' ({format_bytes(b.size)}) not hashed: a {size}-byte stream cannot have "
+                f"written that much; hashing memory the stream never wrote is bounded (at most "
+                f"{format_bytes(HASH_FREE_BYTES)} plus {HASH_BYTES_PER_STREAM_BYTE} bytes per stream byte)")
+    return out
+
+
 def to_json(result: LoadResult, path: str, size: int) -> dict:
     """The report as a JSON-ready dict (``path`` as the user named it, ``size`` in bytes)."""
     ram = result.ram
+    digests = block_digests(result, size)
     return {
         "stream": path,
         "size": size,
@@ -173,11 +221,15 @@ def to_json(result: LoadResult, path: str, size: int) -> dict:
                      for s in result.sections],
         "commands": result.commands,
         "ram": {
-            "blocks": [{"name": b.name, "size": b.size, "sha256": b.sha256()} for b in (ram.blocks if ram else [])],
+            "blocks": [{"name": b.name, "size": b.size, "sha256": digests[b.name]} for b in (ram.blocks if ram else [])],
             "stats": result.stats.as_dict(),
         },
         "vmdesc": result.vmdesc is not None,
         "warnings": result.warnings,
+        # sections, commands and RAM parts counted but not listed (the lists stop at
+        # npqfile.stream.loader.MAX_LISTED entries, so memory follows the declared RAM)
+        "not-listed": {"sections": result.sections_not_listed, "commands": result.commands_not_listed,
+                       "parts": result.parts_not_listed},
     }
 
 
@@ -195,6 +247,7 @@ def _print_fields(values: dict, indent: str, out) -> None:
 
 def _print_text(result: LoadResult, path: str, size: int, out) -> None:
     st = result.stats
+    digests = block_digests(result, size)
     print(f"stream   {path} ({size} bytes)", file=out)
     print(f"machine  {result.machine if result.machine is not None else '(no configuration section)'}", file=out)
     if result.capabilities:
@@ -211,7 +264,7 @@ def _print_text(result: LoadResult, path: str, size: int, out) -> None:
     if result.ram:
         print("RAM blocks:", file=out)
         for b in result.ram.blocks:
-            print(f"  {b.name:<28} {b.size:>12} ({format_bytes(b.size)})  sha256 {b.sha256()}", file=out)
+            print(f"  {b.name:<28} {b.size:>12} ({format_bytes(b.size)})  sha256 {digests[b.name] or '(not hashed, see note)'}", file=out)
     print(f"pages    normal {st.normal_pages}, zero {st.zero_pages}, xbzrle {st.xbzrle_pages}, "
           f"compressed {st.compressed_pages} (total {st.pages}; {st.pages_bytes} bytes of RAM section "
           f"payload, setup and EOS records included)", file=out)
@@ -219,6 +272,9 @@ def _print_text(result: LoadResult, path: str, size: int, out) -> None:
         print(f"  part {i:<4} {p['type']:<5} at {p['offset']:>10}: normal {p['normal']}, zero {p['zero']}, "
               f"xbzrle {p['xbzrle']}, compressed {p['compressed']} ({p['bytes']} bytes)", file=out)
     print(f"vmdesc   {'yes' if result.vmdesc is not None else 'no'}", file=out)
+    if result.sections_not_listed or result.commands_not_listed or result.parts_not_listed:
+        print(f"note     not listed: {result.sections_not_listed} sections, {result.commands_not_listed} "
+              f"commands, {result.parts_not_listed} RAM parts (counted above)", file=out)
     for w in result.warnings:
         print(f"note     {w}", file=out)
 

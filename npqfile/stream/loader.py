@@ -219,6 +219,8 @@ class _Loader:
         instance = r.be32("an instance id")
         version = r.be32("a version id")
         info = SectionInfo(SECTION_TYPE_NAMES[t], sid, idstr, instance, version, at)
+        if sid not in self.open and len(self.open) >= MAX_LISTED:
+            raise r.error(f"more than {MAX_LISTED} distinct section ids", at)
         self.open[sid] = info
         self._payload(info)
 

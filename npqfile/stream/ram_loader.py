@@ -41,6 +41,7 @@ from npqfile.stream.reader import StreamReader, shown
 from npqfile.stream.xbzrle import XBZRLEError, decode_page
 
 DEFAULT_MAX_RAM_BYTES = 64 << 30
+MAX_BLOCKS = 1024                  # a PC has about ten; each block is a mapping and its bookkeeping
 MAX_LISTED_PARTS = 10000           # per-section counts kept in stats.parts; beyond, only counted
 COMPRESSED_CHUNK = 1 << 16         # compressed page data is read and inflated this much at a time   # virtual: blocks are lazy mmaps, only touched pages cost memory
 
@@ -267,6 +268,8 @@ class RAMLoader:
             if old.size != length:
                 raise r.error(f"Size mismatch: {shown(name)}: {length:#x} != {old.size:#x}", at)
             return old
+        if len(self.declared) >= MAX_BLOCKS:
+            raise r.error(f"stream declares more than {MAX_BLOCKS} RAM blocks", at)
         if self.created:
             if self.ram is None:
                 self.ram = GuestRAM()

@@ -4,12 +4,14 @@ Supports: with no arguments, the embedded default (a 256 MiB guest, a hotset wor
 unlimited bandwidth, the destination in this process over a socketpair, verification
 on); every engine option under QEMU's names (``--max-bandwidth 100MB/s``,
 ``--downtime-limit 300`` in ms, ``--xbzrle-cache 64M``, ``--compress zlib:6``,
-``--release-ram``, ``--pause-before-switchover``...); ``--to URI`` for another process
+``--release-ram``, ``--pause-before-switchover``, ``--auto-converge`` with
+``--cpu-throttle-initial`` and the other throttle parameters...); ``--to URI`` for another process
 or machine (``tcp:HOST:PORT`` / ``unix:PATH`` with ``npqfile incoming`` there),
 ``file:PATH`` (a snapshot that ``npqfile analyze`` and QEMU ``-M none`` load),
 ``exec:CMD``, ``fd:N`` (``--to fd:1 > snap.bin``: the report then goes to stderr); a
 live progress line (rich) on a terminal; a summary table, ``--json``, ``--plot
-FILE.png`` (its directory is checked before migrating); ``--sweep PARAM=V1,V2`` for a
+FILE.png`` (its format and directory are checked before migrating, and it is drawn
+after the results are printed, so a plot error never loses them); ``--sweep PARAM=V1,V2`` for a
 parameter study in parallel processes (``--plot`` then draws the sweep; with
 ``file:PATH`` each case writes its own ``PATH.N``, see ``npqfile.migration.sweep``).
 

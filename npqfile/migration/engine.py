@@ -15,8 +15,9 @@ cursor that wraps around RAM; when the dirty bytes still to send drop below
 ``threshold_size = bandwidth × downtime_limit`` the guest's dirty log is synced into the
 bitmap (``dirty-sync-count`` + 1); if the total is still below the threshold, the guest
 is stopped (the workload acknowledges), the bitmap synced a last time and everything
-left is sent without a rate limit.  XBZRLE is off during the bulk pass (QEMU's bulk
-stage).  With ``release_ram`` the source hashes its RAM at switchover (for verification:
+left is sent without a rate limit.  XBZRLE is off until the page search first wraps
+past the last block (``find_dirty_block``).  With ``auto_converge`` each sync feeds the
+throttle decision (``throttle``), which slows the workload as QEMU slows vCPUs.  With ``release_ram`` the source hashes its RAM at switchover (for verification:
 released pages read back as zero), releases every page already sent and clean (as
 ``ram_postcopy_migrated_memory_release`` does at the start of postcopy), sends the
 final pages with ``may_free`` so QEMUFile releases them once written, and releases the

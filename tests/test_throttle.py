@@ -184,7 +184,10 @@ def test_guest_that_cannot_converge_completes_with_auto_converge():
     # with it (straight to 99 % at the first step, to keep the test short)
     params = MigrationParams(max_bandwidth=20e6, downtime_limit=0.02, time_limit=60, auto_converge=True,
                              cpu_throttle_initial=99)
-    st = run_migration(MigrationConfig(**UNCONVERGENT, params=params))
+    shown = set()
+    st = run_migration(MigrationConfig(**UNCONVERGENT, params=params),
+                       on_progress=lambda info: shown.add(info["cpu-throttle-percentage"]))
+    assert shown == {0, 99}                           # the live progress line shows it too
     assert st.status == "completed" and st.converged, st.outcome
     assert st.verification["ok"] is True
     d = st.as_dict()

@@ -136,7 +136,9 @@ def _progress_display(quiet: bool):
     def update(info: dict) -> None:
         live.update(Text(f"{info['status']:>14}  round {info['round']:>3}  dirty {info['dirty-pages']:>9} pages  "
                          f"sent {format_bytes(info['bytes']):>10}  {info['mbps']:9.1f} Mbit/s  "
-                         f"{info['elapsed']:6.2f} s"))
+                         f"{info['elapsed']:6.2f} s"
+                         + (f"  throttle {info['cpu-throttle-percentage']}%"
+                            if info.get("cpu-throttle-percentage") else "")))
     return live, update
 
 

@@ -523,7 +523,8 @@ class MigrationEngine:
         elapsed = time.monotonic() - self.t0
         self.on_progress({"status": self.stats.status, "round": self.stats.dirty_sync_count,
                           "dirty-pages": self._dirty, "bytes": self.f.ftell_fast(),
-                          "mbps": self.windows.bandwidth * 8 / 1e6, "elapsed": elapsed})
+                          "mbps": self.windows.bandwidth * 8 / 1e6, "elapsed": elapsed,
+                          "cpu-throttle-percentage": self.throttle.percentage if self.throttle else 0})
 
     def _finish_stats(self) -> None:
         st = self.stats

@@ -246,3 +246,22 @@ def test_failed_incoming_reports_the_bytes_it_received(tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["status"] == "failed"
     assert 0 < doc["bytes"] <= len(data) // 2
+
+
+def test_a_release_whose_residency_cannot_be_read_is_reported_unmeasured(monkeypatch):
+    from npqfile.ram import residency
+
+    def unreadable(*a, **k):
+        raise OSError(13, "Permission denied")
+    ram = GuestRAM()
+    try:
+        block = ram.add_block("ram", 1 * MIB)
+        block.array[:] = 1
+        monkeypatch.setattr(residency, "read_pagemap", unreadable)
+        assert block.release([(0, 1 * MIB)]) == 1 * MIB
+        assert block.mmap.freed_bytes == 0 and block.mmap.freed_unmeasured == 1 * MIB
+    finally:
+        ram.close()
+    st = MigrationStats(released_bytes=MIB, release_unmeasured_bytes=MIB)
+    x = st.as_dict()["npqfile"]
+    assert x["release-unmeasured-bytes"] == MIB and x["released-bytes"] == 0

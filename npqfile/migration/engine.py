@@ -17,8 +17,9 @@ bitmap (``dirty-sync-count`` + 1); if the total is still below the threshold, th
 is stopped (the workload acknowledges), the bitmap synced a last time and everything
 left is sent without a rate limit.  XBZRLE is off until the page search first wraps
 past the last block (``find_dirty_block``).  With ``auto_converge`` each sync feeds the
-throttle decision (``throttle``), which slows the workload as QEMU slows vCPUs.  With ``release_ram`` the source hashes its RAM at switchover (for verification:
-released pages read back as zero), releases every page already sent and clean (as
+throttle decision (``throttle``), which slows the workload as QEMU slows vCPUs.  With
+``release_ram`` the source hashes its RAM at switchover (for verification: released
+pages read back as zero), releases every page already sent and clean (as
 ``ram_postcopy_migrated_memory_release`` does at the start of postcopy), sends the
 final pages with ``may_free`` so QEMUFile releases them once written, and releases the
 zero pages of the final pass batch by batch (``save_zero_page`` releases them too).
@@ -538,7 +539,8 @@ class MigrationEngine:
         st.ram_transferred = self._ram_written(st.stream_bytes)
         st.windows = self.windows.windows
         st.released_bytes += self.f.released_bytes
-        st.release_freed_bytes = freed_bytes(self.ram) - self._freed0
+        st.release_freed_bytes, st.release_unmeasured_bytes = (
+            now - then for now, then in zip(freed_bytes(self.ram), self._freed0))
         st.rss_after = resident_bytes(self.ram)
         st.workload = self.workload.describe()
         st.window_bandwidth = st.bandwidth

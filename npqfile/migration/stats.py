@@ -93,6 +93,7 @@ class MigrationStats:
     rss_after: int = 0
     released_bytes: int = 0         # bytes advised (madvise / fallocate), reported as release-advised-bytes
     release_freed_bytes: int = 0    # of those, bytes that held memory and were freed: released-bytes
+    release_unmeasured_bytes: int = 0   # advised where residency could not be read (not in freed)
     cpu_throttle_percentage: int = 0    # auto-converge: the throttle when pre-copy ended
     throttle_events: list = field(default_factory=list)   # throttle.ThrottleEvent, every change
     verification: dict = field(default_factory=dict)
@@ -169,6 +170,8 @@ class MigrationStats:
                 "rss-after": self.rss_after,
                 "released-bytes": self.release_freed_bytes,
                 "release-advised-bytes": self.released_bytes,
+                **({"release-unmeasured-bytes": self.release_unmeasured_bytes}
+                   if self.release_unmeasured_bytes else {}),
                 "throttle-events": [e.as_dict() for e in self.throttle_events],
                 "compression": self.compression,
                 "verification": self.verification,
@@ -193,7 +196,9 @@ class MigrationStats:
         return out
 
 
-def freed_bytes(ram: Any) -> int:
-    """Bytes the releases of ``ram``'s blocks freed so far (``RAMBlockMmap.freed_bytes``
-    summed; a block without the counter counts 0)."""
-    return sum(getattr(b.mmap, "freed_bytes", 0) for b in ram.blocks)
+def freed_bytes(ram: Any) -> tuple[int, int]:
+    """(bytes the releases of ``ram``'s blocks freed so far, bytes released where that
+    could not be measured): ``RAMBlockMmap.freed_bytes`` and ``freed_unmeasured`` summed
+    over the blocks (a block without the counters counts 0)."""
+    return (sum(getattr(b.mmap, "freed_bytes", 0) for b in ram.blocks),
+            sum(getattr(b.mmap, "freed_unmeasured", 0) for b in ram.blocks))

@@ -265,3 +265,13 @@ def test_a_release_whose_residency_cannot_be_read_is_reported_unmeasured(monkeyp
     st = MigrationStats(released_bytes=MIB, release_unmeasured_bytes=MIB)
     x = st.as_dict()["npqfile"]
     assert x["release-unmeasured-bytes"] == MIB and x["released-bytes"] == 0
+
+
+def test_reclaim_checks_its_plot_before_running(monkeypatch, tmp_path, capsys):
+    from npqfile.cli import reclaim as reclaim_cli
+
+    def boom(*a, **k):
+        raise AssertionError("the experiment ran")
+    monkeypatch.setattr(reclaim_cli, "_run_all", boom)
+    assert main(["reclaim", "--size", "1M", "--plot", str(tmp_path / "rss.txt")]) == 1
+    assert "extension .txt" in capsys.readouterr().err

@@ -275,3 +275,17 @@ def test_reclaim_checks_its_plot_before_running(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(reclaim_cli, "_run_all", boom)
     assert main(["reclaim", "--size", "1M", "--plot", str(tmp_path / "rss.txt")]) == 1
     assert "extension .txt" in capsys.readouterr().err
+
+
+def test_freed_bytes_of_a_private_image_mapping_are_its_copy_on_write_copies(tmp_path):
+    from npqfile.ram import RAMBlock
+    img = tmp_path / "img.raw"
+    img.write_bytes(b"\1" * MIB)
+    block = RAMBlock("ram", MIB, backing=f"image:{img}")
+    try:
+        assert int(block.array.sum()) == MIB          # read: the file's pages, no copies
+        block.touch(np.arange(64))                    # 64 private copies
+        assert block.release([(0, MIB)]) == MIB
+        assert block.mmap.freed_bytes == 64 * PS      # the page cache keeps the file's pages
+    finally:
+        block.close()

@@ -98,8 +98,9 @@ class RAMBlockMmap(mmap.mmap):
     fallocate), ``freed_bytes`` (of those, bytes that held memory before the call and no
     longer do: what the release really gave back; a never-touched page costs nothing and
     frees nothing) and ``release_calls``.  ``freed_bytes`` counts resident host pages as
-    ``RAMBlock.resident_pages`` does (private: present and exclusive in pagemap; shared,
-    memfd, file: in the page cache, mincore); ``freed_unmeasured`` counts bytes released
+    ``RAMBlock.resident_pages`` does (private: present and exclusive in pagemap; image:
+    present anonymous copy-on-write copies; shared, memfd, file: in the page cache,
+    mincore); ``freed_unmeasured`` counts bytes released
     where that could not be read.
     """
 
@@ -131,6 +132,11 @@ class RAMBlockMmap(mmap.mmap):
                 pm = residency.read_pagemap(self._address + offset, length)
                 want = residency.PM_PRESENT | residency.PM_EXCLUSIVE
                 return int(np.count_nonzero((pm & want) == want))
+            if self.kind == "image":
+                # a private file mapping: only its copy-on-write copies are memory the
+                # release frees (the file's pages stay in the page cache)
+                pm = residency.read_pagemap(self._address + offset, length)
+                return int(np.count_nonzero(((pm & residency.PM_PRESENT) != 0) & ((pm & residency.PM_FILE) == 0)))
             return int(np.count_nonzero(residency.mincore(self._address + offset, length)))
         except OSError:
             return None

@@ -246,6 +246,8 @@ def test_failed_incoming_reports_the_bytes_it_received(tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["status"] == "failed"
     assert 0 < doc["bytes"] <= len(data) // 2
+    assert main(["incoming", f"file:{cut}", "--ram", "256K"]) == 1
+    assert f"failed after {doc['bytes']} bytes" in capsys.readouterr().err
 
 
 def test_a_release_whose_residency_cannot_be_read_is_reported_unmeasured(monkeypatch):

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             for name, digest in res.hashes.items():
                 print(f"  {name}: sha256 {digest}")
         if res.status != "completed":
-            print(f"error: incoming migration failed: {res.error}", file=sys.stderr)
+            print(f"error: incoming migration failed after {res.bytes} bytes: {res.error}", file=sys.stderr)
             return 1
         return 0
     finally:

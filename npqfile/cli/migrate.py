@@ -276,9 +276,11 @@ def check_outputs(args: argparse.Namespace, cfg: MigrationConfig) -> None:
     to = cfg.to or ""
     if to.startswith("file:"):
         import os
-        folder = os.path.dirname(os.path.abspath(to[5:])) if to[5:] else ""
-        if not to[5:] or not os.path.isdir(folder):
-            raise ValueError(f"--to {to}: directory {folder or '(none)'} does not exist")
+        if not to[5:]:
+            raise ValueError("--to file: needs a path (file:PATH)")
+        folder = os.path.dirname(os.path.abspath(to[5:]))
+        if not os.path.isdir(folder):
+            raise ValueError(f"--to {to}: directory {folder} does not exist")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -113,9 +113,11 @@ def test_parameter_ranges_are_qemus(kw, message):
         MigrationParams(**kw).check()
 
 
-def test_workload_duty_cycle_runs_100_minus_p_percent(monkeypatch):
+@pytest.mark.parametrize("pct", [20, 75])
+def test_workload_duty_cycle_runs_100_minus_p_percent(monkeypatch, pct):
     """The writer under a fake clock: throttled at 75 %, it runs 10 ms then sleeps 30 ms,
-    so a second of wall time holds a quarter second of writes."""
+    so a second of wall time holds a quarter second of writes; at 20 % the 2.5 ms sleep
+    is shorter than the writer's 5 ms slice and must still not count as running."""
     clock = [100.0]
     wl = Uniform(rate=10000, seed=1)
 
@@ -132,12 +134,13 @@ def test_workload_duty_cycle_runs_100_minus_p_percent(monkeypatch):
         ram.add_block("ram", 4 * MIB)
         wl.ram = ram
         wl._bounds = workloads.np.array([0, ram.blocks[0].n_pages], dtype=workloads.np.int64)
-        wl.set_throttle(75)
+        wl.set_throttle(pct)
         wl._run.set()
         wl._loop()
         assert wl.error is None
-        assert wl._running_time == pytest.approx(0.25, abs=0.011)      # one 10 ms slice of slack
-        assert wl.writes == pytest.approx(2500, abs=110)
+        share = (100 - pct) / 100
+        assert wl._running_time == pytest.approx(share, abs=0.011)      # one 10 ms slice of slack
+        assert wl.writes == pytest.approx(10000 * share, abs=110)
         # unthrottled, the next second is all running time
         wl.set_throttle(0)
         wl._stop.clear()

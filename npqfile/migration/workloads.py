@@ -154,22 +154,27 @@ class Workload:
                 if due > 0 or self.rate <= 0:
                     self.step(self.ram, max(due, 0))
                     self.writes += max(due, 0)
-                self._throttle_check(now)
+                if self._throttle_check(now):       # a throttle sleep begins now
+                    continue
                 time.sleep(SLICE)
         except BaseException as exc:  # reported by the engine, never lost in a thread
             self.error = exc
         finally:
             self._parked.set()
 
-    def _throttle_check(self, now: float) -> None:
-        """After each CPU_THROTTLE_TIMESLICE of running, start a throttle sleep."""
+    def _throttle_check(self, now: float) -> bool:
+        """After each CPU_THROTTLE_TIMESLICE of running, start a throttle sleep; returns
+        True when one starts (the loop then sleeps it out instead of running a slice)."""
         if not self.throttle:
             self._ran = 0.0
-        elif self._ran >= CPU_THROTTLE_TIMESLICE - 1e-6:
-            # the sleep for the time actually run (slices are 5 ms, a slice may overrun):
-            # running stays (100 - p) % of the wall time, as in QEMU
-            self._asleep_until = now + throttle_sleep(self.throttle) * self._ran / CPU_THROTTLE_TIMESLICE
-            self._ran = 0.0
+            return False
+        if self._ran < CPU_THROTTLE_TIMESLICE - 1e-6:
+            return False
+        # the sleep for the time actually run (slices are 5 ms, a slice may overrun):
+        # running stays (100 - p) % of the wall time, as in QEMU
+        self._asleep_until = now + throttle_sleep(self.throttle) * self._ran / CPU_THROTTLE_TIMESLICE
+        self._ran = 0.0
+        return True
 
     def pause(self, timeout: float = 10.0) -> None:
         """Stop writing and wait until the thread acknowledges (QEMU's vm_stop).

@@ -61,6 +61,14 @@ def check_timeout(timeout: float | None) -> None:
         raise ValueError(f"--timeout must be a positive number of seconds, got {timeout:g}")
 
 
+def machine_text(machine: str | None) -> str:
+    """How the stream named its machine: None means it sent no configuration section
+    (QEMU's send-configuration off), so there was no machine name to check."""
+    if machine is None:
+        return "machine not declared (the stream has no configuration section)"
+    return f"machine {machine}"
+
+
 def run(args: argparse.Namespace) -> int:
     comp = parse_compress(args.compress)
     size = parse_size(args.ram)
@@ -83,11 +91,12 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(res.as_dict(), indent=2))
         elif res.status == "completed":
-            print(f"completed: {format_bytes(res.bytes)} in {res.load_time * 1000:.1f} ms; machine {res.machine}")
+            print(f"completed: {format_bytes(res.bytes)} in {res.load_time * 1000:.1f} ms; "
+                  f"{machine_text(res.machine)}")
             for name, digest in res.hashes.items():
                 print(f"  {name}: sha256 {digest}")
         if res.status != "completed":
-            print(f"error: incoming migration failed: {res.error}", file=sys.stderr)
+            print(f"error: incoming migration failed after {res.bytes} bytes: {res.error}", file=sys.stderr)
             return 1
         return 0
     finally:

@@ -107,6 +107,7 @@ class Destination:
             res.status = "completed"
         except (StreamError, FileError, OSError, ValueError, KeyError) as exc:
             res.status, res.error = "failed", str(exc)
+            res.bytes = f.tell()            # what was received before the failure, not 0
             res.load_time = time.monotonic() - t0
         if reply:
             self._reply(f)

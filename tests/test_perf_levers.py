@@ -48,3 +48,78 @@ def test_a_command_imports_only_its_own_module():
             "print(sorted(m for m in sys.modules if m.startswith('npqfile.cli.')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "['npqfile.cli.save']"
+
+
+# -- the RAM loader's vectorised path for runs of PAGE|CONTINUE records ------------------
+
+def _load_both(data: bytes, blocks: dict[str, int], monkeypatch):
+    """Load ``data`` twice, through the run path (1 MiB read-ahead) and record by record;
+    returns [(ram arrays or None, stats or None, error text or None)] for each."""
+    from npqfile.channels import MemoryReader
+    from npqfile.errors import StreamError
+    from npqfile.qemufile import READ_AHEAD, QEMUFile
+    from npqfile.stream import load_stream, ram_loader
+    from test_stream_support import make_ram
+
+    out = []
+    for run_min in (ram_loader.PAGE_RUN_MIN_RECORDS, 10 ** 9):
+        monkeypatch.setattr(ram_loader, "PAGE_RUN_MIN_RECORDS", run_min)
+        ram = make_ram(dict(blocks))
+        try:
+            res = load_stream(QEMUFile(MemoryReader(data, chunk=300_000), read_ahead=READ_AHEAD), ram)
+            stats = {k: v for k, v in res.stats.as_dict().items()}
+            err = None
+        except StreamError as exc:
+            stats, err = None, str(exc)
+        out.append(({b.name: b.array.copy() for b in ram.blocks}, stats, err))
+        ram.close()
+    return out
+
+
+def test_page_runs_load_what_the_per_record_path_loads(monkeypatch):
+    """Adjacent runs, gaps, a page sent twice, a zero page and a second block inside runs
+    longer than the read-ahead: same RAM and same counts as record by record."""
+    from test_stream_support import PAGE, header, page_record, part, ram_start, zero_record
+
+    rng = np.random.default_rng(5)
+    pg = lambda: rng.integers(1, 256, PAGE, dtype=np.uint8).tobytes()  # noqa: E731
+    blocks = {"ram": 2048 * PAGE, "vga": 64 * PAGE}
+    order = list(range(0, 700)) + list(range(900, 2048, 3)) + [5, 6, 7] + list(range(800, 880))
+    body = page_record(0, pg())
+    body += b"".join(page_record(p * PAGE, pg(), None) for p in order[1:])
+    body += zero_record(6 * PAGE, 0, None) + page_record(3 * PAGE, pg(), "vga")
+    body += b"".join(page_record(p * PAGE, pg(), None) for p in range(4, 64))
+    data = header() + ram_start(blocks) + part(body) + b"\x00"
+    (fast, fast_stats, e1), (slow, slow_stats, e2) = _load_both(data, blocks, monkeypatch)
+    assert e1 is None and e2 is None
+    assert fast_stats == slow_stats and fast_stats["normal_pages"] == len(order) + 61
+    for name in blocks:
+        assert np.array_equal(fast[name], slow[name])
+
+
+@pytest.mark.parametrize("bad", ["flag", "beyond", "backwards", "truncated"])
+def test_a_bad_record_inside_a_run_fails_as_record_by_record(monkeypatch, bad):
+    """Whatever ends a run (unknown flag, page beyond the block, an address not above the
+    previous one, the end of the stream) gives the per-record error at the same offset,
+    and the pages before it are loaded exactly as record by record."""
+    from test_stream_support import PAGE, be64, header, page_record, part, ram_start
+
+    rng = np.random.default_rng(9)
+    blocks = {"ram": 512 * PAGE}
+    body = page_record(0, rng.integers(1, 256, PAGE, dtype=np.uint8).tobytes())
+    body += b"".join(page_record(p * PAGE, rng.integers(1, 256, PAGE, dtype=np.uint8).tobytes(), None)
+                     for p in range(1, 200))
+    if bad == "flag":
+        body += be64(200 * PAGE | 0x28 | 0x200) + bytes(PAGE)
+    elif bad == "beyond":
+        body += be64(512 * PAGE | 0x28) + bytes(PAGE)
+    elif bad == "backwards":      # valid: a page re-sent out of order, then a truncation
+        body += page_record(10 * PAGE, bytes([7]) * PAGE, None) + be64(11 * PAGE | 0x28) + bytes(100)
+    body += b"".join(page_record(p * PAGE, bytes(PAGE), None) for p in range(300, 340))
+    data = header() + ram_start(blocks) + part(body) + b"\x00"
+    if bad == "truncated":
+        data = data[:len(data) // 2]
+    (fast, _, e1), (slow, _, e2) = _load_both(data, blocks, monkeypatch)
+    assert e1 is not None and e1 == e2
+    assert np.array_equal(fast["ram"], slow["ram"])
+    assert fast["ram"][:PAGE].any() and not fast["ram"][300 * PAGE:].any()

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from npqfile.errors import FileError, StreamError
-from npqfile.qemufile import QEMUFile
+from npqfile.qemufile import READ_AHEAD, QEMUFile
 from npqfile.ram import GuestRAM
 from npqfile.stream.device_tail import DEFAULT_DEVICE_TAIL_BYTES
 from npqfile.stream.loader import load_stream
@@ -88,7 +88,7 @@ class Destination:
         stream or I/O error gives ``status="failed"`` and ``error``, not an exception)."""
         res = self.result
         t0 = time.monotonic()
-        f = QEMUFile(channel)
+        f = QEMUFile(channel, read_ahead=READ_AHEAD)
         try:
             loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes,
                                  device_tail_bytes=self.device_tail_bytes)

@@ -18,7 +18,12 @@ Plan: one loop per section payload, reading a be64 header and dispatching on
 ``flags & ~CONTINUE``; a PAGE goes from QEMUFile straight into the block's mmap
 (``get_buffer`` into a memoryview slice: no intermediate copy); a ZERO page is written
 only if the page is not already all zero (QEMU's ``ram_handle_zero``: never fault in
-an untouched page).  The postcopy ``page_size`` field is not self-describing: it is
+an untouched page).  Runs of ``PAGE|CONTINUE`` records already in QEMUFile's read-ahead
+buffer take a vectorised path (``_page_run``): their headers are checked at the record
+stride with numpy and their pages copied in one numpy assignment; the first record
+that is anything else (another flag, a page outside the block, an address not above the
+previous one) ends the run and goes through the per-record path, which raises the same
+errors at the same offsets.  The postcopy ``page_size`` field is not self-describing: it is
 present for blocks whose page size differs from the host's, which a stream reader
 cannot see, so it is recognised by peeking (a power of two >= 4 KiB where a block name
 or a record would start; see README "Differences from QEMU").
@@ -43,7 +48,10 @@ from npqfile.stream.xbzrle import XBZRLEError, decode_page
 DEFAULT_MAX_RAM_BYTES = 64 << 30
 MAX_BLOCKS = 1024                  # a PC has about ten; each block is a mapping and its bookkeeping
 MAX_LISTED_PARTS = 10000           # per-section counts kept in stats.parts; beyond, only counted
-COMPRESSED_CHUNK = 1 << 16         # compressed page data is read and inflated this much at a time   # virtual: blocks are lazy mmaps, only touched pages cost memory
+COMPRESSED_CHUNK = 1 << 16         # compressed page data is read and inflated this much at a time
+# Buffered PAGE|CONTINUE records below this count go one by one: numpy's fixed cost per
+# call (~10 us) is worth paying only over many pages.
+PAGE_RUN_MIN_RECORDS = 16
 
 
 class _Dest:
@@ -110,7 +118,7 @@ class RAMLoader:
                 if hdr & mask == continue_page and dest is not None and addr + ps <= dest.size:
                     if get_buffer(dest.view[addr:addr + ps]) != ps or get_error():
                         raise r._fail("a page")
-                    st.normal_pages += 1
+                    st.normal_pages += 1 + self._page_run(f, dest)
                     continue
             else:
                 hdr = r.be64("a RAM record header")
@@ -148,6 +156,38 @@ class RAMLoader:
         st.parts.append({"type": section_type, "section_id": section_id, "offset": start,
                          "bytes": r.offset - start, "normal": normal, "zero": zero,
                          "xbzrle": xbz, "compressed": comp})
+
+    def _page_run(self, f, dest: _Dest) -> int:
+        """Consume the longest run of buffered ``PAGE|CONTINUE`` records for ``dest`` whose
+        pages lie inside it at strictly increasing addresses, copying the pages there.
+        Returns the records consumed (0 when fewer than PAGE_RUN_MIN_RECORDS are buffered
+        or an error is recorded); never raises: whatever ends the run is left to the
+        per-record path, so errors and their offsets are the per-record path's own."""
+        ps = self.page_size
+        rec = 8 + ps
+        view = f.buffered()
+        n = len(view) // rec
+        if n < PAGE_RUN_MIN_RECORDS or f.get_error():
+            return 0
+        hdr = np.ndarray((n,), dtype=">u8", buffer=view, strides=(rec,))
+        mask = np.uint64(ps - 1)
+        addr = hdr & ~mask
+        ok = (hdr & mask) == np.uint64(RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE)
+        ok &= addr <= np.uint64(dest.size - ps)
+        ok[1:] &= addr[1:] > addr[:-1]      # distinct pages: one assignment writes each once
+        k = n if ok.all() else int(np.argmin(ok))
+        if k == 0:
+            return 0
+        pages = np.ndarray((k, ps), dtype=np.uint8, buffer=view, offset=8, strides=(rec, 1))
+        first = int(addr[0])
+        if int(addr[k - 1]) - first == (k - 1) * ps:      # adjacent pages: one slice
+            np.frombuffer(dest.view, np.uint8, k * ps, first).reshape(k, ps)[...] = pages
+        else:
+            rows = np.frombuffer(dest.view, np.uint8).reshape(-1, ps)
+            rows[(addr[:k] // np.uint64(ps)).astype(np.intp)] = pages
+        del hdr, addr, pages, view       # release the buffer's exports before skipping
+        f.skip(k * rec)
+        return k
 
     def _block_from_stream(self, r: StreamReader, flags: int, addr: int) -> _Dest:
         """ram_block_from_stream + the offset check: the record's block, page inside it."""

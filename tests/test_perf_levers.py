@@ -123,3 +123,66 @@ def test_a_bad_record_inside_a_run_fails_as_record_by_record(monkeypatch, bad):
     assert e1 is not None and e1 == e2
     assert np.array_equal(fast["ram"], slow["ram"])
     assert fast["ram"][:PAGE].any() and not fast["ram"][300 * PAGE:].any()
+
+
+# -- hashing while loading -------------------------------------------------------------
+
+def _stream_of(pages_in_order, blocks, seed=1):
+    from test_stream_support import PAGE, header, page_record, part, ram_start
+
+    rng = np.random.default_rng(seed)
+    body = b""
+    for i, p in enumerate(pages_in_order):
+        body += page_record(p * PAGE, rng.integers(0, 256, PAGE, dtype=np.uint8).tobytes(), "ram" if i == 0 else None)
+    return header() + ram_start(blocks) + part(body) + b"\x00"
+
+
+@pytest.mark.parametrize("order", ["in-order", "gaps", "resent", "resent-one-by-one", "backwards"])
+def test_hashes_computed_while_loading_are_the_blocks_final_hashes(order):
+    """In-order streams are hashed while they load; a page written again below what is
+    already queued (re-sent, out of order) makes the block hashed again afterwards: the
+    digest is always that of the final bytes."""
+    from npqfile.channels import MemoryReader
+    from npqfile.qemufile import READ_AHEAD, QEMUFile
+    from npqfile.stream import load_stream
+    from npqfile.stream.ram_hash import LoadHasher
+    from test_stream_support import make_ram
+
+    n = 600
+    pages = {"in-order": list(range(n)), "gaps": list(range(0, n, 2)),
+             "resent": list(range(n)) + list(range(100, 300)),
+             "resent-one-by-one": list(range(n)) + [5],
+             "backwards": list(range(300, n)) + list(range(0, 300))}[order]
+    blocks = {"ram": n * 4096, "other": 8 * 4096}
+    ram = make_ram(dict(blocks))
+    hasher = LoadHasher()
+    try:
+        load_stream(QEMUFile(MemoryReader(_stream_of(pages, blocks)), read_ahead=READ_AHEAD), ram, hasher=hasher)
+        bh = hasher.blocks["ram"]
+        assert bh.stale == (order not in ("in-order", "gaps"))
+        got = hasher.digests(ram)
+        assert got == {b.name: b.sha256() for b in ram.blocks}
+        assert hasher.blocks["ram"].view is None          # views dropped: the RAM can close
+    finally:
+        hasher.close()
+        ram.close()
+
+
+def test_a_failed_load_stops_the_hasher_and_frees_the_ram():
+    import threading
+
+    from npqfile.channels import MemoryReader
+    from npqfile.migration.destination import Destination
+    from test_stream_support import make_ram
+
+    blocks = {"ram": 600 * 4096}
+    data = _stream_of(range(600), blocks)
+    ram = make_ram(dict(blocks))
+    res = Destination(ram).receive(MemoryReader(data[: len(data) * 2 // 3]))
+    assert res.status == "failed" and "truncated" in res.error
+    assert not [t for t in threading.enumerate() if t.name == "load-hasher"]
+    ram.close()                         # no view of the RAM is left behind
+    ram = make_ram(dict(blocks))
+    res = Destination(ram).receive(MemoryReader(data))
+    assert res.status == "completed" and res.hashes == {"ram": ram.block("ram").sha256()}
+    ram.close()

@@ -34,6 +34,7 @@ from npqfile.ram import GuestRAM
 from npqfile.stream.device_tail import DEFAULT_DEVICE_TAIL_BYTES
 from npqfile.stream.loader import load_stream
 from npqfile.stream.reader import shown
+from npqfile.stream.ram_hash import LoadHasher
 from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES
 
 VERIFY_MAGIC = b"NPQV"
@@ -89,9 +90,10 @@ class Destination:
         res = self.result
         t0 = time.monotonic()
         f = QEMUFile(channel, read_ahead=READ_AHEAD)
+        hasher = LoadHasher() if self.hash_blocks else None   # hashes blocks while they load
         try:
             loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes,
-                                 device_tail_bytes=self.device_tail_bytes)
+                                 device_tail_bytes=self.device_tail_bytes, hasher=hasher)
             res.bytes = f.tell()
             self.ram = loaded.ram
             res.machine = loaded.machine
@@ -102,13 +104,16 @@ class Destination:
             res.load_time = time.monotonic() - t0
             if self.hash_blocks and self.ram is not None:
                 h0 = time.monotonic()
-                res.hashes = block_hashes(self.ram)
+                res.hashes = hasher.digests(self.ram)
                 res.hash_time = time.monotonic() - h0
             res.status = "completed"
         except (StreamError, FileError, OSError, ValueError, KeyError) as exc:
             res.status, res.error = "failed", str(exc)
             res.bytes = f.tell()            # what was received before the failure, not 0
             res.load_time = time.monotonic() - t0
+        finally:
+            if hasher is not None:
+                hasher.close()
         if reply:
             self._reply(f)
         f.close()

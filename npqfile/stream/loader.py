@@ -39,6 +39,7 @@ from npqfile.channels import MemoryReader
 from npqfile.qemufile import QEMUFile
 from npqfile.stream.device_tail import read_device_tail
 from npqfile.stream.devices import BUILTIN_VMDESC
+from npqfile.stream.ram_hash import LoadHasher
 from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES, RAMLoader
 from npqfile.stream.ram_stats import RAMStats
 from npqfile.stream.reader import StreamReader, shown, wire_name
@@ -102,12 +103,13 @@ class LoadResult:
 
 class _Loader:
     def __init__(self, f, ram, *, vmdesc, vmdesc_offset, max_ram_bytes, capabilities, decode_devices, partial_ok,
-                 device_tail_bytes, max_ram_name):
+                 device_tail_bytes, max_ram_name, hasher=None):
         self.r = StreamReader(f)
         self.res = LoadResult()
         self.devices = device_index(vmdesc)
         page_size = check_page_size(vmdesc, vmdesc_offset)
-        self.ram = RAMLoader(ram, max_ram_bytes=max_ram_bytes, page_size=page_size, max_ram_name=max_ram_name)
+        self.ram = RAMLoader(ram, max_ram_bytes=max_ram_bytes, page_size=page_size, max_ram_name=max_ram_name,
+                             hasher=hasher)
         self.walks = WalkBudget()
         self.res.stats = self.ram.stats
         self.ram.ignore_shared = "x-ignore-shared" in capabilities
@@ -385,7 +387,7 @@ class _Stop(Exception):
 def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None, vmdesc_offset: int | None = None,
                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, capabilities: tuple[str, ...] | list[str] = (),
                 decode_devices: bool = False, partial_ok: bool = False, device_tail_bytes: int = 0,
-                max_ram_name: str = "max_ram_bytes") -> LoadResult:
+                max_ram_name: str = "max_ram_bytes", hasher: LoadHasher | None = None) -> LoadResult:
     """Read a whole migration stream from the readable QEMUFile ``f``.
 
     ``ram``: the destination (each declared block must exist with the same size), or
@@ -398,12 +400,13 @@ def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None, v
     capabilities).  ``device_tail_bytes``: when a device section is not described (no
     vmdesc given: a socket or pipe), keep up to this many bytes of the rest of the stream
     until the vmdesc after EOF arrives and step over the sections with it (0: stop
-    there, as for a file whose vmdesc was not found).  Returns a :class:`LoadResult`.  Raises StreamError for a malformed
+    there, as for a file whose vmdesc was not found).  ``hasher``: a
+    :class:`~npqfile.stream.ram_hash.LoadHasher` hashing blocks as they load.  Returns a :class:`LoadResult`.  Raises StreamError for a malformed
     stream, or for a section that cannot be sized unless ``partial_ok``.
     """
     loader = _Loader(f, ram, vmdesc=vmdesc, vmdesc_offset=vmdesc_offset, max_ram_bytes=max_ram_bytes, capabilities=tuple(capabilities),
                      decode_devices=decode_devices, partial_ok=partial_ok, device_tail_bytes=device_tail_bytes,
-                     max_ram_name=max_ram_name)
+                     max_ram_name=max_ram_name, hasher=hasher)
     try:
         return loader.run()
     finally:

@@ -41,6 +41,7 @@ from npqfile.stream.constants import (
     RAM_SAVE_FLAG_HOOK, RAM_SAVE_FLAG_MEM_SIZE, RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_PAGE,
     RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_ZERO, TARGET_PAGE_SIZE, compress_bound,
 )
+from npqfile.stream.ram_hash import BlockHash, LoadHasher
 from npqfile.stream.ram_stats import RAMStats
 from npqfile.stream.reader import StreamReader, shown
 from npqfile.stream.xbzrle import XBZRLEError, decode_page
@@ -56,7 +57,7 @@ PAGE_RUN_MIN_RECORDS = 16
 
 class _Dest:
     """A declared block as the loader sees it: the RAMBlock plus a flat view of its memory."""
-    __slots__ = ("block", "name", "size", "view", "mr_addr", "page_size")
+    __slots__ = ("block", "name", "size", "view", "mr_addr", "page_size", "hash")
 
     def __init__(self, block, name: str, size: int):
         self.block = block
@@ -65,6 +66,7 @@ class _Dest:
         self.view = memoryview(block.array)
         self.mr_addr: int | None = None
         self.page_size: int | None = None
+        self.hash: BlockHash | None = None      # its running sha256 (a LoadHasher's), if any
 
 
 class RAMLoader:
@@ -74,11 +76,14 @@ class RAMLoader:
     configuration says so); ``postcopy_pagesize_summary`` is the first field of a
     16-byte POSTCOPY_ADVISE (None: no advise seen).  After loading, ``ram`` holds the
     destination, ``declared`` the blocks in declaration order, ``stats`` the counts.
+    ``hasher``: a LoadHasher fed with each block's pages as they complete in order.
     """
 
     def __init__(self, ram: GuestRAM | None = None, *, max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES,
-                 page_size: int = TARGET_PAGE_SIZE, max_ram_name: str = "max_ram_bytes"):
+                 page_size: int = TARGET_PAGE_SIZE, max_ram_name: str = "max_ram_bytes",
+                 hasher: LoadHasher | None = None):
         self.ram = ram
+        self.hasher = hasher
         self.max_ram_name = max_ram_name   # how errors name the limit (a CLI says its option)
         self.created = ram is None
         self.max_ram_bytes = max_ram_bytes
@@ -116,6 +121,8 @@ class RAMLoader:
                 dest = self.last_recv_block
                 addr = hdr & ~mask
                 if hdr & mask == continue_page and dest is not None and addr + ps <= dest.size:
+                    if dest.hash is not None and addr < dest.hash.next:
+                        dest.hash.stale = True
                     if get_buffer(dest.view[addr:addr + ps]) != ps or get_error():
                         raise r._fail("a page")
                     st.normal_pages += 1 + self._page_run(f, dest)
@@ -180,13 +187,19 @@ class RAMLoader:
             return 0
         pages = np.ndarray((k, ps), dtype=np.uint8, buffer=view, offset=8, strides=(rec, 1))
         first = int(addr[0])
-        if int(addr[k - 1]) - first == (k - 1) * ps:      # adjacent pages: one slice
+        bh = dest.hash
+        if bh is not None and first < bh.next:
+            bh.stale = True
+        last = int(addr[k - 1])
+        if last - first == (k - 1) * ps:      # adjacent pages: one slice
             np.frombuffer(dest.view, np.uint8, k * ps, first).reshape(k, ps)[...] = pages
         else:
             rows = np.frombuffer(dest.view, np.uint8).reshape(-1, ps)
             rows[(addr[:k] // np.uint64(ps)).astype(np.intp)] = pages
         del hdr, addr, pages, view       # release the buffer's exports before skipping
         f.skip(k * rec)
+        if bh is not None:
+            self.hasher.advance(bh, last + ps)
         return k
 
     def _block_from_stream(self, r: StreamReader, flags: int, addr: int) -> _Dest:
@@ -204,6 +217,8 @@ class RAMLoader:
         if addr + self.page_size > dest.size:
             raise r.error(f"page {addr:#x} is beyond the end of block '{shown(dest.name)}' "
                           f"({dest.size:#x} bytes)")
+        if dest.hash is not None and addr < dest.hash.next:
+            dest.hash.stale = True       # written again below what is queued for hashing
         return dest
 
     # -- record bodies --------------------------------------------------------------
@@ -333,5 +348,7 @@ class RAMLoader:
             if block.size != length:
                 raise r.error(f"Size mismatch: {shown(name)}: {length:#x} != {block.size:#x}", at)
         dest = _Dest(block, name, length)
+        if self.hasher is not None:
+            dest.hash = self.hasher.track(name, dest.view)
         self.declared[name] = dest
         return dest

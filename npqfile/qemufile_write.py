@@ -365,10 +365,11 @@ class WriteSide:
             raise ValueError(f"headers hold {hdr.nbytes} bytes, expected {n} x {h}")
         k = 0
         cycle = self._max_iov // 2
-        if (not may_free and not self._iov and self._buf_index == 0 and self._max_iov % 2 == 0
-                and cycle * h < self._io_buf_size and n >= cycle):
-            k = self._put_record_cycles(hdr, h, pages, n)
+        cycles = not may_free and self._max_iov % 2 == 0 and cycle * h < self._io_buf_size
         while k < n and not self._last_error:
+            if cycles and n - k >= cycle and not self._iov and self._buf_index == 0:
+                k = self._put_record_cycles(hdr, h, pages, k, n)   # the queue is empty: whole cycles
+                continue
             # Records that fit before the next flush: each adds a header iovec (the
             # first one coalesces into a staging-buffer tail) and a page iovec.  Take
             # all but the record during which QEMU would flush in one go ...
@@ -386,16 +387,16 @@ class WriteSide:
             self.put_buffer_async(pages[k], may_free)
             k += 1
 
-    def _put_record_cycles(self, hdr: memoryview, h: int, pages: Any, n: int) -> int:
+    def _put_record_cycles(self, hdr: memoryview, h: int, pages: Any, k: int, n: int) -> int:
         """From an empty queue, the general path queues max_iov/2 records -- header iovec
         (staging buffer), page iovec, ... -- and the last page's iovec is the max_iov-th,
         which flushes: the queue is empty again.  Do those whole cycles directly: the same
         bytes in the same writev calls with the same iovecs, without queue entries.
-        Returns the records written (a multiple of the cycle); stops at an error."""
+        Returns the index after the last record written: ``k`` plus whole cycles, as
+        many as fit before ``n``; stops at an error."""
         cycle = self._max_iov // 2
         bufmv = self._bufmv
         hviews = [bufmv[j * h:(j + 1) * h] for j in range(cycle)]
-        k = 0
         while n - k >= cycle and not self._last_error:
             mvs = [p if type(p) is memoryview else memoryview(p) for p in pages[k:k + cycle]]
             if not all(map(_C_CONTIGUOUS, mvs)):

@@ -186,3 +186,18 @@ def test_a_failed_load_stops_the_hasher_and_frees_the_ram():
     res = Destination(ram).receive(MemoryReader(data))
     assert res.status == "completed" and res.hashes == {"ram": ram.block("ram").sha256()}
     ram.close()
+
+
+def test_incoming_no_hash_skips_the_digests_but_not_for_a_verifying_source(tmp_path):
+    from test_stream_support import make_ram, pattern_pages, snapshot_bytes
+
+    stream = tmp_path / "s.bin"
+    stream.write_bytes(snapshot_bytes(make_ram({"ram": pattern_pages(8)})))
+    cmd = [sys.executable, "-m", "npqfile", "incoming", f"file:{stream}", "--ram", "32K"]
+    plain = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    quick = subprocess.run(cmd + ["--no-hash"], cwd=ROOT, capture_output=True, text=True)
+    assert plain.returncode == quick.returncode == 0, (plain.stderr, quick.stderr)
+    assert "sha256" in plain.stdout and "sha256" not in quick.stdout and "completed" in quick.stdout
+    bad = subprocess.run([sys.executable, "-m", "npqfile", "incoming", "tcp:127.0.0.1:0", "--no-hash"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--no-hash" in bad.stderr and "verifies" in bad.stderr

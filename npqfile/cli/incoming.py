@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait for the connection (> 0; default: forever)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--no-hash", action="store_true",
+                   help="skip the per-block sha256 (file:, exec:, fd: only: a tcp:/unix: source verifies with it)")
 
 
 def _accept(uri: str, timeout: float | None) -> Any:
@@ -73,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     comp = parse_compress(args.compress)
     size = parse_size(args.ram)
     check_timeout(args.timeout)
+    if args.no_hash and args.uri.startswith(("tcp:", "unix:")):
+        raise ValueError("--no-hash: a tcp:/unix: source verifies the migration with the per-block sha256")
     ram = GuestRAM()
     max_ram = parse_size(args.max_ram) if args.max_ram is not None else None
     dest = None
@@ -86,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         if comp.on_channel:
             channel = DecompressingReader(channel, comp)
         dest = Destination(ram if max_ram is None else None, machine=None if args.machine == "any" else args.machine,
-                           **({} if max_ram is None else {"max_ram_bytes": max_ram}))
+                           hash_blocks=not args.no_hash, **({} if max_ram is None else {"max_ram_bytes": max_ram}))
         res = dest.receive(channel)
         if args.json:
             print(json.dumps(res.as_dict(), indent=2))

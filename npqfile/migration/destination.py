@@ -90,7 +90,10 @@ class Destination:
         res = self.result
         t0 = time.monotonic()
         f = QEMUFile(channel, read_ahead=READ_AHEAD)
-        hasher = LoadHasher() if self.hash_blocks else None   # hashes blocks while they load
+        # Hash blocks while they load when no source waits on a return path; with one, the
+        # source is still sending meanwhile and a hashing thread would take its CPU.
+        overlap = self.hash_blocks and not callable(getattr(channel, "get_return_path", None))
+        hasher = LoadHasher() if overlap else None
         try:
             loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes,
                                  device_tail_bytes=self.device_tail_bytes, hasher=hasher)
@@ -104,7 +107,7 @@ class Destination:
             res.load_time = time.monotonic() - t0
             if self.hash_blocks and self.ram is not None:
                 h0 = time.monotonic()
-                res.hashes = hasher.digests(self.ram)
+                res.hashes = hasher.digests(self.ram) if hasher is not None else block_hashes(self.ram)
                 res.hash_time = time.monotonic() - h0
             res.status = "completed"
         except (StreamError, FileError, OSError, ValueError, KeyError) as exc:

@@ -296,6 +296,23 @@ class WriteSide:
             off += n
             size -= n
 
+    def put_bytes(self, buf: Any) -> None:
+        """``put_byte`` of each byte of ``buf`` in turn (QEMU's byte-by-byte puts of record
+        headers: a run of ZERO records), with the same iovecs and flush points, in bulk.
+        Only a byte that opens a new iovec can flush on the iovec count; once the last
+        iovec is the staging buffer's (or none is queued), more bytes extend it and a
+        flush falls exactly where the buffer fills, as ``put_buffer`` does.  Not in QEMU."""
+        if self._no_puts:
+            return self._refuse_put()
+        mv = flat_bytes(buf)
+        n = mv.nbytes
+        k = 0
+        while k < n and not self._last_error and (self._max_iov < 2 or self._tail is None and self._iov):
+            self.put_byte(mv[k])
+            k += 1
+        if k < n and not self._last_error:
+            self.put_buffer(mv[k:])
+
     def put_buffer_async(self, buf: Any, may_free: bool = False) -> None:
         """qemu_put_buffer_async: queue ``buf`` itself, without copying.
 

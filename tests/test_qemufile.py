@@ -265,6 +265,44 @@ def test_put_records_whole_flush_cycles_match_the_per_call_sequence(max_iov, io_
         f.put_records(heads[:8 * 64], 8, pages[:40] + [strided] + pages[41:64])
 
 
+@pytest.mark.parametrize("max_iov,io_buf_size", [(64, 32768), (5, 64), (2, 40), (1, 64)])
+def test_put_bytes_is_put_byte_of_each_byte(max_iov, io_buf_size):
+    """put_bytes (a run of ZERO records in bulk) makes the writev calls, iovecs and bytes
+    of one put_byte per byte, whatever the queue held before (pages up to the iovec
+    limit, staged bytes up to the buffer's end)."""
+    m, a = private_map(80)
+    data = np.random.default_rng(2).integers(0, 256, 40000, dtype=np.uint8).tobytes()
+
+    class IovRecorder(Recorder):
+        def __init__(self):
+            super().__init__()
+            self.iovs = []
+
+        def writev(self, buffers, pos):
+            self.iovs.append([memoryview(b).nbytes for b in buffers])
+            return super().writev(buffers, pos)
+
+    for pages_before in (0, 1, max_iov - 1, max_iov, 2 * max_iov - 1):
+        for bytes_before in (0, 1, io_buf_size - 1):
+            for size in (1, 9, 100, 9 * 300) + (() if max_iov == 1 else (40000,)):   # 1: a flush a byte
+                traces = []
+                for bulk in (True, False):
+                    ch = IovRecorder()
+                    f = QEMUFile(ch, max_iov=max_iov, io_buf_size=io_buf_size)
+                    for j in range(bytes_before):
+                        f.put_byte(j & 0xFF)
+                    for j in range(pages_before):
+                        f.put_buffer_async(a[2 * j * PAGE:(2 * j + 1) * PAGE])
+                    if bulk:
+                        f.put_bytes(data[:size])
+                    else:
+                        for byte in data[:size]:
+                            f.put_byte(byte)
+                    f.fflush()
+                    traces.append((ch.iovs, bytes(ch.data), f._bytes_xfer))
+                assert traces[0] == traces[1], (pages_before, bytes_before, size)
+
+
 # -- errors ---------------------------------------------------------------------------
 
 

@@ -192,16 +192,15 @@ class RAMSaver:
             first = 1
         flat = memoryview(block.array)
         may_free = self.release_ram
-        put_be64, put_byte = f.put_be64, f.put_byte
         # runs of zero and of normal pages, found with numpy
         edges = (np.flatnonzero(np.diff(zero[first:n].view(np.int8))) + first + 1).tolist()
         for a, b in zip([first, *edges], [*edges, n]):
             if a == b:
                 continue
             if zero[a]:    # ZERO records: be64 header + fill byte, byte by byte as QEMU puts them
-                for hdr in headers[a:b].tolist():
-                    put_be64(hdr)
-                    put_byte(0)
+                recs = np.zeros((b - a, 9), dtype=np.uint8)
+                recs[:, :8] = headers[a:b].view(np.uint8).reshape(-1, 8)
+                f.put_bytes(recs)
             else:
                 f.put_records(headers[a:b], 8, [flat[o:o + ps] for o in offsets[a:b].tolist()], may_free)
         sent = n - first

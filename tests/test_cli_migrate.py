@@ -90,7 +90,9 @@ def test_summary_table_and_plot(tmp_path, capsys):
                "--plot", str(png)])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "downtime" in out and "sha256: equal" in out and "iterations" in out
+    assert "downtime" in out and "compare: equal" in out and "iterations" in out
+    assert "migration completed, verified: converged" in out
+    assert "8.0 MiB released: the destination's verdict: RAM equal" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -201,11 +203,14 @@ def test_compressed_stream_into_a_plain_destination_is_not_a_mismatch():
 def test_exec_transport_is_reported_unverified(tmp_path, capsys):
     out = tmp_path / "s.bin"
     rc, d = run_json(capsys, "--size", "2M", "--workload", "idle", "--to", f"exec:cat > {out}")
-    assert rc == 0 and d["npqfile"]["verification"] == {"method": None, "ok": None,
+    # completed, not verified: exit 3, said by the JSON and the table title too
+    assert rc == 3 and d["npqfile"]["verification"] == {"method": None, "ok": None,
                                                         "note": "exec: has no return path"}
+    assert d["status"] == "completed" and d["npqfile"]["completion"] == "not-verified"
     assert out.stat().st_size == d["npqfile"]["stream-bytes"]
-    assert main(["migrate", "--quiet", "--size", "2M", "--workload", "idle", "--to", "null:"]) == 0
-    assert "not verified (null: has no return path)" in capsys.readouterr().out
+    assert main(["migrate", "--quiet", "--size", "2M", "--workload", "idle", "--to", "null:"]) == 3
+    out = capsys.readouterr().out
+    assert "not verified (null: has no return path)" in out and "migration completed, NOT VERIFIED" in out
 
 
 def test_exec_command_failure_fails_the_migration(capsys):
@@ -221,7 +226,7 @@ def test_stream_on_stdout_puts_the_report_on_stderr(tmp_path):
         res = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--json", "--size", "2M", "--workload", "idle",
                               "--to", "fd:1"], stdout=out, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
                              timeout=60, check=False)
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 3, res.stderr         # completed, not verified (fd: has no return path)
     d = json.loads(res.stderr)
     assert snap.stat().st_size == d["npqfile"]["stream-bytes"] == expected_stream_bytes(d)
     assert main(["analyze", str(snap)]) == 0

@@ -4,7 +4,9 @@ Supports: ``tcp:HOST:PORT`` and ``unix:PATH`` (listen, accept one connection; po
 picks a free port), ``file:PATH``, ``exec:CMD``, ``fd:N``; a guest of one block
 (``--block``, default ``ram`` as QEMU's ``-M none``) of ``--ram`` bytes that the stream
 must match, as QEMU demands; the machine name check; channel decompression matching the
-source's ``--compress zstd``/``lz4``.  When listening, the first line on stdout is
+source's ``--compress zstd``/``lz4``; ``--stall-timeout`` (tcp:/unix:): a source that sends
+nothing for that long (stopped, hung, network gone) fails the migration with an error
+saying so instead of a wait forever.  When listening, the first line on stdout is
 ``listening on URI`` (with the real port), so scripts can start the source.  At the end
 it prints the result (``--json``: status, error, machine, load time, per-block sha256)
 and, over tcp/unix, sends the verdict and hashes back to the source on the return path
@@ -24,6 +26,7 @@ from npqfile.channels import listen, open_channel
 from npqfile.migration.compression import DecompressingReader, parse_compress
 from npqfile.migration.destination import Destination
 from npqfile.migration.session import add_guest_block
+from npqfile.migration.verdict import STALL_TIMEOUT
 from npqfile.ram import GuestRAM
 from npqfile.units import format_bytes, parse_size
 
@@ -40,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compress", default="none", help="the source's --compress (zstd/lz4 decode the channel)")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait for the connection (> 0; default: forever)")
+    p.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT, metavar="SECONDS",
+                   help="tcp:/unix: give up when the source sends nothing for SECONDS "
+                        f"(default {STALL_TIMEOUT:g}; above any --pause-before-switchover of the source)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -49,22 +55,24 @@ def _accept(uri: str, timeout: float | None) -> Any:
         return listener.accept(timeout)
 
 
-def check_timeout(timeout: float | None) -> None:
-    """ValueError naming ``--timeout`` unless it is None or a finite number > 0 (the
-    socket layer would say "Resource temporarily unavailable" for 0)."""
+def check_timeout(timeout: float | None, option: str = "--timeout") -> None:
+    """ValueError naming ``option`` unless ``timeout`` is None or a finite number > 0
+    (the socket layer would say "Resource temporarily unavailable" for 0)."""
     if timeout is not None and not 0 < timeout < float("inf"):
-        raise ValueError(f"--timeout must be a positive number of seconds, got {timeout:g}")
+        raise ValueError(f"{option} must be a positive number of seconds, got {timeout:g}")
 
 
 def run(args: argparse.Namespace) -> int:
     comp = parse_compress(args.compress)
     size = parse_size(args.ram)
     check_timeout(args.timeout)
+    check_timeout(args.stall_timeout, "--stall-timeout")
     ram = GuestRAM()
     try:
         add_guest_block(ram, args.block, size)
         if args.uri.startswith(("tcp:", "unix:")):
             channel = _accept(args.uri, args.timeout)
+            channel.set_stall_timeout(args.stall_timeout)
         else:
             channel = open_channel(args.uri, "r")
         if comp.on_channel:

@@ -13,30 +13,49 @@ FILE.png`` (its directory is checked before migrating); ``--sweep PARAM=V1,V2`` 
 parameter study in parallel processes (``--plot`` then draws the sweep; with
 ``file:PATH`` each case writes its own ``PATH.N``, see ``npqfile.migration.sweep``).
 
-Exit status: 0 completed (and verified where the transport allows), 1 error or
-verification mismatch, 2 not converged (cancelled at max-iterations / time-limit).
+Exit status (``EXIT_STATUS``, also in ``--help``): 0 completed and verified, 1 failed
+(an error, a destination that failed, died, stalled or sent no verdict) or a
+verification mismatch, 2 not converged (cancelled at max-iterations / time-limit), 3
+completed but not verified (the peer cannot send a verdict: ``--peer qemu``,
+``exec:``, ``null:``, ``fd:``, or ``--no-verify``), 130 cancelled by Ctrl-C (SIGINT
+cancels like ``migrate_cancel`` and the cancelled run's summary is printed; a second
+Ctrl-C aborts).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
-import time
+import threading
 
+from npqfile.migration.control import MigrationControl
 from npqfile.migration.engine import MigrationParams
 from npqfile.migration.session import INITS, MigrationConfig, run_migration
 from npqfile.migration.stats import MigrationStats
 from npqfile.migration.sweep import SWEEP_PARAMS, run_sweep, with_rate
+from npqfile.migration.verdict import PEERS, STALL_TIMEOUT
 from npqfile.units import format_bytes, parse_rate, parse_size
 
 NAME = "migrate"
 HELP = "live-migrate a changing guest RAM with QEMU's pre-copy algorithm and wire format"
 ORDER = 20
 DEFAULT_WORKLOAD = MigrationConfig().workload
+EXIT_COMPLETED, EXIT_FAILED, EXIT_NOT_CONVERGED, EXIT_NOT_VERIFIED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_STATUS = """exit status:
+  0    completed and verified (the destination confirmed RAM equal to the source's)
+  1    failed: an error, a destination that failed, died, stalled or sent no verdict,
+       or a verification mismatch
+  2    not converged: cancelled at --max-iterations / --time-limit
+  3    completed, not verified: the peer sends no verdict (--peer qemu, exec:, null:,
+       fd:) or --no-verify
+  130  cancelled by Ctrl-C (like migrate_cancel; the summary is printed)"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = EXIT_STATUS
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     g = p.add_argument_group("guest")
     g.add_argument("--size", "--ram", default="256M", help="guest RAM size (default 256M)")
     g.add_argument("--block", default="ram", help="RAM block name (QEMU -M none: ram; pc/q35: pc.ram)")
@@ -60,11 +79,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--xbzrle-cache", "--xbzrle-cache-size", dest="xbzrle_cache", default=None, metavar="SIZE",
                    help="enable XBZRLE with this cache size (QEMU's xbzrle-cache-size)")
     m.add_argument("--compress", default="none", help="none, zlib[:LEVEL] (QEMU pages), zstd[:LEVEL] or lz4 (channel)")
-    m.add_argument("--release-ram", action="store_true", help="release source pages once sent at switchover")
+    m.add_argument("--release-ram", action="store_true",
+                   help="release the source's guest RAM once the destination's verdict confirms it holds "
+                        "the same RAM (refused where no verdict can come)")
     m.add_argument("--pause-before-switchover", nargs="?", type=float, const=0.0, default=None, metavar="SECONDS",
                    help="pause (pre-switchover) after stopping the guest, for SECONDS")
     m.add_argument("--machine", default="none", help="machine-type name in the stream (default none)")
     m.add_argument("--no-verify", action="store_true", help="skip the destination check")
+    m.add_argument("--peer", choices=PEERS, default=None,
+                   help="what listens at a tcp:/unix: URI: npqfile (npqfile incoming, sends its verdict; "
+                        "default) or qemu (a real QEMU -incoming: no verdict, the run ends not verified)")
+    m.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT, metavar="SECONDS",
+                   help="tcp:/unix: fail when the destination takes no data, or sends no verdict after the "
+                        f"stream, for SECONDS (default {STALL_TIMEOUT:g})")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print the statistics as JSON")
     o.add_argument("--plot", metavar="FILE.png",
@@ -96,7 +123,7 @@ def config_from_args(args: argparse.Namespace) -> MigrationConfig:
     workload = args.workload if args.dirty_rate is None else with_rate(args.workload, args.dirty_rate)
     return MigrationConfig(size=parse_size(args.size), block=args.block, init=args.init, workload=workload,
                            seed=args.seed, to=args.to, compress=args.compress, verify=not args.no_verify,
-                           params=params)
+                           params=params, peer=args.peer, stall_timeout=args.stall_timeout)
 
 
 def _progress_display(quiet: bool):
@@ -135,13 +162,21 @@ def verification_text(ver: dict) -> str:
     return f"{ver.get('method')}: MISMATCH ({why})"
 
 
+def summary_title(st: MigrationStats) -> str:
+    """The summary table's title: the status, for a completed run whether it was
+    verified, and the outcome."""
+    what = {"verified": "completed, verified", "mismatch": "completed, MISMATCH",
+            "not-verified": "completed, NOT VERIFIED"}.get(st.completion or "", st.status)
+    return f"migration {what}: {st.outcome}"
+
+
 def _summary(st: MigrationStats, out) -> None:
     from rich.console import Console
     from rich.table import Table
 
     d = st.as_dict()
     r, x = d["ram"], d["npqfile"]
-    t = Table(title=f"migration {st.status}: {st.outcome}", show_header=False)
+    t = Table(title=summary_title(st), show_header=False)
     t.add_column("what", style="bold")
     t.add_column("value", justify="right")
     ver = st.verification
@@ -160,6 +195,8 @@ def _summary(st: MigrationStats, out) -> None:
         ("source RSS before / after", f"{format_bytes(x['rss-before'])} / {format_bytes(x['rss-after'])}"),
         ("verification", verification_text(ver)),
     ]
+    if st.release:
+        rows.append(("release-ram", f"{format_bytes(st.release['released-bytes'])} released: {st.release['reason']}"))
     if "xbzrle-cache" in d:
         xc = d["xbzrle-cache"]
         rows.append(("xbzrle cache miss / encoding rate", f"{xc['cache-miss']} / {xc['encoding-rate']}"))
@@ -179,12 +216,13 @@ def _summary(st: MigrationStats, out) -> None:
     console.print(it)
 
 
-def _exit_status(st: MigrationStats) -> int:
+def _exit_status(st: MigrationStats, interrupted: bool = False) -> int:
+    """EXIT_STATUS for the run's statistics (``interrupted``: Ctrl-C cancelled it)."""
     if st.status == "cancelled":
-        return 2
-    if st.status != "completed" or st.verification.get("ok") is False:
-        return 1
-    return 0
+        return EXIT_INTERRUPTED if interrupted else EXIT_NOT_CONVERGED
+    if st.status != "completed":
+        return EXIT_FAILED
+    return {"verified": EXIT_COMPLETED, "not-verified": EXIT_NOT_VERIFIED}.get(st.completion, EXIT_FAILED)
 
 
 def _run_sweep(cfg: MigrationConfig, args: argparse.Namespace) -> int:
@@ -210,12 +248,35 @@ def _run_sweep(cfg: MigrationConfig, args: argparse.Namespace) -> int:
     return 1 if any(r["status"] in ("error", "failed") for r in rows) else 0
 
 
-def _pause_hook(delay: float):
-    """pause-before-switchover: the guest is stopped; wait, then let the engine continue."""
+def _pause_hook(delay: float, control: MigrationControl):
+    """pause-before-switchover: the guest is stopped; wait (a cancel ends the wait),
+    then let the engine continue."""
     def hook(engine) -> None:
-        print(f"pre-switchover: guest stopped, continuing in {delay} s", file=sys.stderr)
-        time.sleep(delay)
+        print(f"pre-switchover: guest stopped, continuing in {delay} s", file=sys.stderr, flush=True)
+        control.wait(delay)
     return hook
+
+
+def _run_cancellable(cfg: MigrationConfig, control: MigrationControl, **kw) -> tuple[MigrationStats, bool]:
+    """run_migration with Ctrl-C mapped to migrate_cancel: the first SIGINT cancels the
+    run (which then ends with its statistics), a second one raises KeyboardInterrupt.
+    Returns (statistics, whether SIGINT cancelled the run)."""
+    if threading.current_thread() is not threading.main_thread():
+        return run_migration(cfg, control=control, **kw), False
+    hit = []
+
+    def on_sigint(signum, frame) -> None:
+        hit.append(signum)
+        signal.signal(signal.SIGINT, previous)     # a second Ctrl-C aborts
+        print("interrupted: cancelling the migration (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        control.cancel()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        st = run_migration(cfg, control=control, **kw)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return st, bool(hit)
 
 
 def _stream_fd(to: str | None) -> int | None:
@@ -238,13 +299,14 @@ def run(args: argparse.Namespace) -> int:
     out, err = sys.stdout, sys.stderr
     if stream_fd is not None and stream_fd in (_fileno(out), _fileno(err)):
         out = err = sys.stderr if stream_fd == _fileno(out) else sys.stdout
-    hook = None if args.pause_before_switchover is None else _pause_hook(args.pause_before_switchover)
-    live, update = _progress_display(args.quiet or args.json or stream_fd == _fileno(sys.stderr))
-    if live is not None:
-        with live:
-            st = run_migration(cfg, on_progress=update, pre_switchover=hook)
-    else:
-        st = run_migration(cfg, pre_switchover=hook)
+    with MigrationControl() as control:
+        hook = None if args.pause_before_switchover is None else _pause_hook(args.pause_before_switchover, control)
+        live, update = _progress_display(args.quiet or args.json or stream_fd == _fileno(sys.stderr))
+        if live is not None:
+            with live:
+                st, interrupted = _run_cancellable(cfg, control, on_progress=update, pre_switchover=hook)
+        else:
+            st, interrupted = _run_cancellable(cfg, control, pre_switchover=hook)
     if args.plot:
         from npqfile.migration.plot import plot_migration
         plot_migration(st, args.plot)
@@ -253,14 +315,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         _summary(st, out)
     ver = st.verification
-    if st.status == "failed":
+    if interrupted and st.status == "cancelled":
+        print("error: migration cancelled (interrupted)", file=err)
+    elif st.status == "failed":
         print(f"error: migration failed: {st.outcome.removeprefix('error: ')}", file=err)
     elif ver.get("done") is False:
         print(f"error: verification not done: {ver.get('error')}", file=err)
     elif ver.get("ok") is False:
         why = ver.get("error") or f"blocks differ: {', '.join(ver.get('mismatched', []))}"
         print(f"error: destination does not match the source at switchover ({why})", file=err)
-    return _exit_status(st)
+    return _exit_status(st, interrupted)
 
 
 def _fileno(stream) -> int | None:

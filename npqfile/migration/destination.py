@@ -32,7 +32,6 @@ from npqfile.errors import FileError, StreamError
 from npqfile.qemufile import QEMUFile
 from npqfile.ram import GuestRAM
 from npqfile.stream.loader import load_stream
-from npqfile.stream.reader import shown
 from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES
 
 VERIFY_MAGIC = b"NPQV"
@@ -85,14 +84,14 @@ class Destination:
         t0 = time.monotonic()
         f = QEMUFile(channel)
         try:
-            loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes)
+            # the machine type is checked at the configuration section, as QEMU does:
+            # a mismatch fails before any RAM is read, and closing makes the source stop
+            loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes, machine=self.machine)
             res.bytes = f.tell()
             self.ram = loaded.ram
             res.machine = loaded.machine
             res.warnings = list(loaded.warnings)
             res.stats = {k: v for k, v in loaded.stats.as_dict().items() if k != "parts"}
-            if self.machine is not None and loaded.machine not in (None, self.machine):
-                raise StreamError(f"Machine type received is '{shown(loaded.machine)}' and local is '{self.machine}'")
             res.load_time = time.monotonic() - t0
             if self.hash_blocks and self.ram is not None:
                 h0 = time.monotonic()

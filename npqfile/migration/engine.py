@@ -16,13 +16,13 @@ cursor that wraps around RAM; when the dirty bytes still to send drop below
 bitmap (``dirty-sync-count`` + 1); if the total is still below the threshold, the guest
 is stopped (the workload acknowledges), the bitmap synced a last time and everything
 left is sent without a rate limit.  XBZRLE is off during the bulk pass (QEMU's bulk
-stage).  With ``release_ram`` the source hashes its RAM at switchover (for verification:
-released pages read back as zero), releases every page already sent and clean (as
-``ram_postcopy_migrated_memory_release`` does at the start of postcopy), sends the
-final pages with ``may_free`` so QEMUFile releases them once written, and releases the
-zero pages of the final pass batch by batch (``save_zero_page`` releases them too).
-The statistics count RAM bytes as QEMU 7.2's ``ram_counters.transferred`` does (page
-records and PART EOS; not the setup records, not the END EOS), then keep only what the
+stage).  The engine never releases guest RAM: in pre-copy the source holds the only
+running copy until the destination's verdict (``release_ram`` decides; the session
+releases after the verdict).  ``cancel()`` shuts the QEMUFile down as ``migrate_cancel``
+does, so a source blocked in ``sendmsg`` on a stalled peer wakes; the time limit
+cancels the same way while pages are still being sent.  The statistics count RAM
+bytes as QEMU 7.2's ``ram_counters.transferred`` does (page records and PART EOS; not
+the setup records, not the END EOS), then keep only what the
 channel took: a failed run never reports more RAM bytes than stream bytes.
 
 Goals: QEMU's bytes, QEMU's decisions, QEMU's statistics (see ``stats``); a clear outcome
@@ -33,6 +33,7 @@ forced through stop-and-copy with ``on_limit="force"``).  Plan: one method per p
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import threading
 import time
@@ -134,10 +135,11 @@ class MigrationEngine:
         self.params.check()
         self.pre_switchover = pre_switchover
         self.on_progress = on_progress
-        self.hash_at_switchover = hash_at_switchover or self.params.release_ram
+        self.hash_at_switchover = hash_at_switchover
         self.switchover_hashes: dict[str, str] = {}
         self.stats = MigrationStats(page_size=4096, ram_total=ram.total_size, params=asdict(self.params))
         self._cancel = threading.Event()
+        self._cancel_reason: str | None = None   # the limit that cancelled (None: migrate_cancel)
         self._continue = threading.Event()
         self._blocks = ram.blocks
         self._bitmap = {b.name: np.zeros(b.n_pages, dtype=bool) for b in self._blocks}
@@ -156,8 +158,20 @@ class MigrationEngine:
 
     # -- control from other threads -----------------------------------------------------
     def cancel(self) -> None:
-        """migrate_cancel: the run ends as ``cancelled`` at its next check."""
+        """migrate_cancel: the run ends as ``cancelled``.  Like QEMU, shut the QEMUFile down
+        (qemu_file_shutdown) so a send blocked on a stalled peer wakes at once; any
+        thread, or a signal handler.  Returns None."""
         self._cancel.set()
+        self._continue.set()                        # leave a pre-switchover pause
+        self.f.shutdown()
+
+    def _time_limit_hit(self) -> None:
+        """The time limit's watchdog: while pages are still being sent (setup or
+        pre-copy) and ``on_limit`` is cancel, cancel -- even a send blocked on a peer
+        that reads nothing.  Forced completion is left to the loop's own check."""
+        if self.params.on_limit == "cancel" and self.stats.status in ("setup", "active"):
+            self._cancel_reason = "time-limit"
+            self.cancel()
 
     def migrate_continue(self) -> None:
         """Leave the pre-switchover pause."""
@@ -179,6 +193,9 @@ class MigrationEngine:
         self.windows = RateWindows(self.f, p.max_bandwidth, p.downtime_limit, self.t0, cancel=self._cancel)
         self.windows.on_window = self._window_closed
         self.workload.start(self.ram)
+        watchdog = threading.Timer(p.time_limit, self._time_limit_hit)
+        watchdog.daemon = True
+        watchdog.start()
         try:
             self._setup()
             st.status = "active"
@@ -187,25 +204,38 @@ class MigrationEngine:
                 self._complete()
                 st.converged = outcome == "converged"
             else:
-                st.status = "cancelled"
-                st.remaining = self._dirty * st.page_size
-                st.precopy_bytes = self._ram_counted()   # what was sent while the guest ran
-                st.expected_downtime = st.remaining / max(st.bandwidth, 1.0)
-                self.f.shutdown()
+                self._cancelled()
             if st.status != "cancelled":
                 self.f.fflush()
                 if self.f.get_error():
                     raise self.f.error
                 st.status = "completed"
         except (OSError, RuntimeError) as exc:   # I/O failure, or the workload thread failed
-            st.status, st.outcome = "failed", f"error: {exc}"
+            if self._cancel.is_set():            # cancel() shut the file down under a send
+                self._cancelled()
+            else:
+                st.status, st.outcome = "failed", f"error: {exc}"
         finally:
+            watchdog.cancel()
             try:
                 self.workload.stop()
             except RuntimeError as exc:
                 st.status, st.outcome = "failed", f"error: {exc}"
             self._finish_stats()
         return st
+
+    def _cancelled(self) -> None:
+        """End the run as ``cancelled`` (migrate_cancel, or a limit): what was left to
+        send, and the file shut down."""
+        st = self.stats
+        if self._cancel.is_set():
+            st.outcome = self._cancel_reason or "cancelled"
+        st.status, st.converged = "cancelled", False
+        st.remaining = self._dirty * st.page_size
+        if st.switchover_time == 0.0:
+            st.precopy_bytes = self._ram_counted()   # what was sent while the guest ran
+        st.expected_downtime = st.remaining / max(st.bandwidth, 1.0)
+        self.f.shutdown()
 
     def _setup(self) -> None:
         """qemu_savevm_state_setup: header, START(ram) with the block list; all pages dirty."""
@@ -285,7 +315,6 @@ class MigrationEngine:
         ps = st.page_size
         while True:
             if self._cancel.is_set():
-                st.outcome = "cancelled"
                 return "cancelled"
             threshold = self._threshold()
             synced = self._dirty * ps < threshold
@@ -378,11 +407,6 @@ class MigrationEngine:
             return 0
         n = self.saver.save_pages(block, idx, rate_limited=rate_limited)
         sent = idx[:n]
-        if self.saver.release_ram and n:
-            # ZERO records carry no memory for QEMUFile to release once written: release
-            # the pages the saver sent that way (not re-read: pages sent may_free already
-            # read as zero once released, and must not be released and counted twice)
-            self._release_zero(block, sent[self.saver.sent_zero])
         self._bitmap[block.name][sent] = False
         self._dirty -= n
         if n:
@@ -407,6 +431,8 @@ class MigrationEngine:
                 self.pre_switchover(self)
             else:
                 self._continue.wait(max(0.0, self.params.time_limit - (time.monotonic() - self.t0)))
+            if self._cancel.is_set():
+                raise OSError(errno.ECANCELED, "cancelled at pre-switchover")
         st.status = "device"
         self._sync()
         self._new_iteration(self._dirty, final=True)
@@ -415,14 +441,7 @@ class MigrationEngine:
             h0 = time.monotonic()
             self.switchover_hashes = block_hashes(self.ram)
             excluded = time.monotonic() - h0        # verification, not migration work
-        if self.params.release_ram:
-            # pages of the last PART may still be queued as zero-copy views: they must
-            # reach the wire before their memory is released
-            f.fflush()
-            self._release_clean()
-            self._sample_rss()
         self.saver.last_stage = True
-        self.saver.release_ram = self.params.release_ram
         self.saver.generation = st.dirty_sync_count
         f.set_rate_limit(0)                         # completion runs unthrottled
         with self._ram_section(QEMU_VM_SECTION_END):
@@ -444,28 +463,6 @@ class MigrationEngine:
         self._close_iteration()
         st.downtime = time.monotonic() - stop_t - excluded
         st.downtime_bytes = self._ram_counted() - st.precopy_bytes
-
-    def _release_clean(self) -> None:
-        """Release every page already sent and not dirty (the destination has it)."""
-        for b in self._blocks:
-            clean = ~self._bitmap[b.name]
-            if not clean.any():
-                continue
-            # runs of clean pages -> (offset, length) byte ranges, one release per run
-            edges = np.flatnonzero(np.diff(np.concatenate(([0], clean.view(np.int8), [0]))))
-            starts, ends = edges[0::2], edges[1::2]
-            ranges = np.stack([starts * b.page_size, (ends - starts) * b.page_size], axis=1)
-            self.stats.released_bytes += b.release(ranges)
-
-    def _release_zero(self, block, zero: np.ndarray) -> None:
-        """Release the pages ``zero`` just sent as ZERO records (QEMU's save_zero_page
-        releases each one under release-ram: a ZERO record carries no data, so nothing
-        is waiting to be written).  One call for the batch, which coalesces adjacent
-        pages into runs (one syscall per run, not per page)."""
-        if zero.size:
-            ps = block.page_size
-            ranges = np.stack([zero * ps, np.full(zero.size, ps, dtype=np.int64)], axis=1)
-            self.stats.released_bytes += block.release(ranges)
 
     # -- reporting --------------------------------------------------------------------------
     def _sample_rss(self, t: float | None = None) -> None:
@@ -498,7 +495,6 @@ class MigrationEngine:
         st.ram_queued = self._ram_counted()
         st.ram_transferred = self._ram_written(st.stream_bytes)
         st.windows = self.windows.windows
-        st.released_bytes += self.f.released_bytes
         st.rss_after = resident_bytes(self.ram)
         st.workload = self.workload.describe()
         st.window_bandwidth = st.bandwidth

@@ -87,6 +87,7 @@ class MigrationStats:
     rss_before: int = 0             # resident bytes of the source's guest RAM
     rss_after: int = 0
     released_bytes: int = 0
+    release: dict = field(default_factory=dict)   # the release-ram record (see migration.release_ram)
     verification: dict = field(default_factory=dict)
     destination: dict = field(default_factory=dict)
     workload: dict = field(default_factory=dict)
@@ -107,6 +108,16 @@ class MigrationStats:
         rate, as query-migrate reports while active; megabits per second."""
         rate = self.average_bandwidth if self.status == "completed" and self.average_bandwidth else self.bandwidth
         return rate * 8 / 1e6
+
+    @property
+    def completion(self) -> str | None:
+        """For a completed run: ``verified`` (the destination confirmed equal RAM),
+        ``mismatch`` (it holds different RAM) or ``not-verified`` (no verdict could
+        come: a QEMU peer, exec:, null:, fd:, or verification off); None otherwise."""
+        if self.status != "completed":
+            return None
+        ok = self.verification.get("ok")
+        return "verified" if ok is True else "mismatch" if ok is False else "not-verified"
 
     def window_overshoot(self) -> int:
         """Most bytes any limited window went over its limit (0 when none did or unlimited)."""
@@ -142,6 +153,7 @@ class MigrationStats:
             },
             "npqfile": {
                 "outcome": self.outcome,
+                "completion": self.completion,
                 "converged": self.converged,
                 "stream-bytes": self.stream_bytes,
                 "part-sections": self.part_sections,
@@ -160,6 +172,7 @@ class MigrationStats:
                 "rss-before": self.rss_before,
                 "rss-after": self.rss_after,
                 "released-bytes": self.released_bytes,
+                "release-ram": self.release,
                 "compression": self.compression,
                 "verification": self.verification,
                 "destination": self.destination,

@@ -87,7 +87,9 @@ class LoadResult:
 
 
 class _Loader:
-    def __init__(self, f, ram, *, vmdesc, max_ram_bytes, capabilities, decode_devices, partial_ok):
+    def __init__(self, f, ram, *, vmdesc, max_ram_bytes, capabilities, decode_devices, partial_ok,
+                 machine=None):
+        self.machine = machine
         self.r = StreamReader(f)
         self.res = LoadResult()
         self.devices = device_index(vmdesc)
@@ -187,6 +189,9 @@ class _Loader:
                 r.skip(16, "the VM uuid")
             else:
                 raise r.error(f"unknown configuration subsection '{shown(name)}'", at)
+        if self.machine is not None and res.machine != self.machine:
+            # configuration_post_load: QEMU refuses the stream here, before any RAM
+            raise r.error(f"Machine type received is '{shown(res.machine)}' and local is '{self.machine}'")
         r.section = None
 
     @staticmethod
@@ -338,7 +343,7 @@ class _Stop(Exception):
 
 def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None,
                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, capabilities: tuple[str, ...] | list[str] = (),
-                decode_devices: bool = False, partial_ok: bool = False) -> LoadResult:
+                decode_devices: bool = False, partial_ok: bool = False, machine: str | None = None) -> LoadResult:
     """Read a whole migration stream from the readable QEMUFile ``f``.
 
     ``ram``: the destination (each declared block must exist with the same size), or
@@ -347,11 +352,12 @@ def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None,
     :func:`~npqfile.stream.vmdesc.find_vmdesc`), used to step over device sections.
     ``capabilities``: capabilities the source had on that the stream itself does not
     announce (e.g. ``x-ignore-shared`` for streams older than QEMU 7.2's configuration
-    capabilities).  Returns a :class:`LoadResult`.  Raises StreamError for a malformed
+    capabilities).  ``machine``: the destination's machine type; a configuration
+    section naming another is a StreamError there, as in QEMU.  Returns a :class:`LoadResult`.  Raises StreamError for a malformed
     stream, or for a section that cannot be sized unless ``partial_ok``.
     """
     loader = _Loader(f, ram, vmdesc=vmdesc, max_ram_bytes=max_ram_bytes, capabilities=tuple(capabilities),
-                     decode_devices=decode_devices, partial_ok=partial_ok)
+                     decode_devices=decode_devices, partial_ok=partial_ok, machine=machine)
     try:
         return loader.run()
     finally:

@@ -92,7 +92,7 @@ def test_summary_table_and_plot(tmp_path, capsys):
     assert rc == 0
     assert "downtime" in out and "compare: equal" in out and "iterations" in out
     assert "migration completed, verified: converged" in out
-    assert "8.0 MiB released: the destination's verdict: RAM equal" in out
+    assert "8.0 MiB after the verdict" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -298,3 +298,123 @@ def test_real_qemu_loads_a_live_migration_snapshot(tmp_path):
     loaded = np.fromfile(ramfile, dtype=np.uint8)
     assert np.array_equal(loaded, source_final)
     assert "Expected vmdescription" not in err
+
+
+# -- lifecycle: verdicts, stalls, cancellation, exit status -------------------------------
+
+def _drain_and_close(listener, reply: bytes = b"") -> None:
+    """A peer that reads the whole stream, optionally writes ``reply``, then closes:
+    what a QEMU destination (or a destination that died at the end) looks like."""
+    conn, _ = listener.accept()
+    with conn:
+        while conn.recv(1 << 16):
+            pass
+        if reply:
+            conn.sendall(reply)
+
+
+@pytest.mark.parametrize("peer", [None, "qemu"])
+def test_a_peer_that_closes_without_a_verdict(peer, capsys):
+    import socket
+    import threading
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        t = threading.Thread(target=_drain_and_close, args=(listener,), daemon=True)
+        t.start()
+        port = listener.getsockname()[1]
+        argv = ["--size", "2M", "--workload", "idle", "--to", f"tcp:127.0.0.1:{port}", "--stall-timeout", "5"]
+        rc, d = run_json(capsys, *argv, *(["--peer", peer] if peer else []))
+        t.join(30)
+    x = d["npqfile"]
+    if peer is None:
+        # an npqfile destination that ends without its verdict: failed, never completed
+        assert rc == 1 and d["status"] == "failed" and x["completion"] is None
+        assert "closed the connection without its verdict" in x["outcome"] and x["verification"]["done"] is False
+    else:
+        # a QEMU destination sends none: completed, not verified, exit 3
+        assert rc == 3 and d["status"] == "completed" and x["completion"] == "not-verified"
+        assert x["verification"]["note"] == "the destination is QEMU (--peer qemu): no verdict"
+
+
+def test_peer_and_stall_timeout_are_checked_before_migrating(capsys):
+    assert main(["migrate", "--quiet", "--size", "1M", "--to", "null:", "--peer", "qemu"]) == 1
+    assert "--peer applies to tcp: and unix: destinations" in capsys.readouterr().err
+    assert main(["migrate", "--quiet", "--size", "1M", "--stall-timeout", "0"]) == 1
+    assert "--stall-timeout must be a positive number of seconds" in capsys.readouterr().err
+    assert main(["migrate", "--quiet", "--size", "1M", "--to", "null:", "--release-ram"]) == 1
+    err = capsys.readouterr().err
+    assert "--release-ram needs the destination's verdict" in err and "null:" in err
+    assert main(["incoming", "tcp:127.0.0.1:0", "--stall-timeout", "-1"]) == 1
+    assert "--stall-timeout must be a positive number of seconds" in capsys.readouterr().err
+
+
+def test_help_documents_the_exit_status():
+    out = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--help"], capture_output=True, text=True,
+                         env=ENV, cwd=ROOT, timeout=60, check=True).stdout
+    assert "exit status:" in out and "3    completed, not verified" in out and "130  cancelled by Ctrl-C" in out
+
+
+def test_machine_mismatch_fails_at_the_configuration_section():
+    from test_fault_injection import finish, start_incoming
+
+    proc, uri = start_incoming("--machine", "pc", ram=64 * MIB, stall=30)
+    try:
+        src = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--to", uri, "--size", "64M", "--init",
+                              "random", "--workload", "idle", "--json"],
+                             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120, check=False)
+    finally:
+        rc, out, err = finish(proc)
+    assert rc == 1 and "Machine type received is 'none' and local is 'pc'" in err
+    d = json.loads(src.stdout)
+    assert src.returncode == 1 and d["status"] == "failed" and d["npqfile"]["completion"] is None
+    assert "Machine type received is 'none'" in src.stderr
+    # the destination refused the stream at its start: the source stopped long before its end
+    assert d["npqfile"]["stream-bytes"] < 32 * MIB
+    assert json.loads(out)["bytes"] < 1024                       # header and configuration only
+
+
+def test_time_limit_cancels_a_source_blocked_on_a_stopped_destination():
+    import signal
+
+    from test_fault_injection import finish, start_incoming
+
+    proc, uri = start_incoming(ram=64 * MIB, stall=60)
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        src = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--to", uri, "--size", "64M", "--init",
+                              "random", "--workload", "idle", "--json", "--time-limit", "2", "--stall-timeout", "60"],
+                             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=50, check=False)
+    finally:
+        proc.kill()
+        finish(proc)
+    d = json.loads(src.stdout)
+    assert src.returncode == 2 and d["status"] == "cancelled" and d["npqfile"]["outcome"] == "time-limit"
+    assert d["npqfile"]["stream-bytes"] < 64 * MIB
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_ctrl_c_cancels_and_prints_the_cancelled_runs_summary(as_json):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "npqfile", "migrate", "--size", "8M", "--workload", "idle",
+                             "--pause-before-switchover", "60", "--release-ram",
+                             *(["--json"] if as_json else ["--quiet"])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith("pre-switchover: guest stopped"), line
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "error: migration cancelled (interrupted)" in err and "Traceback" not in err
+    if as_json:
+        d = json.loads(out)
+        assert d["status"] == "cancelled" and d["npqfile"]["outcome"] == "cancelled"
+        assert d["npqfile"]["release-ram"]["released-bytes"] == 0
+        assert d["npqfile"]["stream-bytes"] > 0
+    else:
+        assert "migration cancelled: cancelled" in out and "nothing released" in out

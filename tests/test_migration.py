@@ -407,7 +407,7 @@ def test_cancelled_run_keeps_the_source_ram_and_says_why_nothing_was_released():
         assert ram.block("ram").sha256() == before and st.released_bytes == 0
         rel = st.as_dict()["npqfile"]["release-ram"]
         assert rel == {"enabled": True, "released-bytes": 0, "when": None, "time-ms": None,
-                       "reason": "the migration is cancelled: the source keeps its RAM"}
+                       "reason": "a cancelled migration releases nothing: the source keeps its RAM"}
     finally:
         ram.close()
 

@@ -196,7 +196,9 @@ def _summary(st: MigrationStats, out) -> None:
         ("verification", verification_text(ver)),
     ]
     if st.release:
-        rows.append(("release-ram", f"{format_bytes(st.release['released-bytes'])} released: {st.release['reason']}"))
+        rel = st.release
+        rows.append(("release-ram", f"{format_bytes(rel['released-bytes'])} after the verdict" if rel["when"]
+                     else f"nothing released: {rel['reason']}"))
     if "xbzrle-cache" in d:
         xc = d["xbzrle-cache"]
         rows.append(("xbzrle cache miss / encoding rate", f"{xc['cache-miss']} / {xc['encoding-rate']}"))

@@ -108,7 +108,7 @@ def release_after_verdict(ram: GuestRAM, record: ReleaseRecord, *, status: str, 
     if not record.enabled:
         return record
     if status != "completed":
-        record.reason = f"the migration is {status}: the source keeps its RAM"
+        record.reason = f"a {status} migration releases nothing: the source keeps its RAM"
         return record
     allowed, record.reason = may_release(AFTER_VERDICT, verification)
     if allowed:

@@ -21,6 +21,7 @@ Plan: pure decisions (``peer_of``, ``verdict_wait``) apart from the one I/O func
 
 from __future__ import annotations
 
+import errno
 import select
 from dataclasses import dataclass
 from typing import Any
@@ -108,13 +109,13 @@ def await_verdict(f: Any, st: MigrationStats, src_hashes: dict | None, *, wait: 
                   control: Any = None) -> dict:
     """Half-close the source's side of the connection of the QEMUFile ``f``, then read
     the npqfile destination's verdict on the return path for up to ``wait`` seconds
-    (after a failed run only FAILED_REPLY_WAIT, for its reason).  Returns the
+    (after a failed run only FAILED_REPLY_WAIT, for its reason; after a stall not at all).  Returns the
     verification dict and updates ``st``: no verdict in time, a closed connection, a
     broken return path or a failed destination make a completed run ``failed``; a
     ``control`` cancel during the wait makes it ``cancelled``.  ``src_hashes`` None:
     verification off (the destination's status still counts)."""
-    if st.status == "cancelled":
-        return {}
+    if st.status == "cancelled" or f.get_error() == -errno.ETIMEDOUT:
+        return {}                   # a stalled peer has no reason to give either
     failed = st.status != "completed"
     timed_out = False
     try:

@@ -382,7 +382,8 @@ def test_time_limit_cancels_a_source_blocked_on_a_stopped_destination():
     proc.send_signal(signal.SIGSTOP)
     try:
         src = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--to", uri, "--size", "64M", "--init",
-                              "random", "--workload", "idle", "--json", "--time-limit", "2", "--stall-timeout", "60"],
+                              "random", "--workload", "idle", "--json", "--time-limit", "2",
+                              "--stall-timeout", "60"],
                              capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=50, check=False)
     finally:
         proc.kill()

@@ -221,7 +221,8 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, control) -> Mi
             st.verification = await_verdict(f, st, src_hashes, wait=verdict_wait(cfg.stall_timeout, ram.total_size),
                                             control=control)
         elif peer.remote and st.status == "completed":
-            st.verification = {"method": None, "ok": None, "note": "the destination is QEMU (--peer qemu): no verdict"}
+            st.verification = {"method": None, "ok": None,
+                               "note": "the destination is QEMU (--peer qemu): no verdict"}
         ret = f.close()
         if ret < 0 and st.status == "completed":
             # qemu_fclose's result: e.g. an exec: command that failed after reading

@@ -352,9 +352,11 @@ def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None,
     :func:`~npqfile.stream.vmdesc.find_vmdesc`), used to step over device sections.
     ``capabilities``: capabilities the source had on that the stream itself does not
     announce (e.g. ``x-ignore-shared`` for streams older than QEMU 7.2's configuration
-    capabilities).  ``machine``: the destination's machine type; a configuration
-    section naming another is a StreamError there, as in QEMU.  Returns a :class:`LoadResult`.  Raises StreamError for a malformed
-    stream, or for a section that cannot be sized unless ``partial_ok``.
+    capabilities).  ``machine``: the destination's machine type (None: any); a
+    configuration section naming another is a StreamError there, before any RAM, as
+    QEMU's ``configuration_post_load`` fails.  Returns a :class:`LoadResult`.  Raises
+    StreamError for a malformed stream, or for a section that cannot be sized unless
+    ``partial_ok``.
     """
     loader = _Loader(f, ram, vmdesc=vmdesc, max_ram_bytes=max_ram_bytes, capabilities=tuple(capabilities),
                      decode_devices=decode_devices, partial_ok=partial_ok, machine=machine)

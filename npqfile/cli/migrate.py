@@ -5,13 +5,15 @@ unlimited bandwidth, the destination in this process over a socketpair, verifica
 on); every engine option under QEMU's names (``--max-bandwidth 100MB/s``,
 ``--downtime-limit 300`` in ms, ``--xbzrle-cache 64M``, ``--compress zlib:6``,
 ``--release-ram``, ``--pause-before-switchover``...); ``--to URI`` for another process
-or machine (``tcp:HOST:PORT`` / ``unix:PATH`` with ``npqfile incoming`` there),
-``file:PATH`` (a snapshot that ``npqfile analyze`` and QEMU ``-M none`` load),
+or machine (``tcp:HOST:PORT`` / ``unix:PATH`` with ``npqfile incoming`` there, or a
+real QEMU ``-incoming`` with ``--peer qemu``; ``--stall-timeout`` bounds every wait on
+the peer), ``file:PATH`` (a snapshot that ``npqfile analyze`` and QEMU ``-M none`` load),
 ``exec:CMD``, ``fd:N`` (``--to fd:1 > snap.bin``: the report then goes to stderr); a
 live progress line (rich) on a terminal; a summary table, ``--json``, ``--plot
 FILE.png`` (its directory is checked before migrating); ``--sweep PARAM=V1,V2`` for a
 parameter study in parallel processes (``--plot`` then draws the sweep; with
 ``file:PATH`` each case writes its own ``PATH.N``, see ``npqfile.migration.sweep``).
+Ctrl-C cancels like ``migrate_cancel`` (``MigrationControl``) and still reports.
 
 Exit status (``EXIT_STATUS``, also in ``--help``): 0 completed and verified, 1 failed
 (an error, a destination that failed, died, stalled or sent no verdict) or a

@@ -419,3 +419,39 @@ def test_ctrl_c_cancels_and_prints_the_cancelled_runs_summary(as_json):
         assert d["npqfile"]["stream-bytes"] > 0
     else:
         assert "migration cancelled: cancelled" in out and "nothing released" in out
+
+
+def test_ctrl_c_wakes_a_source_blocked_on_a_stopped_destination(capsys):
+    import signal
+    import threading
+    import time
+
+    from test_fault_injection import finish, start_incoming
+
+    proc, uri = start_incoming(ram=64 * MIB, stall=60)
+    proc.send_signal(signal.SIGSTOP)             # the source fills the socket, then blocks in sendmsg
+    sent = []
+
+    def interrupt_once_handled() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:       # migrate installs its SIGINT handler
+            if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+                time.sleep(0.5)
+                sent.append(True)
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.01)
+
+    t = threading.Thread(target=interrupt_once_handled, daemon=True)
+    t.start()
+    try:
+        rc = main(["migrate", "--json", "--quiet", "--to", uri, "--size", "64M", "--init", "random",
+                   "--workload", "idle", "--stall-timeout", "60", "--time-limit", "60"])
+    finally:
+        t.join(30)
+        proc.kill()
+        finish(proc)
+    captured = capsys.readouterr()
+    d = json.loads(captured.out)
+    assert sent and rc == 130 and d["status"] == "cancelled" and d["npqfile"]["outcome"] == "cancelled"
+    assert d["npqfile"]["stream-bytes"] < 64 * MIB and "migration cancelled (interrupted)" in captured.err

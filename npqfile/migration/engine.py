@@ -74,7 +74,9 @@ class MigrationParams:
 
     Bandwidth in bytes/s (0 = unlimited), times in seconds.  ``on_limit``: what to do when
     ``max_iterations`` or ``time_limit`` is reached without converging: ``cancel`` (QEMU's
-    migrate_cancel) or ``force`` (stop-and-copy anyway, with a longer downtime)."""
+    migrate_cancel) or ``force`` (stop-and-copy anyway, with a longer downtime).
+    ``release_ram`` is the capability; the engine itself releases nothing (when the
+    source may release is ``release_ram.may_release``'s rule, applied by the session)."""
     max_bandwidth: float = 0.0
     downtime_limit: float = 0.3
     max_iterations: int = 30

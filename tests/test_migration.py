@@ -138,7 +138,8 @@ def test_release_ram_frees_the_source_after_the_destinations_verdict():
     assert st.status == "completed" and st.verification["ok"] is True
     assert st.released_bytes == 16 * MIB and st.rss_after == 0 < st.rss_before
     rel = st.as_dict()["npqfile"]["release-ram"]
-    assert rel["enabled"] and rel["released-bytes"] == 16 * MIB and rel["when"] == "after-verdict"
+    assert rel["enabled"] and rel["released-bytes"] == rel["release-advised-bytes"] == 16 * MIB
+    assert rel["when"] == "after-verdict"
     assert rel["reason"].startswith("the destination's verdict: RAM equal")
 
 
@@ -406,7 +407,7 @@ def test_cancelled_run_keeps_the_source_ram_and_says_why_nothing_was_released():
         assert st.status == "cancelled" and st.outcome == "cancelled"
         assert ram.block("ram").sha256() == before and st.released_bytes == 0
         rel = st.as_dict()["npqfile"]["release-ram"]
-        assert rel == {"enabled": True, "released-bytes": 0, "when": None, "time-ms": None,
+        assert rel == {"enabled": True, "released-bytes": 0, "release-advised-bytes": 0, "when": None, "time-ms": None,
                        "reason": "a cancelled migration releases nothing: the source keeps its RAM"}
     finally:
         ram.close()

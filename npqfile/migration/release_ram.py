@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from npqfile.migration.stats import freed_bytes
 from npqfile.ram import GuestRAM
 
 # The phases at which someone may ask whether sent pages may be released.
@@ -74,15 +75,21 @@ def check_release_ram(release_ram: bool, *, verdict_possible: bool, why_not: str
 
 @dataclass
 class ReleaseRecord:
-    """What release-ram did in one migration (the ``release-ram`` statistics object)."""
+    """What release-ram did in one migration (the ``release-ram`` statistics object;
+    freed and advised bytes as the statistics' ``released-bytes`` and
+    ``release-advised-bytes`` count them)."""
     enabled: bool = False
-    released_bytes: int = 0        # bytes handed to the release primitive (madvise/fallocate)
+    advised_bytes: int = 0         # bytes handed to the release primitive (madvise/fallocate)
+    freed_bytes: int = 0           # of those, bytes that held memory and were freed
+    unmeasured_bytes: int = 0      # advised where residency could not be read (not in freed)
     when: str | None = None        # the phase it happened in (None: nothing was released)
     time: float | None = None      # seconds since the migration started
     reason: str = "release-ram is off"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"enabled": self.enabled, "released-bytes": self.released_bytes, "when": self.when,
+        # the names of the statistics' released-bytes / release-advised-bytes
+        return {"enabled": self.enabled, "released-bytes": self.freed_bytes,
+                "release-advised-bytes": self.advised_bytes, "when": self.when,
                 "time-ms": None if self.time is None else round(self.time * 1000, 3), "reason": self.reason}
 
 
@@ -112,7 +119,10 @@ def release_after_verdict(ram: GuestRAM, record: ReleaseRecord, *, status: str, 
         return record
     allowed, record.reason = may_release(AFTER_VERDICT, verification)
     if allowed:
+        freed0, unmeasured0 = freed_bytes(ram)
         for b in ram.blocks:
-            record.released_bytes += release_runs(b, np.ones(b.n_pages, dtype=bool))
+            record.advised_bytes += release_runs(b, np.ones(b.n_pages, dtype=bool))
+        freed, unmeasured = freed_bytes(ram)
+        record.freed_bytes, record.unmeasured_bytes = freed - freed0, unmeasured - unmeasured0
         record.when, record.time = AFTER_VERDICT, time.monotonic() - t0
     return record

@@ -216,7 +216,8 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, control) -> Mi
         if st.status == "completed":
             if cfg.verify and to != "inprocess":
                 src_hashes = block_hashes(ram)      # the guest is stopped: RAM at switchover
-            _wait_verdict_progress(st, on_progress)
+            if on_progress is not None:     # the last byte is written, the verdict awaited
+                on_progress(engine.progress_info("wait-verdict"))
         if peer.remote and peer.kind == NPQFILE:
             st.verification = await_verdict(f, st, src_hashes, wait=verdict_wait(cfg.stall_timeout, ram.total_size),
                                             control=control)
@@ -255,14 +256,6 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, control) -> Mi
             dest_ram.close()
 
 
-def _wait_verdict_progress(st: MigrationStats, on_progress: Callable[[dict], None] | None) -> None:
-    """Tell the progress display the last byte is written and the verdict awaited
-    (status ``wait-verdict``; tests use it as the "after the last write" point)."""
-    if on_progress is not None:
-        on_progress({"status": "wait-verdict", "round": st.dirty_sync_count, "dirty-pages": 0,
-                     "bytes": st.stream_bytes, "mbps": st.mbps, "elapsed": st.total_time})
-
-
 def _inprocess_verdict(st: MigrationStats, dest: Destination, ram: GuestRAM, dest_ram: GuestRAM,
                        verify: bool) -> None:
     """The in-process destination's verdict: its thread's result, then the comparison.
@@ -287,8 +280,9 @@ def _release(st: MigrationStats, ram: GuestRAM, params: MigrationParams, t0: flo
     record = ReleaseRecord(enabled=params.release_ram)
     st.release = release_after_verdict(ram, record, status=st.status, verification=st.verification,
                                        t0=t0).as_dict()
-    if record.released_bytes:
-        st.released_bytes = record.released_bytes
+    if record.advised_bytes:
+        st.released_bytes = record.advised_bytes
+        st.release_freed_bytes, st.release_unmeasured_bytes = record.freed_bytes, record.unmeasured_bytes
         st.rss_after = resident_bytes(ram)
         if params.sample_rss:
             st.timeline.append((time.monotonic() - t0, st.stream_bytes, st.rss_after))

@@ -187,3 +187,29 @@ def test_source_fault_fails_the_destination_without_hanging(action, point):
         src_out, _ = src.communicate()
         finish(proc)
     assert src_out.split() == ["fault", point]
+
+
+def test_socket_stall_timeout_names_the_peer_and_the_timeout():
+    import errno
+    import socket
+
+    from npqfile.channels import SocketChannel
+
+    a, b = socket.socketpair()
+    writer, reader = SocketChannel(a, "w"), SocketChannel(b, "r")
+    try:
+        writer.set_stall_timeout(0.2, "the destination")
+        with pytest.raises(OSError) as exc:               # nobody reads: the buffer fills, then no progress
+            writer.writev([bytes(1 << 20)] * 64, 0)
+        assert exc.value.errno == errno.ETIMEDOUT
+        assert str(exc.value.strerror) == "the destination accepted no data for 0.2 s (stall timeout)"
+        reader.set_stall_timeout(0.2, "the source")
+        while True:                                        # drain what was sent, then nothing comes
+            try:
+                reader.readinto(memoryview(bytearray(1 << 20)), 0)
+            except OSError as err:
+                assert err.errno == errno.ETIMEDOUT and "the source sent nothing for 0.2 s" in str(err)
+                break
+    finally:
+        writer.close()
+        reader.close()

@@ -73,6 +73,7 @@ class SocketChannel(Closing):
         self.mode = mode
         self._shared: _SharedSocket | None = _shared if _shared is not None else _SharedSocket(sock)
         self._sock = sock
+        self._peer_name = "the peer"    # named in stall timeout errors
 
     def fileno(self) -> int:
         """The socket's fd (-1 once the socket is closed)."""
@@ -82,15 +83,17 @@ class SocketChannel(Closing):
         """Blocking or non-blocking mode — for both directions: they share one socket."""
         self._sock.setblocking(flag)
 
-    def set_stall_timeout(self, seconds: float | None) -> None:
+    def set_stall_timeout(self, seconds: float | None, peer: str = "the peer") -> None:
         """Fail a send or receive that makes no progress for ``seconds`` (None: wait
-        forever) with OSError(ETIMEDOUT) naming the timeout -- for both directions,
-        which share the socket.  A stopped or hung peer then ends the migration instead
-        of blocking it forever; ``shutdown`` still wakes a blocked call at once."""
+        forever) with OSError(ETIMEDOUT) naming ``peer`` and the timeout -- for both
+        directions, which share the socket.  A stopped or hung peer then ends the
+        migration instead of blocking it forever; ``shutdown`` still wakes a blocked
+        call at once."""
         self._sock.settimeout(seconds)
+        self._peer_name = peer
 
     def _stalled(self, what: str) -> OSError:
-        return OSError(errno.ETIMEDOUT, f"the peer {what} for {self._sock.gettimeout():g} s (stall timeout)")
+        return OSError(errno.ETIMEDOUT, f"{self._peer_name} {what} for {self._sock.gettimeout():g} s (stall timeout)")
 
     def shutdown(self, read: bool = True, write: bool = True) -> int:
         """shutdown(2) the connection in the given directions (both directions' channels see it).

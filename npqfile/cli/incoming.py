@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             add_guest_block(ram, args.block, size)
         if args.uri.startswith(("tcp:", "unix:")):
             channel = _accept(args.uri, args.timeout)
-            channel.set_stall_timeout(args.stall_timeout)
+            channel.set_stall_timeout(args.stall_timeout, "the source")
         else:
             channel = open_channel(args.uri, "r")
         if comp.on_channel:

@@ -197,7 +197,7 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, control) -> Mi
         else:
             channel = open_channel(to, "w")
             if peer.remote:
-                channel.set_stall_timeout(cfg.stall_timeout)
+                channel.set_stall_timeout(cfg.stall_timeout, "the destination")
         if comp.on_channel:
             channel = CompressingWriter(channel, comp)
         f = QEMUFile(channel)

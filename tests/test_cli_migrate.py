@@ -455,3 +455,24 @@ def test_ctrl_c_wakes_a_source_blocked_on_a_stopped_destination(capsys):
     d = json.loads(captured.out)
     assert sent and rc == 130 and d["status"] == "cancelled" and d["npqfile"]["outcome"] == "cancelled"
     assert d["npqfile"]["stream-bytes"] < 64 * MIB and "migration cancelled (interrupted)" in captured.err
+
+
+@pytest.mark.parametrize("peer", ["qemu", None])
+def test_real_qemu_destination_is_completed_not_verified_only_when_declared(tmp_path, peer, capsys):
+    # a real QEMU -incoming sends no verdict: with --peer qemu the run is "completed, not
+    # verified" (exit 3); taken for an npqfile destination, its silence is a failure
+    size = 16 * MIB
+    ramfile = tmp_path / "ram.img"
+    ramfile.write_bytes(b"\0" * size)
+    sock = tmp_path / "mig.sock"
+    with QemuVM(tmp_path, ramfile, incoming=True, size=size) as vm:
+        vm.cmd("migrate-incoming", uri=f"unix:{sock}")
+        rc, d = run_json(capsys, "--size", "16M", "--workload", "idle", "--to", f"unix:{sock}",
+                         "--stall-timeout", "5", *(["--peer", "qemu"] if peer else []))
+        vm.wait_migration()
+    x = d["npqfile"]
+    if peer:
+        assert rc == 3 and d["status"] == "completed" and x["completion"] == "not-verified"
+    else:
+        assert rc == 1 and d["status"] == "failed" and x["completion"] is None
+        assert "closed the connection without its verdict" in x["outcome"] or "no verdict" in x["outcome"]

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 MIB = 1 << 20
 SIZE = 16 * MIB
-STALL = 1.5            # seconds: both sides' stall timeout in these tests
+STALL = 2.0            # seconds: both sides' stall timeout in these tests
 HANG = 60.0            # a run still going after this long is hung (far above STALL)
 POINTS = ("early", "mid", "pre-switchover", "after-last-write")
 
@@ -180,7 +180,7 @@ def test_source_fault_fails_the_destination_without_hanging(action, point):
         assert proc.returncode == 1 and res["status"] == "failed", out
         assert "error: incoming migration failed" in err
         if action == "stop":
-            assert "stall timeout" in res["error"] and "sent nothing for 1.5 s" in res["error"]
+            assert "stall timeout" in res["error"] and f"sent nothing for {STALL:g} s" in res["error"]
     finally:
         if src.poll() is None:
             src.kill()

@@ -23,6 +23,7 @@ from typing import Any
 from npqfile.channels import listen, open_channel
 from npqfile.migration.compression import DecompressingReader, parse_compress
 from npqfile.migration.destination import Destination
+from npqfile.migration.events import EventWriter, IncomingEvents
 from npqfile.migration.session import add_guest_block
 from npqfile.ram import GuestRAM
 from npqfile.units import format_bytes, parse_size
@@ -41,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait for the connection (> 0; default: forever)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--events", metavar="FILE|-",
+                   help="write live query-migrate events as JSON lines (the last line: the --json result)")
 
 
 def _accept(uri: str, timeout: float | None) -> Any:
@@ -60,25 +63,33 @@ def run(args: argparse.Namespace) -> int:
     comp = parse_compress(args.compress)
     size = parse_size(args.ram)
     check_timeout(args.timeout)
+    events = EventWriter.open(args.events) if args.events else None
+    out = sys.stderr if args.events == "-" else sys.stdout      # stdout carries the event lines
     ram = GuestRAM()
     try:
         add_guest_block(ram, args.block, size)
+        incoming = IncomingEvents(events)
         if args.uri.startswith(("tcp:", "unix:")):
             channel = _accept(args.uri, args.timeout)
         else:
             channel = open_channel(args.uri, "r")
         if comp.on_channel:
             channel = DecompressingReader(channel, comp)
-        res = Destination(ram, machine=args.machine).receive(channel)
+        dest = Destination(ram, machine=args.machine)
+        incoming.active(dest)
+        res = dest.receive(channel)
+        incoming.result(res.as_dict())
         if args.json:
-            print(json.dumps(res.as_dict(), indent=2))
+            print(json.dumps(res.as_dict(), indent=2), file=out)
         elif res.status == "completed":
-            print(f"completed: {format_bytes(res.bytes)} in {res.load_time * 1000:.1f} ms; machine {res.machine}")
+            print(f"completed: {format_bytes(res.bytes)} in {res.load_time * 1000:.1f} ms; machine {res.machine}", file=out)
             for name, digest in res.hashes.items():
-                print(f"  {name}: sha256 {digest}")
+                print(f"  {name}: sha256 {digest}", file=out)
         if res.status != "completed":
             print(f"error: incoming migration failed: {res.error}", file=sys.stderr)
             return 1
         return 0
     finally:
+        if events is not None:
+            events.close()
         ram.close()

@@ -25,9 +25,18 @@ import sys
 import time
 
 from npqfile.migration.engine import MigrationParams
+from npqfile.migration.events import EventWriter
 from npqfile.migration.session import INITS, MigrationConfig, run_migration
 from npqfile.migration.stats import MigrationStats
-from npqfile.migration.sweep import SWEEP_PARAMS, run_sweep, with_rate
+from npqfile.migration.sweep import (
+    SWEEP_ALIASES,
+    SWEEP_PARAMS,
+    SweepInterrupted,
+    case_files,
+    run_sweep,
+    sweep_exit_status,
+    with_rate,
+)
 from npqfile.units import format_bytes, parse_rate, parse_size
 
 NAME = "migrate"
@@ -73,6 +82,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--sweep", action="append", metavar="PARAM=V1,V2",
                    help=f"parameter study over {', '.join(SWEEP_PARAMS)} (repeatable: all combinations)")
     o.add_argument("--jobs", type=int, default=None, help="sweep worker processes (default: cores)")
+    o.add_argument("--cluster", metavar="local|tcp://HOST:8786",
+                   help="run the sweep on Dask: a LocalCluster, or a running scheduler (pip install 'npqfile[cluster]')")
+    o.add_argument("--scheduler-file", metavar="FILE", help="run the sweep on the Dask scheduler of this file")
+    o.add_argument("--events", metavar="FILE|-",
+                   help="write live query-migrate events as JSON lines (the last line: the --json result); "
+                        "with --sweep each case writes FILE.N.NAME")
 
 
 def config_from_args(args: argparse.Namespace) -> MigrationConfig:
@@ -187,9 +202,25 @@ def _exit_status(st: MigrationStats) -> int:
     return 0
 
 
+def _sweep_line(p) -> str:
+    """One progress line: the case that finished (and its files), then the counts."""
+    counts = f"[{p.done}/{p.total} done, {p.running} running, {p.failed} failed]"
+    if p.row is None:
+        return counts
+    files = case_files(p.row)
+    wrote = f"; wrote {', '.join(files)}" if files else ""
+    return f"case {p.row['case']} ({p.row['name']}): {p.row['status']} {p.row['outcome']}{wrote}  {counts}"
+
+
 def _run_sweep(cfg: MigrationConfig, args: argparse.Namespace) -> int:
-    rows = run_sweep(cfg, args.sweep, args.jobs)
-    names = [s.partition("=")[0].strip() for s in args.sweep]
+    names = [SWEEP_ALIASES.get(s.partition("=")[0].strip(), s.partition("=")[0].strip()) for s in args.sweep]
+    show = None if args.quiet else (lambda p: print(_sweep_line(p), file=sys.stderr, flush=True))
+    try:
+        rows = run_sweep(cfg, args.sweep, args.jobs, cluster=args.cluster, scheduler_file=args.scheduler_file,
+                         events=args.events, on_update=show)
+        status = sweep_exit_status(rows)
+    except SweepInterrupted as exc:
+        rows, status = exc.rows, 130
     if args.plot:
         from npqfile.migration.plot import plot_sweep
         plot_sweep(rows, names, args.plot)
@@ -200,14 +231,19 @@ def _run_sweep(cfg: MigrationConfig, args: argparse.Namespace) -> int:
         from rich.table import Table
 
         t = Table(title="sweep")
-        for col in names + ["total ms", "downtime ms", "syncs", "converged", "outcome", "verified"]:
+        for col in ["case", *names, "status", "total ms", "downtime ms", "syncs", "converged", "outcome",
+                    "verified", "files"]:
             t.add_column(col, justify="right")
         for row in rows:
-            t.add_row(*[row[n] for n in names], f"{row.get('total-ms', 0):.0f}", f"{row.get('downtime-ms', 0):.1f}",
-                      str(row.get("iterations", "")), "yes" if row.get("converged") else "no",
-                      str(row.get("outcome")), str(row.get("verified")))
-        Console().print(t)
-    return 1 if any(r["status"] in ("error", "failed") for r in rows) else 0
+            t.add_row(str(row["case"]), *[row[n] for n in names], row["status"],
+                      f"{row.get('total-time', 0):.0f}", f"{row.get('downtime', 0):.1f}",
+                      str(row.get("dirty-sync-count", "")), "yes" if row.get("converged") else "no",
+                      str(row.get("outcome")), str(row.get("verified")), " ".join(case_files(row)))
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=100000)     # a pipe or file: every column in full
+        console.print(t)
+    return status
 
 
 def _pause_hook(delay: float):
@@ -232,19 +268,32 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.plot)          # before the run, not after it: keep the stats
     if args.sweep:
         return _run_sweep(cfg, args)
+    if args.cluster or args.scheduler_file:
+        raise ValueError("--cluster and --scheduler-file run sweeps: add --sweep PARAM=V1,V2,...")
     # --to fd:1 > snap.bin: stdout carries the stream (and the channel closes the fd
     # at the end), so the report goes to stderr; fd:2 likewise sends it to stdout
     stream_fd = _stream_fd(cfg.to)
     out, err = sys.stdout, sys.stderr
     if stream_fd is not None and stream_fd in (_fileno(out), _fileno(err)):
         out = err = sys.stderr if stream_fd == _fileno(out) else sys.stdout
+    if args.events == "-" and stream_fd is not None:
+        raise ValueError("--events - and --to fd:N cannot share standard output: give --events FILE")
+    events = EventWriter.open(args.events) if args.events else None
+    if args.events == "-":
+        out = sys.stderr                    # stdout carries the event lines
     hook = None if args.pause_before_switchover is None else _pause_hook(args.pause_before_switchover)
     live, update = _progress_display(args.quiet or args.json or stream_fd == _fileno(sys.stderr))
-    if live is not None:
-        with live:
-            st = run_migration(cfg, on_progress=update, pre_switchover=hook)
-    else:
-        st = run_migration(cfg, pre_switchover=hook)
+    try:
+        if live is not None:
+            with live:
+                st = run_migration(cfg, on_progress=update, pre_switchover=hook, events=events)
+        else:
+            st = run_migration(cfg, pre_switchover=hook, events=events)
+        if events is not None:
+            events.result(st.as_dict())
+    finally:
+        if events is not None:
+            events.close()
     if args.plot:
         from npqfile.migration.plot import plot_migration
         plot_migration(st, args.plot)

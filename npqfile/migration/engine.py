@@ -487,6 +487,16 @@ class MigrationEngine:
                           "dirty-pages": self._dirty, "bytes": self.f.ftell_fast(),
                           "mbps": self.windows.bandwidth * 8 / 1e6, "elapsed": elapsed})
 
+    def query_migrate(self) -> dict[str, Any]:
+        """The live ``query-migrate`` answer (QEMU's names; callable from any thread,
+        e.g. the events writer's 100 ms poll).  Returns just the status before run()."""
+        saver, windows = getattr(self, "saver", None), getattr(self, "windows", None)
+        if saver is None or windows is None:
+            return {"status": self.stats.status}
+        return self.stats.live_dict(elapsed=time.monotonic() - self.t0, ram=saver.stats,
+                                    transferred=self._ram_counted(), remaining=self._dirty * self.stats.page_size,
+                                    mbps=windows.bandwidth * 8 / 1e6)
+
     def _finish_stats(self) -> None:
         st = self.stats
         self._close_iteration()

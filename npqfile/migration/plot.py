@@ -89,14 +89,14 @@ def plot_sweep(rows: list[dict[str, Any]], names: list[str], path: str | os.Path
     try:
         labels = ["\n".join(f"{n}={row[n]}" for n in names) for row in rows]
         xs = list(range(len(rows)))
-        bars = ax1.bar(xs, [row.get("total-ms", 0) for row in rows], color="tab:blue", label="total time")
+        bars = ax1.bar(xs, [row.get("total-time", 0) for row in rows], color="tab:blue", label="total time")
         for bar, row in zip(bars, rows):
             if not row.get("converged"):
                 bar.set_hatch("//")
         ax1.set_xticks(xs, labels)
         ax1.set_ylabel("total time (ms)", color="tab:blue")
         ax2 = ax1.twinx()
-        ax2.plot(xs, [row.get("downtime-ms", 0) for row in rows], "o-", color="tab:red", label="downtime")
+        ax2.plot(xs, [row.get("downtime", 0) for row in rows], "o-", color="tab:red", label="downtime")
         ax2.set_ylabel("downtime (ms)", color="tab:red")
         ax1.set_title(f"sweep over {', '.join(names)} (hatched: not converged)")
         fig.tight_layout()

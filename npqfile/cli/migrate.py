@@ -32,7 +32,6 @@ from npqfile.migration.sweep import (
     SWEEP_ALIASES,
     SWEEP_PARAMS,
     SweepInterrupted,
-    case_files,
     run_sweep,
     sweep_exit_status,
     with_rate,
@@ -207,7 +206,7 @@ def _sweep_line(p) -> str:
     counts = f"[{p.done}/{p.total} done, {p.running} running, {p.failed} failed]"
     if p.row is None:
         return counts
-    files = case_files(p.row)
+    files = p.row.get("files") or []
     wrote = f"; wrote {', '.join(files)}" if files else ""
     return f"case {p.row['case']} ({p.row['name']}): {p.row['status']} {p.row['outcome']}{wrote}  {counts}"
 
@@ -238,7 +237,7 @@ def _run_sweep(cfg: MigrationConfig, args: argparse.Namespace) -> int:
             t.add_row(str(row["case"]), *[row[n] for n in names], row["status"],
                       f"{row.get('total-time', 0):.0f}", f"{row.get('downtime', 0):.1f}",
                       str(row.get("dirty-sync-count", "")), "yes" if row.get("converged") else "no",
-                      str(row.get("outcome")), str(row.get("verified")), " ".join(case_files(row)))
+                      str(row.get("outcome")), str(row.get("verified")), " ".join(row.get("files") or []))
         console = Console()
         if not console.is_terminal:
             console = Console(width=100000)     # a pipe or file: every column in full

@@ -192,6 +192,10 @@ def plan_sweep(base: MigrationConfig, specs: list[str], events: str | None = Non
             apply_param(case.config, name, value)
         case.events = case_file(events, number, case.name) if events else None
         cases.append(case)
+    if events:
+        folder = os.path.dirname(os.path.abspath(events))
+        if not os.path.isdir(folder):
+            raise ValueError(f"--events {events}: directory {folder} does not exist")
     return cases
 
 
@@ -200,16 +204,20 @@ def run_case(cfg: MigrationConfig, events: str | None = None) -> dict[str, Any]:
     (the sweep turns them into a failed row)."""
     from npqfile.migration.events import EventWriter
 
+    files = []
     if events is None:
         st = run_migration(cfg)
     else:
         with EventWriter.open(events) as writer:
+            files.append(events)
             st = run_migration(cfg, events=writer)
             writer.result(st.as_dict())
+    if str(cfg.to).startswith("file:") and os.path.exists(cfg.to[len("file:"):]):
+        files.insert(0, cfg.to[len("file:"):])
     d = st.as_dict()
     return {"status": st.status, "outcome": st.outcome, "converged": st.converged,
             "total-time": d["total-time"], "downtime": d["downtime"], "dirty-sync-count": st.dirty_sync_count,
-            "transferred": st.transferred, "verified": st.verification.get("ok")}
+            "transferred": st.transferred, "verified": st.verification.get("ok"), "files": files}
 
 
 def case_row(case: SweepCase, result: dict[str, Any]) -> dict[str, Any]:
@@ -220,17 +228,7 @@ def case_row(case: SweepCase, result: dict[str, Any]) -> dict[str, Any]:
 
 def failed_result(status: str, why: str) -> dict[str, Any]:
     """The result columns of a case that did not finish (``status`` failed or cancelled)."""
-    return {"status": status, "outcome": why, "converged": False, "verified": None}
-
-
-def case_files(row: dict[str, Any]) -> list[str]:
-    """The files a row's case wrote (its ``file:`` stream, its event file)."""
-    files = []
-    if str(row.get("to") or "").startswith("file:"):
-        files.append(row["to"][len("file:"):])
-    if row.get("events"):
-        files.append(row["events"])
-    return files
+    return {"status": status, "outcome": why, "converged": False, "verified": None, "files": []}
 
 
 def sweep_exit_status(rows: list[dict[str, Any]]) -> int:
@@ -291,7 +289,7 @@ class _DaskBackend:
             workers = max(1, min(workers, total // max(need, 1)))
             self.cluster = distributed.LocalCluster(
                 n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                memory_limit=0, silence_logs=logging.ERROR,
+                memory_limit=0, silence_logs=logging.CRITICAL,    # failed cases are our rows, not log lines
                 resources={"cores": 1, "ram": max(total // workers, need)})
             self.client = distributed.Client(self.cluster)
         elif scheduler_file:
@@ -320,12 +318,22 @@ class _DaskBackend:
                                   resources=case.resources if self.use_resources else None)
 
     def running(self, futures: list[Any]) -> int:
+        """Cases on workers, at most as many as the workers' slots (the scheduler also
+        lists the tasks a worker holds until a slot is free)."""
         keys = {f.key for f in futures}
         try:
             processing = self.client.processing()
+            workers = self.client.scheduler_info().get("workers", {})
         except Exception:                 # a scheduler hiccup only costs the count
             return 0
-        return sum(1 for tasks in processing.values() for k in tasks if k in keys)
+        total = 0
+        for address, tasks in processing.items():
+            info = workers.get(address, {})
+            slots = info.get("nthreads", 1)
+            if self.use_resources and "cores" in info.get("resources", {}):
+                slots = min(slots, int(info["resources"]["cores"]))
+            total += min(slots, sum(1 for k in tasks if k in keys))
+        return total
 
     def close(self, cancel: bool = False) -> None:
         self.client.close()
@@ -347,7 +355,7 @@ def run_sweep(base: MigrationConfig, specs: list[str], jobs: int | None = None, 
     """Run every combination of ``specs`` on top of ``base``; returns one row per case
     in case order (see :func:`case_row`: ``case``, ``name``, the parameters, ``status``,
     ``outcome``, ``converged``, ``total-time`` and ``downtime`` in ms, ``dirty-sync-count``,
-    ``transferred``, ``verified``, ``to``, ``events``).  ``cluster`` / ``scheduler_file``
+    ``transferred``, ``verified``, ``files`` (those the case wrote), ``to``, ``events``).  ``cluster`` / ``scheduler_file``
     choose Dask (module docstring), else the local pool of ``jobs`` processes.
     ``on_update`` is called whenever a case starts or ends.  A case that raises gives a
     failed row; Ctrl-C cancels the cases not finished (rows ``cancelled``, outcome

@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(res.as_dict(), indent=2), file=out)
         elif res.status == "completed":
-            print(f"completed: {format_bytes(res.bytes)} in {res.load_time * 1000:.1f} ms; machine {res.machine}", file=out)
+            print(f"completed: {format_bytes(res.bytes)} in {res.load_time * 1000:.1f} ms; machine {res.machine}",
+                  file=out)
             for name, digest in res.hashes.items():
                 print(f"  {name}: sha256 {digest}", file=out)
         if res.status != "completed":

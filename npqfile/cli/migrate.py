@@ -82,7 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"parameter study over {', '.join(SWEEP_PARAMS)} (repeatable: all combinations)")
     o.add_argument("--jobs", type=int, default=None, help="sweep worker processes (default: cores)")
     o.add_argument("--cluster", metavar="local|tcp://HOST:8786",
-                   help="run the sweep on Dask: a LocalCluster, or a running scheduler (pip install 'npqfile[cluster]')")
+                   help="run the sweep on Dask: a LocalCluster, or a running scheduler "
+                        "(pip install 'npqfile[cluster]')")
     o.add_argument("--scheduler-file", metavar="FILE", help="run the sweep on the Dask scheduler of this file")
     o.add_argument("--events", metavar="FILE|-",
                    help="write live query-migrate events as JSON lines (the last line: the --json result); "

@@ -355,11 +355,12 @@ def run_sweep(base: MigrationConfig, specs: list[str], jobs: int | None = None, 
     """Run every combination of ``specs`` on top of ``base``; returns one row per case
     in case order (see :func:`case_row`: ``case``, ``name``, the parameters, ``status``,
     ``outcome``, ``converged``, ``total-time`` and ``downtime`` in ms, ``dirty-sync-count``,
-    ``transferred``, ``verified``, ``files`` (those the case wrote), ``to``, ``events``).  ``cluster`` / ``scheduler_file``
-    choose Dask (module docstring), else the local pool of ``jobs`` processes.
-    ``on_update`` is called whenever a case starts or ends.  A case that raises gives a
-    failed row; Ctrl-C cancels the cases not finished (rows ``cancelled``, outcome
-    ``interrupted``) and re-raises KeyboardInterrupt after ``on_update`` saw them.
+    ``transferred``, ``verified``, ``files`` (those the case wrote), ``to``, ``events``).
+    ``cluster`` / ``scheduler_file`` choose Dask (module docstring), else the local
+    pool of ``jobs`` processes.  ``on_update`` is called whenever a case ends or the
+    number running changes.  A case that raises gives a failed row; Ctrl-C cancels the
+    cases not finished and raises :class:`SweepInterrupted` holding every row (those
+    cases ``cancelled``, outcome ``interrupted``).
     Raises ValueError for a bad sweep, a shared destination or a missing Dask, before
     any case runs."""
     cases = plan_sweep(base, specs, events)

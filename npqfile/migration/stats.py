@@ -145,7 +145,7 @@ class MigrationStats:
                 "pages-per-second": round(ram.pages / secs, 1),
             },
         }
-        if self.status in ("completed", "device") or self.downtime:
+        if self.status == "completed":          # as QEMU: downtime once known, before that expected-downtime
             out["downtime"] = round(self.downtime * 1000, 3)
         if self.xbzrle_cache_size:
             out["xbzrle-cache"] = self._xbzrle_dict(ram)

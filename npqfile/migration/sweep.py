@@ -253,6 +253,7 @@ class _PoolBackend:
     """The local process pool."""
 
     def __init__(self, workers: int):
+        self.workers = workers
         # spawn: the parent may hold threads (rich, workloads); forking those is unsafe
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
 
@@ -260,7 +261,9 @@ class _PoolBackend:
         return self.pool.submit(run_case, case.config, case.events)
 
     def running(self, futures: list[Any]) -> int:
-        return sum(1 for f in futures if f.running())
+        # the pool marks a call running when it queues it for a worker: one more than
+        # the workers may be "running"
+        return min(self.workers, sum(1 for f in futures if f.running()))
 
     def close(self, cancel: bool = False) -> None:
         self.pool.shutdown(wait=True, cancel_futures=cancel)
@@ -278,8 +281,6 @@ class _DaskBackend:
             raise ValueError(INSTALL_HINT) from None
         self.cluster = None
         need = max(c.resources["ram"] for c in cases)
-        # a case may start processes (exec: commands, QEMU): workers must not be daemonic
-        dask.config.set({"distributed.worker.daemon": False})
         if cluster == "local":
             import logging
 
@@ -287,10 +288,13 @@ class _DaskBackend:
 
             total = psutil.virtual_memory().total
             workers = max(1, min(workers, total // max(need, 1)))
-            self.cluster = distributed.LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                memory_limit=0, silence_logs=logging.CRITICAL,    # failed cases are our rows, not log lines
-                resources={"cores": 1, "ram": max(total // workers, need)})
+            # a case may start processes (exec: commands, QEMU): workers must not be
+            # daemonic; the nanny hands this config to the worker processes it starts
+            with dask.config.set({"distributed.worker.daemon": False}):
+                self.cluster = distributed.LocalCluster(
+                    n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                    memory_limit=0, silence_logs=logging.CRITICAL,    # failed cases are rows, not log lines
+                    resources={"cores": 1, "ram": max(total // workers, need)})
             self.client = distributed.Client(self.cluster)
         elif scheduler_file:
             self.client = distributed.Client(scheduler_file=scheduler_file, timeout=30)

@@ -113,3 +113,9 @@ def test_polling_runs_every_interval_until_stopped():
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [e["data"]["n"] for e in lines] == list(range(seen))
     assert w.lines == seen            # stopped means stopped
+
+
+def test_an_events_file_that_cannot_be_written_fails_before_the_run(tmp_path, capsys):
+    assert main(["migrate", "--quiet", "--size", "1M", "--events", str(tmp_path / "no" / "ev.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--events" in err and "No such file or directory" in err

@@ -140,3 +140,20 @@ def test_dask_workers_allow_child_processes_and_cases_declare_resources(tmp_path
             client.write_scheduler_file(str(tmp_path / "scheduler.json"))
         with pytest.raises(ValueError, match="no Dask worker declares ram >= 4194304 bytes"):
             run_sweep(base, ["size=2M"], scheduler_file=str(tmp_path / "scheduler.json"))
+
+
+def test_ctrl_c_keeps_the_finished_cases_and_marks_the_rest_cancelled():
+    from npqfile.migration.sweep import SweepInterrupted
+
+    def interrupt(progress):
+        if progress.row is not None:
+            raise KeyboardInterrupt           # what Ctrl-C raises in the waiting loop
+
+    base = MigrationConfig(size=MIB, workload="idle")
+    with pytest.raises(SweepInterrupted) as info:
+        run_sweep(base, ["size=1M,2M,3M"], jobs=1, on_update=interrupt)
+    rows = info.value.rows
+    assert [r["case"] for r in rows] == [1, 2, 3]
+    assert rows[0]["status"] == "completed"
+    assert [(r["status"], r["outcome"]) for r in rows[1:]] == [("cancelled", "interrupted")] * 2
+    assert sweep_exit_status(rows) == 2

@@ -8,7 +8,9 @@ source's ``--compress zstd``/``lz4``.  When listening, the first line on stdout 
 ``listening on URI`` (with the real port), so scripts can start the source.  At the end
 it prints the result (``--json``: status, error, machine, load time, per-block sha256)
 and, over tcp/unix, sends the verdict and hashes back to the source on the return path
-(see ``npqfile.migration.destination``).
+(see ``npqfile.migration.destination``).  ``--events FILE|-``: live JSON lines
+(setup, active with the bytes read so far, completed/failed, then the ``--json``
+result; ``npqfile.migration.events``).
 
 Exit status: 0 when the stream loaded completely, 1 otherwise.
 """

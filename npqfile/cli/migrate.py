@@ -10,11 +10,13 @@ or machine (``tcp:HOST:PORT`` / ``unix:PATH`` with ``npqfile incoming`` there),
 ``exec:CMD``, ``fd:N`` (``--to fd:1 > snap.bin``: the report then goes to stderr); a
 live progress line (rich) on a terminal; a summary table, ``--json``, ``--plot
 FILE.png`` (its directory is checked before migrating); ``--sweep PARAM=V1,V2`` for a
-parameter study in parallel processes (``--plot`` then draws the sweep; with
-``file:PATH`` each case writes its own ``PATH.N``, see ``npqfile.migration.sweep``).
+parameter study in parallel processes or on Dask (``--cluster``; ``--plot`` then draws
+the sweep; each case's files are named after it, see ``npqfile.migration.sweep``);
+``--events FILE|-`` for live ``query-migrate`` JSON lines (``npqfile.migration.events``).
 
 Exit status: 0 completed (and verified where the transport allows), 1 error or
-verification mismatch, 2 not converged (cancelled at max-iterations / time-limit).
+verification mismatch, 2 not converged (cancelled at max-iterations / time-limit);
+a sweep: 1 when any case failed or mismatched, else 2 when any was cancelled, else 0.
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ plus npqfile extras: iterations, windows, source RSS before and after, converged
 outcome, verification), and :meth:`MigrationStats.as_dict` which renders
 ``query-migrate``'s names (``total-time``, ``setup-time``, ``downtime``, ``ram`` with
 ``transferred`` / ``normal`` / ``duplicate`` / ``dirty-pages-rate`` / ``mbps``...,
-``xbzrle-cache`` with ``cache-miss`` / ``encoding-rate``...).
+``xbzrle-cache`` with ``cache-miss`` / ``encoding-rate``...), :meth:`MigrationStats.live_dict`
+(the answer while the run goes on, for live events) and ``MigrationStats.on_status``
+(called at every status change, as QEMU emits its MIGRATION event).  Every key follows
+the naming scheme of npqfile/schemas (QEMU's names, else lowercase-hyphenated).
 
 Goals: a user who reads QEMU's statistics reads ours the same way: times in
 milliseconds, byte counts in bytes, ``mbps`` in megabits per second, zero pages named

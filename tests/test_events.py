@@ -119,3 +119,20 @@ def test_an_events_file_that_cannot_be_written_fails_before_the_run(tmp_path, ca
     assert main(["migrate", "--quiet", "--size", "1M", "--events", str(tmp_path / "no" / "ev.jsonl")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--events" in err and "No such file or directory" in err
+
+
+def test_status_hook_fires_on_changes_only_and_stays_out_of_copies():
+    import copy
+    import pickle
+
+    from npqfile.migration.stats import MigrationStats
+
+    st, seen = MigrationStats(), []
+    st.on_status = lambda old, new: seen.append((old, new))
+    st.status = "active"
+    st.status = "active"
+    st.status = "completed"
+    assert seen == [("setup", "active"), ("active", "completed")]
+    clone = copy.deepcopy(pickle.loads(pickle.dumps(st)))
+    clone.status = "failed"
+    assert clone.on_status is None and len(seen) == 2

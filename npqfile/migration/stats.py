@@ -121,6 +121,12 @@ class MigrationStats:
         if name == "status" and old is not None and value != old and self.on_status is not None:
             self.on_status(old, value)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # copies and pickles (a sweep's worker, deepcopy) leave the hook behind
+        state = self.__dict__.copy()
+        state.pop("on_status", None)
+        return state
+
     def live_dict(self, *, elapsed: float, ram: RAMStats, transferred: int, remaining: int,
                   mbps: float) -> dict[str, Any]:
         """A ``query-migrate`` answer while the run goes on (the engine's ``query_migrate``):

@@ -45,7 +45,7 @@ def test_sweep_of_cancelled_cases_exits_2_and_the_table_keeps_every_column(tmp_p
         # progress on stderr says which case wrote which file
         assert f"({case.split('.', 1)[1]}): cancelled max-iterations; wrote {deep / f'snap.{case}.bin'}" in captured.err
     assert "…" not in captured.out
-    assert "[2/2 done, 0 running, 2 failed]" in captured.err
+    assert "[2/2 done, 0 running, 0 failed, 2 cancelled]" in captured.err
 
 
 def test_sweep_names_each_case_and_its_files_in_json(tmp_path, capsys):
@@ -109,7 +109,7 @@ def test_local_cluster_gives_the_pool_s_rows_and_reports_a_failing_case(tmp_path
                      [f.replace(name, "X") for f in v] if k == "files" else v)
                  for k, v in r.items() if k not in TIMED} for r in rows]
     assert same(pool, "pool") == same(dask, "dask")
-    assert "[4/4 done, 0 running, 2 failed]" in out.err
+    assert "[4/4 done, 0 running, 2 failed, 0 cancelled]" in out.err
 
 
 @pytest.mark.component

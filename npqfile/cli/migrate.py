@@ -206,7 +206,7 @@ def _exit_status(st: MigrationStats) -> int:
 
 def _sweep_line(p) -> str:
     """One progress line: the case that finished (and its files), then the counts."""
-    counts = f"[{p.done}/{p.total} done, {p.running} running, {p.failed} failed]"
+    counts = f"[{p.done}/{p.total} done, {p.running} running, {p.failed} failed, {p.cancelled} cancelled]"
     if p.row is None:
         return counts
     files = p.row.get("files") or []

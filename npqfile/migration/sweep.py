@@ -38,7 +38,7 @@ File paths must be on a file system every worker sees.
 Goals: the table guestperf users draw (total time, downtime, converged or not) in one
 command, on one machine or many; every bad sweep a ValueError naming what is wrong,
 before any case runs.  Plan: configs are picklable dataclasses; each task returns a
-plain dict (the row); progress (done / running / failed) through a callback.
+plain dict (the row); progress (done / running / failed / cancelled) through a callback.
 """
 
 from __future__ import annotations
@@ -245,7 +245,8 @@ class SweepProgress:
     total: int
     done: int = 0
     running: int = 0
-    failed: int = 0
+    failed: int = 0             # failed, or did not match its destination
+    cancelled: int = 0
     row: dict[str, Any] | None = None
 
 
@@ -381,7 +382,9 @@ def run_sweep(base: MigrationConfig, specs: list[str], jobs: int | None = None, 
                 case = pending.pop(fut)
                 results[case.number] = _outcome(fut)
                 progress.done += 1
-                progress.failed += results[case.number]["status"] != "completed"
+                res = results[case.number]
+                progress.cancelled += res["status"] == "cancelled"
+                progress.failed += res["status"] not in ("completed", "cancelled") or res.get("verified") is False
                 progress.running = backend.running(list(pending))
                 progress.row = case_row(case, results[case.number])
                 if on_update:

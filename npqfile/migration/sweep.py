@@ -136,7 +136,7 @@ class SweepCase:
 
     @property
     def name(self) -> str:
-        """``bandwidth=50MB/s,dirty-rate=1000``: the case as the user wrote it."""
+        """``max-bandwidth=50MB/s,dirty-rate=1000``: the case (parameters by their QEMU names)."""
         return ",".join(f"{n}={v}" for n, v in self.params)
 
     @property

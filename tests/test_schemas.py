@@ -59,7 +59,7 @@ def test_migrate_outputs_follow_the_schema(tmp_path, capsys):
     check(_json(capsys, [*base, "--workload", "uniform:rate=2000", "--xbzrle-cache", "1M", "--compress", "zlib"], 0),
           "migrate")
     check(_json(capsys, [*base, "--workload", "uniform:rate=8000", "--max-bandwidth", "8MB/s", "--downtime-limit",
-                         "10", "--max-iterations", "2"], 2), "migrate")
+                         "10", "--max-iterations", "2", "--auto-converge"], 2), "migrate")
     failed = _json(capsys, [*base, "--workload", "idle", "--to", "exec:false"], 1)
     assert failed["status"] == "failed"
     check(failed, "migrate")

@@ -136,3 +136,23 @@ def test_status_hook_fires_on_changes_only_and_stays_out_of_copies():
     clone = copy.deepcopy(pickle.loads(pickle.dumps(st)))
     clone.status = "failed"
     assert clone.on_status is None and len(seen) == 2
+
+
+def test_incoming_over_tcp_with_events_on_stdout_keeps_stdout_json_lines(tmp_path):
+    dest = subprocess.Popen([sys.executable, "-m", "npqfile", "incoming", "tcp:127.0.0.1:0", "--ram", "2M", "--json",
+                             "--timeout", "60", "--events", "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    try:
+        line = dest.stderr.readline()                   # "listening on" moves to stderr with the report
+        assert line.startswith("listening on tcp:127.0.0.1:"), line
+        src = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--quiet", "--size", "2M", "--workload",
+                              "idle", "--to", line.split()[-1]], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert src.returncode == 0, src.stderr
+        out, err = dest.communicate(timeout=60)
+    finally:
+        if dest.poll() is None:
+            dest.kill()
+            dest.wait()
+    events = [json.loads(x) for x in out.splitlines()]
+    assert _states(events) == ["setup", "active", "completed"]
+    assert events[-1]["data"] == json.loads(err)

@@ -53,9 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write live query-migrate events as JSON lines (the last line: the --json result)")
 
 
-def _accept(uri: str, timeout: float | None) -> Any:
+def _accept(uri: str, timeout: float | None, out: Any = None) -> Any:
     with listen(uri) as listener:
-        print(f"listening on {listener.uri}", flush=True)
+        print(f"listening on {listener.uri}", file=out or sys.stdout, flush=True)
         return listener.accept(timeout)
 
 
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             add_guest_block(ram, args.block, size)
         incoming = IncomingEvents(events)
         if args.uri.startswith(("tcp:", "unix:")):
-            channel = _accept(args.uri, args.timeout)
+            channel = _accept(args.uri, args.timeout, out)
         else:
             channel = open_channel(args.uri, "r")
         if comp.on_channel:

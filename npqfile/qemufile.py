@@ -39,6 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 from npqfile.errors import FileError
+from npqfile.qemufile_offsets import FileOffsets
 from npqfile.qemufile_read import ReadSide
 from npqfile.qemufile_write import WriteSide, compress_bound
 
@@ -76,7 +77,7 @@ RAM_SAVE_CONTROL_DELAYED = -2000
 _LENGTH = operator.itemgetter(2)  # of an iovec entry
 
 
-class QEMUFile(WriteSide, ReadSide):
+class QEMUFile(WriteSide, ReadSide, FileOffsets):
     """A migration stream over ``channel``; see the module docstring.
 
     ``QEMUFile(channel)`` is ``qemu_fopen_ops``: writable when the channel has

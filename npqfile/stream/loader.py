@@ -179,9 +179,8 @@ class _Loader:
                 if count > 256:
                     raise r.error(f"configuration lists {count} capabilities (at most 256)")
                 res.capabilities = [self._capability(r) for _ in range(count)]
-                if "mapped-ram" in res.capabilities:
-                    # QEMU 9.0+ file layout: pages at fixed file offsets, not in the stream
-                    raise r.error("mapped-ram streams (QEMU 9.0+ file: layout) are not supported", at)
+                # QEMU 9.0+ file layout: each block's pages at fixed file offsets (mapped_ram.py)
+                self.ram.mapped_ram = "mapped-ram" in res.capabilities
                 self.ram.ignore_shared = self.ram.ignore_shared or "x-ignore-shared" in res.capabilities
             elif name == "configuration/uuid":
                 r.skip(16, "the VM uuid")

@@ -10,7 +10,10 @@ writing the holes.  Errors: a channel without offsets is a ValueError (QEMU asse
 an I/O failure is recorded as the file's sticky error and returned as -errno.
 
 Plan: a mixin of ``QEMUFile`` (the state lives there): a writer flushes before it
-moves, a reader drops its read-ahead buffer.
+moves, a reader drops its read-ahead buffer.  As in QEMU, the file position and the
+bytes transferred part ways here: ``tell()`` is the file position, ``ftell()`` /
+``ftell_fast()`` the bytes transferred (``_xfer_adjust`` adds the bytes put at offsets
+and takes away the jumps), which is what bandwidth and statistics want.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class FileOffsets:
                 return ret
         else:
             self._buf_index = self._buf_size = 0
+        self._xfer_adjust -= offset - self._pos     # a jump transfers nothing
         self._pos = offset
         return self._last_error
 
@@ -85,6 +89,7 @@ class FileOffsets:
             self.set_error(-errno.EIO, f"short write at file offset {pos}: {n} of {len(view)} bytes")
             return self._last_error
         self._bytes_xfer += n      # counts towards the rate limit, as QEMU's qemu_file_transferred
+        self._xfer_adjust += n     # and towards ftell
         return n
 
     def get_buffer_at(self, buf: Any, pos: int) -> int:

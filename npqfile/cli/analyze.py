@@ -6,7 +6,10 @@ each block's ``sha256``), ``--fields`` (decoded device state, in either form),
 ``--extract DIR`` (one sparse file per RAM block, named safely).  Reads what
 analyze-migration.py rejects: XBZRLE and compressed pages, postcopy commands,
 x-ignore-shared, streams without footers, configuration or (up to the first unsizable
-section) vmdesc.  The input is a file, or a pipe, FIFO or ``-`` (standard input): the
+section) vmdesc, and QEMU 9.0+ mapped-ram files (with or without multifd: the same
+bytes), whose per-block headers, pages present and holes are reported, with the
+file's size on disk.  ``--json``'s ``qemu-features`` says which post-7.2 features the
+stream shows (``npqfile.stream.versions.features_seen``).  The input is a file, or a pipe, FIFO or ``-`` (standard input): the
 vmdesc sits at the very end of a stream, so a non-seekable input is first copied
 into an unnamed temporary file (in ``$TMPDIR``) and analysed from there.
 
@@ -35,6 +38,7 @@ from npqfile.stream.loader import LoadResult
 from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES
 from npqfile.stream.reader import shown
 from npqfile.stream.snapshot import load_file
+from npqfile.stream.versions import features_seen
 from npqfile.units import format_bytes, parse_size
 
 NAME = "analyze"
@@ -147,7 +151,21 @@ def to_json(result: LoadResult, path: str, size: int) -> dict:
         },
         "vmdesc": result.vmdesc is not None,
         "warnings": result.warnings,
+        "qemu-features": features_seen(result),
+        "mapped-ram": _mapped_ram_report(result, path),
     }
+
+
+def _mapped_ram_report(result: LoadResult, path: str) -> dict | None:
+    """Per-block mapped-ram headers and the file's size on disk (holes are zero pages)."""
+    if not result.mapped_ram:
+        return None
+    try:
+        st = os.stat(path)
+        on_disk = st.st_blocks * 512 if stat.S_ISREG(st.st_mode) else None
+    except OSError:
+        on_disk = None
+    return {"blocks": result.mapped_ram, "on-disk-bytes": on_disk}
 
 
 def _print_fields(values: dict, indent: str, out) -> None:
@@ -187,6 +205,12 @@ def _print_text(result: LoadResult, path: str, size: int, out) -> None:
     for i, p in enumerate(st.parts):
         print(f"  part {i:<4} {p['type']:<5} at {p['offset']:>10}: normal {p['normal']}, zero {p['zero']}, "
               f"xbzrle {p['xbzrle']}, compressed {p['compressed']} ({p['bytes']} bytes)", file=out)
+    for m in result.mapped_ram:
+        print(f"mapped-ram {shown(m['name'])}: header at {m['header-offset']}, bitmap at {m['bitmap-offset']}, "
+              f"pages at {m['pages-offset']}: {m['pages-present']} pages present, {m['holes']} holes", file=out)
+    report = _mapped_ram_report(result, path)
+    if report and report["on-disk-bytes"] is not None:
+        print(f"mapped-ram file {size} bytes, {report['on-disk-bytes']} on disk", file=out)
     print(f"vmdesc   {'yes' if result.vmdesc is not None else 'no'}", file=out)
     for w in result.warnings:
         print(f"note     {w}", file=out)

@@ -84,6 +84,7 @@ class LoadResult:
     stopped: str | None = None     # why reading stopped early (partial_ok=True)
     warnings: list[str] = field(default_factory=list)
     end_offset: int = 0
+    mapped_ram: list[dict] = field(default_factory=list)   # per block: header, pages present, holes
 
 
 class _Loader:
@@ -133,6 +134,7 @@ class _Loader:
 
     def _finish(self) -> LoadResult:
         self.res.ram = self.ram.ram
+        self.res.mapped_ram = self.ram.mapped_ram_blocks
         return self.res
 
     def _sections(self, depth: int) -> None:

@@ -304,20 +304,21 @@ def test_byte_for_byte_tests_are_stable_under_cpu_load(tmp_path, pattern, capsys
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 1))]
     try:
         how = []
-        for round_ in range(2):
+        for round_ in range(2):      # the stream comparison twice, the CLI round trip once, per QEMU
             for version in QEMU_VERSIONS:
                 d = tmp_path / f"{version}-{round_}"
                 d.mkdir()
                 stream = qemu_save(d, pattern, version=version)
                 how.append(assert_same_stream(_our_stream(d, pattern, qemu_version=version), stream))
-                e = d / "cli"
-                e.mkdir()
-                _extract_then_save(e, pattern, capsys, version)
+                if round_ == 0:
+                    (d / "cli").mkdir()
+                    _extract_then_save(d / "cli", pattern, capsys, version)
     finally:
         for p in hogs:
             p.kill()
         for p in hogs:
             p.wait()
+    # "records" means QEMU split its RAM: the old byte comparison would have failed there
     print("comparisons under load:", how)
     assert set(how) <= {"bytes", "records"} and len(how) == 2 * len(QEMU_VERSIONS)
 

@@ -2,7 +2,8 @@
 
 Supports: the header (magic, version 3; version 2 is refused as QEMU does), the
 configuration section (machine name, then the ``target-page-bits``, ``capabilities``
-and ``uuid`` subsections), START/PART/END/FULL sections with or without footers, every
+and ``uuid`` subsections; ``mapped-ram`` there switches the RAM setup to QEMU 9.0+'s
+file layout, read by ``mapped_ram.py``), START/PART/END/FULL sections with or without footers, every
 ``0x08`` command (parsed and reported; PACKAGED's embedded stream is parsed in place),
 EOF and the trailing vmdesc.  RAM sections go to :class:`RAMLoader`; other sections are
 stepped over with the vmdesc (given by the caller, found at the end of a file) or, for

@@ -269,3 +269,16 @@ def test_cli_migrate_mapped_ram_to_a_file(tmp_path, capsys):
     res = load_file(out)
     assert res.capabilities == ["mapped-ram"] and features_seen(res)["layout"] == "10.0"
     res.ram.close()
+
+
+def test_features_seen_reports_multifd_flush_and_the_layout():
+    from test_stream_support import be64, load_bytes, minimal_stream
+    res = load_bytes(minimal_stream(be64(0x200) + be64(0x200)))
+    seen = features_seen(res)
+    assert seen["multifd-flush"] == 2 and seen["mapped-ram"] is False and seen["layout"] == "7.2"
+    ram = make_ram({"ram": 4 * PAGE})
+    for version in ("7.2", "10.0"):
+        seen = features_seen(load_bytes(snapshot_bytes(ram, qemu_version=version)))
+        assert seen["layout"] == version and seen["switchover-start"] == (version == "10.0")
+        assert seen["vmdesc-configuration"] == (version == "10.0")   # read after EOF
+    ram.close()

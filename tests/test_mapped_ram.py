@@ -282,3 +282,16 @@ def test_features_seen_reports_multifd_flush_and_the_layout():
         assert seen["layout"] == version and seen["switchover-start"] == (version == "10.0")
         assert seen["vmdesc-configuration"] == (version == "10.0")   # read after EOF
     ram.close()
+
+
+def test_analyze_of_a_mapped_ram_file_on_standard_input_is_a_clean_error(tmp_path, two_blocks):
+    """analyze reads a pipe as a stream: a mapped-ram file needs its offsets, so it says so."""
+    import subprocess
+    import sys
+    path = _save(tmp_path / "mr.bin", two_blocks)
+    with open(path, "rb") as fh:
+        proc = subprocess.run([sys.executable, "-m", "npqfile", "analyze", "-"], stdin=fh, capture_output=True,
+                              text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: mapped-ram block 'ram': mapped-ram needs a seekable file"), proc.stderr

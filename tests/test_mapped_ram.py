@@ -289,9 +289,12 @@ def test_analyze_of_a_mapped_ram_file_on_standard_input_is_a_clean_error(tmp_pat
     import subprocess
     import sys
     path = _save(tmp_path / "mr.bin", two_blocks)
-    with open(path, "rb") as fh:
+    with open(path, "rb") as fh:     # standard input redirected from the file: seekable, read in place
         proc = subprocess.run([sys.executable, "-m", "npqfile", "analyze", "-"], stdin=fh, capture_output=True,
                               text=True, timeout=60)
+    assert proc.returncode == 0 and "4 pages present, 1 holes" in proc.stdout, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "npqfile", "analyze", "-"], input=path.read_bytes(),
+                          capture_output=True, timeout=60)        # a pipe: no offsets
+    err = proc.stderr.decode()
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        "error: mapped-ram block 'ram': mapped-ram needs a seekable file"), proc.stderr
+    assert err.strip().splitlines()[-1].startswith("error: mapped-ram block 'ram': mapped-ram needs a seekable file"), err

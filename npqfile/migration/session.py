@@ -44,6 +44,7 @@ from npqfile.migration.compression import (
 from npqfile.migration.control import MigrationControl
 from npqfile.migration.destination import Destination, block_hashes
 from npqfile.migration.engine import MigrationEngine, MigrationParams, resident_bytes
+from npqfile.migration.events import EventWriter
 from npqfile.migration.release_ram import ReleaseRecord, check_release_ram, release_after_verdict
 from npqfile.migration.stats import MigrationStats
 from npqfile.migration.verdict import (
@@ -138,11 +139,14 @@ def _compare(src: GuestRAM, dst: GuestRAM | None, src_hashes: dict[str, str] | N
 
 def run_migration(cfg: MigrationConfig, *, on_progress: Callable[[dict], None] | None = None,
                   pre_switchover: Callable | None = None, ram: GuestRAM | None = None,
-                  workload: Workload | None = None, control: MigrationControl | None = None) -> MigrationStats:
+                  workload: Workload | None = None, events: EventWriter | None = None,
+                  control: MigrationControl | None = None) -> MigrationStats:
     """Run the migration ``cfg`` describes and return its statistics.
 
     ``ram``/``workload`` override the ones the config would build (tests pass their own).
-    ``control``: cancel the run from another thread or a signal handler.
+    ``events``: an EventWriter fed the engine's live ``query-migrate`` (the caller writes
+    its ``result`` line).  ``control``: cancel the run from another thread or a signal
+    handler.
     ``stats.verification["ok"]`` is True when the destination matched the source at
     switchover, False on a mismatch, None when the transport cannot tell.  Raises
     ValueError for a bad config (release-ram where no verdict can come included),
@@ -157,7 +161,7 @@ def run_migration(cfg: MigrationConfig, *, on_progress: Callable[[dict], None] |
         if own_ram:
             fill_guest(ram, cfg.init, cfg.seed)
         wl = workload or make_workload(cfg.workload, seed=cfg.seed)
-        return _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, control)
+        return _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events, control)
     finally:
         if own_ram:
             ram.close()
@@ -175,7 +179,7 @@ def _check(cfg: MigrationConfig, params: MigrationParams):
     return peer
 
 
-def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, control) -> MigrationStats:
+def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None, control=None) -> MigrationStats:
     peer = _check(cfg, params)      # a bad setting leaves nothing behind
     to = cfg.to or "inprocess"
     dest = None
@@ -202,6 +206,8 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, control) -> Mi
             channel = CompressingWriter(channel, comp)
         f = QEMUFile(channel)
         engine = MigrationEngine(ram, f, wl, params, pre_switchover=pre_switchover, on_progress=on_progress)
+        if events is not None:
+            events.attach(engine)
         if control is not None:
             control.attach(engine)
         try:
@@ -209,6 +215,8 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, control) -> Mi
         finally:
             if control is not None:
                 control.attach(None)
+            if events is not None:
+                events.stop()
         if comp.method == "zlib":
             st.compression = {"method": "zlib", "level": comp.level, "where": "pages",
                               "pages": st.ram.compressed_pages, "bytes-out": st.ram.compressed_bytes}
@@ -237,7 +245,7 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, control) -> Mi
         if dest is not None:
             _inprocess_verdict(st, dest, ram, dest_ram, cfg.verify)
         elif to.startswith("file:") and st.status == "completed" and cfg.verify:
-            st.verification = _verify_file(to[5:], ram, src_hashes, comp)
+            st.verification = _verify_file(to[5:], ram, src_hashes, comp, params.mapped_ram)
         elif not peer.remote and st.status == "completed":
             scheme = to.split(":")[0]
             st.verification = {"method": None, "ok": None, "note": f"{scheme}: has no return path"}
@@ -288,7 +296,7 @@ def _release(st: MigrationStats, ram: GuestRAM, params: MigrationParams, t0: flo
             st.timeline.append((time.monotonic() - t0, st.stream_bytes, st.rss_after))
 
 
-def _verify_file(path: str, ram: GuestRAM, src_hashes: dict | None, comp) -> dict:
+def _verify_file(path: str, ram: GuestRAM, src_hashes: dict | None, comp, sizes: bool = False) -> dict:
     """Load the snapshot file back into a fresh GuestRAM and compare; returns the
     verification dict (a file that does not load gives ``ok`` False, ``done`` False)."""
     check = GuestRAM()
@@ -300,7 +308,11 @@ def _verify_file(path: str, ram: GuestRAM, src_hashes: dict | None, comp) -> dic
             reader = DecompressingReader(reader, comp)
         with QEMUFile(reader) as rf:
             load_stream(rf, check)
-        return _compare(ram, check, src_hashes)
+        res = _compare(ram, check, src_hashes)
+        if sizes:   # a mapped-ram file is sparse: its zero pages are holes
+            st = os.stat(path)
+            res.update({"file-bytes": st.st_size, "on-disk-bytes": st.st_blocks * 512})
+        return res
     except (StreamError, OSError) as exc:
         return {"method": "sha256" if src_hashes is not None else "compare", "ok": False, "done": False,
                 "error": f"loading {path} back failed: {exc}"}

@@ -487,3 +487,11 @@ def test_real_qemu_destination_is_completed_not_verified_only_when_declared(tmp_
     else:
         assert rc == 1 and d["status"] == "failed" and x["completion"] is None
         assert "closed the connection without its verdict" in x["outcome"] or "no verdict" in x["outcome"]
+
+
+def test_sweep_without_a_verdict_exits_3_like_a_single_run(capsys):
+    rc = main(["migrate", "--json", "--quiet", "--workload", "idle", "--to", "null:", "--sweep", "size=1M,2M",
+               "--jobs", "1"])
+    rows = json.loads(capsys.readouterr().out)
+    assert rc == 3 and [r["status"] for r in rows] == ["completed", "completed"]
+    assert all(r["verified"] is None for r in rows)

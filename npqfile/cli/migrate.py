@@ -26,7 +26,7 @@ completed but not verified (the peer cannot send a verdict: ``--peer qemu``,
 ``exec:``, ``null:``, ``fd:``, or ``--no-verify``), 130 cancelled by Ctrl-C (SIGINT
 cancels like ``migrate_cancel`` and the cancelled run's summary is printed; a second
 Ctrl-C aborts); a sweep: 1 when any case failed or mismatched, else 2 when any was
-cancelled, else 0.
+cancelled, else 3 when any was not verified, else 0.
 """
 
 from __future__ import annotations

@@ -233,10 +233,13 @@ def failed_result(status: str, why: str) -> dict[str, Any]:
 
 def sweep_exit_status(rows: list[dict[str, Any]]) -> int:
     """A single run's exit rule over the rows: 1 when any case failed or did not match
-    its destination, else 2 when any was cancelled, else 0."""
+    its destination, else 2 when any was cancelled, else 3 when any completed without
+    a verdict (not verified), else 0."""
     if any(r["status"] not in ("completed", "cancelled") or r.get("verified") is False for r in rows):
         return 1
-    return 2 if any(r["status"] == "cancelled" for r in rows) else 0
+    if any(r["status"] == "cancelled" for r in rows):
+        return 2
+    return 3 if any(r["status"] == "completed" and r.get("verified") is None for r in rows) else 0
 
 
 @dataclass

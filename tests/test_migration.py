@@ -557,3 +557,19 @@ def test_bare_workload_kinds_write_and_sweep_takes_option_names():
     assert [[name for name, _ in case] for case in cases] == [["max-bandwidth", "downtime-limit"]] * 2
     with pytest.raises(ValueError, match=r"bytes=5000 .* must be 1\.\.4096"):
         make_workload("hotset:bytes=5000")
+
+
+def test_which_peers_send_a_verdict():
+    from npqfile.migration.verdict import peer_of, verdict_wait
+
+    assert peer_of(None).sends_verdict and peer_of("inprocess").sends_verdict
+    assert peer_of("tcp:127.0.0.1:4444").sends_verdict and peer_of("unix:/tmp/s").kind == "npqfile"
+    qemu = peer_of("tcp:127.0.0.1:4444", "qemu")
+    assert not qemu.sends_verdict and qemu.why_no_verdict() == "a QEMU destination (--peer qemu) sends none"
+    for uri in ("file:/tmp/x", "exec:cat", "null:", "fd:3"):
+        assert not peer_of(uri).sends_verdict and peer_of(uri).why_no_verdict().endswith("cannot send one")
+    with pytest.raises(ValueError, match="--peer applies to tcp: and unix:"):
+        peer_of("exec:cat", "npqfile")
+    with pytest.raises(ValueError, match="--peer must be one of"):
+        peer_of("tcp:h:1", "libvirt")
+    assert verdict_wait(30.0, 64 << 20) == 31.0      # the stall timeout plus hashing at 64 MiB/s

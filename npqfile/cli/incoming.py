@@ -8,7 +8,10 @@ source's ``--compress zstd``/``lz4``.  When listening, the first line on stdout 
 ``listening on URI`` (with the real port), so scripts can start the source.  At the end
 it prints the result (``--json``: status, error, machine, load time, per-block sha256)
 and, over tcp/unix, sends the verdict and hashes back to the source on the return path
-(see ``npqfile.migration.destination``).
+(see ``npqfile.migration.destination``).  ``--multifd-channels N`` (QEMU's
+``multifd`` capability and ``multifd-channels`` parameter on the destination) accepts
+the main channel and N multifd channels in any order, told apart by their first bytes;
+``--multifd-compression`` must match the source's.
 
 Exit status: 0 when the stream loaded completely, 1 otherwise.
 """
@@ -41,12 +44,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait for the connection (> 0; default: forever)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--multifd-channels", type=int, default=0, metavar="N",
+                   help="accept QEMU 10.0 multifd: the main channel plus N multifd channels (tcp:/unix:)")
+    p.add_argument("--multifd-compression", default="none", choices=("none", "zlib", "zstd"),
+                   help="the source's multifd-compression (default none)")
 
 
 def _accept(uri: str, timeout: float | None) -> Any:
     with listen(uri) as listener:
         print(f"listening on {listener.uri}", flush=True)
         return listener.accept(timeout)
+
+
+def _multifd_setup(args: argparse.Namespace, ram: GuestRAM):
+    """The MultiFDRecv for ``--multifd-channels``; ValueError for a bad combination."""
+    from npqfile.migration.multifd import MultiFDRecv
+    if not args.uri.startswith(("tcp:", "unix:")):
+        raise ValueError(f"--multifd-channels needs a tcp: or unix: URI, not {args.uri!r}")
+    if args.compress != "none":
+        raise ValueError("--multifd-channels does not go with --compress (multifd compresses per packet: "
+                         "--multifd-compression)")
+    return MultiFDRecv(ram, args.multifd_channels, compression=args.multifd_compression)
+
+
+def _accept_multifd(uri: str, recv, timeout: float | None) -> Any:
+    from npqfile.migration.multifd import accept_channels
+    with listen(uri) as listener:
+        print(f"listening on {listener.uri}", flush=True)
+        return accept_channels(listener, recv, timeout)
 
 
 def check_timeout(timeout: float | None) -> None:
@@ -63,13 +88,17 @@ def run(args: argparse.Namespace) -> int:
     ram = GuestRAM()
     try:
         add_guest_block(ram, args.block, size)
-        if args.uri.startswith(("tcp:", "unix:")):
+        recv = None
+        if args.multifd_channels:
+            recv = _multifd_setup(args, ram)
+            channel = _accept_multifd(args.uri, recv, args.timeout)
+        elif args.uri.startswith(("tcp:", "unix:")):
             channel = _accept(args.uri, args.timeout)
         else:
             channel = open_channel(args.uri, "r")
         if comp.on_channel:
             channel = DecompressingReader(channel, comp)
-        res = Destination(ram, machine=args.machine).receive(channel)
+        res = Destination(ram, machine=args.machine, multifd=recv).receive(channel)
         if args.json:
             print(json.dumps(res.as_dict(), indent=2))
         elif res.status == "completed":

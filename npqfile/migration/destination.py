@@ -56,11 +56,12 @@ class DestinationResult:
     stats: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     bytes: int = 0
+    stats_multifd: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"status": self.status, "error": self.error, "machine": self.machine,
                 "load-time": round(self.load_time, 6), "hash-time": round(self.hash_time, 6), "hashes": self.hashes, "bytes": self.bytes,
-                "ram": self.stats, "warnings": self.warnings}
+                "ram": self.stats, "warnings": self.warnings} | ({"multifd": self.stats_multifd} if self.stats_multifd else {})
 
 
 class Destination:
@@ -69,8 +70,9 @@ class Destination:
     ``hash_blocks``: compute the per-block sha256 after loading (needed by remote sources)."""
 
     def __init__(self, ram: GuestRAM | None = None, *, machine: str | None = "none",
-                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, hash_blocks: bool = True):
+                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, hash_blocks: bool = True, multifd: Any = None):
         self.ram = ram
+        self.multifd = multifd          # a MultiFDRecv whose channels are open (npqfile.migration.multifd)
         self.machine = machine
         self.max_ram_bytes = max_ram_bytes
         self.hash_blocks = hash_blocks
@@ -85,7 +87,12 @@ class Destination:
         t0 = time.monotonic()
         f = QEMUFile(channel)
         try:
-            loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes)
+            mf = self.multifd
+            loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes,
+                                 on_multifd_flush=mf.sync_main if mf is not None else None)
+            if mf is not None:
+                mf.finish()            # every channel ended cleanly after its last SYNC
+                res.stats_multifd = mf.stats()
             res.bytes = f.tell()
             self.ram = loaded.ram
             res.machine = loaded.machine
@@ -100,6 +107,10 @@ class Destination:
                 res.hash_time = time.monotonic() - h0
             res.status = "completed"
         except (StreamError, FileError, OSError, ValueError, KeyError) as exc:
+            if self.multifd is not None:
+                self.multifd.close()
+                # a channel's own error explains a main stream cut short by it
+                exc = self.multifd.error or exc
             res.status, res.error = "failed", str(exc)
             res.load_time = time.monotonic() - t0
         if reply:

@@ -338,7 +338,7 @@ class _Stop(Exception):
 
 def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None,
                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, capabilities: tuple[str, ...] | list[str] = (),
-                decode_devices: bool = False, partial_ok: bool = False) -> LoadResult:
+                decode_devices: bool = False, partial_ok: bool = False, on_multifd_flush=None) -> LoadResult:
     """Read a whole migration stream from the readable QEMUFile ``f``.
 
     ``ram``: the destination (each declared block must exist with the same size), or
@@ -347,11 +347,13 @@ def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None,
     :func:`~npqfile.stream.vmdesc.find_vmdesc`), used to step over device sections.
     ``capabilities``: capabilities the source had on that the stream itself does not
     announce (e.g. ``x-ignore-shared`` for streams older than QEMU 7.2's configuration
-    capabilities).  Returns a :class:`LoadResult`.  Raises StreamError for a malformed
+    capabilities).  ``on_multifd_flush(offset)``: called at each MULTIFD_FLUSH record
+    (a multifd destination syncs its channels there).  Returns a :class:`LoadResult`.  Raises StreamError for a malformed
     stream, or for a section that cannot be sized unless ``partial_ok``.
     """
     loader = _Loader(f, ram, vmdesc=vmdesc, max_ram_bytes=max_ram_bytes, capabilities=tuple(capabilities),
                      decode_devices=decode_devices, partial_ok=partial_ok)
+    loader.ram.on_multifd_flush = on_multifd_flush
     try:
         return loader.run()
     finally:

@@ -76,6 +76,7 @@ class RAMLoader:
         self.declared: dict[str, _Dest] = {}
         self.last_recv_block: _Dest | None = None
         self.stats = RAMStats()
+        self.on_multifd_flush = None    # multifd_recv_sync_main(offset) of a multifd destination
 
     def release_views(self) -> None:
         """Drop the loader's views of the destination, so its owner can close the blocks."""
@@ -131,6 +132,8 @@ class RAMLoader:
                 self._load_compressed(r, self._block_from_stream(r, flags, addr), addr)
             elif kind == RAM_SAVE_FLAG_MULTIFD_FLUSH:
                 st.multifd_flushes += 1
+                if self.on_multifd_flush is not None:
+                    self.on_multifd_flush(r.offset)
             elif kind == RAM_SAVE_FLAG_HOOK:
                 raise r.error("RAM_SAVE_FLAG_HOOK: RDMA control records cannot appear in a byte stream")
             else:

@@ -57,6 +57,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--on-limit", choices=("cancel", "force"), default="cancel",
                    help="at a limit: cancel (like migrate_cancel) or force stop-and-copy")
     m.add_argument("--no-zero-detection", action="store_true", help="send zero pages as normal pages")
+    m.add_argument("--zero-page-detection", choices=("none", "legacy", "multifd"), default=None,
+                   help="QEMU 9.0+'s parameter: none = --no-zero-detection; multifd (default) detects in "
+                        "the multifd channels, legacy on the main channel")
+    m.add_argument("--multifd-channels", type=int, default=0, metavar="N",
+                   help="QEMU 10.0 multifd over N parallel sockets (tcp:/unix:/in-process; default 0: off)")
+    m.add_argument("--multifd-compression", choices=("none", "zlib", "zstd"), default="none",
+                   help="per-packet compression in the multifd channels (default none)")
     m.add_argument("--xbzrle-cache", "--xbzrle-cache-size", dest="xbzrle_cache", default=None, metavar="SIZE",
                    help="enable XBZRLE with this cache size (QEMU's xbzrle-cache-size)")
     m.add_argument("--compress", default="none", help="none, zlib[:LEVEL] (QEMU pages), zstd[:LEVEL] or lz4 (channel)")
@@ -88,10 +95,16 @@ def config_from_args(args: argparse.Namespace) -> MigrationConfig:
     params = MigrationParams(
         max_bandwidth=parse_rate(args.max_bandwidth), downtime_limit=args.downtime_limit / 1000.0,
         max_iterations=args.max_iterations, time_limit=args.time_limit, on_limit=args.on_limit,
-        zero_page_detection=not args.no_zero_detection,
+        zero_page_detection=not args.no_zero_detection and args.zero_page_detection != "none",
+        multifd_channels=args.multifd_channels, multifd_compression=args.multifd_compression,
+        multifd_zero_page="none" if args.no_zero_detection else (args.zero_page_detection or "multifd"),
         xbzrle_cache_size=parse_size(args.xbzrle_cache) if args.xbzrle_cache else 0,
         release_ram=args.release_ram, pause_before_switchover=args.pause_before_switchover is not None,
         machine=args.machine, sample_rss=bool(args.plot))
+    if args.multifd_channels and args.compress != "none":
+        raise ValueError("--multifd-channels does not go with --compress (use --multifd-compression)")
+    if args.multifd_channels < 0:
+        raise ValueError(f"--multifd-channels must be 1..255 (0: off), got {args.multifd_channels}")
     params.check()
     workload = args.workload if args.dirty_rate is None else with_rate(args.workload, args.dirty_rate)
     return MigrationConfig(size=parse_size(args.size), block=args.block, init=args.init, workload=workload,

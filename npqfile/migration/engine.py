@@ -44,6 +44,7 @@ import numpy as np
 
 from npqfile.migration.bandwidth import RateWindows
 from npqfile.migration.destination import block_hashes
+from npqfile.migration.multifd import AccountedFile, multifd_stats, save_pages_multifd
 from npqfile.migration.stats import IterationStats, MigrationStats
 from npqfile.migration.workloads import Workload
 from npqfile.qemufile import (
@@ -54,6 +55,7 @@ from npqfile.qemufile import (
 )
 from npqfile.ram import GuestRAM
 from npqfile.stream.constants import (
+    RAM_SAVE_FLAG_MULTIFD_FLUSH,
     QEMU_VM_SECTION_END,
     QEMU_VM_SECTION_PART,
     QEMU_VM_SECTION_START,
@@ -87,6 +89,9 @@ class MigrationParams:
     machine: str = "none"
     runstate: str = "running"
     sample_rss: bool = False
+    multifd_channels: int = 0           # QEMU's multifd capability + multifd-channels (0: off)
+    multifd_compression: str = "none"
+    multifd_zero_page: str = "multifd"  # zero-page-detection with multifd: multifd | legacy | none
 
     def check(self) -> None:
         """Raise ValueError naming the first bad parameter."""
@@ -100,6 +105,9 @@ class MigrationParams:
             raise ValueError(f"time_limit must be positive ({self.time_limit})")
         if self.on_limit not in ("cancel", "force"):
             raise ValueError(f"on_limit must be cancel or force, not {self.on_limit!r}")
+        if self.multifd_channels:
+            from npqfile.migration.multifd import check_params
+            check_params(self)
         size = self.xbzrle_cache_size
         if size and (size < 4096 or size & (size - 1)):
             raise ValueError(f"xbzrle cache size {size} must be a power of two >= 4096")
@@ -126,8 +134,10 @@ class MigrationEngine:
 
     def __init__(self, ram: GuestRAM, f: QEMUFile, workload: Workload | None = None,
                  params: MigrationParams | None = None, *, pre_switchover: Callable | None = None,
-                 on_progress: Callable[[dict], None] | None = None, hash_at_switchover: bool = False):
+                 on_progress: Callable[[dict], None] | None = None, hash_at_switchover: bool = False,
+                 multifd: Any = None):
         self.ram = ram
+        self.multifd = multifd          # a MultiFDSend: pages go to its channels (npqfile.migration.multifd)
         self.f = f
         self.workload = workload or Workload()
         self.params = params or MigrationParams()
@@ -176,7 +186,7 @@ class MigrationEngine:
         self.t0 = time.monotonic()
         if p.sample_rss:
             st.timeline.append((0.0, 0, st.rss_before))
-        self.windows = RateWindows(self.f, p.max_bandwidth, p.downtime_limit, self.t0, cancel=self._cancel)
+        self.windows = RateWindows(AccountedFile(self.f, self.multifd) if self.multifd else self.f, p.max_bandwidth, p.downtime_limit, self.t0, cancel=self._cancel)
         self.windows.on_window = self._window_closed
         self.workload.start(self.ram)
         try:
@@ -200,6 +210,8 @@ class MigrationEngine:
         except (OSError, RuntimeError) as exc:   # I/O failure, or the workload thread failed
             st.status, st.outcome = "failed", f"error: {exc}"
         finally:
+            if self.multifd is not None:    # the destination sees the channels end
+                self.multifd.close(abort=st.status != "completed")
             try:
                 self.workload.stop()
             except RuntimeError as exc:
@@ -217,7 +229,7 @@ class MigrationEngine:
         self.writer.write_header()
         self.f.ram_control_before_iterate(RAM_CONTROL_SETUP)
         with self._ram_section(QEMU_VM_SECTION_START):
-            self.saver.save_setup()
+            self.saver.save_setup(self._multifd_sync)
             # ram_save_setup's MEM_SIZE, block list and EOS: not in ram_counters.transferred
             self._uncounted = self.saver.stats.pages_bytes
         self.f.fflush()
@@ -368,6 +380,8 @@ class MigrationEngine:
                     return block, idx[:limit] + page
                 page = end
             bi, page = (bi + 1) % len(self._blocks), 0
+            if bi == 0:
+                self._multifd_sync()
         return None, np.empty(0, dtype=np.int64)
 
     def _send_some(self, limit: int, rate_limited: bool) -> int:
@@ -376,7 +390,10 @@ class MigrationEngine:
         if block is None:
             self._dirty = 0
             return 0
-        n = self.saver.save_pages(block, idx, rate_limited=rate_limited)
+        if self.multifd is not None:
+            n = save_pages_multifd(self.multifd, self.saver, block, idx)
+        else:
+            n = self.saver.save_pages(block, idx, rate_limited=rate_limited)
         sent = idx[:n]
         if self.saver.release_ram and n:
             # ZERO records carry no memory for QEMUFile to release once written: release
@@ -387,7 +404,19 @@ class MigrationEngine:
         self._dirty -= n
         if n:
             self._cursor = (self._blocks.index(block), int(sent[-1]) + 1)
+            if self._cursor == (len(self._blocks) - 1, block.n_pages):
+                self._cursor = (0, 0)           # the end of RAM: find_dirty_block wraps
+                self._multifd_sync()
         return n
+
+    def _multifd_sync(self) -> None:
+        """multifd_ram_flush_and_sync at the end of each pass, in the setup and at
+        completion: SYNC on every channel, then RAM_SAVE_FLAG_MULTIFD_FLUSH here."""
+        if self.multifd is not None:
+            self.multifd.flush_and_sync()
+            self.f.put_be64(RAM_SAVE_FLAG_MULTIFD_FLUSH)
+            self.saver.stats.pages_bytes += 8
+            self.f.fflush()     # the destination's channels wait on it: it must not sit in our buffer
 
     # -- completion -----------------------------------------------------------------------
     def _complete(self) -> None:
@@ -433,6 +462,7 @@ class MigrationEngine:
                 if not self._send_some(CHUNK, False):
                     break
             f.ram_control_after_iterate(RAM_CONTROL_FINISH)
+            self._multifd_sync()
             self.saver.write_eos()
             self._uncounted += 8                    # ram_save_complete's EOS is not counted
         devices = none_machine_devices(self.params.runstate)
@@ -497,6 +527,8 @@ class MigrationEngine:
         st.stream_bytes = self.f.ftell()
         st.ram_queued = self._ram_counted()
         st.ram_transferred = self._ram_written(st.stream_bytes)
+        if self.multifd is not None:
+            multifd_stats(self.multifd, st)     # the channels' bytes and pages join the totals
         st.windows = self.windows.windows
         st.released_bytes += self.f.released_bytes
         st.rss_after = resident_bytes(self.ram)

@@ -572,3 +572,80 @@ def connect_channels(uri: str, n: int) -> list:
             ch.close()
         raise
     return out
+
+
+# -- hooks for the engine -------------------------------------------------------------------
+def check_params(params) -> None:
+    """ValueError for a MigrationParams multifd cannot run with (QEMU's
+    ``migrate_caps_check`` refuses xbzrle and compress with multifd too)."""
+    n = params.multifd_channels
+    if not 0 <= n <= 255:
+        raise ValueError(f"multifd-channels must be 1..255, not {n}")
+    PageCodec(params.multifd_compression)
+    if params.multifd_zero_page not in ZERO_PAGE_DETECTION:
+        raise ValueError(f"zero-page-detection must be one of {', '.join(ZERO_PAGE_DETECTION)}, "
+                         f"not {params.multifd_zero_page!r}")
+    if n and params.xbzrle_cache_size:
+        raise ValueError("multifd is not compatible with xbzrle")
+    if n and params.compress_level is not None:
+        raise ValueError("multifd is not compatible with compress (use --multifd-compression)")
+    if n and params.release_ram:
+        raise ValueError("multifd with release-ram is not supported here")
+
+
+def start_send(channels: list, params) -> MultiFDSend:
+    """A MultiFDSend over ``channels`` configured from a MigrationParams."""
+    return MultiFDSend(channels, compression=params.multifd_compression, zero_page_detection=params.multifd_zero_page)
+
+
+def save_pages_multifd(mf: MultiFDSend, saver, block, idx: np.ndarray) -> int:
+    """``ram_save_target_page_multifd``: with ``legacy`` detection zero pages go to the
+    main channel as ZERO records, the rest to the multifd channels.  Returns len(idx)."""
+    n = idx.size
+    if mf.zero_page_detection == "legacy":
+        zero = zero_mask(block, idx)
+        if zero.any():
+            saver.save_pages(block, idx[zero])
+            idx = idx[~zero]
+    mf.queue_pages(block, idx)
+    return n
+
+
+def multifd_stats(mf: MultiFDSend, st) -> None:
+    """Fold the channels into MigrationStats ``st``: ``multifd`` (QEMU's multifd-bytes
+    and per-channel counts), pages into ram, bytes into the stream and RAM totals (QEMU
+    10.0's ``ram.transferred`` includes ``multifd-bytes``)."""
+    info = mf.stats()
+    st.multifd = info
+    total = info["multifd-bytes"]
+    st.stream_bytes += total
+    st.ram_queued += total
+    st.ram_transferred += total
+    st.ram.normal_pages += sum(c["normal"] for c in info["per-channel"])
+    st.ram.zero_pages += sum(c["zero"] for c in info["per-channel"])
+
+
+def multifd_inprocess(dest_ram, params) -> tuple[MultiFDSend, MultiFDRecv]:
+    """Socketpairs for an in-process run: the sender and the receiver (into ``dest_ram``)
+    of ``params.multifd_channels`` channels, greetings exchanged."""
+    from npqfile.channels import SocketChannel
+    n = params.multifd_channels
+    pairs = [socket.socketpair() for _ in range(n)]
+    mf = start_send([SocketChannel(a, "w") for a, _ in pairs], params)
+    recv = MultiFDRecv(dest_ram, n, compression=params.multifd_compression)
+    try:
+        for i, (_, b) in enumerate(pairs):
+            recv.add_channel(SocketChannel(b, "r"), f"connection {i + 2}")
+    except BaseException:
+        mf.close(abort=True)
+        recv.close()
+        raise
+    return mf, recv
+
+
+def multifd_connect(uri: str, params) -> MultiFDSend:
+    """The sender of ``params.multifd_channels`` new connections to ``uri`` (tcp:/unix:
+    only: QEMU's multifd needs a socket per channel).  ValueError for another URI."""
+    if not uri.startswith(("tcp:", "unix:")):
+        raise ValueError(f"multifd needs a tcp: or unix: destination, not {uri!r}")
+    return start_send(connect_channels(uri, params.multifd_channels), params)

@@ -43,6 +43,7 @@ from npqfile.migration.destination import (
     read_verification,
 )
 from npqfile.migration.engine import MigrationEngine, MigrationParams
+from npqfile.migration.multifd import multifd_connect, multifd_inprocess
 from npqfile.migration.stats import MigrationStats
 from npqfile.migration.workloads import Workload, make_workload
 from npqfile.qemufile import QEMUFile
@@ -166,6 +167,7 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationSt
     to = cfg.to or "inprocess"
     dest = None
     dest_ram = None
+    mf = recv = None            # multifd sender / in-process receiver
     channel: Any = None
     f = None
     try:
@@ -178,16 +180,20 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationSt
             dest_ram = GuestRAM()
             for blk in ram.blocks:
                 add_guest_block(dest_ram, blk.name, blk.size)
-            dest = Destination(dest_ram, machine=params.machine, hash_blocks=False)
+            if params.multifd_channels:
+                mf, recv = multifd_inprocess(dest_ram, params)
+            dest = Destination(dest_ram, machine=params.machine, hash_blocks=False, multifd=recv)
             dest.start(reader)
         else:
             channel = open_channel(to, "w")
+            if params.multifd_channels:
+                mf = multifd_connect(to, params)
         if comp.on_channel:
             channel = CompressingWriter(channel, comp)
         remote = to.startswith(("tcp:", "unix:"))
         f = QEMUFile(channel)
         engine = MigrationEngine(ram, f, wl, params, pre_switchover=pre_switchover, on_progress=on_progress,
-                                 hash_at_switchover=cfg.verify and params.release_ram)
+                                 hash_at_switchover=cfg.verify and params.release_ram, multifd=mf)
         st = engine.run()
         if comp.method == "zlib":
             st.compression = {"method": "zlib", "level": comp.level, "where": "pages",
@@ -227,6 +233,10 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationSt
             f.close()
         elif channel is not None and hasattr(channel, "close"):
             channel.close()
+        if mf is not None:
+            mf.close(abort=True)            # a no-op after the engine closed it
+        if recv is not None:
+            recv.close()
         if dest is not None:
             dest.join(VERIFY_TIMEOUT)
         if dest_ram is not None:

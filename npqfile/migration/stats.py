@@ -91,6 +91,7 @@ class MigrationStats:
     destination: dict = field(default_factory=dict)
     workload: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
+    multifd: dict = field(default_factory=dict)     # multifd-bytes and per-channel counts (multifd runs)
 
     @property
     def transferred(self) -> int:
@@ -139,6 +140,7 @@ class MigrationStats:
                 "pages-per-second": round(r.pages / secs, 1),
                 "precopy-bytes": self.precopy_bytes,
                 "downtime-bytes": self.downtime_bytes,
+                **({"multifd-bytes": self.multifd["multifd-bytes"]} if self.multifd else {}),
             },
             "npqfile": {
                 "outcome": self.outcome,
@@ -162,6 +164,7 @@ class MigrationStats:
                 "released-bytes": self.released_bytes,
                 "compression": self.compression,
                 "verification": self.verification,
+                **({"multifd": self.multifd} if self.multifd else {}),
                 "destination": self.destination,
                 "workload": self.workload,
                 "params": self.params,

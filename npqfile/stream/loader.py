@@ -50,6 +50,8 @@ MAX_PACKAGED_DEPTH = 2
 _COMPRESSED_MAGIC = {
     0x28B52FFD: "; this is a zstd frame: decompress it first (zstd -dc FILE | npqfile analyze -), "
                 "or give incoming --compress zstd",
+    0x11223344: "; this is a multifd channel's greeting (QEMU's multifd capability): "
+                "give incoming --multifd-channels N",
     0x04224D18: "; this is an lz4 frame: decompress it first (lz4 -dc FILE | npqfile analyze -), "
                 "or give incoming --compress lz4",
 }

@@ -98,6 +98,29 @@ def test_bad_packets_name_channel_offset_and_reason(mutate, message, at):
     assert "(multifd channel 1)" in str(ei.value)
 
 
+def test_next_packet_size_is_ignored_without_normal_pages():
+    """QEMU 7.2 leaves the previous packet's next_packet_size in its SYNC packets."""
+    b = encode_packet(flags=MULTIFD_FLAG_SYNC, packet_num=3, next_packet_size=524288)
+    assert decode_packet(b, blocks={}, compression=0).next_packet_size == 0
+
+
+def test_per_section_sources_are_recognised_at_the_first_eos():
+    """QEMU 8.1+ flushes inside the setup section; a source that did not (7.2) syncs at every EOS."""
+    ram = _ram()
+    try:
+        calls = []
+        for records, expect in [([("flush", 10), ("eos", 20), ("eos", 30), ("flush", 40)], [10, 40]),
+                                ([("eos", 20), ("eos", 30)], [20, 30])]:
+            recv = MultiFDRecv(ram, 1)
+            recv.sync_main = lambda offset=None: calls.append(offset)
+            calls.clear()
+            for kind, off in records:
+                recv.main_record(off, eos=kind == "eos")
+            assert calls == expect
+    finally:
+        ram.close()
+
+
 @pytest.mark.parametrize("method", ["zlib", "zstd"])
 def test_codecs_round_trip_per_channel_stream_and_refuse_bombs(method):
     if method == "zstd":

@@ -89,7 +89,7 @@ class Destination:
         try:
             mf = self.multifd
             loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes,
-                                 on_multifd_flush=mf.sync_main if mf is not None else None)
+                                 on_multifd_flush=mf.main_record if mf is not None else None)
             if mf is not None:
                 mf.finish()            # every channel ended cleanly after its last SYNC
                 res.stats_multifd = mf.stats()

@@ -391,6 +391,8 @@ class MultiFDRecv:
         self._cond = threading.Condition()
         self._arrived = 0
         self._generation = 0
+        self.seen_flush = False
+        self.per_section: bool | None = None    # decided at the first RAM EOS (main_record)
 
     def add_channel(self, channel: Any, where: str) -> int:
         """Read the greeting of ``channel`` (``where`` names the connection in errors),
@@ -434,6 +436,21 @@ class MultiFDRecv:
             self._arrived += 1
             self._cond.notify_all()
             self._cond.wait_for(lambda: self._generation != gen or self.exiting)
+
+    def main_record(self, offset: int, eos: bool = False) -> None:
+        """The main stream reached a MULTIFD_FLUSH (``eos`` False) or a RAM EOS.  QEMU 8.1+
+        syncs at each flush and always flushes in the setup section; a source whose first
+        RAM EOS came without one syncs at every EOS instead (QEMU 7.2, or
+        ``multifd-flush-after-each-section=on``) -- the two are told apart there, as
+        QEMU's destination is told by that property."""
+        if not eos:
+            self.seen_flush = True
+            self.sync_main(offset)
+            return
+        if self.per_section is None:
+            self.per_section = not self.seen_flush
+        if self.per_section:
+            self.sync_main(offset)
 
     def sync_main(self, offset: int | None = None) -> None:
         """``multifd_recv_sync_main``: wait until every channel has read a SYNC packet,

@@ -349,8 +349,8 @@ def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None,
     :func:`~npqfile.stream.vmdesc.find_vmdesc`), used to step over device sections.
     ``capabilities``: capabilities the source had on that the stream itself does not
     announce (e.g. ``x-ignore-shared`` for streams older than QEMU 7.2's configuration
-    capabilities).  ``on_multifd_flush(offset)``: called at each MULTIFD_FLUSH record
-    (a multifd destination syncs its channels there).  Returns a :class:`LoadResult`.  Raises StreamError for a malformed
+    capabilities).  ``on_multifd_flush(offset, eos=False)``: called at each MULTIFD_FLUSH
+    record and (``eos=True``) each RAM EOS (a multifd destination syncs its channels there).  Returns a :class:`LoadResult`.  Raises StreamError for a malformed
     stream, or for a section that cannot be sized unless ``partial_ok``.
     """
     loader = _Loader(f, ram, vmdesc=vmdesc, max_ram_bytes=max_ram_bytes, capabilities=tuple(capabilities),

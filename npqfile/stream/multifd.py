@@ -173,12 +173,14 @@ def decode_packet(buf, *, blocks: dict[str, int], compression: int, page_size: i
     if normal and method != compression:
         raise bad(f"flags received {method:x} ({COMPRESSION_NAMES.get(method, 'unknown')}) flags expected "
                   f"{compression:x} ({COMPRESSION_NAMES.get(compression, 'unknown')})", 8)
-    if compression == 0 and size != normal * page_size:
+    # next_packet_size means something only with normal pages: QEMU 7.2 leaves a stale
+    # value in packets without any (its SYNC packets), and every QEMU ignores it there
+    if normal and compression == 0 and size != normal * page_size:
         raise bad(f"next_packet_size {size} is not {normal} pages of {page_size} bytes", 20)
-    if compression and size > 2 * MULTIFD_PACKET_SIZE:
+    if normal and compression and size > 2 * MULTIFD_PACKET_SIZE:
         raise bad(f"next_packet_size {size} exceeds the compressed buffer ({2 * MULTIFD_PACKET_SIZE} bytes)", 20)
-    if normal == 0 and size:
-        raise bad(f"next_packet_size {size} for a packet without normal pages", 20)
+    if not normal:
+        size = 0
     name = ""
     offs = np.empty(0, dtype=np.int64)
     if normal or zero:

@@ -269,7 +269,7 @@ class MigrationEngine:
         self._iter = IterationStats(len(self.stats.iterations) + 1, dirty, final=final,
                                     sync=self.stats.dirty_sync_count)
         self._iter_t0 = time.monotonic()
-        self._iter_bytes0 = self.f.ftell_fast()
+        self._iter_bytes0 = self.windows.f.ftell_fast()     # multifd channels included
         self._iter_pages0 = self.saver.stats.pages
         self.stats.iterations.append(self._iter)
 
@@ -278,7 +278,7 @@ class MigrationEngine:
         if it is None:
             return
         it.duration = time.monotonic() - self._iter_t0
-        it.bytes_sent = self.f.ftell_fast() - self._iter_bytes0
+        it.bytes_sent = self.windows.f.ftell_fast() - self._iter_bytes0
         it.pages_sent = self.saver.stats.pages - self._iter_pages0
         it.bandwidth = it.bytes_sent / max(it.duration, 1e-9)
         self._iter = None
@@ -503,7 +503,7 @@ class MigrationEngine:
         ``t`` in seconds since the start (default: now)."""
         if self.params.sample_rss:
             when = time.monotonic() - self.t0 if t is None else t
-            self.stats.timeline.append((when, self.f.ftell_fast(), resident_bytes(self.ram)))
+            self.stats.timeline.append((when, self.windows.f.ftell_fast(), resident_bytes(self.ram)))
 
     def _window_closed(self, windows: RateWindows) -> None:
         self._sample_rss()
@@ -514,7 +514,7 @@ class MigrationEngine:
             return
         elapsed = time.monotonic() - self.t0
         self.on_progress({"status": self.stats.status, "round": self.stats.dirty_sync_count,
-                          "dirty-pages": self._dirty, "bytes": self.f.ftell_fast(),
+                          "dirty-pages": self._dirty, "bytes": self.windows.f.ftell_fast(),
                           "mbps": self.windows.bandwidth * 8 / 1e6, "elapsed": elapsed})
 
     def _finish_stats(self) -> None:

@@ -288,6 +288,17 @@ def test_cli_rejects_bad_multifd_combinations(tmp_path):
     assert r.returncode != 0 and "--multifd-channels needs a tcp: or unix: URI" in r.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--qemu-version", "7.2", "--multifd-channels", "2"], "QEMU 7.2 cannot load"),
+    (["--qemu-version", "7.2", "--zero-page-detection", "multifd"], "QEMU 9.0+ parameter that QEMU 7.2 lacks"),
+    (["--multifd-compression", "zlib"], "--multifd-compression needs --multifd-channels"),
+])
+def test_multifd_against_a_7_2_peer_is_refused(args, message):
+    r = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--size", "4M", "--to", "unix:/nonexistent",
+                        *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+
+
 def test_incoming_without_multifd_names_a_multifd_connection(tmp_path):
     """A multifd greeting arriving where --multifd-channels was not given fails clearly."""
     sock = tmp_path / "in.sock"

@@ -80,6 +80,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--sweep", action="append", metavar="PARAM=V1,V2",
                    help=f"parameter study over {', '.join(SWEEP_PARAMS)} (repeatable: all combinations)")
     o.add_argument("--jobs", type=int, default=None, help="sweep worker processes (default: cores)")
+    try:    # the peer's QEMU version; the stream-version option may have registered it already
+        m.add_argument("--qemu-version", choices=("7.2", "10.0"), default=None,
+                       help="the destination's QEMU: 7.2 refuses the options it lacks (multifd, zero-page-detection)")
+    except argparse.ArgumentError:
+        pass
+
+
+def check_peer_version(args: argparse.Namespace) -> None:
+    """ValueError naming an option QEMU 7.2 lacks when ``--qemu-version 7.2`` says the
+    peer is 7.2 (multifd is QEMU 10.0's protocol here: MULTIFD_FLUSH, zero pages in
+    packets; zero-page-detection is 9.0+), or multifd options without multifd."""
+    if getattr(args, "qemu_version", None) == "7.2":
+        if args.multifd_channels:
+            raise ValueError("--multifd-channels speaks QEMU 10.0's multifd (RAM_SAVE_FLAG_MULTIFD_FLUSH, 8.1+; "
+                             "zero pages in packets, 9.0+), which QEMU 7.2 cannot load: drop it for a 7.2 peer")
+        if args.zero_page_detection is not None:
+            raise ValueError("--zero-page-detection is a QEMU 9.0+ parameter that QEMU 7.2 lacks: "
+                             "use --no-zero-detection or nothing for a 7.2 peer")
+    if not args.multifd_channels and args.multifd_compression != "none":
+        raise ValueError("--multifd-compression needs --multifd-channels")
 
 
 def config_from_args(args: argparse.Namespace) -> MigrationConfig:
@@ -101,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> MigrationConfig:
         xbzrle_cache_size=parse_size(args.xbzrle_cache) if args.xbzrle_cache else 0,
         release_ram=args.release_ram, pause_before_switchover=args.pause_before_switchover is not None,
         machine=args.machine, sample_rss=bool(args.plot))
+    check_peer_version(args)
     if args.multifd_channels and args.compress != "none":
         raise ValueError("--multifd-channels does not go with --compress (use --multifd-compression)")
     if args.multifd_channels < 0:

@@ -366,3 +366,21 @@ def test_packets_spread_over_every_channel():
         for _, b in pairs:
             b.close()
         ram.close()
+
+
+def test_a_peer_that_stops_reading_does_not_hang_a_cancelled_sender():
+    ram = _ram(16 << 20)
+    pairs = [socket.socketpair() for _ in range(2)]        # nobody reads the other ends
+    mf = MultiFDSend([SocketChannel(a, "w") for a, _ in pairs])
+    mf.cancel = threading.Event()
+    threading.Timer(0.5, mf.cancel.set).start()
+    try:
+        with pytest.raises(OSError, match="cancelled while waiting for a channel"):
+            for _ in range(1000):        # until the socket buffers are full
+                mf.queue_pages(ram.block("ram"), np.arange(4096))
+                mf.flush_and_sync()
+    finally:
+        mf.close(abort=True)
+        for _, b in pairs:
+            b.close()
+        ram.close()

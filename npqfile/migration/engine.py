@@ -148,6 +148,8 @@ class MigrationEngine:
         self.switchover_hashes: dict[str, str] = {}
         self.stats = MigrationStats(page_size=4096, ram_total=ram.total_size, params=asdict(self.params))
         self._cancel = threading.Event()
+        if multifd is not None:
+            multifd.cancel = self._cancel   # a cancel also ends a wait for a busy channel
         self._continue = threading.Event()
         self._blocks = ram.blocks
         self._bitmap = {b.name: np.zeros(b.n_pages, dtype=bool) for b in self._blocks}

@@ -137,6 +137,7 @@ class MultiFDSend:
         self._packet_num = itertools.count()
         self._ready = threading.Semaphore(0)
         self._next = 0
+        self.cancel: threading.Event | None = None     # the engine's migrate_cancel
         self._block = None
         self._pending: list[np.ndarray] = []
         self._pending_n = 0
@@ -166,6 +167,13 @@ class MultiFDSend:
         if self.error is not None:
             raise OSError(f"multifd send failed: {self.error}")
 
+    def _wait(self, sem: threading.Semaphore) -> None:
+        """Acquire ``sem``; a cancelled migration or a closed sender stops the wait (a
+        channel blocked in a write to a peer that stopped reading must not hang us)."""
+        while not sem.acquire(timeout=0.2):
+            if self.exiting or (self.cancel is not None and self.cancel.is_set()):
+                raise OSError("multifd send failed: migration cancelled while waiting for a channel")
+
     # -- multifd_queue_page / multifd_send ------------------------------------------------------
     def queue_pages(self, block, idx: np.ndarray) -> None:
         """Queue pages ``idx`` of ``block``: full packets (128 pages of one block) go to
@@ -185,7 +193,7 @@ class MultiFDSend:
     def _send_pending(self) -> None:
         job = (self._block, np.concatenate(self._pending))
         self._pending, self._pending_n = [], 0
-        self._ready.acquire()
+        self._wait(self._ready)
         self._check()
         n = len(self.chans)
         for k in range(n):
@@ -208,8 +216,8 @@ class MultiFDSend:
             c.pending_sync = True
             c.sem.release()
         for c in self.chans:
-            self._ready.acquire()
-            c.sem_sync.acquire()
+            self._wait(self._ready)
+            self._wait(c.sem_sync)
             self._check()
 
     def close(self, *, abort: bool = False) -> None:

@@ -4,12 +4,14 @@ Supports: with no arguments, the embedded default (a 256 MiB guest, a hotset wor
 unlimited bandwidth, the destination in this process over a socketpair, verification
 on); every engine option under QEMU's names (``--max-bandwidth 100MB/s``,
 ``--downtime-limit 300`` in ms, ``--xbzrle-cache 64M``, ``--compress zlib:6``,
-``--release-ram``, ``--pause-before-switchover``...); ``--to URI`` for another process
+``--release-ram``, ``--pause-before-switchover``, ``--auto-converge`` with
+``--cpu-throttle-initial`` and the other throttle parameters...); ``--to URI`` for another process
 or machine (``tcp:HOST:PORT`` / ``unix:PATH`` with ``npqfile incoming`` there),
 ``file:PATH`` (a snapshot that ``npqfile analyze`` and QEMU ``-M none`` load),
 ``exec:CMD``, ``fd:N`` (``--to fd:1 > snap.bin``: the report then goes to stderr); a
 live progress line (rich) on a terminal; a summary table, ``--json``, ``--plot
-FILE.png`` (its directory is checked before migrating); ``--sweep PARAM=V1,V2`` for a
+FILE.png`` (its format and directory are checked before migrating, and it is drawn
+after the results are printed, so a plot error never loses them); ``--sweep PARAM=V1,V2`` for a
 parameter study in parallel processes (``--plot`` then draws the sweep; with
 ``file:PATH`` each case writes its own ``PATH.N``, see ``npqfile.migration.sweep``).
 
@@ -71,6 +73,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--pause-before-switchover", nargs="?", type=float, const=0.0, default=None, metavar="SECONDS",
                    help="pause (pre-switchover) after stopping the guest, for SECONDS")
     m.add_argument("--machine", default="none", help="machine-type name in the stream (default none)")
+    a = p.add_argument_group("auto-converge (QEMU's capability and parameters)")
+    a.add_argument("--auto-converge", action="store_true",
+                   help="throttle the guest when it dirties memory faster than it is sent")
+    a.add_argument("--cpu-throttle-initial", type=int, default=20, metavar="PCT",
+                   help="first throttle, percent (default 20)")
+    a.add_argument("--cpu-throttle-increment", type=int, default=10, metavar="PCT",
+                   help="added at each further throttle step, percent (default 10)")
+    a.add_argument("--max-cpu-throttle", type=int, default=99, metavar="PCT", help="throttle cap (default 99)")
+    a.add_argument("--throttle-trigger-threshold", type=int, default=50, metavar="PCT",
+                   help="throttle when dirtied bytes exceed PCT%% of the bytes sent in a period (default 50)")
+    a.add_argument("--cpu-throttle-tailslow", action="store_true",
+                   help="smaller steps near the needed throttle (QEMU's cpu-throttle-tailslow)")
     m.add_argument("--no-verify", action="store_true", help="skip the destination check")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print the statistics as JSON")
@@ -112,6 +126,9 @@ def config_from_args(args: argparse.Namespace) -> MigrationConfig:
         raise ValueError(f"--downtime-limit must be a non-negative number of ms, got {args.downtime_limit}")
     if not args.time_limit > 0:
         raise ValueError(f"--time-limit must be a positive number of seconds, got {args.time_limit}")
+    pause = args.pause_before_switchover
+    if pause is not None and not 0 <= pause < float("inf"):
+        raise ValueError(f"--pause-before-switchover must be a non-negative number of seconds, got {pause}")
     params = MigrationParams(
         max_bandwidth=parse_rate(args.max_bandwidth), downtime_limit=args.downtime_limit / 1000.0,
         max_iterations=args.max_iterations, time_limit=args.time_limit, on_limit=args.on_limit,
@@ -120,7 +137,11 @@ def config_from_args(args: argparse.Namespace) -> MigrationConfig:
         multifd_zero_page="none" if args.no_zero_detection else (args.zero_page_detection or "multifd"),
         xbzrle_cache_size=parse_size(args.xbzrle_cache) if args.xbzrle_cache else 0,
         release_ram=args.release_ram, pause_before_switchover=args.pause_before_switchover is not None,
-        machine=args.machine, sample_rss=bool(args.plot))
+        machine=args.machine, sample_rss=bool(args.plot),
+        auto_converge=args.auto_converge, cpu_throttle_initial=args.cpu_throttle_initial,
+        cpu_throttle_increment=args.cpu_throttle_increment, max_cpu_throttle=args.max_cpu_throttle,
+        throttle_trigger_threshold=args.throttle_trigger_threshold,
+        cpu_throttle_tailslow=args.cpu_throttle_tailslow)
     check_peer_version(args)
     if args.multifd_channels and args.compress != "none":
         raise ValueError("--multifd-channels does not go with --compress (use --multifd-compression)")
@@ -149,7 +170,9 @@ def _progress_display(quiet: bool):
     def update(info: dict) -> None:
         live.update(Text(f"{info['status']:>14}  round {info['round']:>3}  dirty {info['dirty-pages']:>9} pages  "
                          f"sent {format_bytes(info['bytes']):>10}  {info['mbps']:9.1f} Mbit/s  "
-                         f"{info['elapsed']:6.2f} s"))
+                         f"{info['elapsed']:6.2f} s"
+                         + (f"  throttle {info['cpu-throttle-percentage']}%"
+                            if info.get("cpu-throttle-percentage") else "")))
     return live, update
 
 
@@ -194,6 +217,11 @@ def _summary(st: MigrationStats, out) -> None:
         ("source RSS before / after", f"{format_bytes(x['rss-before'])} / {format_bytes(x['rss-after'])}"),
         ("verification", verification_text(ver)),
     ]
+    rows.insert(-1, ("released (freed / advised)",
+                     f"{format_bytes(x['released-bytes'])} / {format_bytes(x['release-advised-bytes'])}"))
+    if "cpu-throttle-percentage" in d:
+        steps = " -> ".join(str(e["cpu-throttle-percentage"]) for e in x["throttle-events"]) or "never throttled"
+        rows.append(("cpu throttle (auto-converge)", f"{d['cpu-throttle-percentage']} % ({steps})"))
     if "xbzrle-cache" in d:
         xc = d["xbzrle-cache"]
         rows.append(("xbzrle cache miss / encoding rate", f"{xc['cache-miss']} / {xc['encoding-rate']}"))
@@ -202,12 +230,14 @@ def _summary(st: MigrationStats, out) -> None:
     for row in rows:
         t.add_row(*row)
     it = Table(title="iterations")
-    for col in ("iteration", "sync", "dirty pages", "pages sent", "bytes", "time ms", "Mbit/s"):
+    throttled = "cpu-throttle-percentage" in d
+    for col in ("iteration", "sync", "dirty pages", "pages sent", "bytes", "time ms", "Mbit/s") + (
+            ("throttle %",) if throttled else ()):
         it.add_column(col, justify="right")
     for i in st.iterations:
         it.add_row(f"{i.index} (final)" if i.final else str(i.index), str(i.sync), str(i.dirty_pages),
                    str(i.pages_sent), format_bytes(i.bytes_sent), f"{i.duration * 1000:.1f}",
-                   f"{i.bandwidth * 8 / 1e6:.0f}")
+                   f"{i.bandwidth * 8 / 1e6:.0f}", *((str(i.cpu_throttle),) if throttled else ()))
     console = Console(file=out)
     console.print(t)
     console.print(it)
@@ -224,9 +254,7 @@ def _exit_status(st: MigrationStats) -> int:
 def _run_sweep(cfg: MigrationConfig, args: argparse.Namespace) -> int:
     rows = run_sweep(cfg, args.sweep, args.jobs)
     names = [s.partition("=")[0].strip() for s in args.sweep]
-    if args.plot:
-        from npqfile.migration.plot import plot_sweep
-        plot_sweep(rows, names, args.plot)
+    plot_status = 0
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -241,7 +269,20 @@ def _run_sweep(cfg: MigrationConfig, args: argparse.Namespace) -> int:
                       str(row.get("iterations", "")), "yes" if row.get("converged") else "no",
                       str(row.get("outcome")), str(row.get("verified")))
         Console().print(t)
-    return 1 if any(r["status"] in ("error", "failed") for r in rows) else 0
+    if args.plot:                      # after the results are printed: a plot error loses nothing
+        from npqfile.migration.plot import plot_sweep
+        plot_status = _draw(plot_sweep, rows, names, args.plot)
+    return 1 if plot_status or any(r["status"] in ("error", "failed") for r in rows) else 0
+
+
+def _draw(plot, *what) -> int:
+    """Run ``plot(*what)``; returns 0, or 1 after printing why the plot was not written."""
+    try:
+        plot(*what)
+    except (OSError, ValueError) as exc:
+        print(f"error: the plot was not written: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _pause_hook(delay: float):
@@ -259,11 +300,26 @@ def _stream_fd(to: str | None) -> int | None:
     return None
 
 
+def check_outputs(args: argparse.Namespace, cfg: MigrationConfig) -> None:
+    """Every output the command will write, checked before the run (a run's results must
+    not be lost to a bad output path): the plot's format and directory, a ``file:``
+    destination's directory.  Returns None; raises ValueError or OSError naming it."""
+    if args.plot:
+        from npqfile.migration.plot import check_plot_path
+        check_plot_path(args.plot)
+    to = cfg.to or ""
+    if to.startswith("file:"):
+        import os
+        if not to[5:]:
+            raise ValueError("--to file: needs a path (file:PATH)")
+        folder = os.path.dirname(os.path.abspath(to[5:]))
+        if not os.path.isdir(folder):
+            raise ValueError(f"--to {to}: directory {folder} does not exist")
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    if args.plot:
-        from npqfile.migration.plot import check_writable
-        check_writable(args.plot)          # before the run, not after it: keep the stats
+    check_outputs(args, cfg)               # before the run, not after it: keep the stats
     if args.sweep:
         return _run_sweep(cfg, args)
     # --to fd:1 > snap.bin: stdout carries the stream (and the channel closes the fd
@@ -279,13 +335,14 @@ def run(args: argparse.Namespace) -> int:
             st = run_migration(cfg, on_progress=update, pre_switchover=hook)
     else:
         st = run_migration(cfg, pre_switchover=hook)
-    if args.plot:
-        from npqfile.migration.plot import plot_migration
-        plot_migration(st, args.plot)
     if args.json:
         print(json.dumps(st.as_dict(), indent=2), file=out)
     else:
         _summary(st, out)
+    plot_status = 0
+    if args.plot:                          # after the results are out: a plot error loses nothing
+        from npqfile.migration.plot import plot_migration
+        plot_status = _draw(plot_migration, st, args.plot)
     ver = st.verification
     if st.status == "failed":
         print(f"error: migration failed: {st.outcome.removeprefix('error: ')}", file=err)
@@ -294,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
     elif ver.get("ok") is False:
         why = ver.get("error") or f"blocks differ: {', '.join(ver.get('mismatched', []))}"
         print(f"error: destination does not match the source at switchover ({why})", file=err)
-    return _exit_status(st)
+    return _exit_status(st) or plot_status
 
 
 def _fileno(stream) -> int | None:

@@ -31,6 +31,7 @@ from typing import Any
 from npqfile.errors import FileError, StreamError
 from npqfile.qemufile import QEMUFile
 from npqfile.ram import GuestRAM
+from npqfile.stream.device_tail import DEFAULT_DEVICE_TAIL_BYTES
 from npqfile.stream.loader import load_stream
 from npqfile.stream.reader import shown
 from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES
@@ -65,13 +66,17 @@ class DestinationResult:
 
 
 class Destination:
-    """Loads one incoming migration into ``ram`` (or a GuestRAM created from the stream,
-    at most ``max_ram_bytes``).  ``machine``: the expected machine name (None: any).
-    ``hash_blocks``: compute the per-block sha256 after loading (needed by remote sources)."""
+    """Loads one incoming migration into ``ram`` (or a GuestRAM created from the stream's
+    block list, at most ``max_ram_bytes``).  ``machine``: the expected machine name (None:
+    any).  ``hash_blocks``: compute the per-block sha256 after loading (needed by remote
+    sources).  ``device_tail_bytes``: device sections after the RAM (a real QEMU's) are
+    kept, up to this many bytes, until the vmdesc after EOF sizes them."""
 
     def __init__(self, ram: GuestRAM | None = None, *, machine: str | None = "none",
-                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, hash_blocks: bool = True, multifd: Any = None):
+                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, hash_blocks: bool = True,
+                 device_tail_bytes: int = DEFAULT_DEVICE_TAIL_BYTES, multifd: Any = None):
         self.ram = ram
+        self.device_tail_bytes = device_tail_bytes   # device state kept until the vmdesc sizes it
         self.multifd = multifd          # a MultiFDRecv whose channels are open (npqfile.migration.multifd)
         self.machine = machine
         self.max_ram_bytes = max_ram_bytes
@@ -89,6 +94,7 @@ class Destination:
         try:
             mf = self.multifd
             loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes,
+                                 device_tail_bytes=self.device_tail_bytes,
                                  on_multifd_flush=mf.main_record if mf is not None else None)
             if mf is not None:
                 mf.finish()            # every channel ended cleanly after its last SYNC
@@ -112,6 +118,7 @@ class Destination:
                 # a channel's own error explains a main stream cut short by it
                 exc = self.multifd.error or exc
             res.status, res.error = "failed", str(exc)
+            res.bytes = f.tell()            # what was received before the failure, not 0
             res.load_time = time.monotonic() - t0
         if reply:
             self._reply(f)

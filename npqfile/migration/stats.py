@@ -7,7 +7,10 @@ plus npqfile extras: iterations, windows, source RSS before and after, converged
 outcome, verification), and :meth:`MigrationStats.as_dict` which renders
 ``query-migrate``'s names (``total-time``, ``setup-time``, ``downtime``, ``ram`` with
 ``transferred`` / ``normal`` / ``duplicate`` / ``dirty-pages-rate`` / ``mbps``...,
-``xbzrle-cache`` with ``cache-miss`` / ``encoding-rate``...).
+``xbzrle-cache`` with ``cache-miss`` / ``encoding-rate``..., ``cpu-throttle-percentage``
+with auto-converge).  Released memory is reported twice, named for what each is:
+``release-advised-bytes`` (bytes handed to madvise / fallocate) and ``released-bytes``
+(bytes that held memory before and no longer do: what the release freed).
 
 Goals: a user who reads QEMU's statistics reads ours the same way: times in
 milliseconds, byte counts in bytes, ``mbps`` in megabits per second, zero pages named
@@ -35,12 +38,14 @@ class IterationStats:
     final: bool = False         # the stop-and-copy pass (END section)
     sync: int = 0               # dirty-sync-count when the pass began (skips one before the
                                 # final pass: the sync that decides completion starts no pass)
+    cpu_throttle: int = 0       # auto-converge: cpu-throttle-percentage during the pass
 
     def as_dict(self) -> dict:
         return {"iteration": self.index, "dirty-sync-count": self.sync, "dirty-pages": self.dirty_pages,
                 "pages": self.pages_sent,
                 "bytes": self.bytes_sent, "time-ms": round(self.duration * 1000, 3),
-                "mbps": round(self.bandwidth * 8 / 1e6, 3), "sections": self.sections, "final": self.final}
+                "mbps": round(self.bandwidth * 8 / 1e6, 3), "sections": self.sections, "final": self.final,
+                "cpu-throttle-percentage": self.cpu_throttle}
 
 
 @dataclass
@@ -86,7 +91,11 @@ class MigrationStats:
     timeline: list[tuple[float, int, int]] = field(default_factory=list)   # (t, bytes sent, source RSS)
     rss_before: int = 0             # resident bytes of the source's guest RAM
     rss_after: int = 0
-    released_bytes: int = 0
+    released_bytes: int = 0         # bytes advised (madvise / fallocate), reported as release-advised-bytes
+    release_freed_bytes: int = 0    # of those, bytes that held memory and were freed: released-bytes
+    release_unmeasured_bytes: int = 0   # advised where residency could not be read (not in freed)
+    cpu_throttle_percentage: int = 0    # auto-converge: the throttle when pre-copy ended
+    throttle_events: list = field(default_factory=list)   # throttle.ThrottleEvent, every change
     verification: dict = field(default_factory=dict)
     destination: dict = field(default_factory=dict)
     workload: dict = field(default_factory=dict)
@@ -161,7 +170,11 @@ class MigrationStats:
                             "max-overshoot": self.window_overshoot()},
                 "rss-before": self.rss_before,
                 "rss-after": self.rss_after,
-                "released-bytes": self.released_bytes,
+                "released-bytes": self.release_freed_bytes,
+                "release-advised-bytes": self.released_bytes,
+                **({"release-unmeasured-bytes": self.release_unmeasured_bytes}
+                   if self.release_unmeasured_bytes else {}),
+                "throttle-events": [e.as_dict() for e in self.throttle_events],
                 "compression": self.compression,
                 "verification": self.verification,
                 **({"multifd": self.multifd} if self.multifd else {}),
@@ -170,6 +183,9 @@ class MigrationStats:
                 "params": self.params,
             },
         }
+        if self.params.get("auto_converge"):
+            # query-migrate shows it while throttling; after the run: the last value
+            out["cpu-throttle-percentage"] = self.cpu_throttle_percentage
         if self.xbzrle_cache_size:
             out["xbzrle-cache"] = {
                 "cache-size": self.xbzrle_cache_size,
@@ -181,3 +197,11 @@ class MigrationStats:
                 "overflow": r.xbzrle_overflow,
             }
         return out
+
+
+def freed_bytes(ram: Any) -> tuple[int, int]:
+    """(bytes the releases of ``ram``'s blocks freed so far, bytes released where that
+    could not be measured): ``RAMBlockMmap.freed_bytes`` and ``freed_unmeasured`` summed
+    over the blocks (a block without the counters counts 0)."""
+    return (sum(getattr(b.mmap, "freed_bytes", 0) for b in ram.blocks),
+            sum(getattr(b.mmap, "freed_unmeasured", 0) for b in ram.blocks))

@@ -28,6 +28,7 @@ class RAMStats:
     multifd_flushes: int = 0       # MULTIFD_FLUSH records
     pages_bytes: int = 0           # all RAM-section payload bytes (headers, idstrs, pages, EOS)
     parts: list[dict] = field(default_factory=list)   # load side: per-section page counts
+    parts_not_listed: int = 0      # load side: sections beyond the listed ones (counted only)
 
     @property
     def pages(self) -> int:

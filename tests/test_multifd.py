@@ -384,3 +384,24 @@ def test_a_peer_that_stops_reading_does_not_hang_a_cancelled_sender():
         for _, b in pairs:
             b.close()
         ram.close()
+
+
+def test_a_channel_that_ends_before_its_sync_is_named():
+    ram = _ram()
+    recv = MultiFDRecv(ram, 2)
+    try:
+        socks = []
+        for i in range(2):
+            a, r = _pair()
+            a.sendall(encode_init(i))
+            recv.add_channel(r, f"connection {i + 2}")
+            socks.append(a)
+        socks[0].sendall(encode_packet(flags=MULTIFD_FLAG_SYNC, packet_num=0))
+        socks[1].close()                      # channel 1 ends without its SYNC
+        with pytest.raises(MultiFDError, match=r"closed before its SYNC packet for the sync at main stream "
+                                               r"offset 77 at offset 64 \(multifd channel 1, connection 3\)"):
+            recv.sync_main(77)
+        socks[0].close()
+    finally:
+        recv.close()
+        ram.close()

@@ -472,8 +472,8 @@ class MultiFDRecv:
                     break
                 ended = [c.id for c in self.chans.values() if c.done]
                 if ended:
-                    raise MultiFDError(f"multifd channel {ended[0]} closed before its SYNC packet for the "
-                                       f"MULTIFD_FLUSH at main stream offset {offset}", None, f"multifd channel {ended[0]}")
+                    raise MultiFDError(f"channel closed before its SYNC packet for the sync at main stream "
+                                       f"offset {offset}", self.chans[ended[0]].offset, self.chans[ended[0]].where)
                 self._cond.wait(1.0)
             self._arrived = 0
             self._generation += 1

@@ -362,7 +362,9 @@ def test_packets_spread_over_every_channel():
         packets = [c.packets for c in mf.chans]
         assert all(p > 1 for p in packets), packets        # work went to both channels
     finally:
-        mf.close()
+        mf.close()                  # the drains see the end of their streams
+        for t in drained:
+            t.join(10)
         for _, b in pairs:
             b.close()
         ram.close()

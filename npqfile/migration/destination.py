@@ -114,9 +114,9 @@ class Destination:
             res.status = "completed"
         except (StreamError, FileError, OSError, ValueError, KeyError) as exc:
             if self.multifd is not None:
-                self.multifd.close()
                 # a channel's own error explains a main stream cut short by it
                 exc = self.multifd.error or exc
+                self.multifd.close()
             res.status, res.error = "failed", str(exc)
             res.bytes = f.tell()            # what was received before the failure, not 0
             res.load_time = time.monotonic() - t0

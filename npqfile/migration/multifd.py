@@ -90,7 +90,7 @@ class _SendChannel:
                     self.packets += 1
                     self.pending_sync = False
                     self.sem_sync.release()
-        except (OSError, ValueError) as exc:
+        except Exception as exc:        # a thread's end must reach the main thread, whatever ended it
             o._fail(f"multifd channel {self.id}: {exc}")
             o._ready.release()
             self.sem_sync.release()
@@ -341,9 +341,9 @@ class _RecvChannel:
                     self._pages(pkt, comp, plain)
                 if pkt.sync:
                     o._arrive(self)
-        except (MultiFDError, OSError, ValueError) as exc:
+        except Exception as exc:        # a thread's end must reach the main thread, whatever ended it
             if not isinstance(exc, MultiFDError):
-                exc = MultiFDError(str(exc), self.offset, self.where)
+                exc = MultiFDError(str(exc) or type(exc).__name__, self.offset, self.where)
             o._fail(exc)
         finally:
             self.done = True
@@ -394,6 +394,7 @@ class MultiFDRecv:
         self.blocks = {b.name: b for b in ram.blocks}
         self.sizes = {name: b.size for name, b in self.blocks.items()}
         self.chans: dict[int, _RecvChannel] = {}
+        self.main: Any = None           # the main channel, shut down when a multifd channel fails
         self.exiting = False
         self.error: MultiFDError | None = None
         self._cond = threading.Condition()
@@ -423,13 +424,15 @@ class MultiFDRecv:
 
     def _fail(self, exc: MultiFDError) -> None:
         with self._cond:
-            if self.error is None:
-                self.error = exc
+            if self.exiting:
+                return          # after close() or a first error: an artifact of the shutdown
+            self.error = exc
             self.exiting = True
             self._cond.notify_all()
-        for c in self.chans.values():       # wake the other channels (and their blocked reads)
+        # wake the other channels and the main stream's reader: the migration has failed
+        for ch in [c.channel for c in self.chans.values()] + [self.main]:
             try:
-                c.channel.shutdown(True, False)
+                ch.shutdown(True, False)
             except (OSError, AttributeError):
                 pass
 
@@ -570,7 +573,7 @@ def accept_channels(listener, recv: MultiFDRecv, first_timeout: float | None,
                 if main is not None:
                     conn.close()
                     raise MultiFDError("a second main channel (QEVM) connected", 0, where)
-                main = conn
+                main = recv.main = conn
             else:
                 try:
                     recv.add_channel(conn, where)
@@ -650,14 +653,16 @@ def multifd_stats(mf: MultiFDSend, st) -> None:
     st.ram.zero_pages += sum(c["zero"] for c in info["per-channel"])
 
 
-def multifd_inprocess(dest_ram, params) -> tuple[MultiFDSend, MultiFDRecv]:
+def multifd_inprocess(dest_ram, params, main=None) -> tuple[MultiFDSend, MultiFDRecv]:
     """Socketpairs for an in-process run: the sender and the receiver (into ``dest_ram``)
-    of ``params.multifd_channels`` channels, greetings exchanged."""
+    of ``params.multifd_channels`` channels, greetings exchanged; ``main``: the main
+    channel's reader, shut down if a multifd channel fails."""
     from npqfile.channels import SocketChannel
     n = params.multifd_channels
     pairs = [socket.socketpair() for _ in range(n)]
     mf = start_send([SocketChannel(a, "w") for a, _ in pairs], params)
     recv = MultiFDRecv(dest_ram, n, compression=params.multifd_compression)
+    recv.main = main
     try:
         for i, (_, b) in enumerate(pairs):
             recv.add_channel(SocketChannel(b, "r"), f"connection {i + 2}")

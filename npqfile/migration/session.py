@@ -181,7 +181,7 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationSt
             for blk in ram.blocks:
                 add_guest_block(dest_ram, blk.name, blk.size)
             if params.multifd_channels:
-                mf, recv = multifd_inprocess(dest_ram, params)
+                mf, recv = multifd_inprocess(dest_ram, params, reader)
             dest = Destination(dest_ram, machine=params.machine, hash_blocks=False, multifd=recv)
             dest.start(reader)
         else:

@@ -420,3 +420,4 @@ def test_flushes_sit_where_qemu_10_puts_them():
     # each channel: greeting, 3 SYNC packets, and its share of the 32 full RAM packets
     per = st.multifd["per-channel"]
     assert sum(c["packets"] for c in per) == 3 * 2 + 32
+    assert st.iterations[0].pages_sent == 4096 and st.iterations[0].bytes_sent > 12 << 20   # 3/4 of the pages are not zero

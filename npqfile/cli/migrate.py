@@ -227,6 +227,11 @@ def _summary(st: MigrationStats, out) -> None:
         rows.append(("xbzrle cache miss / encoding rate", f"{xc['cache-miss']} / {xc['encoding-rate']}"))
     if st.compression:
         rows.append(("compression", ", ".join(f"{k} {v}" for k, v in st.compression.items())))
+    if st.multifd:
+        m = st.multifd
+        rows.append((f"multifd ({m['channels']} channels, {m['compression']})",
+                     f"{format_bytes(m['multifd-bytes'])}: " + " / ".join(format_bytes(c["bytes"])
+                                                                       for c in m["per-channel"])))
     for row in rows:
         t.add_row(*row)
     it = Table(title="iterations")

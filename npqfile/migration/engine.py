@@ -300,7 +300,7 @@ class MigrationEngine:
                                     cpu_throttle=self.throttle.percentage if self.throttle else 0)
         self._iter_t0 = time.monotonic()
         self._iter_bytes0 = self.windows.f.ftell_fast()     # multifd channels included
-        self._iter_pages0 = self.saver.stats.pages
+        self._iter_pages0 = self.saver.stats.pages + (self.multifd.queued_pages if self.multifd else 0)
         self.stats.iterations.append(self._iter)
 
     def _close_iteration(self) -> None:
@@ -309,7 +309,8 @@ class MigrationEngine:
             return
         it.duration = time.monotonic() - self._iter_t0
         it.bytes_sent = self.windows.f.ftell_fast() - self._iter_bytes0
-        it.pages_sent = self.saver.stats.pages - self._iter_pages0
+        it.pages_sent = (self.saver.stats.pages + (self.multifd.queued_pages if self.multifd else 0)
+                         - self._iter_pages0)
         it.bandwidth = it.bytes_sent / max(it.duration, 1e-9)
         self._iter = None
 

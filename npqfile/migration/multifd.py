@@ -138,6 +138,7 @@ class MultiFDSend:
         self._ready = threading.Semaphore(0)
         self._next = 0
         self.cancel: threading.Event | None = None     # the engine's migrate_cancel
+        self.queued_pages = 0           # pages handed to queue_pages (the iteration statistics)
         self._block = None
         self._pending: list[np.ndarray] = []
         self._pending_n = 0
@@ -181,6 +182,7 @@ class MultiFDSend:
         if self._block is not block and self._pending_n:
             self._send_pending()
         self._block = block
+        self.queued_pages += len(idx)
         offs = np.asarray(idx, dtype=np.int64) * self.page_size
         while offs.size:
             take = offs[:self.count - self._pending_n]

@@ -421,3 +421,29 @@ def test_flushes_sit_where_qemu_10_puts_them():
     per = st.multifd["per-channel"]
     assert sum(c["packets"] for c in per) == 3 * 2 + 32
     assert st.iterations[0].pages_sent == 4096 and st.iterations[0].bytes_sent > 12 << 20   # 3/4 of the pages are not zero
+
+
+def test_arbitrary_headers_are_a_packet_or_a_multifd_error():
+    """No other exception escapes decode_packet, and what it accepts stays inside its block."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as hs
+
+    base = encode_packet(flags=0, packet_num=1, ramblock="ram", offsets=[0, PS], normal_pages=1,
+                         next_packet_size=PS)
+
+    @settings(max_examples=300, deadline=None)
+    @given(hs.lists(hs.tuples(hs.integers(0, packet_len(PS) - 1), hs.integers(0, 255)), max_size=12),
+           hs.sampled_from([0, 2, 4]))
+    def check(edits, compression):
+        b = bytearray(base)
+        for at, v in edits:
+            b[at] = v
+        try:
+            pkt = decode_packet(bytes(b), blocks={"ram": 1 << 20}, compression=compression)
+        except MultiFDError as exc:
+            assert exc.offset is not None and str(exc).startswith("multifd: ")
+            return
+        assert pkt.normal_pages + pkt.zero_pages <= 128
+        assert all(0 <= o <= (1 << 20) - PS and o % PS == 0 for o in pkt.offsets.tolist())
+
+    check()

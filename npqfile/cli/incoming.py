@@ -123,10 +123,15 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(res.as_dict(), indent=2))
         elif res.status == "completed":
-            print(f"completed: {format_bytes(res.bytes)} in {res.load_time * 1000:.1f} ms; "
+            main = " on the main channel" if res.stats_multifd else ""
+            print(f"completed: {format_bytes(res.bytes)}{main} in {res.load_time * 1000:.1f} ms; "
                   f"{machine_text(res.machine)}")
             for name, digest in res.hashes.items():
                 print(f"  {name}: sha256 {digest}")
+            if res.stats_multifd:
+                m = res.stats_multifd
+                print(f"  multifd: {m['channels']} channels ({m['compression']}), {format_bytes(m['multifd-bytes'])}, "
+                      f"{m['normal']} normal and {m['zero']} zero pages")
         if res.status != "completed":
             print(f"error: incoming migration failed after {res.bytes} bytes: {res.error}", file=sys.stderr)
             return 1

@@ -178,6 +178,24 @@ def test_receiver_reports_a_bad_packet_with_channel_and_offset_and_never_writes(
         ram.close()
 
 
+def test_channels_must_agree_on_the_source_uuid():
+    ram = _ram()
+    recv = MultiFDRecv(ram, 2)
+    try:
+        a, r = _pair()
+        a.sendall(encode_init(0, b"\x42" * 16))    # a source started with -uuid
+        recv.add_channel(r, "connection 2")
+        b, r2 = _pair()
+        b.sendall(encode_init(1))
+        with pytest.raises(MultiFDError, match=r"received uuid '0{32}' and expected uuid '(42){16}' for channel 1"):
+            recv.add_channel(r2, "connection 3")
+        a.close(), b.close()
+        r2.close()
+    finally:
+        recv.close()
+        ram.close()
+
+
 def test_channel_id_twice_and_a_channel_that_never_opens(tmp_path):
     ram = _ram()
     try:

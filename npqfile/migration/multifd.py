@@ -385,7 +385,7 @@ class MultiFDRecv:
     peeked; ``sync_main`` at every MULTIFD_FLUSH; ``finish`` at the end of the stream."""
 
     def __init__(self, ram, channels: int, *, compression: str = "none", page_size: int = 4096,
-                 uuid: bytes = bytes(16)):
+                 uuid: bytes | None = None):
         if not 1 <= channels <= 255:
             raise ValueError(f"multifd-channels must be 1..255, not {channels}")
         self.n = channels
@@ -417,6 +417,8 @@ class MultiFDRecv:
                 break
             got += n
         cid = decode_init(bytes(buf[:got]), self.n, uuid=self.uuid, where=where)
+        if self.uuid is None:
+            self.uuid = bytes(buf[8:24])    # QEMU checks its own -uuid; we have none: all channels agree
         if cid in self.chans:
             raise MultiFDError(f"received id '{cid}' already setup", 24, where)
         c = _RecvChannel(self, cid, channel, where)

@@ -88,9 +88,9 @@ def encode_init(channel_id: int, uuid: bytes = bytes(16)) -> bytes:
     return _INIT.pack(MULTIFD_MAGIC, MULTIFD_VERSION, uuid, channel_id)
 
 
-def decode_init(buf: bytes, channels: int, *, uuid: bytes = bytes(16), where: str = "") -> int:
+def decode_init(buf: bytes, channels: int, *, uuid: bytes | None = bytes(16), where: str = "") -> int:
     """The channel id of a ``MultiFDInit_t``; raises MultiFDError (offset 0 of the channel)
-    for a bad magic, version or uuid, or an id outside ``0..channels-1``."""
+    for a bad magic, version or uuid (None: any uuid), or an id outside ``0..channels-1``."""
     if len(buf) != INIT_SIZE:
         raise MultiFDError(f"channel closed after {len(buf)} of the {INIT_SIZE}-byte initial packet", 0, where)
     magic, version, their_uuid, cid = _INIT.unpack(buf)
@@ -98,7 +98,7 @@ def decode_init(buf: bytes, channels: int, *, uuid: bytes = bytes(16), where: st
         raise MultiFDError(f"received packet magic {magic:x} expected {MULTIFD_MAGIC:x}", 0, where)
     if version != MULTIFD_VERSION:
         raise MultiFDError(f"received packet version {version} expected {MULTIFD_VERSION}", 4, where)
-    if their_uuid != uuid:
+    if uuid is not None and their_uuid != uuid:
         raise MultiFDError(f"received uuid '{their_uuid.hex()}' and expected uuid '{uuid.hex()}' "
                            f"for channel {cid}", 8, where)
     if cid >= channels:

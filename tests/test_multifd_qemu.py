@@ -98,3 +98,34 @@ def test_npqfile_source_to_qemu_10(tmp_path, channels, compression, zero):
         assert np.array_equal(np.fromfile(ram_file, dtype=np.uint8), expected.block("ram").array)
     finally:
         expected.close()
+
+
+def test_npqfile_live_migration_with_a_dirtying_guest_into_qemu_10(tmp_path):
+    """Pages re-sent in later passes over other channels: QEMU 10.0 ends with the
+    source's final RAM (each pass's SYNC + MULTIFD_FLUSH orders them)."""
+    from npqfile.migration.engine import MigrationParams
+    from npqfile.migration.session import MigrationConfig, run_migration
+
+    ram_file = tmp_path / "dst.ram"
+    with open(ram_file, "wb") as fh:
+        fh.truncate(SIZE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = GuestRAM()
+    try:
+        src.add_block("ram", SIZE)
+        fill_guest(src, "mixed", 3)
+        with QemuVM(tmp_path, ram_file, version="10.0", size=SIZE, incoming=True) as vm:
+            _multifd(vm, 3, "zstd", "multifd")
+            vm.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+            params = MigrationParams(multifd_channels=3, multifd_compression="zstd", time_limit=60,
+                                     max_bandwidth=40 << 20)       # several passes while the guest writes
+            st = run_migration(MigrationConfig(size=SIZE, to=f"tcp:127.0.0.1:{port}", params=params,
+                                               workload="hotset:rate=4000,hot=0.2,bytes=64"), ram=src)
+            assert st.status == "completed", st.outcome
+            vm.wait_migration()
+        assert st.dirty_sync_count >= 3 and st.destination == {}
+        assert np.array_equal(np.fromfile(ram_file, dtype=np.uint8), src.block("ram").array)
+    finally:
+        src.close()

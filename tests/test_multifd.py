@@ -465,3 +465,37 @@ def test_arbitrary_headers_are_a_packet_or_a_multifd_error():
         assert all(0 <= o <= (1 << 20) - PS and o % PS == 0 for o in pkt.offsets.tolist())
 
     check()
+
+
+def test_a_multifd_main_stream_without_channels_is_refused_clearly():
+    """The main channel alone (its pages went to multifd channels nobody reads) fails
+    at its first MULTIFD_FLUSH, naming the option, instead of loading a RAM of zeros."""
+    from npqfile.channels.memory import MemoryChannel, MemoryReader
+    from npqfile.migration.destination import Destination
+    from npqfile.migration.engine import MigrationEngine
+    from npqfile.qemufile import QEMUFile
+
+    ram, dst = _ram(), _ram()
+    pairs = [socket.socketpair() for _ in range(2)]
+    drained = [threading.Thread(target=lambda s=b: [None for _ in iter(lambda: s.recv(1 << 20), b"")], daemon=True)
+               for _, b in pairs]
+    for t in drained:
+        t.start()
+    mem = MemoryChannel()
+    try:
+        mf = MultiFDSend([SocketChannel(a, "w") for a, _ in pairs])
+        ram.block("ram").array[:] = 7
+        f = QEMUFile(mem)
+        st = MigrationEngine(ram, f, params=MigrationParams(multifd_channels=2), multifd=mf).run()
+        f.fflush()
+        assert st.status == "completed"
+        for t in drained:
+            t.join(10)
+        res = Destination(dst).receive(MemoryReader(mem.getvalue()))
+        assert res.status == "failed" and "give incoming --multifd-channels N" in res.error
+        assert "(section ram)" in res.error and "at offset" in res.error
+    finally:
+        for _, b in pairs:
+            b.close()
+        ram.close()
+        dst.close()

@@ -129,3 +129,4 @@ def test_npqfile_live_migration_with_a_dirtying_guest_into_qemu_10(tmp_path):
         assert np.array_equal(np.fromfile(ram_file, dtype=np.uint8), src.block("ram").array)
     finally:
         src.close()
+

@@ -40,6 +40,14 @@ VERIFY_MAGIC = b"NPQV"
 MAX_VERIFY_BYTES = 1 << 20
 
 
+def _no_multifd(offset: int, eos: bool = False) -> None:
+    """A destination without multifd channels meets RAM_SAVE_FLAG_MULTIFD_FLUSH: the pages
+    travel on channels nobody reads (the source would wait for them forever)."""
+    if not eos:
+        raise StreamError("the source migrates with multifd (RAM_SAVE_FLAG_MULTIFD_FLUSH): its pages travel "
+                          "on multifd channels; give incoming --multifd-channels N", offset - 8, "ram")
+
+
 def block_hashes(ram: GuestRAM) -> dict[str, str]:
     """sha256 hex digest of every block, by block name."""
     return {b.name: b.sha256() for b in ram.blocks}
@@ -95,7 +103,7 @@ class Destination:
             mf = self.multifd
             loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes,
                                  device_tail_bytes=self.device_tail_bytes,
-                                 on_multifd_flush=mf.main_record if mf is not None else None)
+                                 on_multifd_flush=mf.main_record if mf is not None else _no_multifd)
             if mf is not None:
                 mf.finish()            # every channel ended cleanly after its last SYNC
                 res.stats_multifd = mf.stats()

@@ -13,7 +13,9 @@ and, over tcp/unix, sends the verdict and hashes back to the source on the retur
 (see ``npqfile.migration.destination``).  ``--multifd-channels N`` (QEMU's
 ``multifd`` capability and ``multifd-channels`` parameter on the destination) accepts
 the main channel and N multifd channels in any order, told apart by their first bytes;
-``--multifd-compression`` must match the source's.
+``--multifd-compression`` must match the source's.  ``--events FILE|-``: live JSON lines
+(setup, active with the bytes read so far, completed/failed, then the ``--json``
+result; ``npqfile.migration.events``).
 
 Exit status: 0 when the stream loaded completely, 1 otherwise.
 """
@@ -28,6 +30,7 @@ from typing import Any
 from npqfile.channels import listen, open_channel
 from npqfile.migration.compression import DecompressingReader, parse_compress
 from npqfile.migration.destination import Destination
+from npqfile.migration.events import EventWriter, IncomingEvents
 from npqfile.migration.session import add_guest_block
 from npqfile.ram import GuestRAM
 from npqfile.units import format_bytes, parse_size
@@ -49,15 +52,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait for the connection (> 0; default: forever)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--events", metavar="FILE|-",
+                   help="write live query-migrate events as JSON lines (the last line: the --json result)")
     p.add_argument("--multifd-channels", type=int, default=0, metavar="N",
                    help="accept QEMU 10.0 multifd: the main channel plus N multifd channels (tcp:/unix:)")
     p.add_argument("--multifd-compression", default="none", choices=("none", "zlib", "zstd"),
                    help="the source's multifd-compression (default none)")
 
 
-def _accept(uri: str, timeout: float | None) -> Any:
+def _accept(uri: str, timeout: float | None, out: Any = None) -> Any:
     with listen(uri) as listener:
-        print(f"listening on {listener.uri}", flush=True)
+        print(f"listening on {listener.uri}", file=out or sys.stdout, flush=True)
         return listener.accept(timeout)
 
 
@@ -72,10 +77,11 @@ def _multifd_setup(args: argparse.Namespace, ram: GuestRAM):
     return MultiFDRecv(ram, args.multifd_channels, compression=args.multifd_compression)
 
 
-def _accept_multifd(uri: str, recv, timeout: float | None) -> Any:
+def _accept_multifd(uri: str, recv, timeout: float | None, out: Any = None) -> Any:
     from npqfile.migration.multifd import accept_channels
     with listen(uri) as listener:
-        print(f"listening on {listener.uri}", flush=True)
+        listener.set_backlog(recv.n + 1)     # before anyone is told to connect
+        print(f"listening on {listener.uri}", file=out or sys.stdout, flush=True)
         return accept_channels(listener, recv, timeout)
 
 
@@ -98,45 +104,52 @@ def run(args: argparse.Namespace) -> int:
     comp = parse_compress(args.compress)
     size = parse_size(args.ram)
     check_timeout(args.timeout)
+    events = EventWriter.open(args.events) if args.events else None
+    out = sys.stderr if args.events == "-" else sys.stdout      # stdout carries the event lines
     ram = GuestRAM()
     max_ram = parse_size(args.max_ram) if args.max_ram is not None else None
     dest = None
     try:
         if max_ram is None:
             add_guest_block(ram, args.block, size)
+        incoming = IncomingEvents(events)
         recv = None
         if args.multifd_channels:
             if max_ram is not None:
                 raise ValueError("--multifd-channels needs the guest RAM up front (--ram), not --max-ram: "
                                  "multifd packets may arrive before the block list")
             recv = _multifd_setup(args, ram)
-            channel = _accept_multifd(args.uri, recv, args.timeout)
+            channel = _accept_multifd(args.uri, recv, args.timeout, out)
         elif args.uri.startswith(("tcp:", "unix:")):
-            channel = _accept(args.uri, args.timeout)
+            channel = _accept(args.uri, args.timeout, out)
         else:
             channel = open_channel(args.uri, "r")
         if comp.on_channel:
             channel = DecompressingReader(channel, comp)
         dest = Destination(ram if max_ram is None else None, machine=None if args.machine == "any" else args.machine,
                            multifd=recv, **({} if max_ram is None else {"max_ram_bytes": max_ram}))
+        incoming.active(dest)
         res = dest.receive(channel)
+        incoming.result(res.as_dict())
         if args.json:
-            print(json.dumps(res.as_dict(), indent=2))
+            print(json.dumps(res.as_dict(), indent=2), file=out)
         elif res.status == "completed":
             main = " on the main channel" if res.stats_multifd else ""
             print(f"completed: {format_bytes(res.bytes)}{main} in {res.load_time * 1000:.1f} ms; "
-                  f"{machine_text(res.machine)}")
+                  f"{machine_text(res.machine)}", file=out)
             for name, digest in res.hashes.items():
-                print(f"  {name}: sha256 {digest}")
+                print(f"  {name}: sha256 {digest}", file=out)
             if res.stats_multifd:
                 m = res.stats_multifd
                 print(f"  multifd: {m['channels']} channels ({m['compression']}), {format_bytes(m['multifd-bytes'])}, "
-                      f"{m['normal']} normal and {m['zero']} zero pages")
+                      f"{m['normal']} normal and {m['zero']} zero pages", file=out)
         if res.status != "completed":
             print(f"error: incoming migration failed after {res.bytes} bytes: {res.error}", file=sys.stderr)
             return 1
         return 0
     finally:
+        if events is not None:
+            events.close()
         ram.close()
         if dest is not None and dest.ram is not None and dest.ram is not ram:
             dest.ram.close()   # the blocks the stream declared (--max-ram)

@@ -11,12 +11,15 @@ or machine (``tcp:HOST:PORT`` / ``unix:PATH`` with ``npqfile incoming`` there),
 ``exec:CMD``, ``fd:N`` (``--to fd:1 > snap.bin``: the report then goes to stderr); a
 live progress line (rich) on a terminal; a summary table, ``--json``, ``--plot
 FILE.png`` (its format and directory are checked before migrating, and it is drawn
-after the results are printed, so a plot error never loses them); ``--sweep PARAM=V1,V2`` for a
-parameter study in parallel processes (``--plot`` then draws the sweep; with
-``file:PATH`` each case writes its own ``PATH.N``, see ``npqfile.migration.sweep``).
+after the results are printed, so a plot error never loses them); ``--sweep
+PARAM=V1,V2`` for a parameter study in parallel processes or on Dask (``--cluster``;
+``--plot`` then draws the sweep; each case's files are named after it, see
+``npqfile.migration.sweep``); ``--events FILE|-`` for live ``query-migrate`` JSON lines
+(``npqfile.migration.events``).
 
 Exit status: 0 completed (and verified where the transport allows), 1 error or
-verification mismatch, 2 not converged (cancelled at max-iterations / time-limit).
+verification mismatch, 2 not converged (cancelled at max-iterations / time-limit);
+a sweep: 1 when any case failed or mismatched, else 2 when any was cancelled, else 0.
 """
 
 from __future__ import annotations
@@ -26,10 +29,20 @@ import json
 import sys
 import time
 
+from npqfile.migration.compression import parse_compress
 from npqfile.migration.engine import MigrationParams
+from npqfile.migration.events import EventWriter
 from npqfile.migration.session import INITS, MigrationConfig, run_migration
 from npqfile.migration.stats import MigrationStats
-from npqfile.migration.sweep import SWEEP_PARAMS, run_sweep, with_rate
+from npqfile.migration.sweep import (
+    SWEEP_ALIASES,
+    SWEEP_PARAMS,
+    SweepInterrupted,
+    run_sweep,
+    sweep_exit_status,
+    with_rate,
+)
+from npqfile.stream.versions import DEFAULT_STREAM_VERSION, QEMU_STREAM_VERSIONS, stream_version
 from npqfile.units import format_bytes, parse_rate, parse_size
 
 NAME = "migrate"
@@ -73,6 +86,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--pause-before-switchover", nargs="?", type=float, const=0.0, default=None, metavar="SECONDS",
                    help="pause (pre-switchover) after stopping the guest, for SECONDS")
     m.add_argument("--machine", default="none", help="machine-type name in the stream (default none)")
+    m.add_argument("--qemu-version", choices=list(QEMU_STREAM_VERSIONS), default=None,
+                   help=f"write the stream this QEMU writes (default {DEFAULT_STREAM_VERSION.name}, "
+                        f"which 7.2 and 10.0 both load; 10.0 with --mapped-ram)")
+    m.add_argument("--mapped-ram", action="store_true",
+                   help="QEMU 9.0+ mapped-ram file layout (--to file:PATH only): pages at fixed offsets, "
+                        "re-dirtied pages rewritten in place, zero pages left as holes")
     a = p.add_argument_group("auto-converge (QEMU's capability and parameters)")
     a.add_argument("--auto-converge", action="store_true",
                    help="throttle the guest when it dirties memory faster than it is sent")
@@ -94,24 +113,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--sweep", action="append", metavar="PARAM=V1,V2",
                    help=f"parameter study over {', '.join(SWEEP_PARAMS)} (repeatable: all combinations)")
     o.add_argument("--jobs", type=int, default=None, help="sweep worker processes (default: cores)")
-    try:    # the peer's QEMU version; the stream-version option may have registered it already
-        m.add_argument("--qemu-version", choices=("7.2", "10.0"), default=None,
-                       help="the destination's QEMU: 7.2 refuses the options it lacks (multifd, zero-page-detection)")
-    except argparse.ArgumentError:
-        pass
+    o.add_argument("--cluster", metavar="local|tcp://HOST:8786",
+                   help="run the sweep on Dask: a LocalCluster, or a running scheduler "
+                        "(pip install 'npqfile[cluster]')")
+    o.add_argument("--scheduler-file", metavar="FILE", help="run the sweep on the Dask scheduler of this file")
+    o.add_argument("--events", metavar="FILE|-",
+                   help="write live query-migrate events as JSON lines (the last line: the --json result); "
+                        "with --sweep each case writes FILE.N.NAME")
 
 
 def check_peer_version(args: argparse.Namespace) -> None:
     """ValueError naming an option QEMU 7.2 lacks when ``--qemu-version 7.2`` says the
     peer is 7.2 (multifd is QEMU 10.0's protocol here: MULTIFD_FLUSH, zero pages in
     packets; zero-page-detection is 9.0+), or multifd options without multifd."""
-    if getattr(args, "qemu_version", None) == "7.2":
-        if args.multifd_channels:
-            raise ValueError("--multifd-channels speaks QEMU 10.0's multifd (RAM_SAVE_FLAG_MULTIFD_FLUSH, 8.1+; "
-                             "zero pages in packets, 9.0+), which QEMU 7.2 cannot load: drop it for a 7.2 peer")
-        if args.zero_page_detection is not None:
-            raise ValueError("--zero-page-detection is a QEMU 9.0+ parameter that QEMU 7.2 lacks: "
-                             "use --no-zero-detection or nothing for a 7.2 peer")
+    if args.qemu_version is not None:
+        version = stream_version(args.qemu_version)
+        if args.multifd_channels and not version.multifd:
+            raise ValueError(f"--multifd-channels speaks QEMU 10.0's multifd (RAM_SAVE_FLAG_MULTIFD_FLUSH, 8.1+; "
+                             f"zero pages in packets, 9.0+), which QEMU {version.name} cannot load: drop it for a "
+                             f"{version.name} peer")
+        if args.zero_page_detection is not None and not version.zero_page_detection:
+            raise ValueError(f"--zero-page-detection is a QEMU 9.0+ parameter that QEMU {version.name} lacks: "
+                             f"use --no-zero-detection or nothing for a {version.name} peer")
     if not args.multifd_channels and args.multifd_compression != "none":
         raise ValueError("--multifd-compression needs --multifd-channels")
 
@@ -141,7 +164,16 @@ def config_from_args(args: argparse.Namespace) -> MigrationConfig:
         auto_converge=args.auto_converge, cpu_throttle_initial=args.cpu_throttle_initial,
         cpu_throttle_increment=args.cpu_throttle_increment, max_cpu_throttle=args.max_cpu_throttle,
         throttle_trigger_threshold=args.throttle_trigger_threshold,
-        cpu_throttle_tailslow=args.cpu_throttle_tailslow)
+        cpu_throttle_tailslow=args.cpu_throttle_tailslow,
+        mapped_ram=args.mapped_ram,
+        # multifd is QEMU 10.0's protocol here: it writes QEMU 10.0's stream unless told otherwise
+        qemu_version=args.qemu_version or ("10.0" if args.mapped_ram or args.multifd_channels
+                                           else DEFAULT_STREAM_VERSION.name))
+    if args.mapped_ram and not (args.to or "").startswith("file:"):
+        raise ValueError("--mapped-ram writes pages at fixed file offsets: it needs --to file:PATH")
+    if args.mapped_ram and args.compress != "none":
+        raise ValueError("--mapped-ram cannot be combined with --compress (pages sit uncompressed at fixed offsets)")
+    params.compress_level = parse_compress(args.compress).page_level   # checked against the version
     check_peer_version(args)
     if args.multifd_channels and args.compress != "none":
         raise ValueError("--multifd-channels does not go with --compress (use --multifd-compression)")
@@ -187,7 +219,9 @@ def verification_text(ver: dict) -> str:
     if ok is None:
         return f"not verified ({ver.get('note', 'unknown reason')})"
     if ok:
-        return f"{ver.get('method')}: equal"
+        disk = ver.get("on-disk-bytes")
+        sizes = "" if disk is None else f" (file {format_bytes(ver['file-bytes'])}, {format_bytes(disk)} on disk)"
+        return f"{ver.get('method')}: equal{sizes}"
     why = ver.get("error") or f"blocks differ: {', '.join(ver.get('mismatched', []))}"
     return f"{ver.get('method')}: MISMATCH ({why})"
 
@@ -256,10 +290,25 @@ def _exit_status(st: MigrationStats) -> int:
     return 0
 
 
+def _sweep_line(p) -> str:
+    """One progress line: the case that finished (and its files), then the counts."""
+    counts = f"[{p.done}/{p.total} done, {p.running} running, {p.failed} failed, {p.cancelled} cancelled]"
+    if p.row is None:
+        return counts
+    files = p.row.get("files") or []
+    wrote = f"; wrote {', '.join(files)}" if files else ""
+    return f"case {p.row['case']} ({p.row['name']}): {p.row['status']} {p.row['outcome']}{wrote}  {counts}"
+
+
 def _run_sweep(cfg: MigrationConfig, args: argparse.Namespace) -> int:
-    rows = run_sweep(cfg, args.sweep, args.jobs)
-    names = [s.partition("=")[0].strip() for s in args.sweep]
-    plot_status = 0
+    names = [SWEEP_ALIASES.get(s.partition("=")[0].strip(), s.partition("=")[0].strip()) for s in args.sweep]
+    show = None if args.quiet else (lambda p: print(_sweep_line(p), file=sys.stderr, flush=True))
+    try:
+        rows = run_sweep(cfg, args.sweep, args.jobs, cluster=args.cluster, scheduler_file=args.scheduler_file,
+                         events=args.events, on_update=show)
+        status = sweep_exit_status(rows)
+    except SweepInterrupted as exc:
+        rows, status = exc.rows, 130
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -267,17 +316,22 @@ def _run_sweep(cfg: MigrationConfig, args: argparse.Namespace) -> int:
         from rich.table import Table
 
         t = Table(title="sweep")
-        for col in names + ["total ms", "downtime ms", "syncs", "converged", "outcome", "verified"]:
+        for col in ["case", *names, "status", "total ms", "downtime ms", "syncs", "converged", "outcome",
+                    "verified", "files"]:
             t.add_column(col, justify="right")
         for row in rows:
-            t.add_row(*[row[n] for n in names], f"{row.get('total-ms', 0):.0f}", f"{row.get('downtime-ms', 0):.1f}",
-                      str(row.get("iterations", "")), "yes" if row.get("converged") else "no",
-                      str(row.get("outcome")), str(row.get("verified")))
-        Console().print(t)
+            t.add_row(str(row["case"]), *[row[n] for n in names], row["status"],
+                      f"{row.get('total-time', 0):.0f}", f"{row.get('downtime', 0):.1f}",
+                      str(row.get("dirty-sync-count", "")), "yes" if row.get("converged") else "no",
+                      str(row.get("outcome")), str(row.get("verified")), " ".join(row.get("files") or []))
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=100000)     # a pipe or file: every column in full
+        console.print(t)
     if args.plot:                      # after the results are printed: a plot error loses nothing
         from npqfile.migration.plot import plot_sweep
-        plot_status = _draw(plot_sweep, rows, names, args.plot)
-    return 1 if plot_status or any(r["status"] in ("error", "failed") for r in rows) else 0
+        status = status or _draw(plot_sweep, rows, names, args.plot)
+    return status
 
 
 def _draw(plot, *what) -> int:
@@ -327,19 +381,32 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(args, cfg)               # before the run, not after it: keep the stats
     if args.sweep:
         return _run_sweep(cfg, args)
+    if args.cluster or args.scheduler_file:
+        raise ValueError("--cluster and --scheduler-file run sweeps: add --sweep PARAM=V1,V2,...")
     # --to fd:1 > snap.bin: stdout carries the stream (and the channel closes the fd
     # at the end), so the report goes to stderr; fd:2 likewise sends it to stdout
     stream_fd = _stream_fd(cfg.to)
     out, err = sys.stdout, sys.stderr
     if stream_fd is not None and stream_fd in (_fileno(out), _fileno(err)):
         out = err = sys.stderr if stream_fd == _fileno(out) else sys.stdout
+    if args.events == "-" and stream_fd is not None:
+        raise ValueError("--events - and --to fd:N cannot share standard output: give --events FILE")
+    events = EventWriter.open(args.events) if args.events else None
+    if args.events == "-":
+        out = sys.stderr                    # stdout carries the event lines
     hook = None if args.pause_before_switchover is None else _pause_hook(args.pause_before_switchover)
     live, update = _progress_display(args.quiet or args.json or stream_fd == _fileno(sys.stderr))
-    if live is not None:
-        with live:
-            st = run_migration(cfg, on_progress=update, pre_switchover=hook)
-    else:
-        st = run_migration(cfg, pre_switchover=hook)
+    try:
+        if live is not None:
+            with live:
+                st = run_migration(cfg, on_progress=update, pre_switchover=hook, events=events)
+        else:
+            st = run_migration(cfg, pre_switchover=hook, events=events)
+        if events is not None:
+            events.result(st.as_dict())
+    finally:
+        if events is not None:
+            events.close()
     if args.json:
         print(json.dumps(st.as_dict(), indent=2), file=out)
     else:

@@ -91,6 +91,7 @@ class Destination:
         self.hash_blocks = hash_blocks
         self.result = DestinationResult()
         self._thread: threading.Thread | None = None
+        self.file: QEMUFile | None = None
 
     def receive(self, channel: Any, *, reply: bool = True) -> DestinationResult:
         """Load the stream from the read channel ``channel`` and close it.  With ``reply``
@@ -98,7 +99,7 @@ class Destination:
         stream or I/O error gives ``status="failed"`` and ``error``, not an exception)."""
         res = self.result
         t0 = time.monotonic()
-        f = QEMUFile(channel)
+        f = self.file = QEMUFile(channel)      # self.file: for live polls (events)
         try:
             mf = self.multifd
             loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes,

@@ -185,7 +185,7 @@ def sweep_figure(rows: list[dict[str, Any]], names: list[str]):
     fig, ax1 = plt.subplots(figsize=(max(6.0, len(rows) * (0.08 * widest + 0.3) + 2.5), 6))
     try:
         xs = list(range(len(rows)))
-        bars = ax1.bar(xs, [row.get("total-ms", 0) for row in rows], color="tab:blue", label="total time")
+        bars = ax1.bar(xs, [row.get("total-time", 0) for row in rows], color="tab:blue", label="total time")
         for bar, row in zip(bars, rows):
             if not row.get("converged"):
                 bar.set_hatch("//")
@@ -193,7 +193,7 @@ def sweep_figure(rows: list[dict[str, Any]], names: list[str]):
         ax1.set_xlim(-0.5, len(rows) - 0.5)
         ax1.set_ylabel("total time (ms)", color="tab:blue")
         ax2 = ax1.twinx()
-        ax2.plot(xs, [row.get("downtime-ms", 0) for row in rows], "o-", color="tab:red", label="downtime")
+        ax2.plot(xs, [row.get("downtime", 0) for row in rows], "o-", color="tab:red", label="downtime")
         ax2.set_ylim(bottom=0)
         ax2.set_ylabel("downtime (ms)", color="tab:red")
         ax1.set_title(f"sweep over {', '.join(names)} (hatched: not converged)")

@@ -43,6 +43,7 @@ from npqfile.migration.destination import (
     read_verification,
 )
 from npqfile.migration.engine import MigrationEngine, MigrationParams
+from npqfile.migration.events import EventWriter
 from npqfile.migration.multifd import multifd_connect, multifd_inprocess
 from npqfile.migration.stats import MigrationStats
 from npqfile.migration.workloads import Workload, make_workload
@@ -139,10 +140,12 @@ def _compare_hashes(mine: dict[str, str], theirs: dict[str, str]) -> dict:
 
 def run_migration(cfg: MigrationConfig, *, on_progress: Callable[[dict], None] | None = None,
                   pre_switchover: Callable | None = None, ram: GuestRAM | None = None,
-                  workload: Workload | None = None) -> MigrationStats:
+                  workload: Workload | None = None, events: EventWriter | None = None) -> MigrationStats:
     """Run the migration ``cfg`` describes and return its statistics.
 
     ``ram``/``workload`` override the ones the config would build (tests pass their own).
+    ``events``: an EventWriter fed the engine's live ``query-migrate`` (the caller writes
+    its ``result`` line).
     ``stats.verification["ok"]`` is True when the destination matched the source at
     switchover, False on a mismatch, None when the transport cannot tell.  Raises
     ValueError for a bad config, OSError when the destination URI cannot be opened."""
@@ -156,13 +159,13 @@ def run_migration(cfg: MigrationConfig, *, on_progress: Callable[[dict], None] |
         if own_ram:
             fill_guest(ram, cfg.init, cfg.seed)
         wl = workload or make_workload(cfg.workload, seed=cfg.seed)
-        return _run(cfg, ram, wl, comp, params, on_progress, pre_switchover)
+        return _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events)
     finally:
         if own_ram:
             ram.close()
 
 
-def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationStats:
+def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None) -> MigrationStats:
     params.check()      # before anything is opened: a bad parameter leaves nothing behind
     to = cfg.to or "inprocess"
     dest = None
@@ -194,7 +197,13 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationSt
         f = QEMUFile(channel)
         engine = MigrationEngine(ram, f, wl, params, pre_switchover=pre_switchover, on_progress=on_progress,
                                  hash_at_switchover=cfg.verify and params.release_ram, multifd=mf)
-        st = engine.run()
+        if events is not None:
+            events.attach(engine)
+        try:
+            st = engine.run()
+        finally:
+            if events is not None:
+                events.stop()
         if comp.method == "zlib":
             st.compression = {"method": "zlib", "level": comp.level, "where": "pages",
                               "pages": st.ram.compressed_pages, "bytes-out": st.ram.compressed_bytes}
@@ -221,7 +230,7 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationSt
             elif st.status == "completed" and cfg.verify:
                 st.verification = _compare(ram, dest_ram, src_hashes)
         elif to.startswith("file:") and st.status == "completed" and cfg.verify:
-            st.verification = _verify_file(to[5:], ram, src_hashes, comp)
+            st.verification = _verify_file(to[5:], ram, src_hashes, comp, params.mapped_ram)
         elif not remote and st.status == "completed":
             scheme = to.split(":")[0]
             st.verification = {"method": None, "ok": None, "note": f"{scheme}: has no return path"}
@@ -278,7 +287,7 @@ def _remote_verdict(f: QEMUFile, st: MigrationStats, src_hashes: dict | None) ->
     return _compare_hashes(src_hashes, msg.get("hashes", {}))
 
 
-def _verify_file(path: str, ram: GuestRAM, src_hashes: dict | None, comp) -> dict:
+def _verify_file(path: str, ram: GuestRAM, src_hashes: dict | None, comp, sizes: bool = False) -> dict:
     """Load the snapshot file back into a fresh GuestRAM and compare; returns the
     verification dict (a file that does not load gives ``ok`` False, ``done`` False)."""
     check = GuestRAM()
@@ -290,7 +299,11 @@ def _verify_file(path: str, ram: GuestRAM, src_hashes: dict | None, comp) -> dic
             reader = DecompressingReader(reader, comp)
         with QEMUFile(reader) as rf:
             load_stream(rf, check)
-        return _compare(ram, check, src_hashes)
+        res = _compare(ram, check, src_hashes)
+        if sizes:   # a mapped-ram file is sparse: its zero pages are holes
+            st = os.stat(path)
+            res.update({"file-bytes": st.st_size, "on-disk-bytes": st.st_blocks * 512})
+        return res
     except (StreamError, OSError) as exc:
         return {"method": "sha256" if src_hashes is not None else "compare", "ok": False, "done": False,
                 "error": f"loading {path} back failed: {exc}"}

@@ -9,6 +9,7 @@ open).  Real QEMU 10.0 on either side: ``test_multifd_qemu.py``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import socket
 import struct
@@ -295,6 +296,10 @@ def test_cli_migrate_to_npqfile_incoming_over_unix_with_multifd(tmp_path):
     assert dst.returncode == 0 and res["status"] == "completed", err
     assert res["multifd"]["multifd-bytes"] == d["ram"]["multifd-bytes"]
     assert len(res["multifd"]["per-channel"]) == 4
+    if importlib.util.find_spec("jsonschema") is not None:      # the schemas know the multifd keys
+        from npqfile.schemas import validate
+        validate(d, "migrate")
+        validate(res, "incoming")
 
 
 def test_cli_rejects_bad_multifd_combinations(tmp_path):
@@ -434,7 +439,7 @@ def test_flushes_sit_where_qemu_10_puts_them():
     params = MigrationParams(multifd_channels=2)
     st = run_migration(MigrationConfig(size=16 << 20, workload="idle", params=params))
     assert st.status == "completed" and st.verification["ok"] is True
-    assert st.destination["ram"]["multifd_flushes"] == 3
+    assert st.destination["ram"]["multifd-flushes"] == 3
     # each channel: greeting, 3 SYNC packets, and its share of the 32 full RAM packets
     per = st.multifd["per-channel"]
     assert sum(c["packets"] for c in per) == 3 * 2 + 32

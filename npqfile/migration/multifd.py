@@ -13,7 +13,11 @@ releases them, so a page re-sent in a later round never lands before an older co
 :func:`accept_channels` (the destination's accept loop: channels told apart by their
 first four bytes as QEMU does, ``QEVM`` = main, anything else must be a multifd
 greeting; a channel that does not open in time is an error naming the missing ids) and
-:func:`connect_channels` (the source's extra connections to a ``tcp:``/``unix:`` URI).
+:func:`connect_channels` (the source's extra connections to a ``tcp:``/``unix:`` URI);
+the small hooks the engine and session call: :class:`AccountedFile` (the rate limiter
+sees the channels' bytes), :func:`check_params`, :func:`save_pages_multifd`
+(``ram_save_target_page_multifd``), :func:`multifd_stats`, :func:`multifd_inprocess`,
+:func:`multifd_connect`.
 
 Goals: the source uses more than one core (numpy, zlib, zstd and socket calls release
 the GIL); a failure on any channel fails the migration with the channel, byte offset and

@@ -24,7 +24,8 @@ import pytest
 from conftest import require
 from npqfile.channels import Listener, SocketChannel
 from npqfile.migration.engine import MigrationParams
-from npqfile.migration.multifd import MultiFDRecv, MultiFDSend, accept_channels
+from npqfile.migration.multifd import MultiFDSend
+from npqfile.migration.multifd_recv import MultiFDRecv, accept_channels
 from npqfile.migration.session import MigrationConfig, run_migration
 from npqfile.ram import GuestRAM
 from npqfile.stream.multifd import (

@@ -68,7 +68,7 @@ def _accept(uri: str, timeout: float | None, out: Any = None) -> Any:
 
 def _multifd_setup(args: argparse.Namespace, ram: GuestRAM):
     """The MultiFDRecv for ``--multifd-channels``; ValueError for a bad combination."""
-    from npqfile.migration.multifd import MultiFDRecv
+    from npqfile.migration.multifd_recv import MultiFDRecv
     if not args.uri.startswith(("tcp:", "unix:")):
         raise ValueError(f"--multifd-channels needs a tcp: or unix: URI, not {args.uri!r}")
     if args.compress != "none":
@@ -78,7 +78,7 @@ def _multifd_setup(args: argparse.Namespace, ram: GuestRAM):
 
 
 def _accept_multifd(uri: str, recv, timeout: float | None, out: Any = None) -> Any:
-    from npqfile.migration.multifd import accept_channels
+    from npqfile.migration.multifd_recv import accept_channels
     with listen(uri) as listener:
         listener.set_backlog(recv.n + 1)     # before anyone is told to connect
         print(f"listening on {listener.uri}", file=out or sys.stdout, flush=True)

@@ -45,6 +45,7 @@ from npqfile.migration.control import MigrationControl
 from npqfile.migration.destination import Destination, block_hashes
 from npqfile.migration.engine import MigrationEngine, MigrationParams, resident_bytes
 from npqfile.migration.events import EventWriter
+from npqfile.migration.multifd import multifd_connect, multifd_inprocess
 from npqfile.migration.release_ram import ReleaseRecord, check_release_ram, release_after_verdict
 from npqfile.migration.stats import MigrationStats
 from npqfile.migration.verdict import (
@@ -184,6 +185,7 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None, c
     to = cfg.to or "inprocess"
     dest = None
     dest_ram = None
+    mf = recv = None            # multifd sender / in-process receiver
     channel: Any = None
     f = None
     try:
@@ -196,16 +198,21 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None, c
             dest_ram = GuestRAM()
             for blk in ram.blocks:
                 add_guest_block(dest_ram, blk.name, blk.size)
-            dest = Destination(dest_ram, machine=params.machine, hash_blocks=False)
+            if params.multifd_channels:
+                mf, recv = multifd_inprocess(dest_ram, params, reader)
+            dest = Destination(dest_ram, machine=params.machine, hash_blocks=False, multifd=recv)
             dest.start(reader)
         else:
             channel = open_channel(to, "w")
             if peer.remote:
                 channel.set_stall_timeout(cfg.stall_timeout, "the destination")
+            if params.multifd_channels:
+                mf = multifd_connect(to, params)
         if comp.on_channel:
             channel = CompressingWriter(channel, comp)
         f = QEMUFile(channel)
-        engine = MigrationEngine(ram, f, wl, params, pre_switchover=pre_switchover, on_progress=on_progress)
+        engine = MigrationEngine(ram, f, wl, params, pre_switchover=pre_switchover, on_progress=on_progress,
+                                 multifd=mf)
         if events is not None:
             events.attach(engine)
         if control is not None:
@@ -258,6 +265,10 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None, c
             f.close()
         elif channel is not None and hasattr(channel, "close"):
             channel.close()
+        if mf is not None:
+            mf.close(abort=True)            # a no-op after the engine closed it
+        if recv is not None:
+            recv.close()
         if dest is not None:
             dest.join(VERIFY_TIMEOUT)
         if dest_ram is not None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from npqfile.errors import FileError, StreamError
+from npqfile.migration import postcopy
 from npqfile.qemufile import QEMUFile
 from npqfile.ram import GuestRAM
 from npqfile.stream.loader import load_stream
@@ -56,11 +57,13 @@ class DestinationResult:
     stats: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     bytes: int = 0
+    postcopy: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"status": self.status, "error": self.error, "machine": self.machine,
                 "load-time": round(self.load_time, 6), "hash-time": round(self.hash_time, 6), "hashes": self.hashes, "bytes": self.bytes,
-                "ram": self.stats, "warnings": self.warnings}
+                "ram": self.stats, "warnings": self.warnings,
+                **({"postcopy": self.postcopy} if self.postcopy else {})}
 
 
 class Destination:
@@ -69,7 +72,8 @@ class Destination:
     ``hash_blocks``: compute the per-block sha256 after loading (needed by remote sources)."""
 
     def __init__(self, ram: GuestRAM | None = None, *, machine: str | None = "none",
-                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, hash_blocks: bool = True):
+                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, hash_blocks: bool = True, guest: Any = None):
+        self.guest = guest              # a Workload run on this RAM from POSTCOPY_RUN on
         self.ram = ram
         self.machine = machine
         self.max_ram_bytes = max_ram_bytes
@@ -84,8 +88,9 @@ class Destination:
         res = self.result
         t0 = time.monotonic()
         f = QEMUFile(channel)
+        pc = postcopy.PostcopyIncoming(f, postcopy.DestinationGuest(self.guest) if self.guest is not None else None)
         try:
-            loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes)
+            loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes, postcopy=pc)
             res.bytes = f.tell()
             self.ram = loaded.ram
             res.machine = loaded.machine
@@ -94,18 +99,36 @@ class Destination:
             if self.machine is not None and loaded.machine not in (None, self.machine):
                 raise StreamError(f"Machine type received is '{shown(loaded.machine)}' and local is '{self.machine}'")
             res.load_time = time.monotonic() - t0
-            if self.hash_blocks and self.ram is not None:
+            pc._stop_threads()          # postcopy: the guest stops, RAM is unregistered
+            if (self.hash_blocks or pc.ram is not None) and self.ram is not None:
                 h0 = time.monotonic()
-                res.hashes = block_hashes(self.ram)
+                # postcopy: RAM as received (the guest has written to it since)
+                res.hashes = pc.received_hashes() if pc.ram is not None else block_hashes(self.ram)
                 res.hash_time = time.monotonic() - h0
             res.status = "completed"
         except (StreamError, FileError, OSError, ValueError, KeyError) as exc:
             res.status, res.error = "failed", str(exc)
+            if pc.state in ("listening", "running"):
+                # the source may still hold pages the guest here needs: the guest is split
+                res.status = "postcopy-paused"
+                res.error += "; the guest is split between source and destination (QEMU: postcopy-paused)"
             res.load_time = time.monotonic() - t0
-        if reply:
-            self._reply(f)
+        if pc.ram is not None or pc.rp is not None:
+            res.postcopy = pc.summary()
+        if pc.rp is not None:
+            # QEMU's return path: SHUT, then npqfile's verdict only to an npqfile source
+            pc.finish(res.status == "completed", self._verdict() if reply else None)
+        else:
+            pc._stop_threads()
+            if reply:
+                self._reply(f)
         f.close()
         return res
+
+    def _verdict(self) -> dict:
+        res = self.result
+        return {"status": res.status, "error": res.error, "hashes": res.hashes, "load-time": res.load_time,
+                "hash-time": res.hash_time, "postcopy": res.postcopy}
 
     def _reply(self, f: QEMUFile) -> None:
         """Send the verification message on the return path, if there is one."""
@@ -115,9 +138,7 @@ class Destination:
             return
         if rp is None:
             return
-        res = self.result
-        body = json.dumps({"status": res.status, "error": res.error, "hashes": res.hashes,
-                           "load-time": res.load_time, "hash-time": res.hash_time}).encode()
+        body = json.dumps(self._verdict()).encode()
         rp.put_buffer(VERIFY_MAGIC + struct.pack(">I", len(body)) + body)
         rp.fflush()
         rp.close()   # errors here mean the source went away; nothing more to tell it

@@ -29,7 +29,7 @@ from npqfile.errors import StreamError
 from npqfile.ram import GuestRAM
 from npqfile.stream.constants import (
     MAX_VM_CMD_PACKAGED_SIZE, MIG_CMD_ARGS, MIG_CMD_PACKAGED, MIG_CMD_PING, MIG_CMD_POSTCOPY_ADVISE,
-    MIG_CMD_POSTCOPY_RAM_DISCARD, MIG_CMD_RECV_BITMAP, QEMU_VM_COMMAND, QEMU_VM_CONFIGURATION,
+    MIG_CMD_POSTCOPY_RAM_DISCARD, MIG_CMD_POSTCOPY_RUN, MIG_CMD_RECV_BITMAP, QEMU_VM_COMMAND, QEMU_VM_CONFIGURATION,
     QEMU_VM_EOF, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, QEMU_VM_FILE_VERSION_COMPAT,
     QEMU_VM_SECTION_END, QEMU_VM_SECTION_FOOTER, QEMU_VM_SECTION_FULL, QEMU_VM_SECTION_PART,
     QEMU_VM_SECTION_START, QEMU_VM_SUBSECTION, QEMU_VM_VMDESCRIPTION, RAM_SECTION_IDSTR,
@@ -87,7 +87,8 @@ class LoadResult:
 
 
 class _Loader:
-    def __init__(self, f, ram, *, vmdesc, max_ram_bytes, capabilities, decode_devices, partial_ok):
+    def __init__(self, f, ram, *, vmdesc, max_ram_bytes, capabilities, decode_devices, partial_ok,
+                 postcopy=None):
         self.r = StreamReader(f)
         self.res = LoadResult()
         self.devices = device_index(vmdesc)
@@ -101,6 +102,8 @@ class _Loader:
         self.partial_ok = partial_ok
         self.open: dict[int, SectionInfo] = {}    # section id -> its START/FULL info
         self.footers_seen = False
+        self.postcopy = postcopy                  # acts on commands (npqfile.migration.postcopy)
+        self.postcopy_run = False
 
     # -- top level ---------------------------------------------------------------------
     def run(self) -> LoadResult:
@@ -149,7 +152,8 @@ class _Loader:
             elif t in (QEMU_VM_SECTION_PART, QEMU_VM_SECTION_END):
                 self._section_part_end(t, at)
             elif t == QEMU_VM_COMMAND:
-                self._command(at, depth)
+                if self._command(at, depth) and depth:
+                    return      # POSTCOPY_RUN ends the package (QEMU's LOADVM_QUIT)
             else:
                 raise r.error(f"Unknown savevm section type {t}")
 
@@ -254,7 +258,9 @@ class _Loader:
         return True
 
     # -- commands ----------------------------------------------------------------------------
-    def _command(self, at: int, depth: int) -> None:
+    def _command(self, at: int, depth: int) -> bool:
+        """One command; returns True for POSTCOPY_RUN (after which QEMU's loader quits the
+        package it is in: a postcopy package holds LISTEN, devices, PING and RUN, no EOF)."""
         r = self.r
         cmd = r.be16("a command number")
         n = r.be16("a command length")
@@ -281,8 +287,13 @@ class _Loader:
                 raise r.error(f"RECV_BITMAP payload of {n} bytes is not one counted string")
             entry["block"] = wire_name(data[1:])
         self.res.commands.append(entry)
+        if self.postcopy is not None:
+            self.postcopy.command(cmd, data, self)   # acts on it (return path, discard, listen, run)
         if cmd == MIG_CMD_PACKAGED:
             self._packaged(struct.unpack(">I", data)[0], depth)
+        if cmd == MIG_CMD_POSTCOPY_RUN:
+            self.postcopy_run = True
+        return cmd == MIG_CMD_POSTCOPY_RUN
 
     def _discard(self, data: bytes) -> dict:
         """POSTCOPY_RAM_DISCARD: u8 version 0, counted name, u8 0, then (be64 start, be64 len) pairs."""
@@ -313,6 +324,8 @@ class _Loader:
     def _vmdesc_after_eof(self) -> None:
         r, res = self.r, self.res
         r.section = None
+        if self.postcopy_run:
+            return      # QEMU sends no vmdesc in postcopy, and its source now waits for SHUT
         at = r.begin()
         t = r.peek_u8()
         if t is None:
@@ -338,7 +351,7 @@ class _Stop(Exception):
 
 def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None,
                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, capabilities: tuple[str, ...] | list[str] = (),
-                decode_devices: bool = False, partial_ok: bool = False) -> LoadResult:
+                decode_devices: bool = False, partial_ok: bool = False, postcopy: Any = None) -> LoadResult:
     """Read a whole migration stream from the readable QEMUFile ``f``.
 
     ``ram``: the destination (each declared block must exist with the same size), or
@@ -347,11 +360,13 @@ def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None,
     :func:`~npqfile.stream.vmdesc.find_vmdesc`), used to step over device sections.
     ``capabilities``: capabilities the source had on that the stream itself does not
     announce (e.g. ``x-ignore-shared`` for streams older than QEMU 7.2's configuration
-    capabilities).  Returns a :class:`LoadResult`.  Raises StreamError for a malformed
+    capabilities).  ``postcopy``: an object whose ``command(cmd, payload, loader)`` acts on
+    each command as a destination must (``npqfile.migration.postcopy.PostcopyIncoming``);
+    None only reads them.  Returns a :class:`LoadResult`.  Raises StreamError for a malformed
     stream, or for a section that cannot be sized unless ``partial_ok``.
     """
     loader = _Loader(f, ram, vmdesc=vmdesc, max_ram_bytes=max_ram_bytes, capabilities=tuple(capabilities),
-                     decode_devices=decode_devices, partial_ok=partial_ok)
+                     decode_devices=decode_devices, partial_ok=partial_ok, postcopy=postcopy)
     try:
         return loader.run()
     finally:

@@ -44,6 +44,7 @@ import numpy as np
 
 from npqfile.migration.bandwidth import RateWindows
 from npqfile.migration.destination import block_hashes
+from npqfile.migration.postcopy import PostcopySource
 from npqfile.migration.stats import IterationStats, MigrationStats
 from npqfile.migration.workloads import Workload
 from npqfile.qemufile import (
@@ -87,6 +88,7 @@ class MigrationParams:
     machine: str = "none"
     runstate: str = "running"
     sample_rss: bool = False
+    postcopy_after: int | str | None = None    # postcopy: after N dirty syncs, or "auto" (see postcopy.py)
 
     def check(self) -> None:
         """Raise ValueError naming the first bad parameter."""
@@ -100,6 +102,9 @@ class MigrationParams:
             raise ValueError(f"time_limit must be positive ({self.time_limit})")
         if self.on_limit not in ("cancel", "force"):
             raise ValueError(f"on_limit must be cancel or force, not {self.on_limit!r}")
+        pa = self.postcopy_after
+        if pa is not None and pa != "auto" and (not isinstance(pa, int) or pa < 0):
+            raise ValueError(f"postcopy_after must be a number of dirty syncs >= 0 or 'auto', not {pa!r}")
         size = self.xbzrle_cache_size
         if size and (size < 4096 or size & (size - 1)):
             raise ValueError(f"xbzrle cache size {size} must be a power of two >= 4096")
@@ -153,6 +158,8 @@ class MigrationEngine:
         # payload, counted bytes before it) to tell the bytes written from those queued
         self._uncounted = 0
         self._marks: list[tuple[int, int]] = []
+        self.postcopy = PostcopySource(self) if self.params.postcopy_after is not None else None
+        self._last_sync_dirty: int | None = None
 
     # -- control from other threads -----------------------------------------------------
     def cancel(self) -> None:
@@ -183,7 +190,9 @@ class MigrationEngine:
             self._setup()
             st.status = "active"
             outcome = self._iterate()
-            if outcome in ("converged", "forced"):
+            if outcome == "postcopy":
+                self._postcopy_start()
+            elif outcome in ("converged", "forced"):
                 self._complete()
                 st.converged = outcome == "converged"
             else:
@@ -192,7 +201,7 @@ class MigrationEngine:
                 st.precopy_bytes = self._ram_counted()   # what was sent while the guest ran
                 st.expected_downtime = st.remaining / max(st.bandwidth, 1.0)
                 self.f.shutdown()
-            if st.status != "cancelled":
+            if st.status not in ("cancelled", "completed", "postcopy-paused", "failed"):
                 self.f.fflush()
                 if self.f.get_error():
                     raise self.f.error
@@ -215,6 +224,8 @@ class MigrationEngine:
         self._dirty = sum(b.n_pages for b in self._blocks)
         self.stats.dirty_sync_count = 1
         self.writer.write_header()
+        if self.postcopy is not None:
+            self.postcopy.setup()                   # return path and advise, before any RAM
         self.f.ram_control_before_iterate(RAM_CONTROL_SETUP)
         with self._ram_section(QEMU_VM_SECTION_START):
             self.saver.save_setup()
@@ -295,6 +306,8 @@ class MigrationEngine:
             if not pending or pending < threshold:      # migration_iteration_run: complete
                 st.outcome = "converged"
                 return "converged"
+            if self.postcopy is not None and self._postcopy_due(synced):
+                return "postcopy"
             if synced:
                 if st.dirty_sync_count > p.max_iterations:
                     return self._limit("max-iterations")
@@ -309,7 +322,35 @@ class MigrationEngine:
             else:
                 self.windows.tick()
 
+    def _postcopy_due(self, synced: bool) -> bool:
+        """migrate-start-postcopy as guestperf issues it: once dirty-sync-count exceeds
+        ``postcopy_after``; with ``auto``, at the first sync whose dirty pages did not
+        shrink since the previous sync (pre-copy stopped making progress)."""
+        pa = self.params.postcopy_after
+        if pa != "auto":
+            return self.stats.dirty_sync_count > pa
+        if not synced:
+            return False
+        last, self._last_sync_dirty = self._last_sync_dirty, self._dirty
+        return last is not None and self._dirty >= last
+
+    def _postcopy_start(self) -> None:
+        """Stop the guest (vm_stop) and hand over to the postcopy phase (postcopy.py)."""
+        st = self.stats
+        self._close_iteration()
+        st.precopy_bytes = self._ram_counted()
+        stop_t = time.monotonic()
+        self.workload.pause()
+        st.switchover_time = stop_t - self.t0
+        self._sample_rss(st.switchover_time)
+        st.status = "device"
+        self.postcopy.run(stop_t)
+        st.converged = st.status == "completed"
+
     def _limit(self, why: str) -> str:
+        if self.params.postcopy_after == "auto":
+            self.stats.outcome = f"postcopy: {why}"
+            return "postcopy"               # auto: a run that cannot converge switches
         self.stats.outcome = why if self.params.on_limit == "cancel" else f"forced: {why}"
         return "forced" if self.params.on_limit == "force" else why
 
@@ -501,6 +542,8 @@ class MigrationEngine:
         st.released_bytes += self.f.released_bytes
         st.rss_after = resident_bytes(self.ram)
         st.workload = self.workload.describe()
+        if self.postcopy is not None:
+            st.postcopy = {**st.postcopy, **self.postcopy.summary()}
         st.window_bandwidth = st.bandwidth
         if st.status == "completed":
             # migration_calculate_complete: s->mbps becomes the average over the

@@ -131,6 +131,7 @@ class PostcopySource:
         self.rp_error: str | None = None
         self._rp_done = threading.Event()
         self.active = False           # the package (with RUN) has been sent
+        self._bytes0 = 0              # RAM bytes counted when postcopy began
 
     # -- setup: return path and advise ------------------------------------------------------
     def setup(self) -> None:
@@ -243,6 +244,7 @@ class PostcopySource:
         if f.get_error():
             raise f.error
         self.active = True
+        self._bytes0 = e._ram_counted()
         st.status = "postcopy-active"
         st.downtime = time.monotonic() - stop_t - excluded     # QEMU: stop to package sent
         st.postcopy = {"discard-messages": discards, "switch-sync": st.dirty_sync_count}
@@ -356,17 +358,25 @@ class PostcopySource:
 
     def summary(self) -> dict[str, Any]:
         """The source's postcopy statistics."""
-        return {"postcopy-requests": self.requests, "pages-requested-sent": self.pages_requested,
+        return {"postcopy-requests": self.requests,
+                "postcopy-bytes": self.e._ram_counted() - self._bytes0 if self.active else 0, "pages-requested-sent": self.pages_requested,
                 "pongs": self.pongs, "shut": self.shut, "return-path-error": self.rp_error}
 
     def close(self) -> None:
-        """Stop the return-path thread (shutting the connection down if it still runs)."""
+        """Stop the return-path thread (shutting the connection down if it still runs)
+        and close the return path."""
         if self._thread is not None and self._thread.is_alive():
             try:
                 self.e.f.channel.shutdown(True, True)
             except (OSError, AttributeError, TypeError):
                 pass
             self._thread.join(5.0)
+        rp, self.return_path = self.return_path, None
+        if rp is not None:
+            try:
+                rp.close()
+            except ValueError:
+                pass            # already closed by whoever read the verdict
 
 
 # =========================================================================================

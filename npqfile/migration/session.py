@@ -178,7 +178,9 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationSt
             dest_ram = GuestRAM()
             for blk in ram.blocks:
                 add_guest_block(dest_ram, blk.name, blk.size)
-            dest = Destination(dest_ram, machine=params.machine, hash_blocks=False)
+            # postcopy: the guest goes on running its workload on the destination after RUN
+            guest = make_workload(cfg.workload, seed=cfg.seed + 1) if params.postcopy_after is not None else None
+            dest = Destination(dest_ram, machine=params.machine, hash_blocks=False, guest=guest)
             dest.start(reader)
         else:
             channel = open_channel(to, "w")
@@ -193,10 +195,14 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationSt
             st.compression = {"method": "zlib", "level": comp.level, "where": "pages",
                               "pages": st.ram.compressed_pages, "bytes-out": st.ram.compressed_bytes}
         src_hashes = engine.switchover_hashes or None
-        if st.status == "completed" and cfg.verify and src_hashes is None and to != "inprocess":
+        postcopy = engine.postcopy
+        if st.status == "completed" and cfg.verify and src_hashes is None and (to != "inprocess" or postcopy):
             src_hashes = block_hashes(ram)
         if remote and cfg.verify:
-            st.verification = _remote_verdict(f, st, src_hashes if cfg.verify else None)
+            st.verification = _remote_verdict(f, st, src_hashes if cfg.verify else None,
+                                              postcopy.return_path if postcopy else None)
+        if postcopy is not None:
+            postcopy.close()
         ret = f.close()
         if ret < 0 and st.status == "completed":
             # qemu_fclose's result: e.g. an exec: command that failed after reading
@@ -212,6 +218,9 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationSt
             st.destination = res.as_dict()
             if res.status != "completed" and cfg.verify and st.status != "cancelled":
                 st.verification = destination_failed("compare", res.error)
+            elif st.status == "completed" and cfg.verify and postcopy is not None:
+                # the destination's guest changed its RAM: compare RAM as it was received
+                st.verification = _compare_hashes(src_hashes, res.hashes)
             elif st.status == "completed" and cfg.verify:
                 st.verification = _compare(ram, dest_ram, src_hashes)
         elif to.startswith("file:") and st.status == "completed" and cfg.verify:
@@ -233,9 +242,10 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationSt
             dest_ram.close()
 
 
-def _remote_verdict(f: QEMUFile, st: MigrationStats, src_hashes: dict | None) -> dict:
+def _remote_verdict(f: QEMUFile, st: MigrationStats, src_hashes: dict | None, rp: QEMUFile | None = None) -> dict:
     """Half-close our side, then read the destination's verification message (after a
-    failed run too, briefly: it may say why the destination gave up)."""
+    failed run too, briefly: it may say why the destination gave up) from ``rp`` (postcopy's
+    return path, already read up to SHUT) or a new return path."""
     failed = st.status != "completed"
     if st.status == "cancelled":
         return {}
@@ -245,7 +255,7 @@ def _remote_verdict(f: QEMUFile, st: MigrationStats, src_hashes: dict | None) ->
             if finish is not None:
                 finish()            # the zstd frame ends before our half of the connection
             f.channel.shutdown(False, True)
-        rp = f.get_return_path()
+        rp = rp or f.get_return_path()
         if rp is None:
             return {"method": None, "ok": None, "note": "no return path"}
         try:

@@ -91,6 +91,7 @@ class MigrationStats:
     destination: dict = field(default_factory=dict)
     workload: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
+    postcopy: dict = field(default_factory=dict)    # source's postcopy statistics (postcopy.py)
 
     @property
     def transferred(self) -> int:
@@ -167,6 +168,13 @@ class MigrationStats:
                 "params": self.params,
             },
         }
+        if self.postcopy:
+            out["ram"]["postcopy-requests"] = self.postcopy.get("postcopy-requests", 0)
+            out["ram"]["postcopy-bytes"] = self.postcopy.get("postcopy-bytes", 0)
+            dst = self.destination.get("postcopy") or {}
+            if "postcopy-blocktime" in dst:        # QEMU reports it on the destination
+                out["postcopy-blocktime"] = dst["postcopy-blocktime"]
+            out["npqfile"]["postcopy"] = {**self.postcopy, "destination": dst}
         if self.xbzrle_cache_size:
             out["xbzrle-cache"] = {
                 "cache-size": self.xbzrle_cache_size,

@@ -206,6 +206,8 @@ class MigrationEngine:
                 if self.f.get_error():
                     raise self.f.error
                 st.status = "completed"
+                if self.postcopy is not None:
+                    self.postcopy.await_close()     # converged in pre-copy: the return path ends with SHUT
         except (OSError, RuntimeError) as exc:   # I/O failure, or the workload thread failed
             st.status, st.outcome = "failed", f"error: {exc}"
         finally:

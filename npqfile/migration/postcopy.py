@@ -349,6 +349,18 @@ class PostcopySource:
         else:
             st.status, st.outcome = "completed", "postcopy"
 
+    def await_close(self) -> None:
+        """await_return_path_close_on_source after a pre-copy completion: wait for SHUT;
+        a destination error (SHUT 1) or a broken return path fails the migration."""
+        st = self.e.stats
+        self.e.f.fflush()
+        if not self._rp_done.wait(SHUT_TIMEOUT):
+            st.status, st.outcome = "failed", f"error: no SHUT from the destination within {SHUT_TIMEOUT:g} s"
+        elif self.rp_error is not None:
+            st.status, st.outcome = "failed", f"error: return path: {self.rp_error}"
+        elif self.shut:
+            st.status, st.outcome = "failed", f"error: the destination reported an error (SHUT {self.shut})"
+
     def _pause(self, why: str) -> None:
         st = self.e.stats
         st.status = "postcopy-paused"

@@ -218,7 +218,7 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationSt
             st.destination = res.as_dict()
             if res.status != "completed" and cfg.verify and st.status != "cancelled":
                 st.verification = destination_failed("compare", res.error)
-            elif st.status == "completed" and cfg.verify and postcopy is not None:
+            elif st.status == "completed" and cfg.verify and postcopy is not None and postcopy.active:
                 # the destination's guest changed its RAM: compare RAM as it was received
                 st.verification = _compare_hashes(src_hashes, res.hashes)
             elif st.status == "completed" and cfg.verify:

@@ -24,6 +24,7 @@ from npqfile.channels import listen, open_channel
 from npqfile.migration.compression import DecompressingReader, parse_compress
 from npqfile.migration.destination import Destination
 from npqfile.migration.session import add_guest_block
+from npqfile.migration.workloads import make_workload
 from npqfile.ram import GuestRAM
 from npqfile.units import format_bytes, parse_size
 
@@ -40,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compress", default="none", help="the source's --compress (zstd/lz4 decode the channel)")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait for the connection (> 0; default: forever)")
+    p.add_argument("--workload", default=None, metavar="SPEC",
+                   help="postcopy: run this workload (as migrate --workload) on the RAM from POSTCOPY_RUN on; "
+                        "its accesses to pages not yet received fault and are requested from the source")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -69,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
             channel = open_channel(args.uri, "r")
         if comp.on_channel:
             channel = DecompressingReader(channel, comp)
-        res = Destination(ram, machine=args.machine).receive(channel)
+        guest = make_workload(args.workload) if args.workload else None
+        res = Destination(ram, machine=args.machine, guest=guest).receive(channel)
         if args.json:
             print(json.dumps(res.as_dict(), indent=2))
         elif res.status == "completed":
@@ -77,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             for name, digest in res.hashes.items():
                 print(f"  {name}: sha256 {digest}")
         if res.status != "completed":
-            print(f"error: incoming migration failed: {res.error}", file=sys.stderr)
+            print(f"error: incoming migration {res.status}: {res.error}", file=sys.stderr)
             return 1
         return 0
     finally:

@@ -63,6 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--release-ram", action="store_true", help="release source pages once sent at switchover")
     m.add_argument("--pause-before-switchover", nargs="?", type=float, const=0.0, default=None, metavar="SECONDS",
                    help="pause (pre-switchover) after stopping the guest, for SECONDS")
+    m.add_argument("--postcopy-after", default=None, metavar="N|auto",
+                   help="postcopy-ram: migrate-start-postcopy once dirty-sync-count exceeds N (0: right after "
+                        "setup), or auto: when a sync finds no fewer dirty pages than the previous one, or at "
+                        "--max-iterations / --time-limit (needs a return path: in-process, unix:, tcp:)")
     m.add_argument("--machine", default="none", help="machine-type name in the stream (default none)")
     m.add_argument("--no-verify", action="store_true", help="skip the destination check")
     o = p.add_argument_group("output")
@@ -91,7 +95,7 @@ def config_from_args(args: argparse.Namespace) -> MigrationConfig:
         zero_page_detection=not args.no_zero_detection,
         xbzrle_cache_size=parse_size(args.xbzrle_cache) if args.xbzrle_cache else 0,
         release_ram=args.release_ram, pause_before_switchover=args.pause_before_switchover is not None,
-        machine=args.machine, sample_rss=bool(args.plot))
+        machine=args.machine, sample_rss=bool(args.plot), postcopy_after=postcopy_after(args.postcopy_after))
     params.check()
     workload = args.workload if args.dirty_rate is None else with_rate(args.workload, args.dirty_rate)
     return MigrationConfig(size=parse_size(args.size), block=args.block, init=args.init, workload=workload,
@@ -135,6 +139,33 @@ def verification_text(ver: dict) -> str:
     return f"{ver.get('method')}: MISMATCH ({why})"
 
 
+def postcopy_after(text: str | None) -> int | str | None:
+    """``--postcopy-after``: None, ``auto`` or a count >= 0.  ValueError naming the option."""
+    if text is None or text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"--postcopy-after must be a number of dirty syncs >= 0 or auto, got {text!r}")
+    return n
+
+
+def _postcopy_rows(d: dict) -> list[tuple[str, str]]:
+    pc = d["npqfile"].get("postcopy")
+    if not pc:
+        return []
+    lat = (pc.get("destination") or {}).get("fault-latency") or {}
+    rows = [("postcopy requests / bytes", f"{d['ram']['postcopy-requests']} / {format_bytes(d['ram']['postcopy-bytes'])}")]
+    if lat.get("count"):
+        rows.append(("fault latency p50 / p90 / p99 / max",
+                     f"{lat['p50-ms']} / {lat['p90-ms']} / {lat['p99-ms']} / {lat['max-ms']} ms ({lat['count']} faults)"))
+    if "postcopy-blocktime" in d:
+        rows.append(("postcopy blocktime (destination guest)", f"{d['postcopy-blocktime']:.1f} ms"))
+    return rows
+
+
 def _summary(st: MigrationStats, out) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -159,6 +190,7 @@ def _summary(st: MigrationStats, out) -> None:
         ("pages per second", f"{r['pages-per-second']:.0f}"),
         ("source RSS before / after", f"{format_bytes(x['rss-before'])} / {format_bytes(x['rss-after'])}"),
         ("verification", verification_text(ver)),
+        *_postcopy_rows(d),
     ]
     if "xbzrle-cache" in d:
         xc = d["xbzrle-cache"]
@@ -248,12 +280,17 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         from npqfile.migration.plot import plot_migration
         plot_migration(st, args.plot)
+        if st.postcopy:
+            from npqfile.migration.plot import plot_postcopy, postcopy_plot_path
+            plot_postcopy(st, postcopy_plot_path(args.plot))
     if args.json:
         print(json.dumps(st.as_dict(), indent=2), file=out)
     else:
         _summary(st, out)
     ver = st.verification
-    if st.status == "failed":
+    if st.status == "postcopy-paused":
+        print(f"error: migration postcopy-paused: {st.outcome.removeprefix('error: ')}", file=err)
+    elif st.status == "failed":
         print(f"error: migration failed: {st.outcome.removeprefix('error: ')}", file=err)
     elif ver.get("done") is False:
         print(f"error: verification not done: {ver.get('error')}", file=err)

@@ -65,7 +65,7 @@ def plot_migration(stats: MigrationStats, path: str | os.PathLike) -> None:
             ts = [t for t, _b, _r in tl]
             ax3.plot(ts, [r / MIB for _t, _b, r in tl], color="tab:green", label="source RSS")
             ax3.plot(ts, [b / MIB for _t, b, _r in tl], color="tab:gray", linestyle="--", label="stream bytes")
-            if stats.switchover_time:
+            if stats.switchover_time and not stats.postcopy.get("postcopy-bytes"):
                 # from vm_stop to the end (the reported downtime leaves out verification hashing)
                 ax3.axvspan(stats.switchover_time, ts[-1], color="tab:orange", alpha=0.2, label="guest stopped")
             ax3.legend(loc="best")
@@ -99,6 +99,57 @@ def plot_sweep(rows: list[dict[str, Any]], names: list[str], path: str | os.Path
         ax2.plot(xs, [row.get("downtime-ms", 0) for row in rows], "o-", color="tab:red", label="downtime")
         ax2.set_ylabel("downtime (ms)", color="tab:red")
         ax1.set_title(f"sweep over {', '.join(names)} (hatched: not converged)")
+        fig.tight_layout()
+        fig.savefig(os.fspath(path), dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def postcopy_plot_path(path: str | os.PathLike) -> str:
+    """``run.png`` -> ``run.postcopy.png``: where ``migrate --plot`` draws the postcopy figure."""
+    root, ext = os.path.splitext(os.fspath(path))
+    return f"{root}.postcopy{ext or '.png'}"
+
+
+def plot_postcopy(stats: MigrationStats, path: str | os.PathLike) -> None:
+    """Postcopy: source RSS over time (release-ram frees pages as they are sent) and the
+    destination's page-fault latency distribution (CDF, p50/p90/p99 marked).  Raises
+    OSError when the PNG cannot be written."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7))
+    try:
+        tl = stats.timeline
+        if tl:
+            ts = [t for t, _b, _r in tl]
+            ax1.plot(ts, [r / MIB for _t, _b, r in tl], color="tab:green", label="source RSS")
+            ax1.plot(ts, [b / MIB for _t, b, _r in tl], color="tab:gray", linestyle="--", label="stream bytes")
+            if stats.switchover_time:
+                ax1.axvline(stats.switchover_time, color="tab:orange", label="switch to postcopy")
+            ax1.legend(loc="best")
+        else:
+            ax1.text(0.5, 0.5, "no RSS samples", ha="center", va="center", transform=ax1.transAxes)
+        ax1.set_xlabel("time (s)")
+        ax1.set_ylabel("MiB")
+        ax1.set_title(f"postcopy {stats.status}: {stats.postcopy.get('postcopy-requests', 0)} page requests, "
+                      f"downtime {stats.downtime * 1000:.1f} ms")
+        dst = stats.destination.get("postcopy") or {}
+        lat = sorted(dst.get("fault-latencies-ms") or [])
+        if lat:
+            n = len(lat)
+            ax2.plot(lat, [(i + 1) / n for i in range(n)], color="tab:purple")
+            summary = dst.get("fault-latency") or {}
+            for q in ("p50", "p90", "p99"):
+                v = summary.get(f"{q}-ms")
+                if v is not None:
+                    ax2.axvline(v, color="tab:gray", linestyle=":")
+                    ax2.text(v, 0.02, q, rotation=90, va="bottom")
+            ax2.set_title(f"destination page faults: {n}, guest blocked "
+                          f"{dst.get('postcopy-blocktime', 0):.1f} ms in all")
+        else:
+            ax2.text(0.5, 0.5, "no page faults recorded (no guest on the destination, or a remote one)",
+                     ha="center", va="center", transform=ax2.transAxes)
+        ax2.set_xlabel("fault latency (ms): fault to page placed")
+        ax2.set_ylabel("fraction of faults")
         fig.tight_layout()
         fig.savefig(os.fspath(path), dpi=100)
     finally:

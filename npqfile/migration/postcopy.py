@@ -86,6 +86,7 @@ from npqfile.stream.savevm import SaveVMWriter
 BACKGROUND_CHUNK = 64        # background pages between looks at the request queue
 SHUT_TIMEOUT = 120.0         # seconds the source waits for the destination's SHUT
 VERIFY_MAGIC = b"NPQV"       # npqfile's verification message (see destination.py)
+MAX_SAMPLES = 10000          # fault latencies kept in the statistics (evenly subsampled)
 
 
 def latency_summary(latencies: list[float]) -> dict[str, Any]:
@@ -662,7 +663,9 @@ class PostcopyIncoming:
         blocked = sum(self.latencies)
         return {"state": self.state, "postcopy-requests": self.requests, "placed-pages": self.placed_pages,
                 "discarded-pages": self.discarded_pages, "postcopy-blocktime": round(blocked * 1000, 3),
-                "fault-latency": latency_summary(self.latencies), "guest-touched-pages": len(self._first_seen),
+                "fault-latency": latency_summary(self.latencies),
+                "fault-latencies-ms": [round(x * 1000, 3) for x in self.latencies[::max(1, len(self.latencies) // MAX_SAMPLES)]],
+                "guest-touched-pages": len(self._first_seen),
                 "fault-thread-error": self.fault_error, "npqfile-source": self.npqfile_source}
 
 

@@ -1,0 +1,347 @@
+"""Postcopy: return-path and command bytes, userfaultfd, the two postcopy phases, release-ram
+in postcopy, hostile return paths, a side dying mid-postcopy, and real QEMU 7.2 / 10.0 on
+either side."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import QEMU_VERSIONS, require
+
+from npqfile.errors import StreamError
+from npqfile.migration import MigrationConfig, MigrationParams, postcopy, run_migration
+from npqfile.migration.workloads import Workload
+from npqfile.ram import GuestRAM
+from npqfile.stream import return_path as rpm
+
+MIB = 1 << 20
+
+
+def _uffd_ok() -> bool:
+    from npqfile.ram.userfaultfd import Userfaultfd, UserfaultfdUnavailable
+    try:
+        Userfaultfd().close()
+        return True
+    except UserfaultfdUnavailable:
+        return False
+
+
+def require_uffd() -> None:
+    require(_uffd_ok(), "userfaultfd (root, /dev/userfaultfd or vm.unprivileged_userfaultfd=1)")
+
+
+# -- pure bytes -------------------------------------------------------------------------------
+def test_return_path_messages_round_trip_in_any_split():
+    data = (rpm.rp_pong(1) + rpm.rp_req_pages(0x3000, 4096, "ram") + rpm.rp_req_pages(0x5000, 8192, None)
+            + rpm.rp_shut(False))
+    assert data[:8] == b"\x00\x02\x00\x04\x00\x00\x00\x01"        # QEMU's PONG bytes
+    p = rpm.ReturnPathParser()
+    msgs = [m for i in range(len(data)) for m in p.feed(data[i:i + 1])]
+    assert [m.name for m in msgs] == ["PONG", "REQ_PAGES_ID", "REQ_PAGES", "SHUT"]
+    assert (msgs[1].block, msgs[1].start, msgs[1].length) == ("ram", 0x3000, 4096)
+    assert (msgs[2].block, msgs[2].start, msgs[2].length) == (None, 0x5000, 8192)
+    assert msgs[3].value == 0 and msgs[3].offset == len(data) - 8
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"NPQV\x00\x00\x00\x10", "Received invalid message 0x4e50 length 0x5156"),
+    (struct.pack(">HH", rpm.MIG_RP_MSG_SHUT, 5), "'SHUT' message (0x0001) with incorrect length 5 expecting 4"),
+    (struct.pack(">HHQIB", rpm.MIG_RP_MSG_REQ_PAGES_ID, 14, 0, 4096, 3) + b"r", "Req_Page_id with length 14 expecting 16"),
+    (struct.pack(">HH", rpm.MIG_RP_MSG_REQ_PAGES_ID, 600), "with bad length 600"),
+    (struct.pack(">HHI", rpm.MIG_RP_MSG_RESUME_ACK, 4, 1), "postcopy recovery and switchover-ack are not supported"),
+])
+def test_malformed_return_path_messages_are_stream_errors(data, reason):
+    with pytest.raises(StreamError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        rpm.ReturnPathParser().feed(data)
+
+
+def test_discard_messages_carry_at_most_twelve_ranges_and_parse_back():
+    ranges = [(i * 8192, 4096) for i in range(30)]
+    payloads = rpm.discard_payloads("pc.ram", ranges)
+    assert len(payloads) == 3
+    assert payloads[0][:9] == b"\x00\x06pc.ram\x00" and len(payloads[0]) == 9 + 12 * 16
+    back = [r for p in payloads for r in rpm.parse_discard(p)[1]]
+    assert back == ranges
+    for bad, why in ((b"\x01\x01r\x00", "invalid version"), (b"\x00\x05r\x00", "missing nil"),
+                     (b"\x00\x01r\x00" + b"\x00" * 15, "invalid length remaining 15")):
+        with pytest.raises(ValueError, match=why):
+            rpm.parse_discard(bad)
+
+
+# -- userfaultfd ------------------------------------------------------------------------------
+def test_userfaultfd_ioctl_numbers_are_the_kernel_headers():
+    from npqfile.ram import userfaultfd as u
+    # linux/userfaultfd.h on x86-64, as the C preprocessor computes them
+    assert (u.UFFDIO_API, u.UFFDIO_REGISTER, u.UFFDIO_UNREGISTER, u.UFFDIO_WAKE, u.UFFDIO_COPY,
+            u.UFFDIO_ZEROPAGE, u.USERFAULTFD_IOC_NEW) == (
+        0xC018AA3F, 0xC020AA00, 0x8010AA01, 0x8010AA02, 0xC028AA03, 0xC020AA04, 0xAA00)
+    assert "vm.unprivileged_userfaultfd" in u.HOW_TO_ALLOW and "/dev/userfaultfd" in u.HOW_TO_ALLOW
+
+
+def test_userfaultfd_blocks_a_reader_until_the_page_is_copied():
+    require_uffd()
+    import ctypes
+    from npqfile.ram.userfaultfd import Userfaultfd
+    ram = GuestRAM()
+    try:
+        b = ram.add_block("ram", 1 * MIB)
+        b.release([(0, b.size)])
+        got = ctypes.create_string_buffer(4096)
+        with Userfaultfd() as uf:
+            uf.register(b.address, b.size)
+            t = threading.Thread(target=ctypes.memmove, args=(got, b.address + 8192, 4096))
+            t.start()
+            faults = []
+            deadline = time.monotonic() + 10
+            while not faults and time.monotonic() < deadline:
+                faults = uf.read_faults()
+            assert [f.address & ~4095 for f in faults] == [b.address + 8192]
+            assert t.is_alive()                              # blocked in the kernel, GIL released
+            src = ctypes.create_string_buffer(b"\x5a" * 4096, 4096)
+            uf.copy(b.address + 8192, ctypes.addressof(src), 4096)
+            t.join(10)
+            uf.zeropage(b.address, 4096)
+            with pytest.raises(OSError, match="File exists"):
+                uf.copy(b.address + 8192, ctypes.addressof(src), 4096)
+            uf.unregister(b.address, b.size)
+        assert got.raw == b"\x5a" * 4096 and bytes(b.page(2)) == b"\x5a" * 4096
+    finally:
+        ram.close()
+
+
+# -- the simulator ------------------------------------------------------------------------------
+def _cfg(**params) -> MigrationConfig:
+    base = dict(max_bandwidth=8e6, max_iterations=3, time_limit=30.0)
+    base.update(params)
+    return MigrationConfig(size=16 * MIB, init="random", workload="uniform:rate=20000",
+                           params=MigrationParams(**base))
+
+
+def test_a_guest_that_cannot_converge_completes_with_postcopy():
+    require_uffd()
+    pre = run_migration(_cfg())                   # 80 MB/s of writes over an 8 MB/s link
+    assert pre.status == "cancelled" and pre.outcome == "max-iterations"
+    st = run_migration(_cfg(postcopy_after=1))
+    d = st.as_dict()
+    assert st.status == "completed" and st.outcome == "postcopy", st.outcome
+    assert d["ram"]["postcopy-requests"] > 0 and d["ram"]["postcopy-bytes"] > 0
+    assert st.verification == {"method": "sha256", "ok": True, "mismatched": []}
+    dst = st.destination["postcopy"]
+    assert dst["postcopy-requests"] == d["ram"]["postcopy-requests"]
+    assert dst["fault-latency"]["count"] > 0 and dst["fault-latency"]["p50-ms"] <= dst["fault-latency"]["max-ms"]
+    assert d["postcopy-blocktime"] > 0 and dst["npqfile-source"] is True
+    assert dst["guest-touched-pages"] > 0          # the guest ran on the destination's RAM
+
+
+def test_postcopy_auto_switches_at_the_limit_and_plots(tmp_path):
+    require_uffd()
+    st = run_migration(_cfg(postcopy_after="auto", sample_rss=True))
+    assert st.status == "completed" and st.verification["ok"] is True
+    from npqfile.migration.plot import plot_postcopy
+    plot_postcopy(st, tmp_path / "pc.png")
+    assert (tmp_path / "pc.png").stat().st_size > 1000
+
+
+def test_release_ram_in_postcopy_frees_the_source_and_never_an_unsent_page():
+    require_uffd()
+    st = run_migration(_cfg(postcopy_after=1, release_ram=True, sample_rss=True))
+    assert st.status == "completed", st.outcome
+    # random contents: a page released before it was sent would have gone as zeros and
+    # the destination's RAM as received would differ from the source's at the switch
+    assert st.verification["ok"] is True and st.verification["method"] == "sha256"
+    assert st.rss_after <= 64 * 4096 and st.released_bytes >= 16 * MIB
+    rss = [r for t, _b, r in st.timeline if t >= st.switchover_time]
+    assert rss[0] > 8 * MIB > rss[-1]              # RSS falls as postcopy proceeds
+
+
+def test_precopy_release_ram_is_unchanged_by_postcopy_support():
+    st = run_migration(MigrationConfig(size=8 * MIB, init="random", workload="idle",
+                                       params=MigrationParams(release_ram=True)))
+    assert st.status == "completed" and st.verification["ok"] is True and not st.postcopy
+
+
+# -- hostile return paths ----------------------------------------------------------------------
+def _hostile(monkeypatch, *messages: bytes, repeat: int = 1):
+    """Make the in-process destination send ``messages`` on LISTEN."""
+    original = postcopy.PostcopyIncoming._listen
+
+    def listen(self, loader):
+        original(self, loader)
+        for _ in range(repeat):
+            for m in messages:
+                self.send(m)
+    monkeypatch.setattr(postcopy.PostcopyIncoming, "_listen", listen)
+
+
+@pytest.mark.parametrize("message, reason", [
+    (rpm.rp_req_pages(16 * MIB, 4096, "ram"), "request overrun, start=0x1000000 len=0x1000 blocklen=0x1000000"),
+    (rpm.rp_req_pages(0, 4096, "pc.ram"), "ram_save_queue_pages no block 'pc.ram'"),
+    (rpm.rp_req_pages(0, 4096, None), "ram_save_queue_pages no previous block"),
+    (rpm.rp_req_pages(100, 4096, "ram"), "Misaligned page request"),
+    (b"\x4e\x50\x51\x56", "Received invalid message 0x4e50 length 0x5156"),
+])
+def test_hostile_return_path_messages_end_the_migration_cleanly(monkeypatch, message, reason):
+    require_uffd()
+    _hostile(monkeypatch, message)
+    cfg = _cfg(postcopy_after=0)
+    cfg.workload = "idle"
+    st = run_migration(cfg)
+    assert st.status in ("failed", "postcopy-paused") and reason in st.outcome, st.outcome
+    assert st.verification.get("ok") is not True
+
+
+def test_a_flood_of_page_requests_costs_no_memory_and_completes(monkeypatch):
+    require_uffd()
+    _hostile(monkeypatch, rpm.rp_req_pages(0, 16 * MIB, "ram"), rpm.rp_req_pages(4096, 4096, None), repeat=5000)
+    cfg = _cfg(postcopy_after=0)
+    cfg.workload = "idle"
+    st = run_migration(cfg)
+    assert st.status == "completed" and st.verification["ok"] is True, st.outcome
+    assert st.postcopy["postcopy-requests"] == 10000
+
+
+# -- a side dies during postcopy ------------------------------------------------------------------
+def _incoming(sock: str, *extra: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "npqfile", "incoming", f"unix:{sock}", "--ram", "16M", "--json",
+                             "--timeout", "60", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    line = proc.stdout.readline()
+    if not line.startswith("listening on"):
+        proc.kill()
+        raise AssertionError(f"incoming did not start: {line!r} {proc.stderr.read()}")
+    return proc
+
+
+def test_destination_killed_during_postcopy_leaves_the_source_postcopy_paused(tmp_path):
+    require_uffd()
+    sock = str(tmp_path / "m.sock")
+    proc = _incoming(sock, "--workload", "uniform:rate=20000")
+    try:
+        def kill_at_postcopy(info):
+            if info["status"] == "postcopy-active" and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        cfg = _cfg(postcopy_after=0)
+        cfg.to = f"unix:{sock}"
+        st = run_migration(cfg, on_progress=kill_at_postcopy)
+        assert proc.returncode is not None, "postcopy never became active"
+        assert st.status == "postcopy-paused" and "guest is split" in st.outcome, st.outcome
+        assert st.verification.get("ok") is not True
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_source_gone_during_postcopy_leaves_the_destination_postcopy_paused(tmp_path, monkeypatch):
+    require_uffd()
+    import npqfile.migration.engine as eng
+    engines = []
+    original = eng.MigrationEngine.__init__
+
+    def init(self, *a, **k):
+        original(self, *a, **k)
+        engines.append(self)
+    monkeypatch.setattr(eng.MigrationEngine, "__init__", init)
+
+    def drop_at_postcopy(info):
+        if info["status"] == "postcopy-active" and not engines[0].f.get_error():
+            # once the destination answered the package's PING 3 it listens (QEMU 10.1+
+            # waits for this PONG before it counts the destination as running)
+            deadline = time.monotonic() + 20
+            while engines[0].postcopy.pongs < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            engines[0].f.channel.shutdown(True, True)     # the source's host vanishes
+            engines[0].f.set_error(-32, "source gone")
+    sock = str(tmp_path / "m.sock")
+    proc = _incoming(sock, "--workload", "uniform:rate=20000")
+    try:
+        cfg = _cfg(postcopy_after=0)
+        cfg.to = f"unix:{sock}"
+        st = run_migration(cfg, on_progress=drop_at_postcopy)
+        assert st.status == "postcopy-paused", st.outcome
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1
+        res = json.loads(out)
+        assert res["status"] == "postcopy-paused" and "guest is split" in res["error"], res
+        assert "incoming migration postcopy-paused" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+# -- real QEMU ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("version", QEMU_VERSIONS)
+def test_real_qemu_postcopy_source_into_npqfile_incoming(tmp_path, version):
+    require_uffd()
+    from qemu_support import QemuVM
+    ram_file = tmp_path / "src.bin"
+    data = np.random.default_rng(3).integers(0, 256, 16 * MIB, dtype=np.uint8)
+    data[: 4 * MIB] = 0
+    data.tofile(ram_file)
+    want = hashlib.sha256(data.tobytes()).hexdigest()
+    sock = str(tmp_path / "m.sock")
+    proc = _incoming(sock)
+    try:
+        with QemuVM(tmp_path, ram_file, version=version) as vm:
+            vm.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
+            vm.cmd("migrate-set-parameters", **{"max-bandwidth": 4 * MIB})    # pre-copy would take 3 s
+            vm.cmd("migrate", uri=f"unix:{sock}")
+            vm.cmd("migrate-start-postcopy")
+            st = vm.wait_migration(60)
+            assert st["ram"].get("postcopy-bytes", 1) > 0
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        res = json.loads(out)
+        assert res["hashes"] == {"ram": want}
+        assert res["postcopy"]["placed-pages"] > 0 and res["postcopy"]["npqfile-source"] is False
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.parametrize("version", QEMU_VERSIONS)
+def test_npqfile_postcopy_source_into_real_qemu(tmp_path, version):
+    from qemu_support import QemuVM
+    shm = f"/dev/shm/npqfile-pc-{os.getpid()}-{version}.bin"      # QEMU's postcopy wants tmpfs RAM
+    try:
+        with open(shm, "wb") as fh:
+            fh.truncate(16 * MIB)
+        sock = str(tmp_path / "m.sock")
+        with QemuVM(tmp_path, shm, incoming=True, version=version) as vm:
+            vm.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
+            vm.cmd("migrate-incoming", uri=f"unix:{sock}")
+            ram = GuestRAM()
+            try:
+                b = ram.add_block("ram", 16 * MIB)
+                b.array[:] = np.random.default_rng(4).integers(0, 256, b.size, dtype=np.uint8)
+                b.pages[::5] = 0
+                want = b.sha256()
+                cfg = MigrationConfig(size=16 * MIB, to=f"unix:{sock}",
+                                      params=MigrationParams(max_bandwidth=40e6, postcopy_after=0))
+                deadline = time.monotonic() + 20
+                while not os.path.exists(sock) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                st = run_migration(cfg, ram=ram, workload=Workload())
+            finally:
+                ram.close()
+            assert st.status == "completed" and st.outcome == "postcopy", f"{st.outcome}: {vm.stderr()}"
+            assert st.postcopy["postcopy-bytes"] > 0 and st.postcopy["shut"] == 0
+            assert st.verification.get("note", "").startswith("the destination sent no verification")
+            vm.wait_migration(30)
+        with open(shm, "rb") as fh:
+            assert hashlib.sha256(fh.read()).hexdigest() == want
+    finally:
+        if os.path.exists(shm):
+            os.unlink(shm)

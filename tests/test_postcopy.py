@@ -55,7 +55,8 @@ def test_return_path_messages_round_trip_in_any_split():
 @pytest.mark.parametrize("data, reason", [
     (b"NPQV\x00\x00\x00\x10", "Received invalid message 0x4e50 length 0x5156"),
     (struct.pack(">HH", rpm.MIG_RP_MSG_SHUT, 5), "'SHUT' message (0x0001) with incorrect length 5 expecting 4"),
-    (struct.pack(">HHQIB", rpm.MIG_RP_MSG_REQ_PAGES_ID, 14, 0, 4096, 3) + b"r", "Req_Page_id with length 14 expecting 16"),
+    (struct.pack(">HHQIB", rpm.MIG_RP_MSG_REQ_PAGES_ID, 14, 0, 4096, 3) + b"r",
+     "Req_Page_id with length 14 expecting 16"),
     (struct.pack(">HH", rpm.MIG_RP_MSG_REQ_PAGES_ID, 600), "with bad length 600"),
     (struct.pack(">HHI", rpm.MIG_RP_MSG_RESUME_ACK, 4, 1), "postcopy recovery and switchover-ack are not supported"),
 ])

@@ -157,10 +157,12 @@ def _postcopy_rows(d: dict) -> list[tuple[str, str]]:
     if not pc:
         return []
     lat = (pc.get("destination") or {}).get("fault-latency") or {}
-    rows = [("postcopy requests / bytes", f"{d['ram']['postcopy-requests']} / {format_bytes(d['ram']['postcopy-bytes'])}")]
+    r = d["ram"]
+    rows = [("postcopy requests / bytes", f"{r['postcopy-requests']} / {format_bytes(r['postcopy-bytes'])}")]
     if lat.get("count"):
         rows.append(("fault latency p50 / p90 / p99 / max",
-                     f"{lat['p50-ms']} / {lat['p90-ms']} / {lat['p99-ms']} / {lat['max-ms']} ms ({lat['count']} faults)"))
+                     f"{lat['p50-ms']} / {lat['p90-ms']} / {lat['p99-ms']} / {lat['max-ms']} ms "
+                     f"({lat['count']} faults)"))
     if "postcopy-blocktime" in d:
         rows.append(("postcopy blocktime (destination guest)", f"{d['postcopy-blocktime']:.1f} ms"))
     return rows

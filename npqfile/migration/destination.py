@@ -99,7 +99,7 @@ class Destination:
             if self.machine is not None and loaded.machine not in (None, self.machine):
                 raise StreamError(f"Machine type received is '{shown(loaded.machine)}' and local is '{self.machine}'")
             res.load_time = time.monotonic() - t0
-            pc._stop_threads()          # postcopy: the guest stops, RAM is unregistered
+            pc.stop()          # postcopy: the guest stops, RAM is unregistered
             if (self.hash_blocks or pc.ram is not None) and self.ram is not None:
                 h0 = time.monotonic()
                 # postcopy: RAM as received (the guest has written to it since)
@@ -119,7 +119,7 @@ class Destination:
             # QEMU's return path: SHUT, then npqfile's verdict only to an npqfile source
             pc.finish(res.status == "completed", self._verdict() if reply else None)
         else:
-            pc._stop_threads()
+            pc.stop()
             if reply:
                 self._reply(f)
         f.close()

@@ -221,8 +221,7 @@ class PostcopySource:
         excluded = 0.0
         if e.hash_at_switchover:
             h0 = time.monotonic()
-            from npqfile.migration.destination import block_hashes
-            e.switchover_hashes = block_hashes(e.ram)
+            e.switchover_hashes = {b.name: b.sha256() for b in e.ram.blocks}
             excluded = time.monotonic() - h0
         self._check_rp()
         w = e.writer
@@ -372,7 +371,8 @@ class PostcopySource:
     def summary(self) -> dict[str, Any]:
         """The source's postcopy statistics."""
         return {"postcopy-requests": self.requests,
-                "postcopy-bytes": self.e._ram_counted() - self._bytes0 if self.active else 0, "pages-requested-sent": self.pages_requested,
+                "postcopy-bytes": self.e._ram_counted() - self._bytes0 if self.active else 0,
+                "pages-requested-sent": self.pages_requested,
                 "pongs": self.pongs, "shut": self.shut, "return-path-error": self.rp_error}
 
     def close(self) -> None:
@@ -605,7 +605,7 @@ class PostcopyIncoming:
     def finish(self, ok: bool, verdict: dict | None) -> None:
         """Stop the guest and the fault thread, unregister RAM, send SHUT (error flag when
         not ``ok``) and, to an npqfile source, the ``verdict`` after it."""
-        self._stop_threads()
+        self.stop()
         if self.rp is None:
             return
         try:
@@ -618,7 +618,7 @@ class PostcopyIncoming:
         self.rp.close()
         self.rp = None
 
-    def _stop_threads(self) -> None:
+    def stop(self) -> None:
         if self.guest is not None and self.state == "running":
             try:
                 self.guest.stop()
@@ -661,10 +661,11 @@ class PostcopyIncoming:
     def summary(self) -> dict[str, Any]:
         """The destination's postcopy statistics (QEMU's postcopy-blocktime in ms)."""
         blocked = sum(self.latencies)
+        step = max(1, len(self.latencies) // MAX_SAMPLES)
         return {"state": self.state, "postcopy-requests": self.requests, "placed-pages": self.placed_pages,
                 "discarded-pages": self.discarded_pages, "postcopy-blocktime": round(blocked * 1000, 3),
                 "fault-latency": latency_summary(self.latencies),
-                "fault-latencies-ms": [round(x * 1000, 3) for x in self.latencies[::max(1, len(self.latencies) // MAX_SAMPLES)]],
+                "fault-latencies-ms": [round(x * 1000, 3) for x in self.latencies[::step]],
                 "guest-touched-pages": len(self._first_seen),
                 "fault-thread-error": self.fault_error, "npqfile-source": self.npqfile_source}
 

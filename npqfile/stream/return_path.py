@@ -132,7 +132,8 @@ class ReturnPathParser:
             if name is None:
                 raise StreamError(f"return path: Received invalid message {msg_type:#06x} length {n:#06x}", at, None)
             if n > RP_MAX_LEN:
-                raise StreamError(f"return path: Received '{name}' message ({msg_type:#06x}) with bad length {n}", at, None)
+                raise StreamError(f"return path: Received '{name}' message ({msg_type:#06x}) with bad length {n}",
+                                  at, None)
             if want >= 0 and n != want:
                 raise StreamError(f"return path: Received '{name}' message ({msg_type:#06x}) with incorrect length "
                                   f"{n} expecting {want}", at, None)

@@ -414,6 +414,7 @@ class PostcopyIncoming:
         self.state = "none"
         self.rp: QEMUFile | None = None
         self.npqfile_source = False
+        self._replay = False            # OPEN_RETURN_PATH on a channel that has none
         self._rp_lock = threading.Lock()
         self._lock = threading.Lock()
         self.uffd: Userfaultfd | None = None
@@ -440,13 +441,19 @@ class PostcopyIncoming:
         if cmd == MIG_CMD_OPEN_RETURN_PATH:
             self.rp = self.main.get_return_path()
             if self.rp is None:
-                raise r.error("Unable to open return-path for postcopy (the channel has none)")
+                if self.guest is not None:
+                    raise r.error("Unable to open return-path for postcopy (the channel has none)")
+                # a saved stream replayed from a file or a command: nobody to answer
+                loader.res.warnings.append("OPEN_RETURN_PATH on a channel without one: a replayed stream; "
+                                           "PINGs are not answered")
+                self._replay = True
         elif cmd == MIG_CMD_PING:
             value = struct.unpack(">I", data)[0]
-            if self.rp is None:
+            if self.rp is None and not self._replay:
                 raise r.error(f"CMD_PING ({value:#x}) received with no return path")
             self.npqfile_source = self.npqfile_source or value == PING_NPQFILE_SOURCE
-            self.send(rp_pong(value))
+            if self.rp is not None:
+                self.send(rp_pong(value))
         elif cmd == MIG_CMD_POSTCOPY_ADVISE:
             self._advise(data, loader)
         elif cmd == MIG_CMD_POSTCOPY_RAM_DISCARD:

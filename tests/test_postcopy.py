@@ -18,7 +18,7 @@ import pytest
 from conftest import QEMU_VERSIONS, require
 
 from npqfile.errors import StreamError
-from npqfile.migration import MigrationConfig, MigrationParams, postcopy, run_migration
+from npqfile.migration import MigrationConfig, MigrationParams, postcopy_ram, run_migration
 from npqfile.migration.workloads import Workload
 from npqfile.ram import GuestRAM
 from npqfile.stream import return_path as rpm
@@ -173,14 +173,14 @@ def test_precopy_release_ram_is_unchanged_by_postcopy_support():
 # -- hostile return paths ----------------------------------------------------------------------
 def _hostile(monkeypatch, *messages: bytes, repeat: int = 1):
     """Make the in-process destination send ``messages`` on LISTEN."""
-    original = postcopy.PostcopyIncoming._listen
+    original = postcopy_ram.PostcopyIncoming._listen
 
     def listen(self, loader):
         original(self, loader)
         for _ in range(repeat):
             for m in messages:
                 self.send(m)
-    monkeypatch.setattr(postcopy.PostcopyIncoming, "_listen", listen)
+    monkeypatch.setattr(postcopy_ram.PostcopyIncoming, "_listen", listen)
 
 
 @pytest.mark.parametrize("message, reason", [

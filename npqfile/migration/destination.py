@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from npqfile.errors import FileError, StreamError
-from npqfile.migration import postcopy
+from npqfile.migration import postcopy_ram
 from npqfile.qemufile import QEMUFile
 from npqfile.ram import GuestRAM
 from npqfile.stream.loader import load_stream
@@ -88,7 +88,7 @@ class Destination:
         res = self.result
         t0 = time.monotonic()
         f = QEMUFile(channel)
-        pc = postcopy.PostcopyIncoming(f, postcopy.DestinationGuest(self.guest) if self.guest is not None else None)
+        pc = postcopy_ram.PostcopyIncoming(f, postcopy_ram.DestinationGuest(self.guest) if self.guest is not None else None)
         try:
             loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes, postcopy=pc)
             res.bytes = f.tell()

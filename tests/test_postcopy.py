@@ -210,6 +210,63 @@ def test_a_flood_of_page_requests_costs_no_memory_and_completes(monkeypatch):
     assert st.postcopy["postcopy-requests"] == 10000
 
 
+def _stream(*commands: tuple[int, bytes]) -> bytes:
+    from npqfile.channels import MemoryChannel
+    from npqfile.qemufile import QEMUFile
+    from npqfile.stream.devices import RAM
+    from npqfile.stream.ram_saver import RAMSaver
+    from npqfile.stream.savevm import SaveVMWriter
+    ch = MemoryChannel()
+    f = QEMUFile(ch)
+    ram = GuestRAM()
+    try:
+        ram.add_block("ram", 1 * MIB)
+        w = SaveVMWriter(f)
+        w.write_header()
+        with w.section(RAM, 1):
+            RAMSaver(f, ram).save_setup()
+        for cmd, payload in commands:
+            w.write_command(cmd, payload)
+        w.write_eof()
+        f.fflush()
+    finally:
+        ram.close()
+    return ch.getvalue()
+
+
+ADVISE = (3, rpm.advise_payload(4096, 4096))
+
+
+@pytest.mark.parametrize("commands, reason", [
+    ([(5, b"")], "CMD_POSTCOPY_RUN in wrong postcopy state (none)"),
+    ([(4, b"")], "CMD_POSTCOPY_LISTEN in wrong postcopy state (none)"),
+    ([ADVISE, ADVISE], "CMD_POSTCOPY_ADVISE in wrong postcopy state (advise)"),
+    ([(6, rpm.discard_payloads("ram", [(0, 4096)])[0])], "CMD_POSTCOPY_RAM_DISCARD in wrong postcopy state (none)"),
+    ([ADVISE, (6, rpm.discard_payloads("pc.ram", [(0, 4096)])[0])], "Failed to find block 'pc.ram'"),
+    ([ADVISE, (6, rpm.discard_payloads("ram", [(1 * MIB, 4096)])[0])], "is not whole pages inside block 'ram'"),
+    ([(3, rpm.advise_payload(4096, 8192))], "Postcopy needs matching target page sizes (s=8192 d=4096)"),
+    ([(1, b""), (2, b"\0\0\0\1"), ADVISE, (4, b""), (4, b"")], "CMD_POSTCOPY_LISTEN in wrong postcopy state (listening)"),
+])
+def test_postcopy_commands_out_of_order_or_malformed_fail_the_destination(commands, reason):
+    require_uffd()
+    import socket
+    from npqfile.channels import SocketChannel
+    from npqfile.migration.destination import Destination
+    a, b = socket.socketpair()
+    data = _stream(*commands)
+    t = threading.Thread(target=a.sendall, args=(data,))
+    t.start()
+    ram = GuestRAM()
+    try:
+        ram.add_block("ram", 1 * MIB)
+        res = Destination(ram).receive(SocketChannel(b, "r"), reply=False)
+    finally:
+        t.join()
+        a.close()
+        ram.close()
+    assert res.status in ("failed", "postcopy-paused") and reason in res.error, res.error
+
+
 # -- a side dies during postcopy ------------------------------------------------------------------
 def _incoming(sock: str, *extra: str) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "npqfile", "incoming", f"unix:{sock}", "--ram", "16M", "--json",
@@ -279,6 +336,40 @@ def test_source_gone_during_postcopy_leaves_the_destination_postcopy_paused(tmp_
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_source_killed_during_postcopy_leaves_the_destination_postcopy_paused(tmp_path, monkeypatch):
+    require_uffd()
+    from npqfile.channels import listen
+    from npqfile.migration.destination import Destination
+    sock = str(tmp_path / "k.sock")
+    src: list[subprocess.Popen] = []
+    original = postcopy_ram.PostcopyIncoming.command
+
+    def command(self, cmd, data, loader):
+        original(self, cmd, data, loader)
+        if cmd == 5 and src:                     # POSTCOPY_RUN: the guest now runs here
+            src[0].kill()                        # the source cannot be done: it waits for our SHUT
+            src[0].wait()
+    monkeypatch.setattr(postcopy_ram.PostcopyIncoming, "command", command)
+    ram = GuestRAM()
+    try:
+        ram.add_block("ram", 16 * MIB)
+        with listen(f"unix:{sock}") as listener:
+            src.append(subprocess.Popen(
+                [sys.executable, "-m", "npqfile", "migrate", "--size", "16M", "--workload", "idle", "--quiet",
+                 "--postcopy-after", "0", "--to", f"unix:{sock}"], stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+            channel = listener.accept(60)
+        res = Destination(ram, guest=Workload()).receive(channel)
+        assert src[0].returncode == -9
+        assert res.status == "postcopy-paused" and "guest is split" in res.error, res.error
+    finally:
+        for p in src:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        ram.close()
 
 
 # -- real QEMU ----------------------------------------------------------------------------------

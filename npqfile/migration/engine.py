@@ -346,8 +346,7 @@ class MigrationEngine:
         st.switchover_time = stop_t - self.t0
         self._sample_rss(st.switchover_time)
         st.status = "device"
-        self.postcopy.run(stop_t)
-        st.converged = st.status == "completed"
+        self.postcopy.run(stop_t)               # converged stays False: pre-copy did not
 
     def _limit(self, why: str) -> str:
         if self.params.postcopy_after == "auto":

@@ -309,7 +309,8 @@ class PostcopySource:
         elif self.shut:
             st.status, st.outcome = "failed", f"error: the destination reported an error (SHUT {self.shut})"
         else:
-            st.status, st.outcome = "completed", "postcopy"
+            # "postcopy", or "postcopy: max-iterations" when auto switched at a limit
+            st.status, st.outcome = "completed", st.outcome if st.outcome.startswith("postcopy") else "postcopy"
 
     def await_close(self) -> None:
         """await_return_path_close_on_source after a pre-copy completion: wait for SHUT;

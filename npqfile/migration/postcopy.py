@@ -344,8 +344,8 @@ class PostcopySource:
         if self._thread is not None and self._thread.is_alive():
             try:
                 self.e.f.channel.shutdown(True, True)
-            except (OSError, AttributeError, TypeError):
-                pass
+            except (OSError, AttributeError, TypeError, ValueError):
+                pass            # already closed: the thread then ends on its own
             self._thread.join(5.0)
         rp, self.return_path = self.return_path, None
         if rp is not None:

@@ -166,6 +166,7 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationSt
     to = cfg.to or "inprocess"
     dest = None
     dest_ram = None
+    postcopy = None
     channel: Any = None
     f = None
     try:
@@ -236,6 +237,8 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationSt
             f.close()
         elif channel is not None and hasattr(channel, "close"):
             channel.close()
+        if postcopy is not None:
+            postcopy.close()            # its return-path thread and socket reference too
         if dest is not None:
             dest.join(VERIFY_TIMEOUT)
         if dest_ram is not None:

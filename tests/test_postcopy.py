@@ -200,6 +200,16 @@ def test_hostile_return_path_messages_end_the_migration_cleanly(monkeypatch, mes
     assert st.verification.get("ok") is not True
 
 
+def test_a_destination_that_shuts_mid_postcopy_fails_the_source(monkeypatch):
+    require_uffd()
+    _hostile(monkeypatch, rpm.rp_shut(True))
+    cfg = _cfg(postcopy_after=0)
+    cfg.workload = "idle"
+    st = run_migration(cfg)
+    assert st.status == "failed" and "SHUT 1" in st.outcome, st.outcome
+    assert st.verification.get("ok") is not True
+
+
 def test_a_flood_of_page_requests_costs_no_memory_and_completes(monkeypatch):
     require_uffd()
     _hostile(monkeypatch, rpm.rp_req_pages(0, 16 * MIB, "ram"), rpm.rp_req_pages(4096, 4096, None), repeat=5000)
@@ -374,7 +384,8 @@ def test_source_killed_during_postcopy_leaves_the_destination_postcopy_paused(tm
 
 # -- real QEMU ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("version", QEMU_VERSIONS)
-def test_real_qemu_postcopy_source_into_npqfile_incoming(tmp_path, version):
+@pytest.mark.parametrize("start_postcopy", [True, False])
+def test_real_qemu_postcopy_source_into_npqfile_incoming(tmp_path, version, start_postcopy):
     require_uffd()
     from qemu_support import QemuVM
     ram_file = tmp_path / "src.bin"
@@ -387,16 +398,22 @@ def test_real_qemu_postcopy_source_into_npqfile_incoming(tmp_path, version):
     try:
         with QemuVM(tmp_path, ram_file, version=version) as vm:
             vm.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
-            vm.cmd("migrate-set-parameters", **{"max-bandwidth": 4 * MIB})    # pre-copy would take 3 s
+            if start_postcopy:
+                vm.cmd("migrate-set-parameters", **{"max-bandwidth": 4 * MIB})    # pre-copy would take 3 s
+            else:                       # pre-copy converges, but the return path is open: SHUT ends it
+                vm.cmd("migrate-set-parameters", **{"max-bandwidth": 100 << 30})
             vm.cmd("migrate", uri=f"unix:{sock}")
-            vm.cmd("migrate-start-postcopy")
+            if start_postcopy:
+                vm.cmd("migrate-start-postcopy")
             st = vm.wait_migration(60)
-            assert st["ram"].get("postcopy-bytes", 1) > 0
+            if start_postcopy:
+                assert st["ram"].get("postcopy-bytes", 1) > 0
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
         res = json.loads(out)
         assert res["hashes"] == {"ram": want}
-        assert res["postcopy"]["placed-pages"] > 0 and res["postcopy"]["npqfile-source"] is False
+        assert (res["postcopy"]["placed-pages"] > 0) is start_postcopy
+        assert res["postcopy"]["npqfile-source"] is False
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -221,6 +221,13 @@ class PostcopySource:
         if self.rp_error is not None:
             self._pause(f"error: {self.rp_error}")
             return
+        if self.shut is not None and e._dirty:
+            # the destination gave up (SHUT 1: RP: Sibling indicated error) with pages unsent
+            st.status = "failed"
+            st.outcome = (f"error: the destination ended the migration (SHUT {self.shut}) with {e._dirty} pages "
+                          f"not sent; the guest is split between source and destination")
+            e.f.shutdown()
+            return
         self._finish()
 
     def _send_package(self) -> None:
@@ -250,7 +257,7 @@ class PostcopySource:
         """Requested pages first, then background pages, in PART sections of <= 50 ms."""
         from npqfile.migration.engine import MAX_WAIT
         e, f = self.e, self.e.f
-        while e._dirty and self.rp_error is None and not e._cancel.is_set():
+        while e._dirty and self.rp_error is None and self.shut is None and not e._cancel.is_set():
             deadline = time.monotonic() + MAX_WAIT
             with e._ram_section(QEMU_VM_SECTION_PART):
                 while e._dirty and self.rp_error is None and time.monotonic() < deadline:

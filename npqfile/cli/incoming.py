@@ -8,7 +8,10 @@ source's ``--compress zstd``/``lz4``.  When listening, the first line on stdout 
 ``listening on URI`` (with the real port), so scripts can start the source.  At the end
 it prints the result (``--json``: status, error, machine, load time, per-block sha256)
 and, over tcp/unix, sends the verdict and hashes back to the source on the return path
-(see ``npqfile.migration.destination``).
+(see ``npqfile.migration.destination``).  Postcopy (a QEMU or npqfile source with
+postcopy-ram): QEMU's return-path messages, pages placed through userfaultfd, and with
+``--workload`` a guest running on the RAM from POSTCOPY_RUN on; a source lost during
+postcopy gives status ``postcopy-paused``.
 
 Exit status: 0 when the stream loaded completely, 1 otherwise.
 """

@@ -14,7 +14,9 @@ stream bytes stay QEMU's): ``b"NPQV"``, be32 length, then that many bytes of UTF
 ``{"status": "completed"|"failed", "error": str|null, "hashes": {block: sha256 hex},
 "load-time": seconds, "hash-time": seconds}``.  QEMU itself opens a return path only with its capability; a
 real QEMU source never reads this, a real QEMU destination never sends it (the npqfile
-source then reports the migration as not verified).
+source then reports the migration as not verified).  When the stream opened QEMU's return
+path (OPEN_RETURN_PATH: postcopy, see ``postcopy_ram``) that path carries QEMU's messages
+(PONG, REQ_PAGES, SHUT) and the verdict follows SHUT only for an npqfile source.
 
 Goals: a failure is a result (``status``/``error``), never an exception lost in a thread.
 """

@@ -67,9 +67,6 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return [(int(s), int(e - s)) for s, e in zip(edges[0::2], edges[1::2])]
 
 
-# =========================================================================================
-# source
-# =========================================================================================
 class PostcopySource:
     """The postcopy phase of ``engine`` (a MigrationEngine whose params ask for postcopy).
 

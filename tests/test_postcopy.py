@@ -88,6 +88,49 @@ def test_userfaultfd_ioctl_numbers_are_the_kernel_headers():
     assert "vm.unprivileged_userfaultfd" in u.HOW_TO_ALLOW and "/dev/userfaultfd" in u.HOW_TO_ALLOW
 
 
+def test_userfaultfd_refused_says_what_would_allow_it():
+    """An unprivileged process (root drops to nobody in a forked child) with the default
+    vm.unprivileged_userfaultfd=0 and a root-only /dev/userfaultfd gets the explanation."""
+    require(os.geteuid() == 0, "root (to drop to an unprivileged user)")
+    with open("/proc/sys/vm/unprivileged_userfaultfd") as fh:
+        require(fh.read().strip() == "0", "vm.unprivileged_userfaultfd=0")
+    from npqfile.ram.userfaultfd import Userfaultfd, UserfaultfdUnavailable
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                   # child: no Python-level cleanup, just report
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                Userfaultfd().close()
+                msg = "allowed"
+            except UserfaultfdUnavailable as exc:
+                msg = str(exc)
+            os.write(w, msg.encode()[:60000])
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        msg = fh.read().decode()
+    os.waitpid(pid, 0)
+    require(msg != "allowed", "a system where unprivileged users may not use userfaultfd")
+    for needed in ("CAP_SYS_PTRACE", "/dev/userfaultfd", "vm.unprivileged_userfaultfd=1", "userfaultfd(2)"):
+        assert needed in msg, msg
+
+
+def test_destination_without_userfaultfd_fails_at_advise_and_says_why(monkeypatch):
+    from npqfile.ram import userfaultfd as u
+
+    def refuse():
+        raise u.UserfaultfdUnavailable(1, u.HOW_TO_ALLOW + " (test)")
+    monkeypatch.setattr(u, "open_userfaultfd", refuse)
+    cfg = _cfg(postcopy_after=1)
+    cfg.workload = "idle"
+    st = run_migration(cfg)
+    assert st.status == "failed"
+    assert "vm.unprivileged_userfaultfd" in st.verification["error"], st.verification
+
+
 def test_userfaultfd_blocks_a_reader_until_the_page_is_copied():
     require_uffd()
     import ctypes

@@ -179,8 +179,10 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationSt
             dest_ram = GuestRAM()
             for blk in ram.blocks:
                 add_guest_block(dest_ram, blk.name, blk.size)
-            # postcopy: the guest goes on running its workload on the destination after RUN
-            guest = make_workload(cfg.workload, seed=cfg.seed + 1) if params.postcopy_after is not None else None
+            # postcopy: the guest goes on running its workload (a spec: a Workload object
+            # is the source's own) on the destination after RUN
+            spec = cfg.workload if isinstance(cfg.workload, str) else None
+            guest = make_workload(spec, seed=cfg.seed + 1) if spec and params.postcopy_after is not None else None
             dest = Destination(dest_ram, machine=params.machine, hash_blocks=False, guest=guest)
             dest.start(reader)
         else:

@@ -156,7 +156,7 @@ def _postcopy_rows(d: dict) -> list[tuple[str, str]]:
     pc = d["npqfile"].get("postcopy")
     if not pc:
         return []
-    lat = (pc.get("destination") or {}).get("fault-latency") or {}
+    lat = (d["npqfile"]["destination"].get("postcopy") or {}).get("fault-latency") or {}
     r = d["ram"]
     rows = [("postcopy requests / bytes", f"{r['postcopy-requests']} / {format_bytes(r['postcopy-bytes'])}")]
     if lat.get("count"):

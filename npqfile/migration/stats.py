@@ -174,7 +174,7 @@ class MigrationStats:
             dst = self.destination.get("postcopy") or {}
             if "postcopy-blocktime" in dst:        # QEMU reports it on the destination
                 out["postcopy-blocktime"] = dst["postcopy-blocktime"]
-            out["npqfile"]["postcopy"] = {**self.postcopy, "destination": dst}
+            out["npqfile"]["postcopy"] = self.postcopy     # the destination's: npqfile.destination.postcopy
         if self.xbzrle_cache_size:
             out["xbzrle-cache"] = {
                 "cache-size": self.xbzrle_cache_size,

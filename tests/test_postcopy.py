@@ -497,3 +497,20 @@ def test_npqfile_postcopy_source_into_real_qemu(tmp_path, version):
     finally:
         if os.path.exists(shm):
             os.unlink(shm)
+
+
+# -- command line ---------------------------------------------------------------------------------
+def test_cli_postcopy_summary_json_and_plots(tmp_path, capsys):
+    require_uffd()
+    from npqfile.cli import main
+    png = tmp_path / "run.png"
+    rc = main(["migrate", "--quiet", "--size", "16M", "--init", "random", "--workload", "uniform:rate=20000",
+               "--max-bandwidth", "8MB/s", "--postcopy-after", "1", "--release-ram", "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "migration completed: postcopy" in out and "fault latency p50" in out
+    assert png.stat().st_size > 1000 and (tmp_path / "run.postcopy.png").stat().st_size > 1000
+    assert main(["migrate", "--quiet", "--size", "1M", "--postcopy-after", "soon"]) == 1
+    assert "--postcopy-after must be a number of dirty syncs >= 0 or auto, got 'soon'" in capsys.readouterr().err
+    assert main(["migrate", "--quiet", "--size", "1M", "--workload", "idle", "--postcopy-after", "0",
+                 "--to", "null:"]) == 1
+    assert "postcopy needs a return path" in capsys.readouterr().err

@@ -195,7 +195,10 @@ class PostcopySource:
             f.fflush()
             e._release_clean()
             e.saver.release_ram = True              # from now on each page is released once sent
-        e.saver.xbzrle_enabled = False              # QEMU sends whole pages in postcopy
+        # QEMU sends whole pages in postcopy (save_xbzrle_page: not in postcopy): without
+        # its cache the saver never XBZRLE-encodes again, even when its search wraps
+        e.saver.cache = None
+        e.saver.xbzrle_enabled = False
         e.saver.compress_level = None
         w.write_command(MIG_CMD_PING, struct.pack(">I", PING_BEFORE_PACKAGE))
         self._send_package()

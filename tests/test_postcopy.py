@@ -384,6 +384,8 @@ def test_source_gone_during_postcopy_leaves_the_destination_postcopy_paused(tmp_
         assert proc.returncode == 1
         res = json.loads(out)
         assert res["status"] == "postcopy-paused" and "guest is split" in res["error"], res
+        from test_schemas import check
+        check(res, "incoming")
         assert "incoming migration postcopy-paused" in err
     finally:
         if proc.poll() is None:
@@ -514,3 +516,25 @@ def test_cli_postcopy_summary_json_and_plots(tmp_path, capsys):
     assert main(["migrate", "--quiet", "--size", "1M", "--workload", "idle", "--postcopy-after", "0",
                  "--to", "null:"]) == 1
     assert "postcopy needs a return path" in capsys.readouterr().err
+
+
+def test_postcopy_outputs_follow_the_schemas(tmp_path, capsys):
+    """migrate --json and --events of a postcopy run, and incoming's postcopy result."""
+    require_uffd()
+    from test_schemas import check
+
+    from npqfile.cli import main
+    events = tmp_path / "ev.jsonl"
+    rc = main(["migrate", "--json", "--quiet", "--size", "4M", "--workload", "uniform:rate=20000",
+               "--max-bandwidth", "4MB/s", "--postcopy-after", "1", "--events", str(events)])
+    d = json.loads(capsys.readouterr().out)
+    assert rc == 0 and d["status"] == "completed"
+    check(d, "migrate")
+    statuses = []
+    for line in events.read_text().splitlines():
+        ev = json.loads(line)
+        check(ev, "events")
+        if ev["event"] == "MIGRATION":
+            statuses.append(ev["data"]["status"])
+    assert "postcopy-active" in statuses and statuses[-1] == "completed"
+    check(d["npqfile"]["destination"], "incoming")

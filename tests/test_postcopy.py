@@ -483,7 +483,8 @@ def test_npqfile_postcopy_source_into_real_qemu(tmp_path, version):
                 b.pages[::5] = 0
                 want = b.sha256()
                 cfg = MigrationConfig(size=16 * MIB, to=f"unix:{sock}",
-                                      params=MigrationParams(max_bandwidth=40e6, postcopy_after=0))
+                                      params=MigrationParams(max_bandwidth=40e6, postcopy_after=0,
+                                                             qemu_version=version))
                 deadline = time.monotonic() + 20
                 while not os.path.exists(sock) and time.monotonic() < deadline:
                     time.sleep(0.02)

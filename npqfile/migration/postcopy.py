@@ -48,7 +48,7 @@ from npqfile.stream.constants import (
     MIG_CMD_POSTCOPY_LISTEN, MIG_CMD_POSTCOPY_RAM_DISCARD, MIG_CMD_POSTCOPY_RUN,
     QEMU_VM_SECTION_END, QEMU_VM_SECTION_PART, TARGET_PAGE_SIZE,
 )
-from npqfile.stream.devices import none_machine_devices
+from npqfile.stream.devices import machine_devices
 from npqfile.stream.reader import shown
 from npqfile.stream.return_path import (
     MIG_RP_MSG_PONG, MIG_RP_MSG_REQ_PAGES, MIG_RP_MSG_REQ_PAGES_ID, MIG_RP_MSG_SHUT,
@@ -184,6 +184,7 @@ class PostcopySource:
             excluded = time.monotonic() - h0
         self._check_rp()
         w = e.writer
+        w.switchover_start()                        # QEMU 10.0's postcopy_start sends it first
         discards = 0
         for b in e.ram.blocks:                      # pages dirtied since they were sent
             ranges = [(s * b.page_size, n * b.page_size) for s, n in _runs(e._bitmap[b.name])]
@@ -235,9 +236,9 @@ class PostcopySource:
         e = self.e
         buf = MemoryChannel()
         pf = QEMUFile(buf)
-        pw = SaveVMWriter(pf, machine=e.params.machine)
+        pw = SaveVMWriter(pf, machine=e.params.machine, qemu_version=e.params.qemu_version)
         pw.write_command(MIG_CMD_POSTCOPY_LISTEN)
-        for se, payload, _desc in none_machine_devices(e.params.runstate):
+        for se, payload, _desc in machine_devices(e.params.qemu_version, e.params.runstate):
             pw.write_full_section(se, payload)
         pw.write_command(MIG_CMD_PING, struct.pack(">I", PING_IN_PACKAGE))
         pw.write_command(MIG_CMD_POSTCOPY_RUN)

@@ -537,5 +537,7 @@ def test_postcopy_outputs_follow_the_schemas(tmp_path, capsys):
         check(ev, "events")
         if ev["event"] == "MIGRATION":
             statuses.append(ev["data"]["status"])
+        elif ev["event"] == "query-migrate":
+            assert "postcopy-requests" in ev["data"]["ram"]
     assert "postcopy-active" in statuses and statuses[-1] == "completed"
     check(d["npqfile"]["destination"], "incoming")

@@ -591,9 +591,12 @@ class MigrationEngine:
         saver, windows = getattr(self, "saver", None), getattr(self, "windows", None)
         if saver is None or windows is None:
             return {"status": self.stats.status}
-        return self.stats.live_dict(elapsed=time.monotonic() - self.t0, ram=saver.stats,
-                                    transferred=self._ram_counted(), remaining=self._dirty * self.stats.page_size,
-                                    mbps=windows.bandwidth * 8 / 1e6)
+        out = self.stats.live_dict(elapsed=time.monotonic() - self.t0, ram=saver.stats,
+                                   transferred=self._ram_counted(), remaining=self._dirty * self.stats.page_size,
+                                   mbps=windows.bandwidth * 8 / 1e6)
+        if self.postcopy is not None:
+            out["ram"]["postcopy-requests"] = self.postcopy.requests     # as QEMU's, live
+        return out
 
     def _finish_stats(self) -> None:
         st = self.stats

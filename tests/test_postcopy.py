@@ -541,3 +541,29 @@ def test_postcopy_outputs_follow_the_schemas(tmp_path, capsys):
             assert "postcopy-requests" in ev["data"]["ram"]
     assert "postcopy-active" in statuses and statuses[-1] == "completed"
     check(d["npqfile"]["destination"], "incoming")
+
+
+@pytest.mark.parametrize("version", QEMU_VERSIONS)
+def test_real_qemu_destination_killed_during_postcopy_pauses_the_source(tmp_path, version):
+    from qemu_support import QemuVM
+    shm = f"/dev/shm/npqfile-pck-{os.getpid()}-{version}.bin"
+    try:
+        with open(shm, "wb") as fh:
+            fh.truncate(16 * MIB)
+        sock = str(tmp_path / "m.sock")
+        with QemuVM(tmp_path, shm, incoming=True, version=version) as vm:
+            vm.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
+            vm.cmd("migrate-incoming", uri=f"unix:{sock}")
+
+            def kill_at_postcopy(info):
+                if info["status"] == "postcopy-active" and vm.proc.poll() is None:
+                    vm.proc.kill()
+                    vm.proc.wait()
+            cfg = MigrationConfig(size=16 * MIB, init="random", workload="idle", to=f"unix:{sock}",
+                                  params=MigrationParams(postcopy_after=0, qemu_version=version))
+            st = run_migration(cfg, on_progress=kill_at_postcopy)
+            assert vm.proc.returncode is not None, "postcopy never became active"
+            assert st.status == "postcopy-paused" and "guest is split" in st.outcome, st.outcome
+    finally:
+        if os.path.exists(shm):
+            os.unlink(shm)

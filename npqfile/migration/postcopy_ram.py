@@ -368,23 +368,20 @@ class DestinationGuest:
     def __init__(self, workload: Any):
         self.workload = workload
         self.incoming: PostcopyIncoming | None = None
-        original = workload._write
+        workload.before_write = self._fault_in
 
-        def guarded(block: Any, pages: np.ndarray) -> None:
-            inc = self.incoming
-            if inc is not None:
-                for p in np.unique(pages).tolist():
-                    inc.first_touch(block, p)
-            original(block, pages)
-        workload._write = guarded
+    def _fault_in(self, block: Any, pages: np.ndarray) -> None:
+        inc = self.incoming
+        if inc is not None:
+            for p in np.unique(pages).tolist():
+                inc.first_touch(block, p)
 
     def start(self, ram: Any) -> None:
         self.workload.start(ram)
 
     def request_stop(self) -> None:
         """Ask the workload thread to end without waiting (it may be blocked on a fault)."""
-        self.workload._stop.set()
-        self.workload._run.set()
+        self.workload.request_stop()
 
     def stop(self) -> None:
         """End the workload thread and wait for it."""

@@ -298,7 +298,8 @@ ADVISE = (3, rpm.advise_payload(4096, 4096))
     ([ADVISE, (6, rpm.discard_payloads("pc.ram", [(0, 4096)])[0])], "Failed to find block 'pc.ram'"),
     ([ADVISE, (6, rpm.discard_payloads("ram", [(1 * MIB, 4096)])[0])], "is not whole pages inside block 'ram'"),
     ([(3, rpm.advise_payload(4096, 8192))], "Postcopy needs matching target page sizes (s=8192 d=4096)"),
-    ([(1, b""), (2, b"\0\0\0\1"), ADVISE, (4, b""), (4, b"")], "CMD_POSTCOPY_LISTEN in wrong postcopy state (listening)"),
+    ([(1, b""), (2, b"\0\0\0\1"), ADVISE, (4, b""), (4, b"")],
+     "CMD_POSTCOPY_LISTEN in wrong postcopy state (listening)"),
 ])
 def test_postcopy_commands_out_of_order_or_malformed_fail_the_destination(commands, reason):
     require_uffd()

@@ -44,6 +44,7 @@ from npqfile.migration.destination import (
 )
 from npqfile.migration.engine import MigrationEngine, MigrationParams
 from npqfile.migration.events import EventWriter
+from npqfile.migration.multifd import multifd_connect, multifd_inprocess
 from npqfile.migration.stats import MigrationStats
 from npqfile.migration.workloads import Workload, make_workload
 from npqfile.qemufile import QEMUFile
@@ -169,6 +170,7 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None) -
     to = cfg.to or "inprocess"
     dest = None
     dest_ram = None
+    mf = recv = None            # multifd sender / in-process receiver
     postcopy = None
     channel: Any = None
     f = None
@@ -182,20 +184,24 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None) -
             dest_ram = GuestRAM()
             for blk in ram.blocks:
                 add_guest_block(dest_ram, blk.name, blk.size)
+            if params.multifd_channels:
+                mf, recv = multifd_inprocess(dest_ram, params, reader)
             # postcopy: the guest goes on running its workload (a spec: a Workload object
             # is the source's own) on the destination after RUN
             spec = cfg.workload if isinstance(cfg.workload, str) else None
             guest = make_workload(spec, seed=cfg.seed + 1) if spec and params.postcopy_after is not None else None
-            dest = Destination(dest_ram, machine=params.machine, hash_blocks=False, guest=guest)
+            dest = Destination(dest_ram, machine=params.machine, hash_blocks=False, multifd=recv, guest=guest)
             dest.start(reader)
         else:
             channel = open_channel(to, "w")
+            if params.multifd_channels:
+                mf = multifd_connect(to, params)
         if comp.on_channel:
             channel = CompressingWriter(channel, comp)
         remote = to.startswith(("tcp:", "unix:"))
         f = QEMUFile(channel)
         engine = MigrationEngine(ram, f, wl, params, pre_switchover=pre_switchover, on_progress=on_progress,
-                                 hash_at_switchover=cfg.verify and params.release_ram)
+                                 hash_at_switchover=cfg.verify and params.release_ram, multifd=mf)
         if events is not None:
             events.attach(engine)
         try:
@@ -248,6 +254,10 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None) -
             f.close()
         elif channel is not None and hasattr(channel, "close"):
             channel.close()
+        if mf is not None:
+            mf.close(abort=True)            # a no-op after the engine closed it
+        if recv is not None:
+            recv.close()
         if postcopy is not None:
             postcopy.close()            # its return-path thread and socket reference too
         if dest is not None:

@@ -104,6 +104,7 @@ class MigrationStats:
     destination: dict = field(default_factory=dict)
     workload: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
+    multifd: dict = field(default_factory=dict)     # multifd-bytes and per-channel counts (multifd runs)
     postcopy: dict = field(default_factory=dict)    # source's postcopy statistics (postcopy.py)
 
     @property
@@ -215,6 +216,7 @@ class MigrationStats:
                 "pages-per-second": round(r.pages / secs, 1),
                 "precopy-bytes": self.precopy_bytes,
                 "downtime-bytes": self.downtime_bytes,
+                **({"multifd-bytes": self.multifd["multifd-bytes"]} if self.multifd else {}),
             },
             "npqfile": {
                 "outcome": self.outcome,
@@ -242,6 +244,7 @@ class MigrationStats:
                 "throttle-events": [e.as_dict() for e in self.throttle_events],
                 "compression": self.compression,
                 "verification": self.verification,
+                **({"multifd": self.multifd} if self.multifd else {}),
                 "destination": self.destination,
                 "workload": self.workload,
                 "params": params_dict(self.params),

@@ -59,6 +59,8 @@ MAX_LISTED = 10000
 _COMPRESSED_MAGIC = {
     0x28B52FFD: "; this is a zstd frame: decompress it first (zstd -dc FILE | npqfile analyze -), "
                 "or give incoming --compress zstd",
+    0x11223344: "; this is a multifd channel's greeting (QEMU's multifd capability): "
+                "give incoming --multifd-channels N",
     0x04224D18: "; this is an lz4 frame: decompress it first (lz4 -dc FILE | npqfile analyze -), "
                 "or give incoming --compress lz4",
 }
@@ -400,7 +402,7 @@ class _Stop(Exception):
 def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None, vmdesc_offset: int | None = None,
                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, capabilities: tuple[str, ...] | list[str] = (),
                 decode_devices: bool = False, partial_ok: bool = False, device_tail_bytes: int = 0,
-                max_ram_name: str = "max_ram_bytes", postcopy: Any = None) -> LoadResult:
+                max_ram_name: str = "max_ram_bytes", on_multifd_flush=None, postcopy: Any = None) -> LoadResult:
     """Read a whole migration stream from the readable QEMUFile ``f``.
 
     ``ram``: the destination (each declared block must exist with the same size), or
@@ -413,7 +415,9 @@ def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None, v
     capabilities).  ``device_tail_bytes``: when a device section is not described (no
     vmdesc given: a socket or pipe), keep up to this many bytes of the rest of the stream
     until the vmdesc after EOF arrives and step over the sections with it (0: stop
-    there, as for a file whose vmdesc was not found).  ``postcopy``: an object whose
+    there, as for a file whose vmdesc was not found).  ``on_multifd_flush(offset, eos=False)``:
+    called at each MULTIFD_FLUSH record and (``eos=True``) each RAM EOS (a multifd
+    destination syncs its channels there).  ``postcopy``: an object whose
     ``command(cmd, payload, loader)`` acts on each command as a destination must
     (``npqfile.migration.postcopy_ram.PostcopyIncoming``); None only reads them.
     Returns a :class:`LoadResult`.  Raises StreamError for a malformed
@@ -422,6 +426,7 @@ def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None, v
     loader = _Loader(f, ram, vmdesc=vmdesc, vmdesc_offset=vmdesc_offset, max_ram_bytes=max_ram_bytes, capabilities=tuple(capabilities),
                      decode_devices=decode_devices, partial_ok=partial_ok, device_tail_bytes=device_tail_bytes,
                      max_ram_name=max_ram_name, postcopy=postcopy)
+    loader.ram.on_multifd_flush = on_multifd_flush
     try:
         return loader.run()
     finally:

@@ -206,7 +206,9 @@ def block_digests(result: LoadResult, size: int) -> dict[str, str | None]:
 
 
 def to_json(result: LoadResult, path: str, size: int) -> dict:
-    """The report as a JSON-ready dict (``path`` as the user named it, ``size`` in bytes)."""
+    """The report as a JSON-ready dict (``path`` as the user named it, ``size`` in bytes),
+    lowercase-hyphenated names (``section-id``, ``target-page-bits``) and QEMU's page
+    counter names in ``ram.stats``; npqfile/schemas/analyze.json describes it."""
     ram = result.ram
     digests = block_digests(result, size)
     return {
@@ -216,10 +218,10 @@ def to_json(result: LoadResult, path: str, size: int) -> dict:
         "stopped": result.stopped,
         "machine": result.machine,
         "capabilities": result.capabilities,
-        "target_page_bits": result.target_page_bits,
-        "sections": [{k: v for k, v in vars(s).items() if k != "fields" or v is not None}
+        "target-page-bits": result.target_page_bits,
+        "sections": [{k.replace("_", "-"): v for k, v in vars(s).items() if k != "fields" or v is not None}
                      for s in result.sections],
-        "commands": result.commands,
+        "commands": [{k.replace("_", "-"): v for k, v in c.items()} for c in result.commands],
         "ram": {
             "blocks": [{"name": b.name, "size": b.size, "sha256": digests[b.name]}
                        for b in (ram.blocks if ram else [])],

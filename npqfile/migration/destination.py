@@ -81,6 +81,7 @@ class Destination:
         self.hash_blocks = hash_blocks
         self.result = DestinationResult()
         self._thread: threading.Thread | None = None
+        self.file: QEMUFile | None = None
 
     def receive(self, channel: Any, *, reply: bool = True) -> DestinationResult:
         """Load the stream from the read channel ``channel`` and close it.  With ``reply``
@@ -88,7 +89,7 @@ class Destination:
         stream or I/O error gives ``status="failed"`` and ``error``, not an exception)."""
         res = self.result
         t0 = time.monotonic()
-        f = QEMUFile(channel)
+        f = self.file = QEMUFile(channel)      # self.file: for live polls (events)
         try:
             loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes,
                                  device_tail_bytes=self.device_tail_bytes)
@@ -107,6 +108,7 @@ class Destination:
             res.status = "completed"
         except (StreamError, FileError, OSError, ValueError, KeyError) as exc:
             res.status, res.error = "failed", str(exc)
+            res.bytes = f.tell()            # what was received before the failure, not 0
             res.load_time = time.monotonic() - t0
         if reply:
             self._reply(f)

@@ -407,25 +407,26 @@ def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None, v
 
     ``ram``: the destination (each declared block must exist with the same size), or
     None to create one from the stream's declarations (at most ``max_ram_bytes``,
-    lazily mapped; errors name that limit ``max_ram_name``).  ``vmdesc``: the stream's vmdesc JSON if known in advance (see
-    :func:`~npqfile.stream.vmdesc.find_vmdesc`), used to step over device sections;
-    ``vmdesc_offset`` where it was found (named in errors about it).
-    ``capabilities``: capabilities the source had on that the stream itself does not
-    announce (e.g. ``x-ignore-shared`` for streams older than QEMU 7.2's configuration
-    capabilities).  ``device_tail_bytes``: when a device section is not described (no
-    vmdesc given: a socket or pipe), keep up to this many bytes of the rest of the stream
-    until the vmdesc after EOF arrives and step over the sections with it (0: stop
-    there, as for a file whose vmdesc was not found).  ``on_multifd_flush(offset, eos=False)``:
-    called at each MULTIFD_FLUSH record and (``eos=True``) each RAM EOS (a multifd
-    destination syncs its channels there).  ``postcopy``: an object whose
-    ``command(cmd, payload, loader)`` acts on each command as a destination must
-    (``npqfile.migration.postcopy_ram.PostcopyIncoming``); None only reads them.
-    Returns a :class:`LoadResult`.  Raises StreamError for a malformed
-    stream, or for a section that cannot be sized unless ``partial_ok``.
+    lazily mapped; errors call that limit ``max_ram_name``).  ``vmdesc``: the stream's
+    vmdesc JSON if known in advance (see :func:`~npqfile.stream.vmdesc.find_vmdesc`),
+    used to step over device sections; ``vmdesc_offset``: where it was found (named in
+    errors about it).  ``capabilities``: capabilities the source had on that the stream
+    itself does not announce (e.g. ``x-ignore-shared`` for streams older than QEMU
+    7.2's configuration capabilities).  ``device_tail_bytes``: when a device section is
+    not described (no vmdesc given: a socket or pipe), keep up to this many bytes of
+    the rest of the stream until the vmdesc after EOF arrives and step over the
+    sections with it (0: stop there, as for a file whose vmdesc was not found).
+    ``on_multifd_flush(offset, eos=False)``: called at each MULTIFD_FLUSH record and
+    (``eos=True``) each RAM EOS (a multifd destination syncs its channels there).
+    ``postcopy``: an object whose ``command(cmd, payload, loader)`` acts on each command
+    as a destination must (``npqfile.migration.postcopy_ram.PostcopyIncoming``); None
+    only reads them.  Returns a :class:`LoadResult`.  Raises StreamError for a malformed stream, or for a
+    section that cannot be sized unless ``partial_ok``.
     """
-    loader = _Loader(f, ram, vmdesc=vmdesc, vmdesc_offset=vmdesc_offset, max_ram_bytes=max_ram_bytes, capabilities=tuple(capabilities),
-                     decode_devices=decode_devices, partial_ok=partial_ok, device_tail_bytes=device_tail_bytes,
-                     max_ram_name=max_ram_name, postcopy=postcopy)
+    loader = _Loader(f, ram, vmdesc=vmdesc, vmdesc_offset=vmdesc_offset, max_ram_bytes=max_ram_bytes,
+                     capabilities=tuple(capabilities), decode_devices=decode_devices, partial_ok=partial_ok,
+                     device_tail_bytes=device_tail_bytes, max_ram_name=max_ram_name,
+                     postcopy=postcopy)
     loader.ram.on_multifd_flush = on_multifd_flush
     try:
         return loader.run()

@@ -17,10 +17,10 @@ bitmap (``dirty-sync-count`` + 1); if the total is still below the threshold, th
 is stopped (the workload acknowledges), the bitmap synced a last time and everything
 left is sent without a rate limit.  XBZRLE is off until the page search first wraps
 past the last block (``find_dirty_block``).  With ``auto_converge`` each sync feeds the
-throttle decision (``throttle``), which slows the workload as QEMU slows vCPUs.  The
-engine never releases guest RAM: in pre-copy the source holds the only running copy
+throttle decision (``throttle``), which slows the workload as QEMU slows vCPUs.  In
+pre-copy the engine releases no guest RAM: the source holds the only running copy
 until the destination's verdict (``release_ram`` decides; the session releases after
-the verdict).  ``cancel()`` shuts the QEMUFile down as ``migrate_cancel`` does, so a
+the verdict); in postcopy pages are released once sent (``postcopy``).  ``cancel()`` shuts the QEMUFile down as ``migrate_cancel`` does, so a
 source blocked in ``sendmsg`` on a stalled peer wakes; the time limit cancels the same
 way while pages are still being sent.  The statistics count RAM bytes as QEMU 7.2's
 ``ram_counters.transferred`` does (page records and PART EOS; not the setup records,
@@ -48,7 +48,9 @@ import numpy as np
 from npqfile.migration.bandwidth import RateWindows
 from npqfile.migration.destination import block_hashes
 from npqfile.migration.multifd import AccountedFile, multifd_stats, save_pages_multifd
-from npqfile.migration.stats import IterationStats, MigrationStats
+from npqfile.migration.postcopy import PostcopySource
+from npqfile.migration.release_ram import release_runs
+from npqfile.migration.stats import IterationStats, MigrationStats, freed_bytes
 from npqfile.migration.throttle import AutoConverge
 from npqfile.migration.throttle import check_params as check_throttle_params
 from npqfile.migration.workloads import Workload
@@ -109,6 +111,7 @@ class MigrationParams:
     max_cpu_throttle: int = 99
     throttle_trigger_threshold: int = 50
     cpu_throttle_tailslow: bool = False
+    postcopy_after: int | str | None = None    # postcopy: after N dirty syncs, or "auto" (see postcopy.py)
 
     def check(self) -> None:
         """Raise ValueError naming the first bad parameter."""
@@ -132,6 +135,12 @@ class MigrationParams:
         if self.multifd_channels:
             from npqfile.migration.multifd import check_params
             check_params(self)
+        pa = self.postcopy_after
+        if pa is not None and pa != "auto" and (not isinstance(pa, int) or pa < 0):
+            raise ValueError(f"postcopy_after must be a number of dirty syncs >= 0 or 'auto', not {pa!r}")
+        if pa is not None and (self.multifd_channels or self.mapped_ram):
+            # QEMU sends postcopy pages on the main channel only; mapped-ram is a file: layout
+            raise ValueError("postcopy cannot be combined with multifd channels or mapped-ram here")
         size = self.xbzrle_cache_size
         if size and (size < 4096 or size & (size - 1)):
             raise ValueError(f"xbzrle cache size {size} must be a power of two >= 4096")
@@ -203,6 +212,8 @@ class MigrationEngine:
         # payload, counted bytes before it) to tell the bytes written from those queued
         self._uncounted = 0
         self._marks: list[tuple[int, int]] = []
+        self.postcopy = PostcopySource(self) if self.params.postcopy_after is not None else None
+        self._last_sync_dirty: int | None = None
 
     # -- control from other threads -----------------------------------------------------
     def cancel(self) -> None:
@@ -238,6 +249,7 @@ class MigrationEngine:
         self._ram_se = ram_entry(p.qemu_version)
         st.xbzrle_cache_size = p.xbzrle_cache_size
         st.rss_before = resident_bytes(self.ram)
+        self._freed0 = freed_bytes(self.ram)
         self.t0 = time.monotonic()
         if p.sample_rss:
             st.timeline.append((0.0, 0, st.rss_before))
@@ -251,16 +263,20 @@ class MigrationEngine:
             self._setup()
             st.status = "active"
             outcome = self._iterate()
-            if outcome in ("converged", "forced"):
+            if outcome == "postcopy":
+                self._postcopy_start()
+            elif outcome in ("converged", "forced"):
                 self._complete()
                 st.converged = outcome == "converged"
             else:
                 self._cancelled()
-            if st.status != "cancelled":
+            if st.status not in ("cancelled", "completed", "postcopy-paused", "failed"):
                 self.f.fflush()
                 if self.f.get_error():
                     raise self.f.error
                 st.status = "completed"
+                if self.postcopy is not None:
+                    self.postcopy.await_close()     # converged in pre-copy: the return path ends with SHUT
         except (OSError, RuntimeError) as exc:   # I/O failure, or the workload thread failed
             if self._cancel.is_set():            # cancel() shut the file down under a send
                 self._cancelled()
@@ -298,6 +314,8 @@ class MigrationEngine:
         self._dirty = sum(b.n_pages for b in self._blocks)
         self.stats.dirty_sync_count = 1
         self.writer.write_header()
+        if self.postcopy is not None:
+            self.postcopy.setup()                   # return path and advise, before any RAM
         self.f.ram_control_before_iterate(RAM_CONTROL_SETUP)
         with self._ram_section(QEMU_VM_SECTION_START):
             self.saver.save_setup(self._multifd_sync)
@@ -381,6 +399,8 @@ class MigrationEngine:
             if not pending or pending < threshold:      # migration_iteration_run: complete
                 st.outcome = "converged"
                 return "converged"
+            if self.postcopy is not None and self._postcopy_due(synced):
+                return "postcopy"
             if synced:
                 if st.dirty_sync_count > p.max_iterations:
                     return self._limit("max-iterations")
@@ -395,7 +415,35 @@ class MigrationEngine:
             else:
                 self.windows.tick()
 
+    def _postcopy_due(self, synced: bool) -> bool:
+        """migrate-start-postcopy as guestperf issues it: once dirty-sync-count exceeds
+        ``postcopy_after``; with ``auto``, at the first sync whose dirty pages did not
+        shrink since the previous sync (pre-copy stopped making progress)."""
+        pa = self.params.postcopy_after
+        if pa != "auto":
+            return self.stats.dirty_sync_count > pa
+        if not synced:
+            return False
+        last, self._last_sync_dirty = self._last_sync_dirty, self._dirty
+        return last is not None and self._dirty >= last
+
+    def _postcopy_start(self) -> None:
+        """Stop the guest (vm_stop) and hand over to the postcopy phase (postcopy.py)."""
+        st = self.stats
+        self._close_iteration()
+        st.precopy_bytes = self._ram_counted()
+        stop_t = time.monotonic()
+        self.workload.pause()
+        self.workload.set_throttle(0)               # cpu_throttle_stop
+        st.switchover_time = stop_t - self.t0
+        self._sample_rss(st.switchover_time)
+        st.status = "device"
+        self.postcopy.run(stop_t)               # converged stays False: pre-copy did not
+
     def _limit(self, why: str) -> str:
+        if self.params.postcopy_after == "auto":
+            self.stats.outcome = f"postcopy: {why}"
+            return "postcopy"               # auto: a run that cannot converge switches
         self.stats.outcome = why if self.params.on_limit == "cancel" else f"forced: {why}"
         return "forced" if self.params.on_limit == "force" else why
 
@@ -479,6 +527,10 @@ class MigrationEngine:
         else:
             n = self.saver.save_pages(block, idx, rate_limited=rate_limited)
         sent = idx[:n]
+        if self.saver.release_ram and n:
+            # only postcopy turns this on (release_ram.may_release(POSTCOPY)): ZERO records
+            # carry no memory for QEMUFile to release once written, so release them here
+            self._release_zero(block, sent[self.saver.sent_zero])
         self._bitmap[block.name][sent] = False
         self._dirty -= n
         if n:
@@ -487,6 +539,23 @@ class MigrationEngine:
                 self._cursor = (0, 0)           # the end of RAM: find_dirty_block wraps
                 self._multifd_sync()
         return n
+
+    # -- release-ram in postcopy (release_ram.may_release(POSTCOPY)); pre-copy releases
+    # -- nothing here: the session releases after the destination's verdict
+    def _release_clean(self) -> None:
+        """ram_postcopy_migrated_memory_release: release every page already sent and not
+        dirty (the destination has it and runs the guest)."""
+        for b in self._blocks:
+            self.stats.released_bytes += release_runs(b, ~self._bitmap[b.name])
+
+    def _release_zero(self, block, zero: np.ndarray) -> None:
+        """Release the pages ``zero`` just sent as ZERO records (QEMU's save_zero_page
+        releases each one under release-ram in postcopy): one call for the batch, one
+        release per run of adjacent pages."""
+        if zero.size:
+            mask = np.zeros(block.n_pages, dtype=bool)
+            mask[zero] = True
+            self.stats.released_bytes += release_runs(block, mask)
 
     def _multifd_sync(self) -> None:
         """multifd_ram_flush_and_sync at the end of each pass, in the setup and at
@@ -583,9 +652,12 @@ class MigrationEngine:
         saver, windows = getattr(self, "saver", None), getattr(self, "windows", None)
         if saver is None or windows is None:
             return {"status": self.stats.status}
-        return self.stats.live_dict(elapsed=time.monotonic() - self.t0, ram=saver.stats,
-                                    transferred=self._ram_counted(), remaining=self._dirty * self.stats.page_size,
-                                    mbps=windows.bandwidth * 8 / 1e6)
+        out = self.stats.live_dict(elapsed=time.monotonic() - self.t0, ram=saver.stats,
+                                   transferred=self._ram_counted(), remaining=self._dirty * self.stats.page_size,
+                                   mbps=windows.bandwidth * 8 / 1e6)
+        if self.postcopy is not None:
+            out["ram"]["postcopy-requests"] = self.postcopy.requests     # as QEMU's, live
+        return out
 
     def _finish_stats(self) -> None:
         st = self.stats
@@ -600,8 +672,15 @@ class MigrationEngine:
         if self.multifd is not None:
             multifd_stats(self.multifd, st)     # the channels' bytes and pages join the totals
         st.windows = self.windows.windows
+        # postcopy's releases (QEMUFile's may_free, and the engine's above); pre-copy's
+        # come after the verdict (session) and are added there
+        st.released_bytes += self.f.released_bytes
+        st.release_freed_bytes, st.release_unmeasured_bytes = (
+            now - then for now, then in zip(freed_bytes(self.ram), self._freed0))
         st.rss_after = resident_bytes(self.ram)
         st.workload = self.workload.describe()
+        if self.postcopy is not None:
+            st.postcopy = {**st.postcopy, **self.postcopy.summary()}
         st.window_bandwidth = st.bandwidth
         if st.status == "completed":
             # migration_calculate_complete: s->mbps becomes the average over the

@@ -46,12 +46,19 @@ from npqfile.migration.destination import Destination, block_hashes
 from npqfile.migration.engine import MigrationEngine, MigrationParams, resident_bytes
 from npqfile.migration.events import EventWriter
 from npqfile.migration.multifd import multifd_connect, multifd_inprocess
-from npqfile.migration.release_ram import ReleaseRecord, check_release_ram, release_after_verdict
+from npqfile.migration.release_ram import (
+    POSTCOPY,
+    ReleaseRecord,
+    check_release_ram,
+    may_release,
+    release_after_verdict,
+)
 from npqfile.migration.stats import MigrationStats
 from npqfile.migration.verdict import (
     NPQFILE,
     STALL_TIMEOUT,
     await_verdict,
+    compare_hashes,
     destination_failed,
     peer_of,
     verdict_wait,
@@ -186,6 +193,7 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None, c
     dest = None
     dest_ram = None
     mf = recv = None            # multifd sender / in-process receiver
+    postcopy = None
     channel: Any = None
     f = None
     try:
@@ -200,19 +208,27 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None, c
                 add_guest_block(dest_ram, blk.name, blk.size)
             if params.multifd_channels:
                 mf, recv = multifd_inprocess(dest_ram, params, reader)
-            dest = Destination(dest_ram, machine=params.machine, hash_blocks=False, multifd=recv)
+            # postcopy: the guest goes on running its workload (a spec: a Workload object
+            # is the source's own) on the destination after RUN
+            spec = cfg.workload if isinstance(cfg.workload, str) else None
+            guest = make_workload(spec, seed=cfg.seed + 1) if spec and params.postcopy_after is not None else None
+            dest = Destination(dest_ram, machine=params.machine, hash_blocks=False, multifd=recv, guest=guest)
             dest.start(reader)
         else:
             channel = open_channel(to, "w")
-            if peer.remote:
+            if peer.remote and params.postcopy_after is None:
+                # not with postcopy: its return-path thread reads the same socket and
+                # may rightly hear nothing for longer than the stall timeout
                 channel.set_stall_timeout(cfg.stall_timeout, "the destination")
             if params.multifd_channels:
                 mf = multifd_connect(to, params)
         if comp.on_channel:
             channel = CompressingWriter(channel, comp)
         f = QEMUFile(channel)
+        # postcopy releases pages before the verdict: hash the source at the switch
+        postcopy_release = params.release_ram and params.postcopy_after is not None
         engine = MigrationEngine(ram, f, wl, params, pre_switchover=pre_switchover, on_progress=on_progress,
-                                 multifd=mf)
+                                 hash_at_switchover=cfg.verify and postcopy_release, multifd=mf)
         if events is not None:
             events.attach(engine)
         if control is not None:
@@ -227,18 +243,21 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None, c
         if comp.method == "zlib":
             st.compression = {"method": "zlib", "level": comp.level, "where": "pages",
                               "pages": st.ram.compressed_pages, "bytes-out": st.ram.compressed_bytes}
-        src_hashes = None
+        src_hashes = engine.switchover_hashes or None
+        postcopy = engine.postcopy
         if st.status == "completed":
-            if cfg.verify and to != "inprocess":
+            if cfg.verify and src_hashes is None and (to != "inprocess" or postcopy):
                 src_hashes = block_hashes(ram)      # the guest is stopped: RAM at switchover
             if on_progress is not None:     # the last byte is written, the verdict awaited
                 on_progress(engine.progress_info("wait-verdict"))
         if peer.remote and peer.kind == NPQFILE:
             st.verification = await_verdict(f, st, src_hashes, wait=verdict_wait(cfg.stall_timeout, ram.total_size),
-                                            control=control)
+                                            control=control, rp=postcopy.return_path if postcopy else None)
         elif peer.remote and st.status == "completed":
             st.verification = {"method": None, "ok": None,
                                "note": "the destination is QEMU (--peer qemu): no verdict"}
+        if postcopy is not None:
+            postcopy.close()
         ret = f.close()
         if ret < 0 and st.status == "completed":
             # qemu_fclose's result: e.g. an exec: command that failed after reading
@@ -250,13 +269,14 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None, c
             st.compression = {"method": comp.method, "level": comp.level, "where": "channel",
                               "bytes-in": channel.bytes_in, "bytes-out": channel.bytes_out}
         if dest is not None:
-            _inprocess_verdict(st, dest, ram, dest_ram, cfg.verify)
+            _inprocess_verdict(st, dest, ram, dest_ram, cfg.verify, src_hashes,
+                               postcopy is not None and postcopy.active)
         elif to.startswith("file:") and st.status == "completed" and cfg.verify:
             st.verification = _verify_file(to[5:], ram, src_hashes, comp, params.mapped_ram)
         elif not peer.remote and st.status == "completed":
             scheme = to.split(":")[0]
             st.verification = {"method": None, "ok": None, "note": f"{scheme}: has no return path"}
-        _release(st, ram, params, engine.t0)
+        _release(st, ram, params, engine.t0, postcopy is not None and postcopy.active)
         return st
     finally:
         # On any exit: the stream closed (the destination then sees its end), the
@@ -269,6 +289,8 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None, c
             mf.close(abort=True)            # a no-op after the engine closed it
         if recv is not None:
             recv.close()
+        if postcopy is not None:
+            postcopy.close()            # its return-path thread and socket reference too
         if dest is not None:
             dest.join(VERIFY_TIMEOUT)
         if dest_ram is not None:
@@ -276,9 +298,10 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None, c
 
 
 def _inprocess_verdict(st: MigrationStats, dest: Destination, ram: GuestRAM, dest_ram: GuestRAM,
-                       verify: bool) -> None:
-    """The in-process destination's verdict: its thread's result, then the comparison.
-    A destination that failed fails a completed run.  Returns None (fills ``st``)."""
+                       verify: bool, src_hashes: dict | None, postcopied: bool) -> None:
+    """The in-process destination's verdict: its thread's result, then the comparison
+    (after postcopy, of the RAM as it was received: the destination's guest changed it
+    since).  A destination that failed fails a completed run.  Returns None (fills ``st``)."""
     res = dest.join(VERIFY_TIMEOUT)
     st.destination = res.as_dict()
     if st.status == "cancelled":
@@ -288,20 +311,31 @@ def _inprocess_verdict(st: MigrationStats, dest: Destination, ram: GuestRAM, des
         if st.status == "completed":
             st.status, st.converged = "failed", False
             st.outcome = f"error: destination failed: {res.error}"
+    elif st.status == "completed" and not verify:
+        st.verification = {"method": None, "ok": None, "note": "verification off"}
+    elif st.status == "completed" and postcopied:
+        st.verification = compare_hashes(src_hashes or {}, res.hashes)
     elif st.status == "completed":
-        st.verification = _compare(ram, dest_ram, None) if verify else {"method": None, "ok": None,
-                                                                       "note": "verification off"}
+        st.verification = _compare(ram, dest_ram, src_hashes)
 
 
-def _release(st: MigrationStats, ram: GuestRAM, params: MigrationParams, t0: float) -> None:
-    """release-ram's pre-copy rule (``release_ram``): release the source's RAM after a
-    verdict of equal RAM, else nothing; record what and why.  Returns None."""
+def _release(st: MigrationStats, ram: GuestRAM, params: MigrationParams, t0: float, postcopied: bool) -> None:
+    """release-ram's rule (``release_ram``): after postcopy the pages were released as
+    they were sent (the engine counted them); in pre-copy release the source's RAM after
+    a verdict of equal RAM, else nothing.  Records what and why.  Returns None."""
     record = ReleaseRecord(enabled=params.release_ram)
+    if params.release_ram and postcopied:
+        record.reason = may_release(POSTCOPY)[1]
+        record.when, record.advised_bytes = POSTCOPY, st.released_bytes
+        record.freed_bytes, record.unmeasured_bytes = st.release_freed_bytes, st.release_unmeasured_bytes
+        st.release = record.as_dict()
+        return
     st.release = release_after_verdict(ram, record, status=st.status, verification=st.verification,
                                        t0=t0).as_dict()
     if record.advised_bytes:
-        st.released_bytes = record.advised_bytes
-        st.release_freed_bytes, st.release_unmeasured_bytes = record.freed_bytes, record.unmeasured_bytes
+        st.released_bytes += record.advised_bytes
+        st.release_freed_bytes += record.freed_bytes
+        st.release_unmeasured_bytes += record.unmeasured_bytes
         st.rss_after = resident_bytes(ram)
         if params.sample_rss:
             st.timeline.append((time.monotonic() - t0, st.stream_bytes, st.rss_after))

@@ -106,14 +106,15 @@ def _no_verdict(st: MigrationStats, why: str) -> dict:
 
 
 def await_verdict(f: Any, st: MigrationStats, src_hashes: dict | None, *, wait: float,
-                  control: Any = None) -> dict:
+                  control: Any = None, rp: Any = None) -> dict:
     """Half-close the source's side of the connection of the QEMUFile ``f``, then read
     the npqfile destination's verdict on the return path for up to ``wait`` seconds
     (after a failed run only FAILED_REPLY_WAIT, for its reason; after a stall not at all).  Returns the
     verification dict and updates ``st``: no verdict in time, a closed connection, a
     broken return path or a failed destination make a completed run ``failed``; a
     ``control`` cancel during the wait makes it ``cancelled``.  ``src_hashes`` None:
-    verification off (the destination's status still counts)."""
+    verification off (the destination's status still counts).  ``rp``: the return path
+    to read (postcopy's, already read up to SHUT); default a new one from ``f``."""
     if st.status == "cancelled" or f.get_error() == -errno.ETIMEDOUT:
         return {}                   # a stalled peer has no reason to give either
     failed = st.status != "completed"
@@ -124,7 +125,7 @@ def await_verdict(f: Any, st: MigrationStats, src_hashes: dict | None, *, wait: 
             if finish is not None:
                 finish()            # the zstd frame ends before our half of the connection
             f.channel.shutdown(False, True)
-        rp = f.get_return_path()
+        rp = rp or f.get_return_path()
         if rp is None:
             return {} if failed else _no_verdict(st, "the connection has no return path for the verdict")
         try:

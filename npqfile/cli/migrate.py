@@ -47,6 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dirty-rate", help="override the workload's rate (pages/s, or 50MB/s)")
     g.add_argument("--seed", type=int, default=1, help="seed of contents and workload (>= 0)")
     m = p.add_argument_group("migration (QEMU parameters and capabilities)")
+    m.add_argument("--engine", choices=("simulator", "qemu", "both"), default="simulator",
+                   help="simulator (default), qemu (real QEMU runs the scenario on a guest that writes like "
+                        "the workload) or both (side by side, with relative differences)")
+    m.add_argument("--qemu", default=None, metavar="PATH|VERSION",
+                   help="QEMU for --engine qemu/both: a binary or 7.2 / 10.0 (default $NPQFILE_QEMU, else PATH)")
     m.add_argument("--to", default=None, metavar="URI",
                    help="destination: tcp:HOST:PORT, unix:PATH, file:PATH, exec:CMD, null: "
                         "(default: in this process over a socketpair)")
@@ -96,7 +101,7 @@ def config_from_args(args: argparse.Namespace) -> MigrationConfig:
     workload = args.workload if args.dirty_rate is None else with_rate(args.workload, args.dirty_rate)
     return MigrationConfig(size=parse_size(args.size), block=args.block, init=args.init, workload=workload,
                            seed=args.seed, to=args.to, compress=args.compress, verify=not args.no_verify,
-                           params=params)
+                           params=params, engine=args.engine, qemu=args.qemu)
 
 
 def _progress_display(quiet: bool):
@@ -141,7 +146,8 @@ def _summary(st: MigrationStats, out) -> None:
 
     d = st.as_dict()
     r, x = d["ram"], d["npqfile"]
-    t = Table(title=f"migration {st.status}: {st.outcome}", show_header=False)
+    engine = f" (QEMU {d['qemu'].get('version')})" if "qemu" in d else ""
+    t = Table(title=f"migration {st.status}: {st.outcome}{engine}", show_header=False)
     t.add_column("what", style="bold")
     t.add_column("value", justify="right")
     ver = st.verification
@@ -151,13 +157,15 @@ def _summary(st: MigrationStats, out) -> None:
         ("transferred (RAM)", f"{format_bytes(r['transferred'])} ({r['transferred']} B)"
                               + ("" if x["transferred-queued"] == r["transferred"]
                                  else f"; {x['transferred-queued']} B queued")),
-        ("stream bytes", f"{format_bytes(x['stream-bytes'])} ({x['stream-bytes']} B)"),
+        ("stream bytes", "n/a" if x["stream-bytes"] is None
+         else f"{format_bytes(x['stream-bytes'])} ({x['stream-bytes']} B)"),
         ("pages normal / duplicate", f"{r['normal']} / {r['duplicate']}"),
         ("pages xbzrle / compressed", f"{x['pages']['xbzrle']} / {x['pages']['compressed']}"),
         ("dirty sync count", str(r["dirty-sync-count"])), ("dirty pages rate", f"{r['dirty-pages-rate']:.0f} pages/s"),
         ("mbps", f"{r['mbps']:.1f} Mbit/s (last window {x['last-window-mbps']:.1f})"),
         ("pages per second", f"{r['pages-per-second']:.0f}"),
-        ("source RSS before / after", f"{format_bytes(x['rss-before'])} / {format_bytes(x['rss-after'])}"),
+        ("source RSS before / after", "n/a" if x["rss-before"] is None
+         else f"{format_bytes(x['rss-before'])} / {format_bytes(x['rss-after'])}"),
         ("verification", verification_text(ver)),
     ]
     if "xbzrle-cache" in d:
@@ -200,12 +208,17 @@ def _run_sweep(cfg: MigrationConfig, args: argparse.Namespace) -> int:
         from rich.table import Table
 
         t = Table(title="sweep")
-        for col in names + ["total ms", "downtime ms", "syncs", "converged", "outcome", "verified"]:
+        sides = [""] if cfg.engine != "both" else ["", "qemu-"]
+        cols = ["total ms", "downtime ms", "syncs", "converged", "outcome", "verified"]
+        for col in names + [("QEMU " if side else "") + c for side in sides for c in cols]:
             t.add_column(col, justify="right")
         for row in rows:
-            t.add_row(*[row[n] for n in names], f"{row.get('total-ms', 0):.0f}", f"{row.get('downtime-ms', 0):.1f}",
-                      str(row.get("iterations", "")), "yes" if row.get("converged") else "no",
-                      str(row.get("outcome")), str(row.get("verified")))
+            cells = []
+            for side in sides:
+                cells += [f"{row.get(side + 'total-ms', 0):.0f}", f"{row.get(side + 'downtime-ms', 0):.1f}",
+                          str(row.get(side + "iterations", "")), "yes" if row.get(side + "converged") else "no",
+                          str(row.get(side + "outcome")), str(row.get(side + "verified"))]
+            t.add_row(*[row[n] for n in names], *cells)
         Console().print(t)
     return 1 if any(r["status"] in ("error", "failed") for r in rows) else 0
 
@@ -232,6 +245,10 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.plot)          # before the run, not after it: keep the stats
     if args.sweep:
         return _run_sweep(cfg, args)
+    if cfg.engine == "both":
+        from npqfile.migration.compare import run_and_report
+        return run_and_report(cfg, args, _pause_hook(args.pause_before_switchover)
+                              if args.pause_before_switchover is not None else None)
     # --to fd:1 > snap.bin: stdout carries the stream (and the channel closes the fd
     # at the end), so the report goes to stderr; fd:2 likewise sends it to stdout
     stream_fd = _stream_fd(cfg.to)

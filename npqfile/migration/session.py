@@ -67,6 +67,8 @@ class MigrationConfig:
     compress: str = "none"
     verify: bool = True
     params: MigrationParams = field(default_factory=MigrationParams)
+    engine: str = "simulator"          # simulator | qemu (real QEMU: npqfile.migration.qemu_engine)
+    qemu: str | None = None            # the QEMU binary or version for engine "qemu"
 
 
 def fill_guest(ram: GuestRAM, init: str, seed: int) -> None:
@@ -144,7 +146,14 @@ def run_migration(cfg: MigrationConfig, *, on_progress: Callable[[dict], None] |
     ``ram``/``workload`` override the ones the config would build (tests pass their own).
     ``stats.verification["ok"]`` is True when the destination matched the source at
     switchover, False on a mismatch, None when the transport cannot tell.  Raises
-    ValueError for a bad config, OSError when the destination URI cannot be opened."""
+    ValueError for a bad config, OSError when the destination URI cannot be opened.
+    With ``cfg.engine == "qemu"`` real QEMU runs the scenario (``qemu_engine``)."""
+    if cfg.engine != "simulator":
+        if cfg.engine != "qemu" or ram is not None or workload is not None:
+            raise ValueError(f"engine {cfg.engine!r}: run_migration takes simulator or qemu (with its own "
+                             "guest); both engines: npqfile.migration.compare.run_both")
+        from npqfile.migration.qemu_engine import run_qemu_migration
+        return run_qemu_migration(cfg, on_progress=on_progress, pre_switchover=pre_switchover)
     comp = parse_compress(cfg.compress)
     params = cfg.params
     params.compress_level = comp.page_level

@@ -108,7 +108,14 @@ def case_destination(to: str | None, case: int) -> str | None:
 
 
 def _run_case(cfg: MigrationConfig) -> dict[str, Any]:
-    st = run_migration(cfg)
+    if cfg.engine == "both":            # the simulator's row, and QEMU's as qemu-* columns
+        from npqfile.migration.compare import run_both
+        both = run_both(cfg)
+        return {**_row(both.simulator), **{f"qemu-{k}": v for k, v in _row(both.qemu).items()}}
+    return _row(run_migration(cfg))
+
+
+def _row(st) -> dict[str, Any]:
     d = st.as_dict()
     return {"status": st.status, "outcome": st.outcome, "converged": st.converged,
             "total-ms": d["total-time"], "downtime-ms": d["downtime"], "iterations": st.dirty_sync_count,
@@ -129,7 +136,10 @@ def run_sweep(base: MigrationConfig, specs: list[str], jobs: int | None = None) 
         for name, value in case:
             apply_param(cfg, name, value)
         configs.append(cfg)
-    workers = max(1, min(len(configs), jobs or os.cpu_count() or 1))
+    # real QEMU cases run one at a time unless --jobs says otherwise: parallel QEMUs
+    # would share the cores and the measurement
+    default_jobs = (os.cpu_count() or 1) if base.engine == "simulator" else 1
+    workers = max(1, min(len(configs), jobs or default_jobs))
     # spawn: the parent may hold threads (rich, workloads); forking those is unsafe
     ctx = multiprocessing.get_context("spawn")
     rows = []

@@ -242,7 +242,6 @@ class QemuMigration:
         paused_at = None
         while True:
             src.check_alive("migrating")
-            dst.check_alive("receiving the migration")
             info = src.cmd("query-migrate")
             now = time.monotonic() - self.t0
             info["_t"] = now
@@ -256,6 +255,8 @@ class QemuMigration:
                                   "elapsed": now})
             if status in TERMINAL:
                 return info
+            if not (limited and p.on_limit == "cancel"):   # a cancelled stream ends the destination
+                dst.check_alive("receiving the migration")
             if status == "pre-switchover":
                 if paused_at is None:
                     paused_at = now

@@ -1,0 +1,237 @@
+"""The real-QEMU engine: the dirtyguest, `migrate --engine qemu|both`, failures and cleanup.
+
+Real QEMU runs small guests (16-32 MiB) for a few seconds each.  QEMU 10.0 is the peer
+for migrations that must verify: QEMU 7.2 under TCG loses guest writes during migration
+(see ``qemu_engine.TCG_LOST_WRITES``).  Nothing here depends on timing: rates are the
+guest's own (its counter over its own clock), outcomes are chosen far from the edges.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import require, require_program, require_qemu
+from npqfile.guest import IMAGE, build_image, guest_parameters, read_status
+from npqfile.guest.build import BUILT_WITH, compiler_version
+from npqfile.guest.params import zipf_table
+from npqfile.migration.compare import compare_dicts
+from npqfile.migration.engine import MigrationParams
+from npqfile.migration.qemu_engine import QemuMigration, qemu_settings
+from npqfile.migration.qemu_vm import QemuVM
+from npqfile.migration.session import MigrationConfig
+from npqfile.qemu import QemuBinary
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+MIB = 1 << 20
+
+
+def _npqfile(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "npqfile", *args], capture_output=True, text=True, env=ENV,
+                          cwd=ROOT, timeout=timeout)
+
+
+def _leftover_qemus(before: set[int]) -> list[int]:
+    """QEMU processes started since ``before`` that still exist (children of nobody we know)."""
+    out = subprocess.run(["pgrep", "-f", "npqfile-qemu-"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split() if int(p) not in before]
+
+
+def _qemus_now() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "npqfile-qemu-"], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def test_guest_image_rebuilds_identically(tmp_path):
+    require_program("gcc")
+    require(compiler_version() == BUILT_WITH, f"the compiler that built the image ({BUILT_WITH})")
+    rebuilt = build_image(tmp_path / "guest.elf")
+    assert rebuilt.read_bytes() == IMAGE.read_bytes(), "npqfile/guest/src does not build the shipped image"
+
+
+def test_parameter_block_and_zipf_quantiles():
+    p = guest_parameters("hotset:rate=1234,hot=0.1,share=0.8,bytes=16,seed=3", 32 * MIB)
+    raw = p.pack()
+    assert raw[:4] == b"NPQG" and p.rate == 1234 and p.write_bytes == 16
+    assert p.hot_pages == int(p.n_pages * 0.1) and abs(p.share / 2**32 - 0.8) < 1e-9
+    assert np.gcd(p.perm_mul, p.n_pages) == 1
+    # the quantile table follows numpy's Zipf law: same median and 90th percentile rank
+    table = zipf_table(1.2)
+    draws = np.random.default_rng(0).zipf(1.2, 200_000)
+    for q in (0.5, 0.9):
+        assert table[int(q * 65536)] == pytest.approx(np.quantile(draws, q), rel=0.1, abs=1)
+    with pytest.raises(ValueError, match="built-in workloads"):
+        guest_parameters(lambda ram: None, 32 * MIB)
+    with pytest.raises(ValueError, match="at least 8 MiB"):
+        guest_parameters("uniform", 4 * MIB)
+
+
+def test_options_qemu_lacks_fail_before_anything_starts():
+    q72, q10 = QemuBinary("/nonexistent/qemu", "7.2.22"), QemuBinary("/nonexistent/qemu", "10.0.2")
+    cfg = MigrationConfig(size=16 * MIB, compress="zstd")
+    with pytest.raises(ValueError, match="single-channel zstd"):
+        qemu_settings(cfg, q10)
+    cfg = MigrationConfig(size=16 * MIB, compress="zlib:3")
+    with pytest.raises(ValueError, match="no compress capability"):
+        qemu_settings(cfg, q10)
+    assert qemu_settings(cfg, q72).capabilities == {"compress": True}
+    assert qemu_settings(cfg, q72).parameters["compress-level"] == 3
+    cfg = MigrationConfig(size=16 * MIB, params=MigrationParams(zero_page_detection=False))
+    with pytest.raises(ValueError, match="zero-page-detection=none needs QEMU 9.0"):
+        qemu_settings(cfg, q72)
+    assert qemu_settings(cfg, q10).parameters["zero-page-detection"] == "none"
+    cfg = MigrationConfig(size=16 * MIB, to="file:/tmp/x")
+    with pytest.raises(ValueError, match="tcp:HOST:PORT or unix:PATH"):
+        qemu_settings(cfg, q10)
+    cfg = MigrationConfig(size=16 * MIB, params=MigrationParams(max_bandwidth=5e6, downtime_limit=0.05,
+                                                                xbzrle_cache_size=1 << 20, release_ram=True))
+    s = qemu_settings(cfg, q10)
+    assert s.capabilities == {"xbzrle": True, "release-ram": True}
+    assert s.parameters == {"max-bandwidth": 5_000_000, "downtime-limit": 50, "xbzrle-cache-size": 1 << 20}
+
+
+@pytest.mark.parametrize("version", ["7.2", "10.0"])
+def test_guest_writes_at_the_requested_rate(tmp_path, version):
+    """By its own counter and clock, over a window, within 10%; and the writes are real:
+    the pages it changed in its RAM file are as many as uniform writes should touch."""
+    qemu = require_qemu(version)
+    size, rate = 16 * MIB, 20000
+    params = guest_parameters(f"uniform:rate={rate},seed=5", size)
+    (tmp_path / "p.bin").write_bytes(params.pack())
+    vm = QemuVM(qemu, tmp_path, "source", size, tmp_path / "p.bin")
+    try:
+        vm.start()
+        first = vm.wait_guest_running()
+        while (last := vm.guest_status()).seconds < first.seconds + 1.0:
+            vm.check_alive("running the guest")
+            time.sleep(0.05)
+        vm.cmd("stop")
+        last = vm.guest_status()
+        achieved = (last.writes - first.writes) / (last.seconds - first.seconds)
+        assert achieved == pytest.approx(rate, rel=0.1), f"guest wrote {achieved:.0f} pages/s, asked {rate}"
+        ram = np.fromfile(vm.ram_file, dtype=np.uint8).reshape(-1, 4096)
+        region = ram[params.region_start // 4096:params.region_start // 4096 + params.n_pages]
+        touched = int(np.count_nonzero(region.any(axis=1)))
+        n = params.n_pages
+        expected = n * (1 - np.exp(-last.writes / n))     # distinct pages of uniform writes
+        assert touched == pytest.approx(expected, rel=0.1), (touched, expected, last.writes)
+    finally:
+        vm.close()
+    assert vm.proc.poll() is not None
+
+
+def test_engine_both_easy_converges_and_hopeless_does_not():
+    require_qemu("10.0")
+    before = _qemus_now()
+    easy = _npqfile("migrate", "--engine", "both", "--qemu", "10.0", "--size", "32M", "--workload",
+                    "uniform:rate=500", "--json", "--quiet")
+    assert easy.returncode == 0, easy.stderr
+    both = json.loads(easy.stdout)
+    assert both["qemu-version"].startswith("10.0")
+    for side in ("simulator", "qemu"):
+        run = both[side]
+        assert run["status"] == "completed" and run["npqfile"]["outcome"] == "converged", run["npqfile"]
+        assert run["npqfile"]["verification"]["ok"] is True
+        assert run["npqfile"]["iterations"][-1]["final"]
+    assert both["qemu"]["qemu"]["version"].startswith("10.0")
+    assert both["qemu"]["npqfile"]["stream-bytes"] is None          # QEMU does not report it: not invented
+    figures = {r["figure"]: r for r in both["comparison"]}
+    assert figures["outcome"]["simulator"] == figures["outcome"]["qemu"] == "converged"
+    assert figures["transferred"]["relative-difference"] is not None
+    wl = both["qemu"]["npqfile"]["workload"]
+    assert wl["achieved-rate-pages"] == pytest.approx(500, rel=0.1)
+
+    hopeless = _npqfile("migrate", "--engine", "both", "--qemu", "10.0", "--size", "32M", "--workload",
+                        "uniform:rate=60000", "--max-bandwidth", "8MB/s", "--downtime-limit", "5",
+                        "--time-limit", "1.5", "--quiet")
+    assert hopeless.returncode == 2, hopeless.stdout + hopeless.stderr
+    assert "simulator vs QEMU 10.0" in hopeless.stdout
+    assert "simulator: cancelled (time-limit)" in hopeless.stdout
+    assert "QEMU 10.0.2: cancelled (time-limit)" in hopeless.stdout
+    assert _leftover_qemus(before) == []
+
+
+def test_a_qemu_that_fails_to_start_is_a_clear_error(tmp_path):
+    fake = tmp_path / "qemu-system-x86_64"
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'QEMU emulator version 10.0.2'; exit 0; fi\n"
+                    "echo 'qemu-system-x86_64: -object memory-backend-file: boom' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    res = _npqfile("migrate", "--engine", "qemu", "--qemu", str(fake), "--size", "16M", "--quiet")
+    assert res.returncode == 1
+    assert res.stderr.startswith("error: source QEMU exited with status 1 while starting"), res.stderr
+    assert "boom" in res.stderr and "Traceback" not in res.stderr
+    res = _npqfile("migrate", "--engine", "qemu", "--qemu", str(tmp_path / "none"), "--size", "16M")
+    assert res.returncode == 1 and "no such QEMU binary" in res.stderr, res.stderr
+
+
+def test_a_qemu_dying_mid_migration_fails_the_run_and_leaves_nothing(monkeypatch):
+    qemu = require_qemu("10.0")
+    started: list[QemuVM] = []
+    real_start = QemuVM.start
+
+    def start(self):
+        started.append(self)
+        real_start(self)
+
+    monkeypatch.setattr(QemuVM, "start", start)
+    killed = []
+
+    def progress(info):
+        if info["status"] == "active" and not killed:
+            dst = next(vm for vm in started if vm.role == "destination")
+            os.kill(dst.proc.pid, signal.SIGKILL)
+            killed.append(dst.proc.pid)
+
+    cfg = MigrationConfig(size=32 * MIB, workload="uniform:rate=1000",
+                          params=MigrationParams(max_bandwidth=4e6))
+    st = QemuMigration(cfg, qemu, on_progress=progress).run()
+    assert killed
+    assert st.status == "failed", st.outcome
+    assert "destination QEMU exited" in st.outcome or "error" in st.outcome, st.outcome
+    assert not st.verification.get("ok")
+    for vm in started:
+        assert vm.proc.poll() is not None, f"{vm.role} QEMU still running"
+        assert not vm.ram_file.parent.exists()          # the run's folder is gone
+
+
+def test_iteration_rows_from_polls():
+    """Rows per dirty-sync-count from synthetic polls; the last pre-copy row ends at
+    precopy-bytes, the final row is QEMU's downtime figures."""
+    m = QemuMigration.__new__(QemuMigration)
+
+    def poll(t, count, transferred, normal, remaining, status="active"):
+        return {"_t": t, "status": status, "ram": {"dirty-sync-count": count, "transferred": transferred,
+                                                   "normal": normal, "duplicate": 0, "remaining": remaining}}
+    m.samples = [poll(0.05, 1, 1000, 10, 90 * 4096), poll(0.1, 1, 5000, 50, 50 * 4096),
+                 poll(0.15, 2, 9000, 90, 30 * 4096), poll(0.2, 2, 12000, 120, 20 * 4096)]
+    final = {"status": "completed", "total-time": 300, "downtime": 50,
+             "ram": {"dirty-sync-count": 4, "transferred": 20000, "precopy-bytes": 14000, "downtime-bytes": 6000,
+                     "normal": 150, "duplicate": 0, "remaining": 0, "total": 100 * 4096}}
+    rows = m._iterations(final)
+    assert [(r.index, r.sync, r.final) for r in rows] == [(1, 1, False), (2, 2, False), (3, 4, True)]
+    assert rows[0].dirty_pages == 100 and rows[0].bytes_sent == 9000 and rows[0].pages_sent == 90
+    assert rows[1].bytes_sent == 14000 - 9000 and rows[1].duration == pytest.approx(0.25 - 0.15)
+    assert rows[2].bytes_sent == 6000 and rows[2].pages_sent == 30 and rows[2].duration == 0.05
+    assert sum(r.bytes_sent for r in rows) == 20000
+
+
+def test_compare_rows_relative_differences():
+    def run(outcome, transferred, pages):
+        return {"status": "completed", "total-time": 100.0, "downtime": 10.0, "expected-downtime": 5.0,
+                "ram": {"dirty-sync-count": 3, "transferred": transferred, "mbps": 8.0, "normal": 1, "duplicate": 0},
+                "npqfile": {"outcome": outcome, "iterations": [{"pages": p, "final": i == len(pages) - 1}
+                                                               for i, p in enumerate(pages)]}}
+    rows = {r["figure"]: r for r in compare_dicts(run("converged", 110, [10, 4, 2]), run("converged", 100, [10, 5]))}
+    assert rows["transferred"]["relative-difference"] == pytest.approx(0.1)
+    assert rows["outcome"]["relative-difference"] is None
+    assert rows["pages, iteration 2"]["simulator"] == 4 and rows["pages, iteration 2"]["qemu"] is None
+    assert rows["pages, final"]["relative-difference"] == pytest.approx(-0.6)

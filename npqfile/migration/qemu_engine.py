@@ -292,7 +292,9 @@ class QemuMigration:
             st.outcome = f"error: {final.get('error-desc', 'QEMU reported failed')}"
         elif status == "cancelled" and not st.outcome:
             st.outcome = "cancelled"
-        st.total_time = final.get("total-time", 0) / 1000
+        # a cancelled or failed migration has no total-time in query-migrate: our clock
+        # from the migrate command to the last poll
+        st.total_time = final.get("total-time", final.get("_t", 0.0) * 1000) / 1000
         st.setup_time = final.get("setup-time", 0) / 1000
         st.downtime = final.get("downtime", 0) / 1000
         active = [s for s in self.samples if s.get("status") == "active"]
@@ -353,7 +355,7 @@ class QemuMigration:
             rows.append(IterationStats(len(rows) + 1, dirty, sync=count))
         completed = final.get("status") == "completed"
         if rows:
-            end = final
+            end = pre[-1] if pre else final     # cancelled / failed: the last poll
             if completed and pre:
                 # pre-copy ends where the guest stopped: QEMU's precopy-bytes at total - downtime
                 end = {**pre[-1], "_t": (final.get("total-time", 0) - final.get("downtime", 0)) / 1000,

@@ -207,6 +207,7 @@ def test_iteration_rows_from_polls():
     """Rows per dirty-sync-count from synthetic polls; the last pre-copy row ends at
     precopy-bytes, the final row is QEMU's downtime figures."""
     m = QemuMigration.__new__(QemuMigration)
+    m.passes = {}
 
     def poll(t, count, transferred, normal, remaining, status="active"):
         return {"_t": t, "status": status, "ram": {"dirty-sync-count": count, "transferred": transferred,
@@ -221,6 +222,12 @@ def test_iteration_rows_from_polls():
     assert rows[0].dirty_pages == 100 and rows[0].bytes_sent == 9000 and rows[0].pages_sent == 90
     assert rows[1].bytes_sent == 14000 - 9000 and rows[1].duration == pytest.approx(0.25 - 0.15)
     assert rows[2].bytes_sent == 6000 and rows[2].pages_sent == 30 and rows[2].duration == 0.05
+    assert sum(r.bytes_sent for r in rows) == 20000
+    # with QEMU's MIGRATION_PASS time for sync 2, the boundary is interpolated between polls
+    m.passes = {2: 0.125}
+    rows = m._iterations(final)
+    assert rows[0].bytes_sent == 7000 and rows[0].pages_sent == 70 and rows[0].duration == pytest.approx(0.125)
+    assert rows[1].bytes_sent == 14000 - 7000 and rows[1].pages_sent == 120 - 70
     assert sum(r.bytes_sent for r in rows) == 20000
 
 

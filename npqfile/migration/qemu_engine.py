@@ -18,9 +18,11 @@ rest at its next check).  An option QEMU does not have raises ValueError before 
 process starts.
 
 ``query-migrate`` is polled every POLL seconds into the live progress callback, the
-per-iteration rows (one per ``dirty-sync-count``: pages and bytes are the differences
-between the polls where the count changed, so their boundaries are accurate to one
-poll; the last pre-copy row ends at QEMU's own ``precopy-bytes`` and the final row is
+per-iteration rows (one per ``dirty-sync-count``: a row starts at QEMU's
+``MIGRATION_PASS`` event for its sync (the ``events`` capability), its pages and bytes
+interpolated linearly between the two polls around that moment -- exact at the polls,
+approximate between them -- or, without the event, at the first poll that saw the
+count; the last pre-copy row ends at QEMU's own ``precopy-bytes`` and the final row is
 QEMU's ``downtime-bytes`` and ``downtime``) and the final statistics.  After completion
 the source is paused (``postmigrate``) and the destination paused (``-S``): both RAM
 files are final and their sha256 must be equal (``verification``).  The guest's
@@ -180,6 +182,7 @@ class QemuMigration:
         self.on_progress = on_progress
         self.pre_switchover = pre_switchover
         self.samples: list[dict] = []
+        self.passes: dict[int, float] = {}      # dirty-sync-count -> seconds after migrate
         self.st = QemuMigrationStats(page_size=4096, params=asdict(cfg.params))
         self.st.qemu = {"path": self.qemu.path, "version": self.qemu.version}
 
@@ -203,7 +206,7 @@ class QemuMigration:
             uri = self.settings.uri or f"unix:{workdir / 'migration.sock'}"
             dst.cmd("migrate-incoming", uri=uri)
             before = src.guest_status()
-            self.t0 = time.monotonic()
+            self.t0, self.real0 = time.monotonic(), time.time()
             src.cmd("migrate", uri=uri)
             try:
                 final = self._poll(src, dst)
@@ -224,6 +227,8 @@ class QemuMigration:
 
     def _configure(self, src: QemuVM, dst: QemuVM) -> None:
         caps = [{"capability": k, "state": v} for k, v in self.settings.capabilities.items()]
+        # MIGRATION_PASS events time-stamp each dirty-bitmap sync (the rows' boundaries)
+        src.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
         if caps:
             src.cmd("migrate-set-capabilities", capabilities=caps)
             # the destination needs the capabilities that change the stream (compress)
@@ -244,6 +249,7 @@ class QemuMigration:
             src.check_alive("migrating")
             info = src.cmd("query-migrate")
             now = time.monotonic() - self.t0
+            self._take_events(src)
             info["_t"] = now
             self.samples.append(info)
             status = info.get("status", "")
@@ -278,6 +284,20 @@ class QemuMigration:
                         self.st.outcome = why
                         src.cmd("migrate_cancel")
             time.sleep(POLL)
+
+    def _take_events(self, src: QemuVM) -> None:
+        """Record each MIGRATION_PASS (dirty-sync-count N reached) at its QEMU timestamp,
+        in seconds since the migrate command."""
+        try:
+            events = src.qmp.get_events(wait=False)
+            src.qmp.clear_events()
+        except Exception:      # events are a refinement: without them rows use the polls
+            return
+        for ev in events:
+            if ev.get("event") == "MIGRATION_PASS":
+                ts = ev.get("timestamp", {})
+                when = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6 - self.real0
+                self.passes[ev.get("data", {}).get("pass", 0)] = when
 
     # -- results --------------------------------------------------------------------------
     def _collect(self, final: dict) -> None:
@@ -332,6 +352,8 @@ class QemuMigration:
 
     @staticmethod
     def _pages(info: dict) -> int:
+        if "_pages" in info:            # interpolated by _at
+            return info["_pages"]
         ram = info.get("ram", {})
         return (ram.get("normal", 0) + ram.get("duplicate", 0) + info.get("xbzrle-cache", {}).get("pages", 0)
                 + info.get("compression", {}).get("pages", 0))
@@ -349,8 +371,9 @@ class QemuMigration:
             if rows and rows[-1].sync == count:
                 continue
             if rows:
-                self._close_row(rows[-1], start, s)
-                start = s
+                edge = self._at(count, s)
+                self._close_row(rows[-1], start, edge)
+                start = edge
             dirty = fram.get("total", 0) // ps if count <= 1 else s["ram"].get("remaining", 0) // ps
             rows.append(IterationStats(len(rows) + 1, dirty, sync=count))
         completed = final.get("status") == "completed"
@@ -370,6 +393,22 @@ class QemuMigration:
             fin.bandwidth = fin.bytes_sent / max(fin.duration, 1e-9)
             rows.append(fin)
         return rows
+
+    def _at(self, count: int, poll: dict) -> dict:
+        """The migration's counters when dirty-sync-count became ``count``: interpolated
+        between the polls around its MIGRATION_PASS timestamp, or the first poll that
+        saw it when there is no event."""
+        when = self.passes.get(count)
+        i = self.samples.index(poll)
+        prev = self.samples[i - 1] if i else None
+        if when is None or prev is None or not prev.get("ram") or not prev["_t"] <= when <= poll["_t"]:
+            return poll
+        f = (when - prev["_t"]) / max(poll["_t"] - prev["_t"], 1e-9)
+        pages = round(self._pages(prev) + f * (self._pages(poll) - self._pages(prev)))
+        transferred = round(prev["ram"]["transferred"] + f * (poll["ram"]["transferred"]
+                                                             - prev["ram"]["transferred"]))
+        return {"_t": when, "status": poll.get("status"), "_pages": pages,
+                "ram": {**poll["ram"], "transferred": transferred}}
 
     def _close_row(self, row: IterationStats, start: dict | None, end: dict) -> None:
         t0 = start["_t"] if start else 0.0

@@ -96,7 +96,7 @@ def run_grid(names: list[str], qemu: str | None) -> list[dict]:
 
 
 def summary(rows: list[dict]) -> dict:
-    conv = [r for r in rows if r["transferred-rel"] is not None]
+    conv = [r for r in rows if r["transferred-rel"] is not None and r["total-time-rel"] is not None]
     return {"scenarios": len(rows), "same-outcome": sum(r["same-outcome"] for r in rows),
             "converging-on-both": len(conv),
             "median-abs-transferred-rel": statistics.median(abs(r["transferred-rel"]) for r in conv) if conv else None,

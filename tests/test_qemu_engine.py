@@ -203,9 +203,11 @@ def test_a_qemu_dying_mid_migration_fails_the_run_and_leaves_nothing(monkeypatch
         assert not vm.ram_file.parent.exists()          # the run's folder is gone
 
 
-def test_iteration_rows_from_polls():
+def test_iteration_rows_from_polls_and_events():
     """Rows per dirty-sync-count from synthetic polls; the last pre-copy row ends at
-    precopy-bytes, the final row is QEMU's downtime figures."""
+    precopy-bytes, the final row is QEMU's downtime figures; QEMU's MIGRATION_PASS times
+    move the boundaries (interpolated between polls) and add counts no poll saw; a poll
+    that saw the final sync's count while "active" (QEMU 7.2) adds no pre-copy row."""
     m = QemuMigration.__new__(QemuMigration)
     m.passes = {}
 
@@ -213,7 +215,8 @@ def test_iteration_rows_from_polls():
         return {"_t": t, "status": status, "ram": {"dirty-sync-count": count, "transferred": transferred,
                                                    "normal": normal, "duplicate": 0, "remaining": remaining}}
     m.samples = [poll(0.05, 1, 1000, 10, 90 * 4096), poll(0.1, 1, 5000, 50, 50 * 4096),
-                 poll(0.15, 2, 9000, 90, 30 * 4096), poll(0.2, 2, 12000, 120, 20 * 4096)]
+                 poll(0.15, 2, 9000, 90, 30 * 4096), poll(0.2, 2, 12000, 120, 20 * 4096),
+                 poll(0.26, 4, 16000, 140, 0)]
     final = {"status": "completed", "total-time": 300, "downtime": 50,
              "ram": {"dirty-sync-count": 4, "transferred": 20000, "precopy-bytes": 14000, "downtime-bytes": 6000,
                      "normal": 150, "duplicate": 0, "remaining": 0, "total": 100 * 4096}}
@@ -223,11 +226,12 @@ def test_iteration_rows_from_polls():
     assert rows[1].bytes_sent == 14000 - 9000 and rows[1].duration == pytest.approx(0.25 - 0.15)
     assert rows[2].bytes_sent == 6000 and rows[2].pages_sent == 30 and rows[2].duration == 0.05
     assert sum(r.bytes_sent for r in rows) == 20000
-    # with QEMU's MIGRATION_PASS time for sync 2, the boundary is interpolated between polls
-    m.passes = {2: 0.125}
+    m.passes = {2: 0.125, 3: 0.175, 4: 0.25}
+    final["ram"]["dirty-sync-count"] = 5        # 3 started a pass, 4 decided to complete, 5 is the final sync
     rows = m._iterations(final)
+    assert [(r.sync, r.final) for r in rows] == [(1, False), (2, False), (3, False), (5, True)]
     assert rows[0].bytes_sent == 7000 and rows[0].pages_sent == 70 and rows[0].duration == pytest.approx(0.125)
-    assert rows[1].bytes_sent == 14000 - 7000 and rows[1].pages_sent == 120 - 70
+    assert rows[1].bytes_sent == 10500 - 7000 and rows[2].bytes_sent == 14000 - 10500
     assert sum(r.bytes_sent for r in rows) == 20000
 
 

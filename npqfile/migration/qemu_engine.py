@@ -259,6 +259,11 @@ class QemuMigration:
                                   "dirty-pages": ram.get("remaining", 0) // 4096,
                                   "bytes": ram.get("transferred", 0), "mbps": ram.get("mbps", 0.0),
                                   "elapsed": now})
+            if status == "completed" and not info.get("total-time") and time.monotonic() < self._settle_deadline():
+                # QEMU 7.2 reports "completed" a moment before migration_calculate_complete
+                # fills total-time, downtime and mbps (all 0 until then): ask again
+                time.sleep(0.01)
+                continue
             if status in TERMINAL:
                 return info
             if not (limited and p.on_limit == "cancel"):   # a cancelled stream ends the destination
@@ -284,6 +289,12 @@ class QemuMigration:
                         self.st.outcome = why
                         src.cmd("migrate_cancel")
             time.sleep(POLL)
+
+    def _settle_deadline(self) -> float:
+        """Until when a "completed" answer without its figures is asked again (2 s)."""
+        if getattr(self, "_settle", None) is None:
+            self._settle = time.monotonic() + 2.0
+        return self._settle
 
     def _take_events(self, src: QemuVM) -> None:
         """Record each MIGRATION_PASS (dirty-sync-count N reached) at its QEMU timestamp,
@@ -359,65 +370,71 @@ class QemuMigration:
                 + info.get("compression", {}).get("pages", 0))
 
     def _iterations(self, final: dict) -> list[IterationStats]:
-        """One row per dirty-sync-count seen while the guest ran, from the polls, and the
-        final stop-and-copy row from QEMU's downtime figures."""
-        rows: list[IterationStats] = []
+        """One row per dirty-sync-count reached while the guest ran, and the final
+        stop-and-copy row from QEMU's own downtime figures.
+
+        A row starts when its count was reached: QEMU's MIGRATION_PASS timestamp, or else
+        the first poll that saw the count.  The counters at that moment are interpolated
+        linearly between the polls around it (exact at a poll).  Counts reached between two
+        polls still get their row (from their events).  For a completed run the count of
+        the final sync belongs to the final row (QEMU 7.2 stays "active" during the
+        stop-and-copy, so a poll may see it), the sync just before it (the one that
+        decided to complete) starts no row, and pre-copy ends at ``total - downtime``
+        with QEMU's ``precopy-bytes``."""
         ps = 4096
-        pre = [s for s in self.samples if s.get("status") in ("setup", "active") and s.get("ram")]
         fram = final.get("ram", {})
-        start: dict | None = None            # None: the migration's start (nothing sent)
-        for s in pre:
-            count = s["ram"].get("dirty-sync-count", 0)
-            if rows and rows[-1].sync == count:
-                continue
-            if rows:
-                edge = self._at(count, s)
-                self._close_row(rows[-1], start, edge)
-                start = edge
-            dirty = fram.get("total", 0) // ps if count <= 1 else s["ram"].get("remaining", 0) // ps
-            rows.append(IterationStats(len(rows) + 1, dirty, sync=count))
         completed = final.get("status") == "completed"
-        if rows:
-            end = pre[-1] if pre else final     # cancelled / failed: the last poll
-            if completed and pre:
-                # pre-copy ends where the guest stopped: QEMU's precopy-bytes at total - downtime
-                end = {**pre[-1], "_t": (final.get("total-time", 0) - final.get("downtime", 0)) / 1000,
-                       "ram": {**pre[-1]["ram"], "transferred": fram.get("precopy-bytes", 0)}}
-            self._close_row(rows[-1], start, end)
+        last_count = fram.get("dirty-sync-count", 0) if completed else None
+        end_t = (final.get("total-time", 0) - final.get("downtime", 0)) / 1000 if completed else None
+        pre = [s for s in self.samples if s.get("status") in ("setup", "active") and s.get("ram")
+               and (not completed or (s["ram"].get("dirty-sync-count", 0) < last_count and s["_t"] <= end_t))]
+        # the curve of (time, bytes, pages) from the start to the end of pre-copy
+        curve = [(0.0, 0, 0)] + [(s["_t"], s["ram"].get("transferred", 0), self._pages(s)) for s in pre]
+        if completed:
+            curve.append((max(end_t, curve[-1][0]), fram.get("precopy-bytes", curve[-1][1]), curve[-1][2]))
+        counts = {s["ram"].get("dirty-sync-count", 0) for s in pre}
+        counts |= {c for c in self.passes
+                   if 1 <= c and (c < last_count if completed else c <= max(counts, default=0))}
+        if completed:
+            # the sync that decided completion (ram_save_pending's, one before the final
+            # sync) starts no pass: its moment folds into the previous row, as in the simulator
+            if len(counts) > 1:
+                counts.discard(last_count - 1)
+        starts = []
+        for c in sorted(counts):
+            first = next((s for s in pre if s["ram"].get("dirty-sync-count", 0) >= c), None)
+            when = 0.0 if c <= 1 else self.passes.get(c, first["_t"] if first else curve[-1][0])
+            dirty = fram.get("total", 0) // ps if c <= 1 else (first or {"ram": {}})["ram"].get("remaining", 0) // ps
+            starts.append((c, min(when, curve[-1][0]), dirty))
+        rows = []
+        for i, (c, when, dirty) in enumerate(starts):
+            end = starts[i + 1][1] if i + 1 < len(starts) else curve[-1][0]
+            t0, b0, p0 = self._interpolate(curve, when)
+            t1, b1, p1 = self._interpolate(curve, end)
+            row = IterationStats(i + 1, dirty, sync=c)
+            row.duration, row.bytes_sent, row.pages_sent = max(0.0, t1 - t0), max(0, b1 - b0), max(0, p1 - p0)
+            row.bandwidth = row.bytes_sent / max(row.duration, 1e-9)
+            rows.append(row)
         if completed:
             fin = IterationStats(len(rows) + 1, pre[-1]["ram"].get("remaining", 0) // ps if pre else 0,
-                                 final=True, sync=fram.get("dirty-sync-count", 0))
-            fin.pages_sent = self._pages(final) - (self._pages(pre[-1]) if pre else 0)
+                                 final=True, sync=last_count)
+            fin.pages_sent = self._pages(final) - curve[-1][2]
             fin.bytes_sent = fram.get("downtime-bytes", 0)
             fin.duration = final.get("downtime", 0) / 1000
             fin.bandwidth = fin.bytes_sent / max(fin.duration, 1e-9)
             rows.append(fin)
         return rows
 
-    def _at(self, count: int, poll: dict) -> dict:
-        """The migration's counters when dirty-sync-count became ``count``: interpolated
-        between the polls around its MIGRATION_PASS timestamp, or the first poll that
-        saw it when there is no event."""
-        when = self.passes.get(count)
-        i = self.samples.index(poll)
-        prev = self.samples[i - 1] if i else None
-        if when is None or prev is None or not prev.get("ram") or not prev["_t"] <= when <= poll["_t"]:
-            return poll
-        f = (when - prev["_t"]) / max(poll["_t"] - prev["_t"], 1e-9)
-        pages = round(self._pages(prev) + f * (self._pages(poll) - self._pages(prev)))
-        transferred = round(prev["ram"]["transferred"] + f * (poll["ram"]["transferred"]
-                                                             - prev["ram"]["transferred"]))
-        return {"_t": when, "status": poll.get("status"), "_pages": pages,
-                "ram": {**poll["ram"], "transferred": transferred}}
-
-    def _close_row(self, row: IterationStats, start: dict | None, end: dict) -> None:
-        t0 = start["_t"] if start else 0.0
-        b0 = start["ram"].get("transferred", 0) if start else 0
-        p0 = self._pages(start) if start else 0
-        row.duration = max(0.0, end.get("_t", 0.0) - t0)
-        row.bytes_sent = max(0, end.get("ram", {}).get("transferred", 0) - b0)
-        row.pages_sent = max(0, self._pages(end) - p0)
-        row.bandwidth = row.bytes_sent / max(row.duration, 1e-9)
+    @staticmethod
+    def _interpolate(curve: list[tuple[float, int, int]], t: float) -> tuple[float, int, int]:
+        """(t, bytes, pages) at time ``t`` on the piecewise-linear ``curve``."""
+        if t <= curve[0][0]:
+            return curve[0]
+        for (ta, ba, pa), (tb, bb, pb) in zip(curve, curve[1:]):
+            if ta <= t <= tb:
+                f = (t - ta) / (tb - ta) if tb > ta else 1.0
+                return t, round(ba + f * (bb - ba)), round(pa + f * (pb - pa))
+        return curve[-1]
 
     def _guest_rate(self, before, after) -> None:
         d = self.guest

@@ -110,14 +110,15 @@ def _pct(v) -> str:
 
 def markdown(rows: list[dict], summ: dict) -> str:
     out = ["| scenario | outcome sim / QEMU | syncs sim / QEMU | transferred MiB sim / QEMU | diff | "
-           "total ms sim / QEMU | diff | downtime ms sim / QEMU | guest rate achieved |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "total ms sim / QEMU | diff | downtime ms sim / QEMU | Mbit/s sim / QEMU | guest rate |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s, q = r["simulator"], r["qemu"]
         out.append(f"| {r['scenario']} | {s['outcome']} / {q['outcome']} | {s['syncs']} / {q['syncs']} | "
                    f"{s['transferred'] / MIB:.1f} / {q['transferred'] / MIB:.1f} | {_pct(r['transferred-rel'])} | "
                    f"{s['total-ms']:.0f} / {q['total-ms']:.0f} | {_pct(r['total-time-rel'])} | "
-                   f"{s['downtime-ms']:.0f} / {q['downtime-ms']:.0f} | {q['achieved-rate'] or '-'} |")
+                   f"{s['downtime-ms']:.0f} / {q['downtime-ms']:.0f} | {s['mbps']:.0f} / {q['mbps']:.0f} | "
+                   f"{q['achieved-rate'] or '-'} |")
     out.append("")
     out.append(f"Same outcome in {summ['same-outcome']} of {summ['scenarios']} scenarios; "
                f"{summ['converging-on-both']} converged on both: median |difference| of transferred bytes "
@@ -131,7 +132,12 @@ def main() -> int:
     ap.add_argument("--qemu", default="10.0", help="QEMU binary or version (default 10.0)")
     ap.add_argument("--only", help="comma-separated scenario names")
     ap.add_argument("--json", action="store_true", help="print rows and summary as JSON")
+    ap.add_argument("--from-json", metavar="FILE", help="print the table of a saved --json run")
     args = ap.parse_args()
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        print(markdown(saved["rows"], summary(saved["rows"])))
+        return 0
     names = args.only.split(",") if args.only else list(GRID)
     unknown = [n for n in names if n not in GRID]
     if unknown:

@@ -309,7 +309,7 @@ def test_exec_writer_broken_pipe_says_how_the_command_ended():
     require_program("false")
     w = open_channel("exec:false", "w")
     with pytest.raises(BrokenPipeError) as info:
-        w.writev([bytes(1 << 20)], 0)   # more than a pipe holds: EPIPE once false has exited
+        w.writev([bytes(4 << 20)], 0)   # more than a pipe holds (1 MiB, see PIPE_SIZE): EPIPE once false has exited
     assert info.value.errno == errno.EPIPE
     assert "exec:false" in str(info.value) and "command exited with status 1" in str(info.value)
     assert w.close() == -errno.EIO and w.returncode == 1 and w.pid is None
@@ -469,3 +469,16 @@ def test_qemufile_over_tcp_with_return_path_and_exec_failure():
     failing = QEMUFile(ExecChannel("cat >/dev/null; exit 1", "w"))
     failing.put_buffer(b"x" * 100)
     assert failing.close() == -errno.EIO
+
+
+def test_exec_pipes_are_grown_to_one_mib():
+    """exec: pipes get F_SETPIPE_SZ 1 MiB: a 64 KiB pipe makes writer and command ping-pong
+    (measured: 0.75-1.8 GB/s against 2-3 GB/s).  Fails on the default 64 KiB pipe."""
+    require_program("cat")
+    import fcntl
+    for mode, cmd in (("w", "cat > /dev/null"), ("r", "cat /dev/null")):
+        ch = open_channel(f"exec:{cmd}", mode)
+        try:
+            assert fcntl.fcntl(ch.fileno(), getattr(fcntl, "F_GETPIPE_SZ", 1032)) == 1 << 20
+        finally:
+            ch.close()

@@ -12,6 +12,7 @@ kernel writes part of a batch, re-slice the remaining buffers (a flat byte view 
 from __future__ import annotations
 
 import errno
+import operator
 import os
 import select
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
@@ -72,6 +73,9 @@ def wait_writable(fd: int) -> None:
     select.select([], [fd], [])
 
 
+_NBYTES = operator.attrgetter("nbytes")
+
+
 def write_all(buffers: Sequence[Any], send: Callable[[Sequence[Any], int], int], wait: Callable[[], None],
               pos: int = 0, limit: int = IOV_MAX) -> int:
     """Write every buffer through ``send(batch, offset) -> bytes written`` and return the total.
@@ -80,7 +84,12 @@ def write_all(buffers: Sequence[Any], send: Callable[[Sequence[Any], int], int],
     positional writes).  Partial writes re-slice the rest; EINTR retries; EAGAIN calls ``wait()``.
     A send that writes nothing for a non-empty batch raises OSError(EIO) instead of spinning.
     Errors from ``send`` propagate as OSError (some bytes may have been written: the stream is broken)."""
-    sizes = [nbytes(b) for b in buffers]
+    try:
+        # memoryviews and numpy arrays (all QEMUFile passes) say their size in C: a Python
+        # call per buffer cost more than the writev itself on a fast sink
+        sizes = list(map(_NBYTES, buffers))
+    except AttributeError:     # bytes, bytearray, other buffer objects
+        sizes = [nbytes(b) for b in buffers]
     total = sum(sizes)
     pending: Sequence[Any] = buffers
     if 0 in sizes:  # empty iovecs could make a whole batch write 0 bytes and look like no progress

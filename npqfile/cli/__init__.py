@@ -25,22 +25,29 @@ DESCRIPTION = ("npqfile: QEMU's migration stream (QEMUFile and the RAM section) 
 EPILOG = "Run 'npqfile COMMAND --help' for a command's options."
 
 
-def _commands() -> list:
+def _commands(only: str | None = None) -> list:
+    """The subcommand modules, in ``ORDER``.  With ``only`` (the command on the command line)
+    just the module of that name is imported when there is one: the others' imports (numpy,
+    matplotlib, rich...) would cost a user's every command a few hundred milliseconds."""
+    names = [info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_")]
+    if only in names:
+        mod = importlib.import_module(f"{__name__}.{only}")
+        if getattr(mod, "NAME", None) == only and hasattr(mod, "run"):
+            return [mod]
     mods = []
-    for info in pkgutil.iter_modules(__path__):
-        if info.name.startswith("_"):
-            continue
-        mod = importlib.import_module(f"{__name__}.{info.name}")
+    for name in names:
+        mod = importlib.import_module(f"{__name__}.{name}")
         if hasattr(mod, "NAME") and hasattr(mod, "run"):
             mods.append(mod)
     return sorted(mods, key=lambda m: getattr(m, "ORDER", 50))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``npqfile`` parser; with ``command``, only that subcommand's module is loaded."""
     parser = argparse.ArgumentParser(prog="npqfile", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
-    for mod in _commands():
+    for mod in _commands(command):
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
@@ -48,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(first)
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()

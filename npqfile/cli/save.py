@@ -8,8 +8,8 @@ terminal; the summary then goes to standard error) or a migration URI (``exec:``
 ``tcp:``...).
 
 Goals: a stream that ``qemu-system-x86_64 -M MACHINE -incoming`` with the same blocks
-loads.  Images are read into private RAM blocks (the user's files are never mapped
-writable), and an output that is one of the images is refused.
+loads.  Images are mapped privately (``image:`` backing: the user's files are
+never written, and never copied), and an output that is one of the images is refused.
 """
 
 from __future__ import annotations
@@ -44,20 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _open_block(name: str, path: str) -> RAMBlock:
-    """A private RAM block holding a copy of the image: the user's file is never mapped
-    writable, so nothing npqfile does can change it."""
+    """A RAM block that maps the image privately and read-only at the file level
+    (``image:`` backing): no copy is made, and nothing npqfile does can change the file."""
     size = os.path.getsize(path)
     if size == 0 or size % 4096:
         raise ValueError(f"image {path!r} for block {name!r} is {size} bytes, not a positive multiple of 4096")
-    block = RAMBlock(name, size)
-    try:
-        with open(path, "rb") as fh:
-            if fh.readinto(block.array) != size:
-                raise OSError(f"short read from {path!r} (block {name!r})")
-    except BaseException:
-        block.close()
-        raise
-    return block
+    return RAMBlock(name, size, backing=f"image:{path}")
 
 
 def _check_output(out: str, images: dict[str, str]) -> None:

@@ -5,6 +5,9 @@ backings ``private`` (anonymous MAP_PRIVATE, the default), ``shared`` (anonymous
 MAP_SHARED), ``memfd`` (memfd_create + MAP_SHARED) and ``file:PATH`` (a file mapped
 MAP_SHARED, like QEMU's memory-backend-file,share=on); zero-copy views (``array``,
 ``pages``, ``page(i)``); writes that mark pages dirty (``write``, ``touch``, ``fill``);
+``image:PATH`` (a file opened read-only and mapped MAP_PRIVATE, like
+memory-backend-file,share=off: the guest sees the file, writes stay private copies, the
+file never changes; ``npqfile save`` maps its raw images so, without copying them);
 ``sync_dirty`` from the block's bitmap or from the kernel's soft-dirty bits; release of
 page runs with the primitive that frees the backing; residency measured from pagemap,
 mincore and smaps; ``close`` that refuses, clearly, while views are alive.
@@ -51,7 +54,9 @@ def parse_backing(backing: str) -> tuple[str, str | None]:
         return backing, None
     if backing.startswith("file:") and len(backing) > 5:
         return "file", backing[5:]
-    raise ValueError(f"unknown RAM backing {backing!r} (choose private, shared, memfd or file:PATH)")
+    if backing.startswith("image:") and len(backing) > 6:
+        return "image", backing[6:]
+    raise ValueError(f"unknown RAM backing {backing!r} (choose private, shared, memfd, file:PATH or image:PATH)")
 
 
 def _check_name(name: str) -> None:
@@ -110,6 +115,19 @@ class RAMBlock:
             except OSError as exc:
                 raise OSError(exc.errno, f"cannot map {self.size} bytes for RAM block {self.name!r}: "
                                          f"{exc.strerror}") from None
+        elif kind == "image":
+            try:
+                self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot open image {path!r} of RAM block {self.name!r}: "
+                                         f"{exc.strerror}") from None
+            try:
+                if os.fstat(self._fd).st_size < self.size:
+                    raise ValueError(f"image {path!r} of RAM block {self.name!r} is shorter than {self.size} bytes")
+                mm = RAMBlockMmap(self._fd, self.size, flags=mmap.MAP_PRIVATE)
+            except (OSError, ValueError):
+                os.close(self._fd)
+                raise
         else:
             if kind == "memfd":
                 self._fd = os.memfd_create(self.name.encode()[:249].decode(errors="ignore") or "ram",

@@ -56,6 +56,7 @@ DEFAULT_ADVICE: dict[str, str] = {
     "shared": "remove",     # shmem: DONTNEED would only unmap
     "memfd": "remove",      # shmem behind an fd: MADV_REMOVE punches the hole
     "file": "punch",        # fallocate hole + DONTNEED of the mapping's pages
+    "image": "dontneed",    # private copy of a read-only file: drops the copies, the file stays
 }
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -246,3 +246,37 @@ def test_compare_rows_relative_differences():
     assert rows["outcome"]["relative-difference"] is None
     assert rows["pages, iteration 2"]["simulator"] == 4 and rows["pages, iteration 2"]["qemu"] is None
     assert rows["pages, final"]["relative-difference"] == pytest.approx(-0.6)
+
+
+def test_ctrl_c_ends_both_qemus():
+    import psutil
+    require_qemu("10.0")
+    proc = subprocess.Popen([sys.executable, "-m", "npqfile", "migrate", "--engine", "qemu", "--qemu", "10.0",
+                             "--size", "32M", "--workload", "uniform:rate=1000", "--max-bandwidth", "2MB/s",
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    qemus: list = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(qemus) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            qemus = [c for c in psutil.Process(proc.pid).children() if "qemu" in c.name()]
+            time.sleep(0.05)
+        assert len(qemus) == 2, "both QEMUs should be running"
+        time.sleep(0.5)                      # into the migration (2 MB/s: it lasts ~15 s)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "interrupted" in err, err
+    assert not [q.pid for q in qemus if q.is_running() and q.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_sweep_with_the_qemu_engine():
+    require_qemu("10.0")
+    res = _npqfile("migrate", "--engine", "qemu", "--qemu", "10.0", "--size", "16M", "--workload", "idle",
+                   "--sweep", "downtime=300,500", "--json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert [r["downtime"] for r in rows] == ["300", "500"]
+    assert all(r["status"] == "completed" and r["verified"] is True for r in rows), rows

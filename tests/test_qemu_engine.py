@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import require, require_program, require_qemu
-from npqfile.guest import IMAGE, build_image, guest_parameters, read_status
+from npqfile.guest import IMAGE, build_image, guest_parameters
 from npqfile.guest.build import BUILT_WITH, compiler_version
 from npqfile.guest.params import zipf_table
 from npqfile.migration.compare import compare_dicts

@@ -145,7 +145,6 @@ def run_and_report(cfg: Any, args: Any, pre_switchover: Callable | None = None) 
     returns the exit status (``exit_status``)."""
     import json
     import os
-    import sys
 
     both = run_both(cfg, pre_switchover=pre_switchover)
     if getattr(args, "plot", None):

@@ -280,3 +280,16 @@ def test_sweep_with_the_qemu_engine():
     rows = json.loads(res.stdout)
     assert [r["downtime"] for r in rows] == ["300", "500"]
     assert all(r["status"] == "completed" and r["verified"] is True for r in rows), rows
+
+
+def test_auto_converge_and_its_throttle_parameters_pass_through():
+    q10 = QemuBinary("/nonexistent/qemu", "10.0.2")
+    params = MigrationParams()
+    params.auto_converge, params.cpu_throttle_initial, params.max_cpu_throttle = True, 30, 80
+    s = qemu_settings(MigrationConfig(size=16 * MIB, params=params), q10)
+    assert s.capabilities == {"auto-converge": True}
+    assert s.parameters["cpu-throttle-initial"] == 30 and s.parameters["max-cpu-throttle"] == 80
+    params = MigrationParams()
+    params.multifd = True
+    with pytest.raises(ValueError, match="multifd"):
+        qemu_settings(MigrationConfig(size=16 * MIB, params=params), q10)

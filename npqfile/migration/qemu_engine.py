@@ -10,7 +10,8 @@ simulator's (``cfg.init``) in a ``memory-backend-file``; a destination QEMU (``-
 ``tcp:``/``unix:`` address of ``cfg.to``.  Parameters and capabilities map one to one
 (:func:`qemu_settings`): max-bandwidth, downtime-limit, xbzrle (+ xbzrle-cache-size),
 compress (+ compress-level; QEMU 7.2 only), zero-page-detection (10.0 only),
-release-ram, pause-before-switchover.  ``max_iterations`` / ``time_limit`` are the
+release-ram, pause-before-switchover, auto-converge (+ the cpu-throttle parameters, when
+MigrationParams carries them under QEMU's names).  ``max_iterations`` / ``time_limit`` are the
 simulator's: once ``dirty-sync-count`` passes max_iterations, or the time limit
 passes, the run is cancelled (``migrate_cancel``) or forced (``on_limit="force"``: the
 downtime limit is raised to QEMU's maximum, so QEMU stops the guest and copies the
@@ -63,6 +64,8 @@ POLL = 0.05                     # seconds between query-migrate polls (the issue
 MAX_DOWNTIME_MS = 2_000_000     # QEMU's MAX_MIGRATE_DOWNTIME (2000 s): "force" completion
 FINISH_TIMEOUT = 60.0           # seconds for the destination to finish loading
 TERMINAL = ("completed", "failed", "cancelled")
+THROTTLE_PARAMETERS = ("cpu-throttle-initial", "cpu-throttle-increment", "cpu-throttle-tailslow",
+                       "max-cpu-throttle")
 TCG_LOST_WRITES = ("QEMU before 9.0 loses guest writes under TCG: the fast path of "
                    "cpu_physical_memory_sync_dirty_bitmap clears dirty bits without resetting the TCG TLB "
                    "(fixed in 9.0 by 'physmem: Fix migration dirty bitmap coherency with TCG memory access')")
@@ -112,9 +115,17 @@ def qemu_settings(cfg: Any, qemu: QemuBinary) -> QemuSettings:
         caps["pause-before-switchover"] = True
     if p.machine not in ("none", "pc"):
         raise ValueError(f"--machine {p.machine}: the QEMU engine runs -M pc")
-    for name in ("auto_converge", "multifd", "multifd_channels"):   # options other helpers may add
+    if getattr(p, "auto_converge", False):
+        # auto-converge's throttle parameters, when MigrationParams has them under QEMU's names
+        caps["auto-converge"] = True
+        for name in THROTTLE_PARAMETERS:
+            value = getattr(p, name.replace("-", "_"), None)
+            if value is not None:
+                params[name] = value
+    for name in ("multifd", "multifd_channels", "multifd_compression"):   # not mapped yet
         if getattr(p, name, None):
-            raise ValueError(f"{name.replace('_', '-')}: not passed to QEMU by this engine yet")
+            raise ValueError(f"{name.replace('_', '-')}: the QEMU engine does not pass multifd options yet; "
+                             "use the simulator")
     uri = None
     if cfg.to not in (None, "inprocess"):
         if not cfg.to.startswith(("tcp:", "unix:")):

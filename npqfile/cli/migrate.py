@@ -208,17 +208,16 @@ def _run_sweep(cfg: MigrationConfig, args: argparse.Namespace) -> int:
         from rich.table import Table
 
         t = Table(title="sweep")
+        # --engine both: each cell is "simulator / QEMU"
         sides = [""] if cfg.engine != "both" else ["", "qemu-"]
         cols = ["total ms", "downtime ms", "syncs", "converged", "outcome", "verified"]
-        for col in names + [("QEMU " if side else "") + c for side in sides for c in cols]:
+        for col in names + [c + (" sim / QEMU" if len(sides) > 1 else "") for c in cols]:
             t.add_column(col, justify="right")
         for row in rows:
-            cells = []
-            for side in sides:
-                cells += [f"{row.get(side + 'total-ms', 0):.0f}", f"{row.get(side + 'downtime-ms', 0):.1f}",
-                          str(row.get(side + "iterations", "")), "yes" if row.get(side + "converged") else "no",
-                          str(row.get(side + "outcome")), str(row.get(side + "verified"))]
-            t.add_row(*[row[n] for n in names], *cells)
+            per_side = [[f"{row.get(side + 'total-ms', 0):.0f}", f"{row.get(side + 'downtime-ms', 0):.1f}",
+                         str(row.get(side + "iterations", "")), "yes" if row.get(side + "converged") else "no",
+                         str(row.get(side + "outcome")), str(row.get(side + "verified"))] for side in sides]
+            t.add_row(*[row[n] for n in names], *[" / ".join(cells) for cells in zip(*per_side)])
         Console().print(t)
     return 1 if any(r["status"] in ("error", "failed") for r in rows) else 0
 

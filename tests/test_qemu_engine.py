@@ -293,3 +293,24 @@ def test_auto_converge_and_its_throttle_parameters_pass_through():
     params.multifd = True
     with pytest.raises(ValueError, match="multifd"):
         qemu_settings(MigrationConfig(size=16 * MIB, params=params), q10)
+
+
+def test_collect_maps_query_migrate_to_the_simulators_statistics():
+    """QEMU's answers become the same MigrationStats: a cancelled run keeps the time
+    measured to its last poll and its last pre-copy figures; a failed run names QEMU's
+    error; nothing QEMU does not report is invented."""
+    cfg = MigrationConfig(size=16 * MIB)
+    m = QemuMigration(cfg, QemuBinary("/nonexistent/qemu", "10.0.2"))
+    m.samples = [{"_t": 0.5, "status": "active", "expected-downtime": 42,
+                  "ram": {"dirty-sync-count": 5, "transferred": 9000, "normal": 2, "duplicate": 1,
+                          "remaining": 8192, "mbps": 80.0, "total": 4096 * 100}}]
+    m._collect({"status": "cancelled", "_t": 0.55})
+    st = m.st
+    assert st.status == "cancelled" and st.outcome == "cancelled" and not st.converged
+    assert st.total_time == pytest.approx(0.55) and st.dirty_sync_count == 5 and st.remaining == 8192
+    assert st.expected_downtime == pytest.approx(0.042) and st.transferred == 9000
+    d = st.as_dict()
+    assert d["npqfile"]["stream-bytes"] is None and d["qemu"]["version"] == "10.0.2"
+    m = QemuMigration(cfg, QemuBinary("/nonexistent/qemu", "10.0.2"))
+    m._collect({"status": "failed", "error-desc": "Unable to write to socket: Broken pipe", "_t": 0.1})
+    assert m.st.status == "failed" and m.st.outcome == "error: Unable to write to socket: Broken pipe"

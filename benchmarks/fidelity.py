@@ -70,6 +70,7 @@ def _figures(d: dict) -> dict:
     return {"status": d["status"], "outcome": x["outcome"], "syncs": d["ram"]["dirty-sync-count"],
             "transferred": d["ram"]["transferred"], "total-ms": d["total-time"], "downtime-ms": d["downtime"],
             "expected-downtime-ms": d["expected-downtime"], "mbps": d["ram"]["mbps"],
+            "precopy-bytes": d["ram"]["precopy-bytes"], "downtime-bytes": d["ram"]["downtime-bytes"],
             "pages": [it["pages"] for it in x["iterations"]], "verified": x["verification"].get("ok"),
             "achieved-rate": x["workload"].get("achieved-rate-pages")}
 
@@ -108,17 +109,28 @@ def _pct(v) -> str:
     return "-" if v is None else f"{v * 100:+.0f}%"
 
 
+def _phase(f: dict, which: str) -> str:
+    """MB/s of pre-copy (precopy-bytes over total minus downtime) or of the stop-and-copy
+    (downtime-bytes over downtime); "-" when the run did not complete or has no figure."""
+    if f["status"] != "completed" or "precopy-bytes" not in f:
+        return "-"
+    ms = f["total-ms"] - f["downtime-ms"] if which == "pre" else f["downtime-ms"]
+    size = f["precopy-bytes"] if which == "pre" else f["downtime-bytes"]
+    return f"{size / 1e3 / ms:.0f}" if ms > 0 else "-"
+
+
 def markdown(rows: list[dict], summ: dict) -> str:
     out = ["| scenario | outcome sim / QEMU | syncs sim / QEMU | transferred MiB sim / QEMU | diff | "
-           "total ms sim / QEMU | diff | downtime ms sim / QEMU | Mbit/s sim / QEMU | guest rate |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "total ms sim / QEMU | diff | downtime ms sim / QEMU | pre-copy MB/s sim / QEMU | "
+           "stop-and-copy MB/s sim / QEMU | guest rate |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s, q = r["simulator"], r["qemu"]
         out.append(f"| {r['scenario']} | {s['outcome']} / {q['outcome']} | {s['syncs']} / {q['syncs']} | "
                    f"{s['transferred'] / MIB:.1f} / {q['transferred'] / MIB:.1f} | {_pct(r['transferred-rel'])} | "
                    f"{s['total-ms']:.0f} / {q['total-ms']:.0f} | {_pct(r['total-time-rel'])} | "
-                   f"{s['downtime-ms']:.0f} / {q['downtime-ms']:.0f} | {s['mbps']:.0f} / {q['mbps']:.0f} | "
-                   f"{q['achieved-rate'] or '-'} |")
+                   f"{s['downtime-ms']:.0f} / {q['downtime-ms']:.0f} | {_phase(s, 'pre')} / {_phase(q, 'pre')} | "
+                   f"{_phase(s, 'down')} / {_phase(q, 'down')} | {q['achieved-rate'] or '-'} |")
     out.append("")
     out.append(f"Same outcome in {summ['same-outcome']} of {summ['scenarios']} scenarios; "
                f"{summ['converging-on-both']} converged on both: median |difference| of transferred bytes "

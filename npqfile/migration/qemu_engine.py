@@ -65,7 +65,7 @@ MAX_DOWNTIME_MS = 2_000_000     # QEMU's MAX_MIGRATE_DOWNTIME (2000 s): "force" 
 FINISH_TIMEOUT = 60.0           # seconds for the destination to finish loading
 TERMINAL = ("completed", "failed", "cancelled")
 THROTTLE_PARAMETERS = ("cpu-throttle-initial", "cpu-throttle-increment", "cpu-throttle-tailslow",
-                       "max-cpu-throttle")
+                       "max-cpu-throttle", "throttle-trigger-threshold")
 TCG_LOST_WRITES = ("QEMU before 9.0 loses guest writes under TCG: the fast path of "
                    "cpu_physical_memory_sync_dirty_bitmap clears dirty bits without resetting the TCG TLB "
                    "(fixed in 9.0 by 'physmem: Fix migration dirty bitmap coherency with TCG memory access')")

@@ -88,7 +88,7 @@ class QEMUFile(WriteSide, ReadSide):
         "_channel", "_writable", "_io_buf_size", "_max_iov", "_buf", "_bufmv",
         "_buf_index", "_buf_size", "_iov", "_tail", "_has_free",
         "_pos", "_bytes_xfer", "_xfer_limit", "_last_error", "_error", "_hooks",
-        "_closed", "_no_puts", "_last_obj", "_last_root", "released_bytes", "release_errors", "__weakref__",
+        "_closed", "_no_puts", "_last_obj", "_last_root", "released_bytes", "release_errors", "_eof", "__weakref__",
     )
 
     def __init__(self, channel: Any, *, io_buf_size: int = IO_BUF_SIZE, max_iov: int = MAX_IOV_SIZE):
@@ -119,6 +119,7 @@ class QEMUFile(WriteSide, ReadSide):
         self._error: FileError | None = None
         self._hooks: Any = None
         self._closed = False
+        self._eof = False  # the channel reported end of stream (the -EIO recorded then)
         self._no_puts = not can_write  # puts refused (reader, closed) or no-ops (error)
         self._last_obj: Any = None  # memoryview.obj of the last async buffer and its root:
         self._last_root: Any = None  # resolving a root walks numpy bases, so cache one
@@ -228,6 +229,12 @@ class QEMUFile(WriteSide, ReadSide):
             elif text not in msg:
                 msg = f"{msg}: {text}"
             self._error = FileError(code, msg)
+
+    @property
+    def at_eof(self) -> bool:
+        """True when the recorded error is the end of the stream (the channel read 0
+        bytes), not a read error or a ``shutdown()`` (both also -EIO, as in QEMU)."""
+        return self._eof
 
     @property
     def error(self) -> FileError | None:

@@ -71,6 +71,7 @@ class ReadSide:
             self._buf_size += n
             self._pos += n
             return n
+        self._eof = not self._last_error   # only if end of stream is the first error
         self.set_error(-errno.EIO, f"unexpected end of stream at offset {self._pos}")
         return 0
 
@@ -138,6 +139,25 @@ class ReadSide:
             self._buf_index += n
             done += n
         return done
+
+    def get_buffer_partial(self, buf: Any) -> int:
+        """Fill the start of ``buf`` with what is at hand: the buffered bytes, or one
+        channel read's worth when none are buffered (not in QEMU; for readers that must
+        not wait for bytes that may never come, e.g. a tail of unknown length).  Returns
+        the bytes copied, >= 1 unless at end of stream or error (then recorded)."""
+        dst = flat_bytes(buf)
+        if dst.readonly:
+            raise TypeError("get_buffer_partial needs a writable buffer")
+        if not dst.nbytes:
+            return 0
+        src = self.peek_buffer(1, 0)
+        if not len(src):
+            return 0
+        i = self._buf_index
+        n = min(dst.nbytes, self._buf_size - i)
+        dst[:n] = self._bufmv[i:i + n]
+        self._buf_index = i + n
+        return n
 
     def get_buffer_in_place(self, buf: Any) -> memoryview:
         """qemu_get_buffer_in_place: ``len(buf)`` bytes, as a view of the internal buffer

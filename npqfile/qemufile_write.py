@@ -21,7 +21,9 @@ import errno
 import logging
 import mmap
 import operator
+import select
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from itertools import repeat
@@ -45,24 +47,49 @@ def compress_bound(size: int) -> int:
     return size + (size >> 12) + (size >> 14) + (size >> 25) + 13
 
 
+def _skip_bytes(views: list, n: int) -> list:
+    """``views`` without their first ``n`` bytes."""
+    out = []
+    for v in views:
+        size = v.nbytes
+        if n >= size:
+            n -= size
+            continue
+        out.append(flat_bytes(v)[n:] if n else v)
+        n = 0
+    return out
+
+
+def _bad_value(name: str, bits: int, v: Any) -> Exception:
+    """The exception for a put of ``v`` that is not an int in 0..2**bits-1: TypeError for a
+    non-int, ValueError for an int out of range (QEMU's C types would truncate it)."""
+    if not isinstance(v, int) and not hasattr(v, "__index__"):
+        return TypeError(f"{name} needs an int, not {type(v).__name__}")
+    return ValueError(f"{name} value {v!r} is outside 0..{(1 << bits) - 1}")
+
+
 def _put_be(n: int, fmt: str, doc: str) -> Callable[[QEMUFile, int], None]:
     """Build put_be16/32/64.  QEMU composes them of put_byte calls; the fast path packs
     all ``n`` bytes at once when no flush can fall inside them (no new iovec that would
     fill the array, no end of the staging buffer), which queues exactly what ``n``
-    put_byte calls would; otherwise it makes those calls."""
+    put_byte calls would; otherwise it makes those calls.  ``struct`` refuses a value
+    that does not fit (the check costs nothing on the fast path): ValueError/TypeError,
+    nothing queued."""
     pack_into = struct.Struct(fmt).pack_into
-    mask = (1 << 8 * n) - 1
+    name = f"put_be{8 * n}"
+    bits = 8 * n
+    limit = 1 << bits
     shifts = tuple(range(8 * (n - 1), -8, -8))
 
     def put_be(self: QEMUFile, v: int) -> None:
         if self._no_puts:
             return self._refuse_put()
-        try:
-            v &= mask
-        except TypeError:
-            raise TypeError(f"put_be{8 * n} needs an int, not {type(v).__name__}") from None
         i = self._buf_index
         if i + n < self._io_buf_size:
+            try:
+                pack_into(self._buf, i, v)   # beyond _buf_index: harmless until accounted below
+            except struct.error:
+                raise _bad_value(name, bits, v) from None
             tail = self._tail
             if tail is not None:
                 tail[2] += n
@@ -72,14 +99,19 @@ def _put_be(n: int, fmt: str, doc: str) -> Callable[[QEMUFile, int], None]:
             else:
                 i = -1
             if i >= 0:
-                pack_into(self._buf, i, v)
                 self._bytes_xfer += n
                 self._buf_index = i + n
                 return
+        try:
+            ok = 0 <= v < limit
+        except TypeError:
+            ok = False
+        if not ok or not isinstance(v, int) and not hasattr(v, "__index__"):
+            raise _bad_value(name, bits, v)
         for shift in shifts:
-            self.put_byte(v >> shift)
+            self.put_byte((v >> shift) & 0xFF)
 
-    put_be.__name__ = put_be.__qualname__ = f"put_be{8 * n}"
+    put_be.__name__ = put_be.__qualname__ = name
     put_be.__doc__ = doc
     return put_be
 
@@ -107,13 +139,16 @@ class WriteSide:
                      else span_of(e[4], e[1], e[2]) for e in iov]
             expect = self._queued
             try:
-                ret = self._channel.writev(views, self._pos)
+                ret = self._writev(views, expect)
             except OSError as exc:
                 self.set_error(-(exc.errno or errno.EIO),
                                f"write of {expect} bytes at stream offset {self._pos} failed: {exc.strerror or exc}")
             else:
                 if not isinstance(ret, int):
                     self.set_error(-errno.EIO, f"channel writev returned {ret!r}, not a byte count")
+                elif ret > expect:
+                    self.set_error(-errno.EIO, f"channel bug: writev returned {ret} for a write of {expect} "
+                                               f"bytes at stream offset {self._pos}")
                 else:
                     if ret >= 0:
                         self._pos += ret
@@ -129,6 +164,33 @@ class WriteSide:
         self._has_free = False
         self._last_obj = self._last_root = None  # hold no exports of caller memory
         return self._last_error
+
+    def _writev(self, views: list, expect: int) -> Any:
+        """The channel's ``writev``, retried as the read side retries ``readinto``: EINTR
+        at once, EAGAIN (a non-blocking channel) after waiting until it can take more.
+        The channel protocol says a raising writev wrote nothing, unless it reports
+        ``characters_written`` (as BlockingIOError does): those bytes are skipped.
+        Returns what the last call returned plus the bytes written before it."""
+        done = 0
+        while True:
+            try:
+                ret = self._channel.writev(views, self._pos + done)
+            except (BlockingIOError, InterruptedError) as exc:
+                partial = getattr(exc, "characters_written", 0) or 0
+                if partial:
+                    done += partial
+                    views = _skip_bytes(views, partial)
+                if isinstance(exc, BlockingIOError):
+                    self._wait_writable()
+                continue
+            return ret + done if isinstance(ret, int) and done else ret
+
+    def _wait_writable(self) -> None:
+        fileno = getattr(self._channel, "fileno", None)
+        if fileno is None:
+            time.sleep(0.001)
+            return
+        select.select([], [fileno()], [], 1.0)
 
     def _release_ram(self) -> None:
         """qemu_iovec_release_ram: coalesce the may_free iovecs that are adjacent in
@@ -196,13 +258,14 @@ class WriteSide:
             raise ValueError("cannot write to a readable QEMUFile")
 
     def put_byte(self, v: int) -> None:
-        """qemu_put_byte: queue the low 8 bits of ``v``."""
+        """qemu_put_byte: queue the byte ``v``; ValueError unless 0 <= v <= 255 (QEMU's
+        C type would truncate it), TypeError for a non-int."""
         if self._no_puts:
             return self._refuse_put()
         try:
-            self._buf[self._buf_index] = v & 0xFF
-        except TypeError:
-            raise TypeError(f"put_byte needs an int, not {type(v).__name__}") from None
+            self._buf[self._buf_index] = v   # bytearray checks the range itself
+        except (TypeError, ValueError):
+            raise _bad_value("put_byte", 8, v) from None
         self._bytes_xfer += 1
         self._add_buf_to_iovec(1)
 

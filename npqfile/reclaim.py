@@ -3,7 +3,8 @@
 Supports: ``ReclaimConfig`` (size, backing, advice, release on/off, sink URI, sampling
 interval, seed), ``run_reclaim(config)`` -> ``ReclaimResult``, ``compare_configs`` (the
 backing x advice matrix), and three renderings: ``results_table`` (rich),
-``results_json`` and ``plot_results`` (matplotlib, RSS against bytes sent).
+``results_json`` and ``plot_results`` (matplotlib, RSS against bytes sent: small
+multiples, one column per backing, one line per advice).
 
 Goals: measure, per configuration, what the kernel did -- the mapping's RSS before,
 at its peak and after the stream (smaps), the process RSS (psutil), the pages still
@@ -282,17 +283,26 @@ def compare_configs(base: ReclaimConfig, backings: Sequence[str] = BACKINGS,
 _CONFIG_FIELDS = ("backing", "advice", "release", "size", "status", "error", "reason")
 
 
+def _hyphenated(d: dict) -> dict:
+    """``d`` with its keys in the JSON outputs' style (``rss_before`` -> ``rss-before``)."""
+    return {k.replace("_", "-"): v for k, v in d.items()}
+
+
 def _result_dict(r: ReclaimResult) -> dict:
     d = dataclasses.asdict(r)
     if r.status != "ok":
         d = {k: (v if k in _CONFIG_FIELDS else None) for k, v in d.items()}
-    return d
+    if d.get("samples") is not None:
+        d["samples"] = [_hyphenated(s) for s in d["samples"]]
+    return _hyphenated(d)
 
 
 def results_json(results: Sequence[ReclaimResult]) -> str:
-    """Return the results as a JSON document: ``{"kernel", "host_page_size", "results"}``.
-    Rows that did not run (``status`` unsupported or failed) have null measurements."""
-    doc = {"kernel": platform.release(), "host_page_size": HOST_PAGE_SIZE,
+    """Return the results as a JSON document: ``{"kernel", "host-page-size", "results"}``,
+    keys lowercase-hyphenated (``rss-before``, ``pages-released``...; described by
+    npqfile/schemas/reclaim.json).  Rows that did not run (``status`` unsupported or
+    failed) have null measurements."""
+    doc = {"kernel": platform.release(), "host-page-size": HOST_PAGE_SIZE,
            "results": [_result_dict(r) for r in results]}
     return json.dumps(doc, indent=2)
 
@@ -323,34 +333,61 @@ def results_table(results: Sequence[ReclaimResult]) -> Any:
 
 
 def plot_results(results: Sequence[ReclaimResult], path: str) -> None:
-    """Write a PNG with two panels against bytes sent (MiB): the mapping's RSS and the
-    memory its backing still holds (mincore); colour = advice, line style = backing.
-    Raises OSError if the file cannot be written."""
+    """Write the image ``path`` (see :func:`results_figure`).  Raises OSError if the
+    file cannot be written."""
+    import matplotlib.pyplot as plt
+
+    fig = results_figure(results)
+    try:
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def results_figure(results: Sequence[ReclaimResult]) -> Any:
+    """Small multiples against bytes sent (MiB): one column per backing, the mapping's
+    RSS on top and what the backing still holds (mincore) below, one line per advice
+    in that backing's panels (a few distinct colours, not two dozen lines in one
+    plot).  Configurations that did not run are listed in their panel.  Returns the
+    matplotlib Figure; the caller closes it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = dict(zip(BACKINGS, ("-", "--", "-.", ":")))
+    backings = list(dict.fromkeys(r.backing for r in results))
     colours = dict(zip(("none", *ADVICES), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    fig, axes = plt.subplots(2, len(backings), figsize=(3.6 * len(backings) + 1.5, 7), sharex=True,
+                             sharey=True, squeeze=False)
     try:
-        for r in results:
-            if r.status != "ok" or not r.samples:
-                continue
-            xs = [s.sent / (1 << 20) for s in r.samples]
-            kw = dict(linestyle=styles.get(r.backing, "-"), color=colours.get(r.advice), label=f"{r.backing}/{r.advice}")
-            axes[0].plot(xs, [s.mapping_rss / (1 << 20) for s in r.samples], **kw)
-            axes[1].plot(xs, [s.backing_kept / (1 << 20) for s in r.samples], **kw)
-        axes[0].set_title("mapping RSS (smaps Rss)")
-        axes[1].set_title("still held by the backing (mincore)")
-        axes[0].set_ylabel("MiB")
-        for ax in axes:
-            ax.set_xlabel("guest RAM sent (MiB)")
-            ax.grid(True, alpha=0.3)
-        axes[1].legend(fontsize="x-small", ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
-        fig.suptitle("npqfile reclaim: streaming a RAM block through QEMUFile with release")
+        for col, backing in enumerate(backings):
+            top, bottom = axes[0][col], axes[1][col]
+            skipped = []
+            for r in (r for r in results if r.backing == backing):
+                if r.status != "ok" or not r.samples:
+                    skipped.append(f"{r.advice}: {r.reason or r.status}")
+                    continue
+                xs = [s.sent / (1 << 20) for s in r.samples]
+                mark = "*" if r.release and r.advice == DEFAULT_ADVICE[r.backing] else ""
+                kw = dict(color=colours.get(r.advice), label=r.advice + mark, linewidth=1.8)
+                top.plot(xs, [s.mapping_rss / (1 << 20) for s in r.samples], **kw)
+                bottom.plot(xs, [s.backing_kept / (1 << 20) for s in r.samples], **kw)
+            top.set_title(backing)
+            if skipped:
+                bottom.text(0.02, 0.02, "not run: " + "; ".join(skipped), transform=bottom.transAxes,
+                            fontsize="x-small", va="bottom")
+            if top.lines:
+                top.legend(fontsize="x-small", loc="best", title="advice", title_fontsize="x-small")
+            bottom.set_xlabel("guest RAM sent (MiB)")
+            for ax in (top, bottom):
+                ax.grid(True, alpha=0.3)
+                ax.set_ylim(bottom=0)
+        axes[0][0].set_ylabel("mapping RSS (MiB)")
+        axes[1][0].set_ylabel("still held by the backing (MiB)")
+        fig.suptitle("npqfile reclaim: streaming a RAM block through QEMUFile with release "
+                     "(* = the primitive that frees the backing)")
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
-    finally:
+    except BaseException:
         plt.close(fig)
+        raise
+    return fig

@@ -337,8 +337,38 @@ def test_exec_failure_is_reported_on_close():
     assert w.close() == -errno.EIO
     assert w.returncode == 3 and "status 3" in w.error and "exit 3" in w.error
     r = ExecChannel("echo hi; exit 2", "r")
-    assert drain(r) == b"hi\n"
+    buf = memoryview(bytearray(100))
+    assert bytes(buf[:r.readinto(buf, 0)]) == b"hi\n"
+    with pytest.raises(OSError, match="exec:echo hi; exit 2: the stream ended and the command exited with status 2"):
+        r.readinto(buf, 3)   # the end of the stream names the exit status
     assert r.close() == -errno.EIO and r.returncode == 2
+
+
+def test_incoming_exec_false_names_the_exit_status(capsys):
+    require_program("false")
+    from npqfile.cli import main
+    assert main(["incoming", "exec:false", "--ram", "1M"]) == 1
+    err = capsys.readouterr().err
+    assert "exec:false: the stream ended and the command exited with status 1" in err and "truncated" not in err
+
+
+def test_incoming_compress_zstd_of_a_plain_stream_says_so(tmp_path, capsys):
+    pytest.importorskip("zstandard")
+    from npqfile.cli import main
+    from npqfile.qemufile import QEMUFile
+    from npqfile.ram import GuestRAM
+    from npqfile.stream import save_snapshot
+    stream = tmp_path / "plain.stream"
+    ram = GuestRAM()
+    ram.add_block("ram", 1 << 20)
+    with QEMUFile(open_channel(f"file:{stream}", "w")) as f:
+        save_snapshot(f, ram)
+    ram.close()
+    assert main(["incoming", f"file:{stream}", "--ram", "1M", "--compress", "zstd"]) == 1
+    err = capsys.readouterr().err
+    assert "the stream is not zstd-compressed: it starts with 5145564d ('QEVM', a plain QEMU migration stream: " \
+           "drop --compress)" in err, err
+    assert "truncated" not in err
 
 
 def test_exec_reader_closed_early_leaves_no_zombie():

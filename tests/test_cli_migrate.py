@@ -121,7 +121,7 @@ def test_sweep_runs_every_case(capsys):
                "--sweep", "downtime=100,300"])
     rows = json.loads(capsys.readouterr().out)
     assert rc == 0 and len(rows) == 4
-    assert {(r["bandwidth"], r["downtime"]) for r in rows} == {("0", "100"), ("0", "300"), ("40MB/s", "100"),
+    assert {(r["max-bandwidth"], r["downtime-limit"]) for r in rows} == {("0", "100"), ("0", "300"), ("40MB/s", "100"),
                                                                ("40MB/s", "300")}
     assert all(r["converged"] and r["verified"] for r in rows)
 
@@ -261,9 +261,10 @@ def test_sweep_to_a_file_writes_one_file_per_case_and_plots(tmp_path, capsys):
     rc = main(["migrate", "--json", "--workload", "idle", "--to", f"file:{tmp_path / 'snap.bin'}",
                "--sweep", "size=2M,4M", "--plot", str(png), "--jobs", "2"])
     rows = json.loads(capsys.readouterr().out)
-    assert rc == 0 and [r["to"] for r in rows] == [f"file:{tmp_path / 'snap.1.bin'}", f"file:{tmp_path / 'snap.2.bin'}"]
+    names = ["snap.1.size=2M.bin", "snap.2.size=4M.bin"]      # each case's file is named after it
+    assert rc == 0 and [r["to"] for r in rows] == [f"file:{tmp_path / n}" for n in names]
     assert all(r["verified"] is True for r in rows)
-    sizes = [(tmp_path / f"snap.{i}.bin").stat().st_size for i in (1, 2)]
+    sizes = [(tmp_path / n).stat().st_size for n in names]
     assert sizes[1] > sizes[0] > 2 * MIB // 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

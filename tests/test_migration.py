@@ -439,6 +439,8 @@ def test_sweep_destinations_and_repeated_parameters():
     from npqfile.migration.sweep import case_destination, parse_sweep
 
     assert case_destination("file:/tmp/x/snap.bin", 2) == "file:/tmp/x/snap.2.bin"
+    assert case_destination("file:/tmp/x/snap.bin", 2, "bandwidth=40MB/s,size=4M") == \
+        "file:/tmp/x/snap.2.bandwidth=40MB_s,size=4M.bin"
     assert case_destination(None, 1) is None and case_destination("null:", 3) == "null:"
     for uri in ("tcp:127.0.0.1:4444", "unix:/tmp/s", "exec:cat > f", "fd:5"):
         with pytest.raises(ValueError, match="cannot send its parallel cases"):
@@ -472,6 +474,6 @@ def test_bare_workload_kinds_write_and_sweep_takes_option_names():
     assert make_workload("hotset").rate > 0 and make_workload("uniform").rate > 0
     assert make_workload("idle").rate == 0
     cases = parse_sweep(["max-bandwidth=0,100MB/s", "downtime-limit=50"])
-    assert [[name for name, _ in case] for case in cases] == [["bandwidth", "downtime"]] * 2
+    assert [[name for name, _ in case] for case in cases] == [["max-bandwidth", "downtime-limit"]] * 2
     with pytest.raises(ValueError, match=r"bytes=5000 .* must be 1\.\.4096"):
         make_workload("hotset:bytes=5000")

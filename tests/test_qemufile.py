@@ -98,7 +98,7 @@ def test_put_byte_flushes_exactly_at_the_buffer_boundary():
     ch = Recorder()
     f = QEMUFile(ch)
     for i in range(IO_BUF_SIZE):
-        f.put_byte(i)
+        f.put_byte(i & 0xFF)
     assert ch.calls == [(1, IO_BUF_SIZE)]
     f.put_byte(7)
     assert f.ftell_fast() == IO_BUF_SIZE + 1
@@ -109,11 +109,11 @@ def test_put_byte_flushes_exactly_at_the_buffer_boundary():
 def test_consecutive_small_puts_make_one_iovec_in_big_endian_order():
     ch = Recorder()
     f = QEMUFile(ch)
-    f.put_byte(0x1FF)  # low 8 bits, like C
+    f.put_byte(0xFF)
     f.put_be16(0x0200)
     f.put_be32(70000)
     f.put_be64(12121212)
-    f.put_be64(-12121212)
+    f.put_be64(-12121212 & (2**64 - 1))
     f.put_counted_string("pc.ram")
     f.fflush()
     assert ch.calls == [(1, 1 + 2 + 4 + 8 + 8 + 7)]
@@ -154,7 +154,7 @@ def test_fast_multibyte_puts_flush_where_single_bytes_would():
                 v = 0x0102030405060708 * (i + 1) & (2**64 - 1)
                 if bytewise:
                     for shift in range(56, -8, -8):
-                        f.put_byte(v >> shift)
+                        f.put_byte(v >> shift & 0xFF)
                 else:
                     f.put_be64(v)
             f.fflush()
@@ -217,7 +217,7 @@ def test_put_records_matches_the_per_call_sequence():
             ch = Recorder()
             f = QEMUFile(ch, max_iov=9, io_buf_size=200 + lead * 3)
             for j in range(lead):
-                f.put_byte(j)
+                f.put_byte(j & 0xFF)
             if batch:
                 f.put_records(heads, 8, pages)
             else:
@@ -685,6 +685,25 @@ def test_wrong_value_types_queue_nothing():
     assert ch.getvalue() == b"\x07"
 
 
+@pytest.mark.parametrize("io_buf_size", [IO_BUF_SIZE, 16])
+def test_out_of_range_values_are_value_errors_and_queue_nothing(io_buf_size):
+    """QEMU's C types truncate; a Python caller passing such a value has a bug (README
+    "Differences from QEMU").  Both the packed fast path and the per-byte path (a put that
+    straddles the end of a 16-byte staging buffer) refuse, and nothing is queued."""
+    ch = MemoryChannel()
+    f = QEMUFile(ch, io_buf_size=io_buf_size)
+    for i in range(12):
+        f.put_byte(0x41)
+    for put, bad in ((f.put_byte, 256), (f.put_byte, -1), (f.put_be16, -1), (f.put_be16, 1 << 16),
+                     (f.put_be32, 2**40 + 7), (f.put_be64, 2**64 + 1), (f.put_be64, -1)):
+        with pytest.raises(ValueError, match=f"{put.__name__} value {bad}"):
+            put(bad)
+    for put, good in ((f.put_byte, 255), (f.put_be16, 0xFFFF), (f.put_be32, 2**32 - 1), (f.put_be64, 2**64 - 1)):
+        put(good)
+    assert f.fflush() == 0 and f.get_error() == 0
+    assert ch.getvalue() == b"A" * 12 + b"\xff" * (1 + 2 + 4 + 8)
+
+
 def test_a_queued_coalesced_run_keeps_its_ram_block_open():
     from npqfile.ram import RAMBlock, RAMBlockInUseError
 
@@ -721,3 +740,48 @@ def test_misbehaving_hooks_and_channels_are_reported():
     g = QEMUFile(Liar())
     assert g.get_byte() == 0 and g.get_error() == -errno.EIO
     assert "readinto returned" in str(g.error)
+
+
+def test_writev_eintr_is_retried_and_eagain_is_waited_on():
+    """The read side retries EINTR and waits on EAGAIN; so does the write side now.  A
+    BlockingIOError that reports ``characters_written`` had those bytes taken."""
+
+    class Flaky(Recorder):
+        def __init__(self, faults):
+            super().__init__()
+            self.faults = list(faults)
+
+        def writev(self, buffers, pos):
+            if self.faults:
+                fault = self.faults.pop(0)
+                if fault == "partial":
+                    first = memoryview(buffers[0]).cast("B")
+                    self.data += first[:3]
+                    exc = BlockingIOError(errno.EAGAIN, "try again")
+                    exc.characters_written = 3
+                    raise exc
+                raise fault
+            return super().writev(buffers, pos)
+
+    for faults in ([InterruptedError(errno.EINTR, "interrupted")] * 3,
+                   [BlockingIOError(errno.EAGAIN, "try again")] * 2,
+                   ["partial", InterruptedError(errno.EINTR, "interrupted")]):
+        ch = Flaky(faults)
+        f = QEMUFile(ch)
+        f.put_buffer(b"hello world")
+        f.put_buffer_async(b"0123456789")
+        assert f.fflush() == 0, f.error
+        assert bytes(ch.data) == b"hello world0123456789"
+        assert f.ftell_fast() == 21
+
+
+def test_writev_claiming_more_than_it_was_given_is_a_channel_bug_not_a_short_write():
+    class Braggart:
+        def writev(self, buffers, pos):
+            return 10**9
+
+    f = QEMUFile(Braggart())
+    f.put_buffer(b"abc")
+    assert f.fflush() == -errno.EIO
+    assert "channel bug: writev returned 1000000000 for a write of 3 bytes" in str(f.error)
+    assert "short write" not in str(f.error)

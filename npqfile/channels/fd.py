@@ -246,10 +246,22 @@ class ExecChannel(FdChannel):
 
 class ExecReader(ExecChannel, FdReader):
     def readinto(self, buf: memoryview, pos: int) -> int:
-        """Read the command's stdout into ``buf``; returns the count, 0 at EOF; OSError on failure."""
+        """Read the command's stdout into ``buf``; returns the count, 0 at EOF; OSError on
+        failure.  At EOF the command is given ``EPIPE_WAIT`` seconds to exit: a non-zero
+        status is an OSError naming it (``exec:false: command exited with status 1``), not
+        a silent end of stream the reader would call truncated."""
         count = os.readv(self._fd, (buf,))
         if count == 0:
             self._eof = True
+            proc = self._proc
+            if proc is not None:
+                try:
+                    status = proc.wait(EPIPE_WAIT)
+                except subprocess.TimeoutExpired:
+                    return 0
+                self.returncode = status
+                if status != 0:
+                    raise OSError(errno.EIO, f"exec:{self.cmd}: the stream ended and the {_how(status)}")
         return count
 
 

@@ -6,9 +6,11 @@ each block's ``sha256``), ``--fields`` (decoded device state, in either form),
 ``--extract DIR`` (one sparse file per RAM block, named safely).  Reads what
 analyze-migration.py rejects: XBZRLE and compressed pages, postcopy commands,
 x-ignore-shared, streams without footers, configuration or (up to the first unsizable
-section) vmdesc.  The input is a file, or a pipe, FIFO or ``-`` (standard input): the
-vmdesc sits at the very end of a stream, so a non-seekable input is first copied
-into an unnamed temporary file (in ``$TMPDIR``) and analysed from there.
+section) vmdesc.  The input is a file (its vmdesc, at the very end, is found first), or
+a pipe, FIFO or ``-`` (standard input), read as a stream like ``incoming`` reads a
+socket: nothing is spooled; device sections after the RAM are kept in memory (bounded)
+until the vmdesc that follows EOF sizes them.  A closed standard output (``analyze X |
+head``) ends the report quietly, as for any Unix filter.
 
 Goals: a bad stream gives exit status 1 and ``error: REASON at offset N (section S)``
 on stderr; a stream cut short by a section that cannot be sized prints what was read,
@@ -22,16 +24,16 @@ import errno
 import json
 import os
 import re
-import shutil
 import stat
 import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 
-from npqfile.stream.loader import LoadResult
+from npqfile.channels import FdChannel
+from npqfile.qemufile import QEMUFile
+from npqfile.ram import residency
+from npqfile.stream.device_tail import DEFAULT_DEVICE_TAIL_BYTES
+from npqfile.stream.loader import LoadResult, load_stream
 from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES
 from npqfile.stream.reader import shown
 from npqfile.stream.snapshot import load_file
@@ -41,7 +43,8 @@ NAME = "analyze"
 HELP = "show the sections and RAM of a migration stream (like QEMU's analyze-migration.py)"
 ORDER = 30
 EXTRACT_CHUNK_PAGES = 4096
-SPOOL_CHUNK = 1 << 20
+HASH_FREE_BYTES = 1 << 30          # block bytes hashed whatever the stream's size
+HASH_BYTES_PER_STREAM_BYTE = 512   # more than a 4 KiB page per 9-byte ZERO record
 FIELD_TEXT_CHARS = 100          # a decoded field's value in the text report
 # The capabilities a reader must be told about: every other one announces itself in the stream.
 READER_CAPABILITIES = ("x-ignore-shared",)
@@ -66,8 +69,57 @@ def safe_name(name: str) -> str:
     return safe or "block"
 
 
+def check_extract_dir(directory: str) -> None:
+    """Refuse an ``--extract`` target that exists and is not a directory (``/dev/full``)
+    before any work, with a message naming it (makedirs would say "File exists")."""
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(errno.ENOTDIR, f"--extract {directory}: exists and is not a directory")
+
+
+def _open_extract_file(path: str) -> int:
+    """Open ``path`` for a block image without following a symbolic link planted there
+    and without blocking on a FIFO; anything but a regular file is refused.  Returns
+    the fd; OSError naming the path otherwise."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, f"--extract: {path} is a symbolic link; refusing to write through it") from None
+        if exc.errno == errno.ENXIO:   # a FIFO nobody reads
+            raise OSError(errno.ENXIO, f"--extract: {path} is not a regular file") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"--extract: {path} is not a regular file")
+        os.set_blocking(fd, True)
+        os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _written_pages(block, start: int, count: int) -> np.ndarray | None:
+    """A bool per page ``start .. start+count-1`` of a private block the loader created:
+    does it hold memory of its own (pagemap present and exclusive, or swapped out)?  A page no record
+    wrote reads as zeros (at most the shared zero page is mapped).  None when it cannot
+    be told (not private, no pagemap): then every page is scanned."""
+    if block.kind != "private":
+        return None
+    ps = block.page_size
+    try:
+        pm = residency.read_pagemap(block.address + start * ps, count * ps)
+    except OSError:
+        return None
+    mask = residency.PM_PRESENT | residency.PM_EXCLUSIVE
+    own = ((pm & mask) == mask) | ((pm & residency.PM_SWAPPED) != 0)   # swapped out: written too
+    return residency.per_target_page(own, ps, count)
+
+
 def extract(result: LoadResult, directory: str) -> list[str]:
-    """Write each RAM block to ``directory`` as a sparse file; returns the paths. OSError on failure."""
+    """Write each RAM block to ``directory`` as a sparse file; returns the paths. OSError on
+    failure (a non-directory target, a symbolic link or non-regular file in the way)."""
+    check_extract_dir(directory)
     os.makedirs(directory, exist_ok=True)
     paths, used = [], set()
     for block in result.ram.blocks if result.ram else []:
@@ -76,12 +128,17 @@ def extract(result: LoadResult, directory: str) -> list[str]:
             name += "_"
         used.add(name)
         path = os.path.join(directory, name)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        fd = _open_extract_file(path)
         try:
             ps = block.page_size
             for start in range(0, block.n_pages, EXTRACT_CHUNK_PAGES):
                 pages = block.pages[start:start + EXTRACT_CHUNK_PAGES]
+                written = _written_pages(block, start, len(pages))
+                if written is not None and not written.any():
+                    continue   # memory the stream never wrote: zeros, a hole, nothing to scan
                 nonzero = np.bitwise_or.reduce(pages.view(np.uint64), axis=1) != 0
+                if written is not None:
+                    nonzero &= written
                 # runs of non-zero pages are written; zero pages stay holes
                 edges = np.flatnonzero(np.diff(np.concatenate(([0], nonzero.view(np.int8), [0]))))
                 for a, b in zip(edges[::2].tolist(), edges[1::2].tolist()):
@@ -93,14 +150,16 @@ def extract(result: LoadResult, directory: str) -> list[str]:
     return paths
 
 
-@contextmanager
-def seekable_input(path: str) -> Iterator[tuple[str, int]]:
-    """Yield ``(path to load, size in bytes)`` for the analyze input ``path``.
+def load_input(path: str, **kwargs) -> tuple[LoadResult, int]:
+    """Load the analyze input ``path`` (keyword arguments as for ``load_stream``).
 
-    A regular file (or block device) is used in place.  ``-`` (standard input), a
-    FIFO, a pipe or a character device is copied first into an unnamed temporary file,
-    removed on exit, because the vmdesc is at the end of the stream.  Raises OSError
-    naming ``path`` when it cannot be opened, read or spooled (e.g. ENOSPC).
+    A regular file (or block device) is read in place, its trailing vmdesc found first.
+    ``-`` (standard input), a FIFO, a pipe or a character device is read as a stream:
+    the magic is checked first, as for any stream, and device sections after the RAM
+    are kept (at most DEFAULT_DEVICE_TAIL_BYTES) until the vmdesc after EOF sizes them;
+    nothing is copied to disk.  Returns ``(result, size in bytes)`` (for a stream, the
+    bytes read).  Raises OSError naming ``path`` when it cannot be opened or is a
+    directory, StreamError for a malformed stream.
     """
     if path == "-":
         src = os.dup(sys.stdin.fileno())
@@ -112,24 +171,46 @@ def seekable_input(path: str) -> Iterator[tuple[str, int]]:
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, f"{shown_path} is a directory, not a migration stream")
         if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
-            yield (path if path != "-" else f"/proc/self/fd/{src}"), os.lseek(src, 0, os.SEEK_END)
-            return
-        with tempfile.NamedTemporaryFile(prefix="npqfile-analyze-", suffix=".stream") as spool:
-            try:
-                with os.fdopen(os.dup(src), "rb", buffering=0) as fh:
-                    shutil.copyfileobj(fh, spool, SPOOL_CHUNK)
-                spool.flush()
-            except OSError as exc:
-                raise OSError(exc.errno, f"cannot copy {shown_path} to a temporary file in "
-                                         f"{tempfile.gettempdir()}: {exc.strerror or exc}") from None
-            yield spool.name, spool.tell()
+            size = os.lseek(src, 0, os.SEEK_END)
+            return load_file(path if path != "-" else f"/proc/self/fd/{src}", **kwargs), size
+        f = QEMUFile(FdChannel(os.dup(src), "r"))
+        try:
+            result = load_stream(f, device_tail_bytes=DEFAULT_DEVICE_TAIL_BYTES, **kwargs)
+            return result, f.tell()
+        finally:
+            f.close()
     finally:
         os.close(src)
 
 
+def block_digests(result: LoadResult, size: int) -> dict[str, str | None]:
+    """sha256 of each block, as long as the bytes hashed stay within HASH_FREE_BYTES plus
+    HASH_BYTES_PER_STREAM_BYTE per byte of the ``size``-byte stream; None for the blocks
+    past that budget (a note in ``result.warnings`` says why).  A real stream carries at
+    least a 9-byte ZERO record per 4 KiB page it sends, so only memory the stream never
+    wrote (blocks declared but not sent: a few hundred bytes declaring tens of GiB) is
+    left unhashed, instead of spinning for minutes over zeros.  Never raises."""
+    budget = HASH_FREE_BYTES + HASH_BYTES_PER_STREAM_BYTE * size
+    out: dict[str, str | None] = {}
+    for b in result.ram.blocks if result.ram else []:
+        if b.size <= budget:
+            budget -= b.size
+            out[b.name] = b.sha256()
+        else:
+            out[b.name] = None
+            result.warnings.append(
+                f"block '{shown(b.name)}' ({format_bytes(b.size)}) not hashed: a {size}-byte stream cannot have "
+                f"written that much; hashing memory the stream never wrote is bounded (at most "
+                f"{format_bytes(HASH_FREE_BYTES)} plus {HASH_BYTES_PER_STREAM_BYTE} bytes per stream byte)")
+    return out
+
+
 def to_json(result: LoadResult, path: str, size: int) -> dict:
-    """The report as a JSON-ready dict (``path`` as the user named it, ``size`` in bytes)."""
+    """The report as a JSON-ready dict (``path`` as the user named it, ``size`` in bytes),
+    lowercase-hyphenated names (``section-id``, ``target-page-bits``) and QEMU's page
+    counter names in ``ram.stats``; npqfile/schemas/analyze.json describes it."""
     ram = result.ram
+    digests = block_digests(result, size)
     return {
         "stream": path,
         "size": size,
@@ -137,16 +218,20 @@ def to_json(result: LoadResult, path: str, size: int) -> dict:
         "stopped": result.stopped,
         "machine": result.machine,
         "capabilities": result.capabilities,
-        "target_page_bits": result.target_page_bits,
-        "sections": [{k: v for k, v in vars(s).items() if k != "fields" or v is not None}
+        "target-page-bits": result.target_page_bits,
+        "sections": [{k.replace("_", "-"): v for k, v in vars(s).items() if k != "fields" or v is not None}
                      for s in result.sections],
-        "commands": result.commands,
+        "commands": [{k.replace("_", "-"): v for k, v in c.items()} for c in result.commands],
         "ram": {
-            "blocks": [{"name": b.name, "size": b.size, "sha256": b.sha256()} for b in (ram.blocks if ram else [])],
+            "blocks": [{"name": b.name, "size": b.size, "sha256": digests[b.name]} for b in (ram.blocks if ram else [])],
             "stats": result.stats.as_dict(),
         },
         "vmdesc": result.vmdesc is not None,
         "warnings": result.warnings,
+        # sections, commands and RAM parts counted but not listed (the lists stop at
+        # npqfile.stream.loader.MAX_LISTED entries, so memory follows the declared RAM)
+        "not-listed": {"sections": result.sections_not_listed, "commands": result.commands_not_listed,
+                       "parts": result.parts_not_listed},
     }
 
 
@@ -164,6 +249,7 @@ def _print_fields(values: dict, indent: str, out) -> None:
 
 def _print_text(result: LoadResult, path: str, size: int, out) -> None:
     st = result.stats
+    digests = block_digests(result, size)
     print(f"stream   {path} ({size} bytes)", file=out)
     print(f"machine  {result.machine if result.machine is not None else '(no configuration section)'}", file=out)
     if result.capabilities:
@@ -180,7 +266,7 @@ def _print_text(result: LoadResult, path: str, size: int, out) -> None:
     if result.ram:
         print("RAM blocks:", file=out)
         for b in result.ram.blocks:
-            print(f"  {b.name:<28} {b.size:>12} ({format_bytes(b.size)})  sha256 {b.sha256()}", file=out)
+            print(f"  {b.name:<28} {b.size:>12} ({format_bytes(b.size)})  sha256 {digests[b.name] or '(not hashed, see note)'}", file=out)
     print(f"pages    normal {st.normal_pages}, zero {st.zero_pages}, xbzrle {st.xbzrle_pages}, "
           f"compressed {st.compressed_pages} (total {st.pages}; {st.pages_bytes} bytes of RAM section "
           f"payload, setup and EOS records included)", file=out)
@@ -188,21 +274,37 @@ def _print_text(result: LoadResult, path: str, size: int, out) -> None:
         print(f"  part {i:<4} {p['type']:<5} at {p['offset']:>10}: normal {p['normal']}, zero {p['zero']}, "
               f"xbzrle {p['xbzrle']}, compressed {p['compressed']} ({p['bytes']} bytes)", file=out)
     print(f"vmdesc   {'yes' if result.vmdesc is not None else 'no'}", file=out)
+    if result.sections_not_listed or result.commands_not_listed or result.parts_not_listed:
+        print(f"note     not listed: {result.sections_not_listed} sections, {result.commands_not_listed} "
+              f"commands, {result.parts_not_listed} RAM parts (counted above)", file=out)
     for w in result.warnings:
         print(f"note     {w}", file=out)
 
 
+def _stdout_closed() -> None:
+    """The reader of standard output went away (``| head``): send the rest of the
+    report nowhere, so neither this run nor the interpreter's exit flush complains."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def run(args: argparse.Namespace) -> int:
     max_ram = parse_size(args.max_ram)
-    with seekable_input(args.stream) as (path, size):
-        result = load_file(path, max_ram_bytes=max_ram, capabilities=args.capability,
-                           decode_devices=args.fields, partial_ok=True)
+    if args.extract:
+        check_extract_dir(args.extract)
+    result, size = load_input(args.stream, max_ram_bytes=max_ram, max_ram_name="--max-ram",
+                              capabilities=args.capability, decode_devices=args.fields, partial_ok=True)
     try:
-        if args.json:
-            json.dump(to_json(result, args.stream, size), sys.stdout, indent=2)
-            print()
-        else:
-            _print_text(result, args.stream, size, sys.stdout)
+        try:
+            if args.json:
+                json.dump(to_json(result, args.stream, size), sys.stdout, indent=2)
+                print()
+            else:
+                _print_text(result, args.stream, size, sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _stdout_closed()
         if args.extract:
             for p in extract(result, args.extract):
                 print(f"wrote {p}", file=sys.stderr)
@@ -210,7 +312,6 @@ def run(args: argparse.Namespace) -> int:
         if result.ram is not None:
             result.ram.close()
     if not result.complete:
-        sys.stdout.flush()
         print(f"error: {result.stopped}", file=sys.stderr)
         return 1
     return 0

@@ -3,12 +3,16 @@
 Supports: ``tcp:HOST:PORT`` and ``unix:PATH`` (listen, accept one connection; port 0
 picks a free port), ``file:PATH``, ``exec:CMD``, ``fd:N``; a guest of one block
 (``--block``, default ``ram`` as QEMU's ``-M none``) of ``--ram`` bytes that the stream
-must match, as QEMU demands; the machine name check; channel decompression matching the
+must match, as QEMU demands, or (``--max-ram``) the blocks the stream declares, as a real
+QEMU ``-M pc`` source sends them (its device sections after the RAM are stepped over
+with the vmdesc it sends after EOF); the machine name check; channel decompression matching the
 source's ``--compress zstd``/``lz4``.  When listening, the first line on stdout is
 ``listening on URI`` (with the real port), so scripts can start the source.  At the end
 it prints the result (``--json``: status, error, machine, load time, per-block sha256)
 and, over tcp/unix, sends the verdict and hashes back to the source on the return path
-(see ``npqfile.migration.destination``).
+(see ``npqfile.migration.destination``).  ``--events FILE|-``: live JSON lines
+(setup, active with the bytes read so far, completed/failed, then the ``--json``
+result; ``npqfile.migration.events``).
 
 Exit status: 0 when the stream loaded completely, 1 otherwise.
 """
@@ -23,6 +27,7 @@ from typing import Any
 from npqfile.channels import listen, open_channel
 from npqfile.migration.compression import DecompressingReader, parse_compress
 from npqfile.migration.destination import Destination
+from npqfile.migration.events import EventWriter, IncomingEvents
 from npqfile.migration.session import add_guest_block
 from npqfile.ram import GuestRAM
 from npqfile.units import format_bytes, parse_size
@@ -36,16 +41,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("uri", help="tcp:HOST:PORT, unix:PATH, file:PATH, exec:CMD or fd:N")
     p.add_argument("--ram", default="256M", help="guest RAM size the stream must declare (default 256M)")
     p.add_argument("--block", default="ram", help="RAM block name (default ram, QEMU -M none)")
-    p.add_argument("--machine", default="none", help="expected machine name (default none)")
+    p.add_argument("--max-ram", metavar="SIZE", default=None,
+                   help="take the RAM blocks the stream declares (a real QEMU -M pc: pc.ram, pc.bios, "
+                        "pc.rom, ...), at most SIZE in total, instead of one --block of --ram")
+    p.add_argument("--machine", default="none", help="expected machine name (default none; any: do not check)")
     p.add_argument("--compress", default="none", help="the source's --compress (zstd/lz4 decode the channel)")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait for the connection (> 0; default: forever)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--events", metavar="FILE|-",
+                   help="write live query-migrate events as JSON lines (the last line: the --json result)")
 
 
-def _accept(uri: str, timeout: float | None) -> Any:
+def _accept(uri: str, timeout: float | None, out: Any = None) -> Any:
     with listen(uri) as listener:
-        print(f"listening on {listener.uri}", flush=True)
+        print(f"listening on {listener.uri}", file=out or sys.stdout, flush=True)
         return listener.accept(timeout)
 
 
@@ -56,29 +66,52 @@ def check_timeout(timeout: float | None) -> None:
         raise ValueError(f"--timeout must be a positive number of seconds, got {timeout:g}")
 
 
+def machine_text(machine: str | None) -> str:
+    """How the stream named its machine: None means it sent no configuration section
+    (QEMU's send-configuration off), so there was no machine name to check."""
+    if machine is None:
+        return "machine not declared (the stream has no configuration section)"
+    return f"machine {machine}"
+
+
 def run(args: argparse.Namespace) -> int:
     comp = parse_compress(args.compress)
     size = parse_size(args.ram)
     check_timeout(args.timeout)
+    events = EventWriter.open(args.events) if args.events else None
+    out = sys.stderr if args.events == "-" else sys.stdout      # stdout carries the event lines
     ram = GuestRAM()
+    max_ram = parse_size(args.max_ram) if args.max_ram is not None else None
+    dest = None
     try:
-        add_guest_block(ram, args.block, size)
+        if max_ram is None:
+            add_guest_block(ram, args.block, size)
+        incoming = IncomingEvents(events)
         if args.uri.startswith(("tcp:", "unix:")):
-            channel = _accept(args.uri, args.timeout)
+            channel = _accept(args.uri, args.timeout, out)
         else:
             channel = open_channel(args.uri, "r")
         if comp.on_channel:
             channel = DecompressingReader(channel, comp)
-        res = Destination(ram, machine=args.machine).receive(channel)
+        dest = Destination(ram if max_ram is None else None, machine=None if args.machine == "any" else args.machine,
+                           **({} if max_ram is None else {"max_ram_bytes": max_ram}))
+        incoming.active(dest)
+        res = dest.receive(channel)
+        incoming.result(res.as_dict())
         if args.json:
-            print(json.dumps(res.as_dict(), indent=2))
+            print(json.dumps(res.as_dict(), indent=2), file=out)
         elif res.status == "completed":
-            print(f"completed: {format_bytes(res.bytes)} in {res.load_time * 1000:.1f} ms; machine {res.machine}")
+            print(f"completed: {format_bytes(res.bytes)} in {res.load_time * 1000:.1f} ms; "
+                  f"{machine_text(res.machine)}", file=out)
             for name, digest in res.hashes.items():
-                print(f"  {name}: sha256 {digest}")
+                print(f"  {name}: sha256 {digest}", file=out)
         if res.status != "completed":
-            print(f"error: incoming migration failed: {res.error}", file=sys.stderr)
+            print(f"error: incoming migration failed after {res.bytes} bytes: {res.error}", file=sys.stderr)
             return 1
         return 0
     finally:
+        if events is not None:
+            events.close()
         ram.close()
+        if dest is not None and dest.ram is not None and dest.ram is not ram:
+            dest.ram.close()   # the blocks the stream declared (--max-ram)

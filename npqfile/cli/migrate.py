@@ -4,17 +4,22 @@ Supports: with no arguments, the embedded default (a 256 MiB guest, a hotset wor
 unlimited bandwidth, the destination in this process over a socketpair, verification
 on); every engine option under QEMU's names (``--max-bandwidth 100MB/s``,
 ``--downtime-limit 300`` in ms, ``--xbzrle-cache 64M``, ``--compress zlib:6``,
-``--release-ram``, ``--pause-before-switchover``...); ``--to URI`` for another process
+``--release-ram``, ``--pause-before-switchover``, ``--auto-converge`` with
+``--cpu-throttle-initial`` and the other throttle parameters...); ``--to URI`` for another process
 or machine (``tcp:HOST:PORT`` / ``unix:PATH`` with ``npqfile incoming`` there),
 ``file:PATH`` (a snapshot that ``npqfile analyze`` and QEMU ``-M none`` load),
 ``exec:CMD``, ``fd:N`` (``--to fd:1 > snap.bin``: the report then goes to stderr); a
 live progress line (rich) on a terminal; a summary table, ``--json``, ``--plot
-FILE.png`` (its directory is checked before migrating); ``--sweep PARAM=V1,V2`` for a
-parameter study in parallel processes (``--plot`` then draws the sweep; with
-``file:PATH`` each case writes its own ``PATH.N``, see ``npqfile.migration.sweep``).
+FILE.png`` (its format and directory are checked before migrating, and it is drawn
+after the results are printed, so a plot error never loses them); ``--sweep
+PARAM=V1,V2`` for a parameter study in parallel processes or on Dask (``--cluster``;
+``--plot`` then draws the sweep; each case's files are named after it, see
+``npqfile.migration.sweep``); ``--events FILE|-`` for live ``query-migrate`` JSON lines
+(``npqfile.migration.events``).
 
 Exit status: 0 completed (and verified where the transport allows), 1 error or
-verification mismatch, 2 not converged (cancelled at max-iterations / time-limit).
+verification mismatch, 2 not converged (cancelled at max-iterations / time-limit);
+a sweep: 1 when any case failed or mismatched, else 2 when any was cancelled, else 0.
 """
 
 from __future__ import annotations
@@ -25,9 +30,17 @@ import sys
 import time
 
 from npqfile.migration.engine import MigrationParams
+from npqfile.migration.events import EventWriter
 from npqfile.migration.session import INITS, MigrationConfig, run_migration
 from npqfile.migration.stats import MigrationStats
-from npqfile.migration.sweep import SWEEP_PARAMS, run_sweep, with_rate
+from npqfile.migration.sweep import (
+    SWEEP_ALIASES,
+    SWEEP_PARAMS,
+    SweepInterrupted,
+    run_sweep,
+    sweep_exit_status,
+    with_rate,
+)
 from npqfile.units import format_bytes, parse_rate, parse_size
 
 NAME = "migrate"
@@ -69,6 +82,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--pause-before-switchover", nargs="?", type=float, const=0.0, default=None, metavar="SECONDS",
                    help="pause (pre-switchover) after stopping the guest, for SECONDS")
     m.add_argument("--machine", default="none", help="machine-type name in the stream (default none)")
+    a = p.add_argument_group("auto-converge (QEMU's capability and parameters)")
+    a.add_argument("--auto-converge", action="store_true",
+                   help="throttle the guest when it dirties memory faster than it is sent")
+    a.add_argument("--cpu-throttle-initial", type=int, default=20, metavar="PCT",
+                   help="first throttle, percent (default 20)")
+    a.add_argument("--cpu-throttle-increment", type=int, default=10, metavar="PCT",
+                   help="added at each further throttle step, percent (default 10)")
+    a.add_argument("--max-cpu-throttle", type=int, default=99, metavar="PCT", help="throttle cap (default 99)")
+    a.add_argument("--throttle-trigger-threshold", type=int, default=50, metavar="PCT",
+                   help="throttle when dirtied bytes exceed PCT%% of the bytes sent in a period (default 50)")
+    a.add_argument("--cpu-throttle-tailslow", action="store_true",
+                   help="smaller steps near the needed throttle (QEMU's cpu-throttle-tailslow)")
     m.add_argument("--no-verify", action="store_true", help="skip the destination check")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print the statistics as JSON")
@@ -78,6 +103,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--sweep", action="append", metavar="PARAM=V1,V2",
                    help=f"parameter study over {', '.join(SWEEP_PARAMS)} (repeatable: all combinations)")
     o.add_argument("--jobs", type=int, default=None, help="sweep worker processes (default: cores)")
+    o.add_argument("--cluster", metavar="local|tcp://HOST:8786",
+                   help="run the sweep on Dask: a LocalCluster, or a running scheduler "
+                        "(pip install 'npqfile[cluster]')")
+    o.add_argument("--scheduler-file", metavar="FILE", help="run the sweep on the Dask scheduler of this file")
+    o.add_argument("--events", metavar="FILE|-",
+                   help="write live query-migrate events as JSON lines (the last line: the --json result); "
+                        "with --sweep each case writes FILE.N.NAME")
 
 
 def config_from_args(args: argparse.Namespace) -> MigrationConfig:
@@ -90,13 +122,20 @@ def config_from_args(args: argparse.Namespace) -> MigrationConfig:
         raise ValueError(f"--downtime-limit must be a non-negative number of ms, got {args.downtime_limit}")
     if not args.time_limit > 0:
         raise ValueError(f"--time-limit must be a positive number of seconds, got {args.time_limit}")
+    pause = args.pause_before_switchover
+    if pause is not None and not 0 <= pause < float("inf"):
+        raise ValueError(f"--pause-before-switchover must be a non-negative number of seconds, got {pause}")
     params = MigrationParams(
         max_bandwidth=parse_rate(args.max_bandwidth), downtime_limit=args.downtime_limit / 1000.0,
         max_iterations=args.max_iterations, time_limit=args.time_limit, on_limit=args.on_limit,
         zero_page_detection=not args.no_zero_detection,
         xbzrle_cache_size=parse_size(args.xbzrle_cache) if args.xbzrle_cache else 0,
         release_ram=args.release_ram, pause_before_switchover=args.pause_before_switchover is not None,
-        machine=args.machine, sample_rss=bool(args.plot))
+        machine=args.machine, sample_rss=bool(args.plot),
+        auto_converge=args.auto_converge, cpu_throttle_initial=args.cpu_throttle_initial,
+        cpu_throttle_increment=args.cpu_throttle_increment, max_cpu_throttle=args.max_cpu_throttle,
+        throttle_trigger_threshold=args.throttle_trigger_threshold,
+        cpu_throttle_tailslow=args.cpu_throttle_tailslow)
     params.check()
     workload = args.workload if args.dirty_rate is None else with_rate(args.workload, args.dirty_rate)
     return MigrationConfig(size=parse_size(args.size), block=args.block, init=args.init, workload=workload,
@@ -120,7 +159,9 @@ def _progress_display(quiet: bool):
     def update(info: dict) -> None:
         live.update(Text(f"{info['status']:>14}  round {info['round']:>3}  dirty {info['dirty-pages']:>9} pages  "
                          f"sent {format_bytes(info['bytes']):>10}  {info['mbps']:9.1f} Mbit/s  "
-                         f"{info['elapsed']:6.2f} s"))
+                         f"{info['elapsed']:6.2f} s"
+                         + (f"  throttle {info['cpu-throttle-percentage']}%"
+                            if info.get("cpu-throttle-percentage") else "")))
     return live, update
 
 
@@ -157,7 +198,7 @@ def _summary(st: MigrationStats, out) -> None:
         ("transferred (RAM)", f"{format_bytes(r['transferred'])} ({r['transferred']} B)"
                               + ("" if x["transferred-queued"] == r["transferred"]
                                  else f"; {x['transferred-queued']} B queued")),
-        ("stream bytes", "n/a" if x["stream-bytes"] is None
+        ("stream bytes", "n/a" if x["stream-bytes"] is None       # the QEMU engine: not reported
          else f"{format_bytes(x['stream-bytes'])} ({x['stream-bytes']} B)"),
         ("pages normal / duplicate", f"{r['normal']} / {r['duplicate']}"),
         ("pages xbzrle / compressed", f"{x['pages']['xbzrle']} / {x['pages']['compressed']}"),
@@ -168,6 +209,11 @@ def _summary(st: MigrationStats, out) -> None:
          else f"{format_bytes(x['rss-before'])} / {format_bytes(x['rss-after'])}"),
         ("verification", verification_text(ver)),
     ]
+    rows.insert(-1, ("released (freed / advised)",
+                     f"{format_bytes(x['released-bytes'])} / {format_bytes(x['release-advised-bytes'])}"))
+    if "cpu-throttle-percentage" in d:
+        steps = " -> ".join(str(e["cpu-throttle-percentage"]) for e in x["throttle-events"]) or "never throttled"
+        rows.append(("cpu throttle (auto-converge)", f"{d['cpu-throttle-percentage']} % ({steps})"))
     if "xbzrle-cache" in d:
         xc = d["xbzrle-cache"]
         rows.append(("xbzrle cache miss / encoding rate", f"{xc['cache-miss']} / {xc['encoding-rate']}"))
@@ -176,12 +222,14 @@ def _summary(st: MigrationStats, out) -> None:
     for row in rows:
         t.add_row(*row)
     it = Table(title="iterations")
-    for col in ("iteration", "sync", "dirty pages", "pages sent", "bytes", "time ms", "Mbit/s"):
+    throttled = "cpu-throttle-percentage" in d
+    for col in ("iteration", "sync", "dirty pages", "pages sent", "bytes", "time ms", "Mbit/s") + (
+            ("throttle %",) if throttled else ()):
         it.add_column(col, justify="right")
     for i in st.iterations:
         it.add_row(f"{i.index} (final)" if i.final else str(i.index), str(i.sync), str(i.dirty_pages),
                    str(i.pages_sent), format_bytes(i.bytes_sent), f"{i.duration * 1000:.1f}",
-                   f"{i.bandwidth * 8 / 1e6:.0f}")
+                   f"{i.bandwidth * 8 / 1e6:.0f}", *((str(i.cpu_throttle),) if throttled else ()))
     console = Console(file=out)
     console.print(t)
     console.print(it)
@@ -195,12 +243,25 @@ def _exit_status(st: MigrationStats) -> int:
     return 0
 
 
+def _sweep_line(p) -> str:
+    """One progress line: the case that finished (and its files), then the counts."""
+    counts = f"[{p.done}/{p.total} done, {p.running} running, {p.failed} failed, {p.cancelled} cancelled]"
+    if p.row is None:
+        return counts
+    files = p.row.get("files") or []
+    wrote = f"; wrote {', '.join(files)}" if files else ""
+    return f"case {p.row['case']} ({p.row['name']}): {p.row['status']} {p.row['outcome']}{wrote}  {counts}"
+
+
 def _run_sweep(cfg: MigrationConfig, args: argparse.Namespace) -> int:
-    rows = run_sweep(cfg, args.sweep, args.jobs)
-    names = [s.partition("=")[0].strip() for s in args.sweep]
-    if args.plot:
-        from npqfile.migration.plot import plot_sweep
-        plot_sweep(rows, names, args.plot)
+    names = [SWEEP_ALIASES.get(s.partition("=")[0].strip(), s.partition("=")[0].strip()) for s in args.sweep]
+    show = None if args.quiet else (lambda p: print(_sweep_line(p), file=sys.stderr, flush=True))
+    try:
+        rows = run_sweep(cfg, args.sweep, args.jobs, cluster=args.cluster, scheduler_file=args.scheduler_file,
+                         events=args.events, on_update=show)
+        status = sweep_exit_status(rows)
+    except SweepInterrupted as exc:
+        rows, status = exc.rows, 130
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -208,18 +269,37 @@ def _run_sweep(cfg: MigrationConfig, args: argparse.Namespace) -> int:
         from rich.table import Table
 
         t = Table(title="sweep")
-        # --engine both: each cell is "simulator / QEMU"
+        # --engine both: each result cell is "simulator / QEMU"
         sides = [""] if cfg.engine != "both" else ["", "qemu-"]
-        cols = ["total ms", "downtime ms", "syncs", "converged", "outcome", "verified"]
-        for col in names + [c + (" sim / QEMU" if len(sides) > 1 else "") for c in cols]:
+        both = " sim / QEMU" if len(sides) > 1 else ""
+        for col in ["case", *names, *[c + both for c in ("status", "total ms", "downtime ms", "syncs", "converged",
+                                                         "outcome", "verified")], "files"]:
             t.add_column(col, justify="right")
         for row in rows:
-            per_side = [[f"{row.get(side + 'total-ms', 0):.0f}", f"{row.get(side + 'downtime-ms', 0):.1f}",
-                         str(row.get(side + "iterations", "")), "yes" if row.get(side + "converged") else "no",
-                         str(row.get(side + "outcome")), str(row.get(side + "verified"))] for side in sides]
-            t.add_row(*[row[n] for n in names], *[" / ".join(cells) for cells in zip(*per_side)])
-        Console().print(t)
-    return 1 if any(r["status"] in ("error", "failed") for r in rows) else 0
+            per_side = [[str(row.get(side + "status")), f"{row.get(side + 'total-time', 0):.0f}",
+                         f"{row.get(side + 'downtime', 0):.1f}", str(row.get(side + "dirty-sync-count", "")),
+                         "yes" if row.get(side + "converged") else "no", str(row.get(side + "outcome")),
+                         str(row.get(side + "verified"))] for side in sides]
+            t.add_row(str(row["case"]), *[row[n] for n in names],
+                      *[" / ".join(cells) for cells in zip(*per_side)], " ".join(row.get("files") or []))
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=100000)     # a pipe or file: every column in full
+        console.print(t)
+    if args.plot:                      # after the results are printed: a plot error loses nothing
+        from npqfile.migration.plot import plot_sweep
+        status = status or _draw(plot_sweep, rows, names, args.plot)
+    return status
+
+
+def _draw(plot, *what) -> int:
+    """Run ``plot(*what)``; returns 0, or 1 after printing why the plot was not written."""
+    try:
+        plot(*what)
+    except (OSError, ValueError) as exc:
+        print(f"error: the plot was not written: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _pause_hook(delay: float):
@@ -237,13 +317,30 @@ def _stream_fd(to: str | None) -> int | None:
     return None
 
 
+def check_outputs(args: argparse.Namespace, cfg: MigrationConfig) -> None:
+    """Every output the command will write, checked before the run (a run's results must
+    not be lost to a bad output path): the plot's format and directory, a ``file:``
+    destination's directory.  Returns None; raises ValueError or OSError naming it."""
+    if args.plot:
+        from npqfile.migration.plot import check_plot_path
+        check_plot_path(args.plot)
+    to = cfg.to or ""
+    if to.startswith("file:"):
+        import os
+        if not to[5:]:
+            raise ValueError("--to file: needs a path (file:PATH)")
+        folder = os.path.dirname(os.path.abspath(to[5:]))
+        if not os.path.isdir(folder):
+            raise ValueError(f"--to {to}: directory {folder} does not exist")
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    if args.plot:
-        from npqfile.migration.plot import check_writable
-        check_writable(args.plot)          # before the run, not after it: keep the stats
+    check_outputs(args, cfg)               # before the run, not after it: keep the stats
     if args.sweep:
         return _run_sweep(cfg, args)
+    if args.cluster or args.scheduler_file:
+        raise ValueError("--cluster and --scheduler-file run sweeps: add --sweep PARAM=V1,V2,...")
     if cfg.engine == "both":
         from npqfile.migration.compare import run_and_report
         return run_and_report(cfg, args, _pause_hook(args.pause_before_switchover)
@@ -254,20 +351,32 @@ def run(args: argparse.Namespace) -> int:
     out, err = sys.stdout, sys.stderr
     if stream_fd is not None and stream_fd in (_fileno(out), _fileno(err)):
         out = err = sys.stderr if stream_fd == _fileno(out) else sys.stdout
+    if args.events == "-" and stream_fd is not None:
+        raise ValueError("--events - and --to fd:N cannot share standard output: give --events FILE")
+    events = EventWriter.open(args.events) if args.events else None
+    if args.events == "-":
+        out = sys.stderr                    # stdout carries the event lines
     hook = None if args.pause_before_switchover is None else _pause_hook(args.pause_before_switchover)
     live, update = _progress_display(args.quiet or args.json or stream_fd == _fileno(sys.stderr))
-    if live is not None:
-        with live:
-            st = run_migration(cfg, on_progress=update, pre_switchover=hook)
-    else:
-        st = run_migration(cfg, pre_switchover=hook)
-    if args.plot:
-        from npqfile.migration.plot import plot_migration
-        plot_migration(st, args.plot)
+    try:
+        if live is not None:
+            with live:
+                st = run_migration(cfg, on_progress=update, pre_switchover=hook, events=events)
+        else:
+            st = run_migration(cfg, pre_switchover=hook, events=events)
+        if events is not None:
+            events.result(st.as_dict())
+    finally:
+        if events is not None:
+            events.close()
     if args.json:
         print(json.dumps(st.as_dict(), indent=2), file=out)
     else:
         _summary(st, out)
+    plot_status = 0
+    if args.plot:                          # after the results are out: a plot error loses nothing
+        from npqfile.migration.plot import plot_migration
+        plot_status = _draw(plot_migration, st, args.plot)
     ver = st.verification
     if st.status == "failed":
         print(f"error: migration failed: {st.outcome.removeprefix('error: ')}", file=err)
@@ -276,7 +385,7 @@ def run(args: argparse.Namespace) -> int:
     elif ver.get("ok") is False:
         why = ver.get("error") or f"blocks differ: {', '.join(ver.get('mismatched', []))}"
         print(f"error: destination does not match the source at switchover ({why})", file=err)
-    return _exit_status(st)
+    return _exit_status(st) or plot_status
 
 
 def _fileno(stream) -> int | None:

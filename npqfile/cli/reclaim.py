@@ -3,12 +3,15 @@
 Fills a RAM block, streams it as a QEMU migration stream through a QEMUFile into a sink
 with release-ram on or off,
 and reports what happened to the memory: one table (rich), JSON, or a PNG plot of RSS
-against bytes sent.  ``--compare`` runs the backing x advice matrix.
+against bytes sent.  ``--compare`` runs the backing x advice matrix.  Exit status 1 when
+the one configuration asked for could not run (e.g. ``--advice remove`` on private
+memory: the kernel refuses it), after printing what was found.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from npqfile.ram import ADVICES
 from npqfile.reclaim import BACKINGS, ReclaimConfig, compare_configs, plot_results, results_json, results_table, run_reclaim
@@ -54,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
                          file_dir=args.file_dir)
     if base.sample_every is not None and base.sample_every <= 0:
         raise ValueError(f"--sample-every must be positive, not {args.sample_every!r}")
+    if args.plot:
+        from npqfile.migration.plot import check_plot_path
+        check_plot_path(args.plot)         # before the run: never lose results to the plot
     configs = compare_configs(base) if args.compare else [base]
     results = _run_all(configs)
     if args.json:
@@ -65,11 +71,22 @@ def run(args: argparse.Namespace) -> int:
         if not console.is_terminal:
             console = Console(width=160)  # a pipe or file: do not squeeze the table into 80 columns
         console.print(results_table(results))
+    status = 0
+    if not args.compare and results[0].status != "ok":
+        # one configuration asked for and nothing measured: that is an error, not a result
+        r = results[0]
+        print(f"error: {r.backing} memory cannot be released with --advice {r.advice}: {r.error} "
+              f"(nothing was measured)", file=sys.stderr)
+        status = 1
     if args.plot:
-        plot_results(results, args.plot)
+        try:
+            plot_results(results, args.plot)
+        except OSError as exc:
+            print(f"error: the plot was not written: {exc}", file=sys.stderr)
+            return 1
         if not args.json:
             print(f"plot written to {args.plot}")
-    return 0
+    return status
 
 
 def _run_all(configs: list[ReclaimConfig]) -> list:

@@ -83,6 +83,11 @@ def run(args: argparse.Namespace) -> int:
             name, sep, path = spec.partition("=")
             if not sep or not name or not path:
                 raise ValueError(f"expected BLOCK=RAWFILE, got {spec!r}")
+            if name in images:
+                # QEMU's RAM block ids are unique: a second one would be a second block
+                # the destination cannot tell apart (it would load both into one)
+                raise ValueError(f"block {name!r} is given twice ({name}={images[name]} and {spec}): "
+                                 f"each RAM block name may appear once")
             images[name] = path
         out = args.output
         if out.startswith("file:") or not out.startswith(URI_SCHEMES) and out != "-":

@@ -30,6 +30,10 @@ from typing import Any
 from npqfile.channels import flat_bytes
 
 READ_CHUNK = 1 << 18
+_FRAME_MAGIC = {"zstd": b"\x28\xb5\x2f\xfd", "lz4": b"\x04\x22\x4d\x18"}
+_KNOWN_MAGIC = {b"QEVM": "'QEVM', a plain QEMU migration stream: drop --compress",
+                _FRAME_MAGIC["zstd"]: "a zstd frame: give --compress zstd",
+                _FRAME_MAGIC["lz4"]: "an lz4 frame: give --compress lz4"}
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,7 @@ class DecompressingReader:
         self._raw = bytearray(READ_CHUNK)
         self._raw_pos = 0            # compressed bytes consumed: the inner channel's position
         self._eof = False
+        self._head: bytearray | None = bytearray()   # the first bytes, until the frame magic is checked
         if comp.method == "zstd":
             zstd = _module("zstandard")
             self._z = zstd.ZstdDecompressor().decompressobj()
@@ -192,15 +197,34 @@ class DecompressingReader:
                 self._eof = True
                 break
             self._raw_pos += n
+            data = bytes(self._raw[:n])
+            if self._head is not None:
+                self._head += data
+                if len(self._head) < 4:
+                    continue
+                data, self._head = self._check_magic(bytes(self._head)), None
             try:
-                self._pending += self._decode(bytes(self._raw[:n]))
+                self._pending += self._decode(data)
             except self._errors as exc:
                 raise OSError(errno.EIO, f"{self.comp.method} decompression failed at compressed offset "
                                          f"{self._raw_pos - n}..{self._raw_pos}: {exc}") from None
+        if self._eof and self._head:
+            self._check_magic(bytes(self._head))   # fewer than 4 bytes in all: not a frame either
         n = min(len(buf), len(self._pending))
         buf[:n] = self._pending[:n]
         del self._pending[:n]
         return n
+
+    def _check_magic(self, head: bytes) -> bytes:
+        """Return ``head`` when it starts with the method's frame magic; otherwise raise
+        OSError(EIO) saying the stream is not compressed that way and what it is (a
+        decoder's own message, or "truncated stream", would hide that)."""
+        if head[:4] == _FRAME_MAGIC[self.comp.method]:
+            return head
+        found = head[:4]
+        hint = _KNOWN_MAGIC.get(found)
+        raise OSError(errno.EIO, f"the stream is not {self.comp.method}-compressed: it starts with "
+                                 f"{found.hex() or 'nothing'}" + (f" ({hint})" if hint else ""))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

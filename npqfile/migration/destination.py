@@ -31,6 +31,7 @@ from typing import Any
 from npqfile.errors import FileError, StreamError
 from npqfile.qemufile import QEMUFile
 from npqfile.ram import GuestRAM
+from npqfile.stream.device_tail import DEFAULT_DEVICE_TAIL_BYTES
 from npqfile.stream.loader import load_stream
 from npqfile.stream.reader import shown
 from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES
@@ -64,18 +65,23 @@ class DestinationResult:
 
 
 class Destination:
-    """Loads one incoming migration into ``ram`` (or a GuestRAM created from the stream,
-    at most ``max_ram_bytes``).  ``machine``: the expected machine name (None: any).
-    ``hash_blocks``: compute the per-block sha256 after loading (needed by remote sources)."""
+    """Loads one incoming migration into ``ram`` (or a GuestRAM created from the stream's
+    block list, at most ``max_ram_bytes``).  ``machine``: the expected machine name (None:
+    any).  ``hash_blocks``: compute the per-block sha256 after loading (needed by remote
+    sources).  ``device_tail_bytes``: device sections after the RAM (a real QEMU's) are
+    kept, up to this many bytes, until the vmdesc after EOF sizes them."""
 
     def __init__(self, ram: GuestRAM | None = None, *, machine: str | None = "none",
-                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, hash_blocks: bool = True):
+                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, hash_blocks: bool = True,
+                 device_tail_bytes: int = DEFAULT_DEVICE_TAIL_BYTES):
         self.ram = ram
+        self.device_tail_bytes = device_tail_bytes   # device state kept until the vmdesc sizes it
         self.machine = machine
         self.max_ram_bytes = max_ram_bytes
         self.hash_blocks = hash_blocks
         self.result = DestinationResult()
         self._thread: threading.Thread | None = None
+        self.file: QEMUFile | None = None
 
     def receive(self, channel: Any, *, reply: bool = True) -> DestinationResult:
         """Load the stream from the read channel ``channel`` and close it.  With ``reply``
@@ -83,9 +89,10 @@ class Destination:
         stream or I/O error gives ``status="failed"`` and ``error``, not an exception)."""
         res = self.result
         t0 = time.monotonic()
-        f = QEMUFile(channel)
+        f = self.file = QEMUFile(channel)      # self.file: for live polls (events)
         try:
-            loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes)
+            loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes,
+                                 device_tail_bytes=self.device_tail_bytes)
             res.bytes = f.tell()
             self.ram = loaded.ram
             res.machine = loaded.machine
@@ -101,6 +108,7 @@ class Destination:
             res.status = "completed"
         except (StreamError, FileError, OSError, ValueError, KeyError) as exc:
             res.status, res.error = "failed", str(exc)
+            res.bytes = f.tell()            # what was received before the failure, not 0
             res.load_time = time.monotonic() - t0
         if reply:
             self._reply(f)

@@ -15,9 +15,11 @@ cursor that wraps around RAM; when the dirty bytes still to send drop below
 ``threshold_size = bandwidth × downtime_limit`` the guest's dirty log is synced into the
 bitmap (``dirty-sync-count`` + 1); if the total is still below the threshold, the guest
 is stopped (the workload acknowledges), the bitmap synced a last time and everything
-left is sent without a rate limit.  XBZRLE is off during the bulk pass (QEMU's bulk
-stage).  With ``release_ram`` the source hashes its RAM at switchover (for verification:
-released pages read back as zero), releases every page already sent and clean (as
+left is sent without a rate limit.  XBZRLE is off until the page search first wraps
+past the last block (``find_dirty_block``).  With ``auto_converge`` each sync feeds the
+throttle decision (``throttle``), which slows the workload as QEMU slows vCPUs.  With
+``release_ram`` the source hashes its RAM at switchover (for verification: released
+pages read back as zero), releases every page already sent and clean (as
 ``ram_postcopy_migrated_memory_release`` does at the start of postcopy), sends the
 final pages with ``may_free`` so QEMUFile releases them once written, and releases the
 zero pages of the final pass batch by batch (``save_zero_page`` releases them too).
@@ -44,7 +46,9 @@ import numpy as np
 
 from npqfile.migration.bandwidth import RateWindows
 from npqfile.migration.destination import block_hashes
-from npqfile.migration.stats import IterationStats, MigrationStats
+from npqfile.migration.stats import IterationStats, MigrationStats, freed_bytes
+from npqfile.migration.throttle import AutoConverge
+from npqfile.migration.throttle import check_params as check_throttle_params
 from npqfile.migration.workloads import Workload
 from npqfile.qemufile import (
     RAM_CONTROL_FINISH,
@@ -87,6 +91,13 @@ class MigrationParams:
     machine: str = "none"
     runstate: str = "running"
     sample_rss: bool = False
+    # auto-converge capability and its migrate-set-parameters (QEMU's names; see throttle)
+    auto_converge: bool = False
+    cpu_throttle_initial: int = 20
+    cpu_throttle_increment: int = 10
+    max_cpu_throttle: int = 99
+    throttle_trigger_threshold: int = 50
+    cpu_throttle_tailslow: bool = False
 
     def check(self) -> None:
         """Raise ValueError naming the first bad parameter."""
@@ -103,6 +114,18 @@ class MigrationParams:
         size = self.xbzrle_cache_size
         if size and (size < 4096 or size & (size - 1)):
             raise ValueError(f"xbzrle cache size {size} must be a power of two >= 4096")
+        check_throttle_params(self.cpu_throttle_initial, self.cpu_throttle_increment,
+                              self.max_cpu_throttle, self.throttle_trigger_threshold)
+
+    def auto_converge_state(self, page_size: int = 4096) -> AutoConverge | None:
+        """The auto-converge decision state these parameters describe (None when off)."""
+        if not self.auto_converge:
+            return None
+        return AutoConverge(cpu_throttle_initial=self.cpu_throttle_initial,
+                            cpu_throttle_increment=self.cpu_throttle_increment,
+                            max_cpu_throttle=self.max_cpu_throttle,
+                            throttle_trigger_threshold=self.throttle_trigger_threshold,
+                            cpu_throttle_tailslow=self.cpu_throttle_tailslow, page_size=page_size)
 
 
 def resident_bytes(ram: GuestRAM) -> int:
@@ -147,6 +170,7 @@ class MigrationEngine:
         self._iter_t0 = 0.0
         self._iter_bytes0 = 0
         self._sync_t = 0.0              # start of the current dirty-rate period
+        self.throttle = self.params.auto_converge_state()   # auto-converge (None when off)
         self._rate_pages = 0            # pages dirtied in it
         self._rate_known = False        # QEMU: dirty_pages_rate set (a sync after >= 1 s)
         self._remaining_at_sync = 0     # QEMU: ram_counters.remaining (bytes dirty at the last sync)
@@ -176,6 +200,7 @@ class MigrationEngine:
         st.xbzrle_cache_size = p.xbzrle_cache_size
         st.rss_before = resident_bytes(self.ram)
         st.expected_downtime = p.downtime_limit     # migrate_fd_connect
+        self._freed0 = freed_bytes(self.ram)
         self.t0 = time.monotonic()
         if p.sample_rss:
             st.timeline.append((0.0, 0, st.rss_before))
@@ -225,6 +250,8 @@ class MigrationEngine:
         self.f.fflush()
         self.stats.setup_time = time.monotonic() - self.t0
         self._sync_t = time.monotonic()
+        if self.throttle is not None:
+            self.throttle.start(self._sync_t - self.t0, self._ram_counted())
         self._new_iteration(self._dirty)
 
     @contextlib.contextmanager
@@ -257,7 +284,8 @@ class MigrationEngine:
         completion starts no pre-copy iteration)."""
         self._close_iteration()
         self._iter = IterationStats(len(self.stats.iterations) + 1, dirty, final=final,
-                                    sync=self.stats.dirty_sync_count)
+                                    sync=self.stats.dirty_sync_count,
+                                    cpu_throttle=self.throttle.percentage if self.throttle else 0)
         self._iter_t0 = time.monotonic()
         self._iter_bytes0 = self.f.ftell_fast()
         self._iter_pages0 = self.saver.stats.pages
@@ -325,8 +353,9 @@ class MigrationEngine:
             fresh = idx[~bm[idx]]
             bm[fresh] = True
             self._dirty += fresh.size
-            new += idx.size
+            new += fresh.size       # QEMU counts bits newly set, not pages still waiting
         if self.stats.status == "active":           # the guest ran for the whole period
+            self._auto_converge(now, new)
             # QEMU updates dirty-pages-rate over periods of at least a second; a run
             # shorter than that reports the rate since the start
             self._rate_pages += new
@@ -337,10 +366,15 @@ class MigrationEngine:
                 self._sync_t, self._rate_pages = now, 0
         self.stats.dirty_sync_count += 1
         self._remaining_at_sync = self._dirty * self.stats.page_size
-        if self.saver.cache is not None:
-            self.saver.xbzrle_enabled = True        # the bulk stage is over
-            self.saver.generation = self.stats.dirty_sync_count
+        self.saver.generation = self.stats.dirty_sync_count
         self._progress()
+
+    def _auto_converge(self, now: float, new: int) -> None:
+        """migration_trigger_throttle at this sync; a new percentage throttles the writer."""
+        if self.throttle is not None and self.throttle.on_sync(now - self.t0, new, self._ram_counted()):
+            self.stats.cpu_throttle_percentage = self.throttle.percentage
+            self.stats.throttle_events = self.throttle.events
+            self.workload.set_throttle(self.throttle.percentage)
 
     def _send_part(self) -> None:
         """One PART section: pages until the rate limit is hit or MAX_WAIT passed, then EOS."""
@@ -372,6 +406,10 @@ class MigrationEngine:
                     return block, idx[:limit] + page
                 page = end
             bi, page = (bi + 1) % len(self._blocks), 0
+            if bi == 0 and self.saver.cache is not None:
+                # find_dirty_block: "After the first round, enable XBZRLE" -- when the
+                # search wraps past the last block, not at the first sync
+                self.saver.xbzrle_enabled = True
         return None, np.empty(0, dtype=np.int64)
 
     def _send_some(self, limit: int, rate_limited: bool) -> int:
@@ -401,6 +439,7 @@ class MigrationEngine:
         st.precopy_bytes = self._ram_counted()
         stop_t = time.monotonic()
         self.workload.pause()                       # vm_stop: the writer has acknowledged
+        self.workload.set_throttle(0)               # cpu_throttle_stop
         st.switchover_time = stop_t - self.t0
         self._sample_rss(st.switchover_time)        # the RSS line reaches the switchover
         if self.params.pause_before_switchover:
@@ -494,7 +533,18 @@ class MigrationEngine:
         elapsed = time.monotonic() - self.t0
         self.on_progress({"status": self.stats.status, "round": self.stats.dirty_sync_count,
                           "dirty-pages": self._dirty, "bytes": self.f.ftell_fast(),
-                          "mbps": self.windows.bandwidth * 8 / 1e6, "elapsed": elapsed})
+                          "mbps": self.windows.bandwidth * 8 / 1e6, "elapsed": elapsed,
+                          "cpu-throttle-percentage": self.throttle.percentage if self.throttle else 0})
+
+    def query_migrate(self) -> dict[str, Any]:
+        """The live ``query-migrate`` answer (QEMU's names; callable from any thread,
+        e.g. the events writer's 100 ms poll).  Returns just the status before run()."""
+        saver, windows = getattr(self, "saver", None), getattr(self, "windows", None)
+        if saver is None or windows is None:
+            return {"status": self.stats.status}
+        return self.stats.live_dict(elapsed=time.monotonic() - self.t0, ram=saver.stats,
+                                    transferred=self._ram_counted(), remaining=self._dirty * self.stats.page_size,
+                                    mbps=windows.bandwidth * 8 / 1e6)
 
     def _finish_stats(self) -> None:
         st = self.stats
@@ -508,6 +558,8 @@ class MigrationEngine:
         st.ram_transferred = self._ram_written(st.stream_bytes)
         st.windows = self.windows.windows
         st.released_bytes += self.f.released_bytes
+        st.release_freed_bytes, st.release_unmeasured_bytes = (
+            now - then for now, then in zip(freed_bytes(self.ram), self._freed0))
         st.rss_after = resident_bytes(self.ram)
         st.workload = self.workload.describe()
         st.window_bandwidth = st.bandwidth

@@ -1,15 +1,20 @@
 """Pictures of one migration: bytes sent and dirty pages per round, source RSS over time.
 
-Supports: :func:`plot_migration(stats, path)` writing a PNG (matplotlib, Agg backend)
-with two panels: per-iteration bytes sent (bars) and dirty pages at the start of each
-iteration (line, right axis); and the source guest RAM's resident size and the stream
-bytes over time (from ``stats.timeline``, sampled every 100 ms window when
-``sample_rss`` is on, and at switchover, after release-ram's release and at completion,
-so the RSS drop shows while the guest is stopped, which is shaded); :func:`plot_sweep(rows,
-names, path)` for a ``--sweep``: total time (bars) and downtime (line) per case;
-:func:`check_writable(path)` to fail before a long run rather than after it.
-Goals: the figure guestperf users look at, in one call.  Errors: OSError if the file
-cannot be written.
+Supports: :func:`plot_migration(stats, path)` writing an image (matplotlib, Agg backend;
+the format follows the extension, PNG, PDF, SVG...) with two panels, three with
+auto-converge: per-iteration bytes sent (bars) and dirty pages at the start of each
+iteration (line, right axis, from 0 so a small change never looks like a large one);
+the source guest RAM's resident size and the stream bytes over time (from
+``stats.timeline``, sampled every 100 ms window when ``sample_rss`` is on, and at
+switchover, after release-ram's release and at completion), with the downtime shaded
+(from vm_stop for the reported downtime: the source's verification hashing is not
+drawn as downtime); and the cpu-throttle-percentage over time (auto-converge).
+:func:`plot_sweep(rows, names, path)` for a ``--sweep``: total time (bars) and downtime
+(line) per case, the case labels wrapped and spaced so they never overlap;
+:func:`check_plot_path(path)` to fail before a long run rather than after it.
+Goals: the figure guestperf users look at, in one call.  Plan: ``*_figure`` functions
+build the figure (tests inspect it), ``plot_*`` save and close it.  Errors: OSError if
+the file cannot be written, ValueError for a format matplotlib cannot write.
 """
 
 from __future__ import annotations
@@ -36,6 +41,25 @@ def check_writable(path: str | os.PathLike) -> None:
         raise OSError(errno.EACCES, f"cannot write the plot {path}: directory {folder} is not writable")
 
 
+def check_plot_path(path: str | os.PathLike) -> None:
+    """Raise ValueError unless ``path``'s extension names a format matplotlib writes
+    (``.png``, ``.pdf``, ``.svg``...), OSError when the file cannot be created there;
+    returns nothing.  Cheap enough to call before a run."""
+    ext = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
+    formats = _formats()
+    if ext not in formats:
+        what = f"extension .{ext}" if ext else "no extension"
+        raise ValueError(f"cannot write the plot {os.fspath(path)}: {what} is not an image format "
+                         f"(use one of {', '.join('.' + f for f in sorted(formats))})")
+    check_writable(path)
+
+
+def _formats() -> set[str]:
+    """The file formats matplotlib can save."""
+    plt = _pyplot()
+    return set(plt.gcf().canvas.get_supported_filetypes()) | {"png"}
+
+
 def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
@@ -43,63 +67,138 @@ def _pyplot():
     return plt
 
 
-def plot_migration(stats: MigrationStats, path: str | os.PathLike) -> None:
-    """Draw ``stats`` into the PNG ``path``.  Raises OSError when it cannot be written."""
+def _save(fig, path: str | os.PathLike) -> None:
     plt = _pyplot()
-    fig, (ax1, ax3) = plt.subplots(2, 1, figsize=(8, 7))
     try:
-        its = stats.iterations
-        labels = [(f"{it.index}\nfinal" if it.final else str(it.index)) for it in its]
-        xs = range(len(its))
-        ax1.bar(xs, [it.bytes_sent / MIB for it in its], color="tab:blue", label="bytes sent")
-        ax1.set_xticks(list(xs), labels)
-        ax1.set_xlabel("iteration (dirty sync)")
-        ax1.set_ylabel("sent (MiB)", color="tab:blue")
-        ax2 = ax1.twinx()
-        ax2.plot(list(xs), [it.dirty_pages for it in its], "o-", color="tab:red", label="dirty pages")
-        ax2.set_ylabel("dirty pages at start", color="tab:red")
-        ax1.set_title(f"{stats.status} ({stats.outcome}): total {stats.total_time * 1000:.0f} ms, "
-                      f"downtime {stats.downtime * 1000:.1f} ms")
-        tl = stats.timeline
-        if tl:
-            ts = [t for t, _b, _r in tl]
-            ax3.plot(ts, [r / MIB for _t, _b, r in tl], color="tab:green", label="source RSS")
-            ax3.plot(ts, [b / MIB for _t, b, _r in tl], color="tab:gray", linestyle="--", label="stream bytes")
-            if stats.switchover_time:
-                # from vm_stop to the end (the reported downtime leaves out verification hashing)
-                ax3.axvspan(stats.switchover_time, ts[-1], color="tab:orange", alpha=0.2, label="guest stopped")
-            ax3.legend(loc="best")
-        else:
-            ax3.text(0.5, 0.5, "no RSS samples", ha="center", va="center", transform=ax3.transAxes)
-        ax3.set_xlabel("time (s)")
-        ax3.set_ylabel("MiB")
-        fig.tight_layout()
         fig.savefig(os.fspath(path), dpi=100)
     finally:
         plt.close(fig)
+
+
+def plot_migration(stats: MigrationStats, path: str | os.PathLike) -> None:
+    """Draw ``stats`` into the image ``path``.  Raises OSError when it cannot be written."""
+    _save(migration_figure(stats), path)
+
+
+def migration_figure(stats: MigrationStats):
+    """The matplotlib Figure of ``stats`` (see the module docstring); the caller closes it."""
+    plt = _pyplot()
+    throttle = bool(stats.params.get("auto_converge"))
+    fig, axes = plt.subplots(3 if throttle else 2, 1, figsize=(8, 9.5 if throttle else 7))
+    try:
+        _iterations_panel(stats, axes[0])
+        _timeline_panel(stats, axes[1])
+        if throttle:
+            _throttle_panel(stats, axes[2])
+        fig.tight_layout()
+    except BaseException:
+        plt.close(fig)
+        raise
+    return fig
+
+
+def _iterations_panel(stats: MigrationStats, ax1) -> None:
+    its = stats.iterations
+    labels = [(f"{it.index}\nfinal" if it.final else str(it.index)) for it in its]
+    xs = range(len(its))
+    ax1.bar(xs, [it.bytes_sent / MIB for it in its], color="tab:blue", label="bytes sent")
+    ax1.set_xticks(list(xs), labels)
+    ax1.set_xlabel("iteration (dirty sync)")
+    ax1.set_ylabel("sent (MiB)", color="tab:blue")
+    ax2 = ax1.twinx()
+    dirty = [it.dirty_pages for it in its]
+    ax2.plot(list(xs), dirty, "o-", color="tab:red", label="dirty pages")
+    # from 0: autoscaling a nearly flat line (a cancelled run that never converged)
+    # would magnify a 1 % change into the full height
+    ax2.set_ylim(0, max(dirty, default=0) * 1.1 or 1)
+    ax2.set_ylabel("dirty pages at start", color="tab:red")
+    ax1.set_title(f"{stats.status} ({stats.outcome}): total {stats.total_time * 1000:.0f} ms, "
+                  f"downtime {stats.downtime * 1000:.1f} ms")
+
+
+def _timeline_panel(stats: MigrationStats, ax3) -> None:
+    tl = stats.timeline
+    if tl:
+        ts = [t for t, _b, _r in tl]
+        ax3.plot(ts, [r / MIB for _t, _b, r in tl], color="tab:green", label="source RSS")
+        ax3.plot(ts, [b / MIB for _t, b, _r in tl], color="tab:gray", linestyle="--", label="stream bytes")
+        if stats.switchover_time and stats.downtime:
+            # the reported downtime from vm_stop; hashing for verification is left out
+            ax3.axvspan(stats.switchover_time, stats.switchover_time + stats.downtime, color="tab:orange",
+                        alpha=0.2, label=f"downtime ({stats.downtime * 1000:.0f} ms)")
+        ax3.legend(loc="best")
+        ax3.set_ylim(bottom=0)
+    else:
+        ax3.text(0.5, 0.5, "no RSS samples", ha="center", va="center", transform=ax3.transAxes)
+    ax3.set_xlabel("time (s)")
+    ax3.set_ylabel("MiB")
+
+
+def _throttle_panel(stats: MigrationStats, ax) -> None:
+    """cpu-throttle-percentage as a step line over the run (0 until the first change)."""
+    end = stats.switchover_time or stats.total_time
+    ts = [0.0] + [e.time for e in stats.throttle_events] + [end]
+    pct = [0] + [e.percentage for e in stats.throttle_events]
+    ax.step(ts, pct + pct[-1:], where="post", color="tab:purple", label="cpu-throttle-percentage")
+    ax.set_ylim(0, 100)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("throttle (%)")
+    ax.set_title("auto-converge: the guest runs (100 - throttle) % of the time")
 
 
 def plot_sweep(rows: list[dict[str, Any]], names: list[str], path: str | os.PathLike) -> None:
-    """Draw a sweep's rows (``run_sweep``) into the PNG ``path``: one bar per case (its
-    ``names`` values as the label) for the total time, the downtime as a line on the
-    right axis; cases that did not converge are hatched.  Raises OSError when it cannot
-    be written."""
+    """Draw a sweep's rows (``run_sweep``) into the image ``path``; see
+    :func:`sweep_figure`.  Raises OSError when it cannot be written."""
+    _save(sweep_figure(rows, names), path)
+
+
+def _wrap(text: str, width: int = 18) -> str:
+    """``text`` cut into lines of at most ``width`` characters, at commas when it can."""
+    lines, line = [], ""
+    for part in text.replace(",", ",\x00").split("\x00"):
+        while len(part) > width:
+            if line:
+                lines.append(line)
+                line = ""
+            lines.append(part[:width])
+            part = part[width:]
+        if len(line) + len(part) > width and line:
+            lines.append(line)
+            line = ""
+        line += part
+    if line:
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def sweep_figure(rows: list[dict[str, Any]], names: list[str]):
+    """The Figure of a sweep: one bar per case (its ``names`` values as the label,
+    wrapped, each case as wide as its label, so neighbours never overlap) for the total time, the downtime
+    as a line on the right axis; cases that did not converge are hatched.  The caller
+    closes it."""
     plt = _pyplot()
-    fig, ax1 = plt.subplots(figsize=(max(6.0, 1.6 * len(rows) + 2), 5))
+    labels = ["\n".join(_wrap(f"{n}={row[n]}") for n in names) for row in rows]
+    # each case gets the width of its widest label line (about 0.08 in per character at
+    # 8 pt) plus a gap, so the labels sit side by side without touching
+    widest = max((len(line) for label in labels for line in label.split("\n")), default=1)
+    fig, ax1 = plt.subplots(figsize=(max(6.0, len(rows) * (0.08 * widest + 0.3) + 2.5), 6))
     try:
-        labels = ["\n".join(f"{n}={row[n]}" for n in names) for row in rows]
         xs = list(range(len(rows)))
-        bars = ax1.bar(xs, [row.get("total-ms", 0) for row in rows], color="tab:blue", label="total time")
+        bars = ax1.bar(xs, [row.get("total-time", 0) for row in rows], color="tab:blue", label="total time")
         for bar, row in zip(bars, rows):
             if not row.get("converged"):
                 bar.set_hatch("//")
-        ax1.set_xticks(xs, labels)
+        ax1.set_xticks(xs, labels, fontsize=8)
+        ax1.set_xlim(-0.5, len(rows) - 0.5)
         ax1.set_ylabel("total time (ms)", color="tab:blue")
         ax2 = ax1.twinx()
-        ax2.plot(xs, [row.get("downtime-ms", 0) for row in rows], "o-", color="tab:red", label="downtime")
+        ax2.plot(xs, [row.get("downtime", 0) for row in rows], "o-", color="tab:red", label="downtime")
+        ax2.set_ylim(bottom=0)
         ax2.set_ylabel("downtime (ms)", color="tab:red")
         ax1.set_title(f"sweep over {', '.join(names)} (hatched: not converged)")
         fig.tight_layout()
-        fig.savefig(os.fspath(path), dpi=100)
-    finally:
+    except BaseException:
         plt.close(fig)
+        raise
+    return fig

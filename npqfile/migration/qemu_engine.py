@@ -175,7 +175,7 @@ class QemuMigrationStats(MigrationStats):
         for key in ("stream-bytes", "part-sections", "threshold-size", "throughput-mbps", "rss-before",
                     "rss-after", "released-bytes"):
             x[key] = None
-        x["windows"] = None
+        x["windows"] = {"count": None, "max-bytes": None, "limit": None, "max-overshoot": None}
         x["engine"] = "qemu"
         d["qemu"] = self.qemu or {}
         return d
@@ -185,8 +185,10 @@ class QemuMigration:
     """One run; see the module docstring.  ``run()`` returns the statistics."""
 
     def __init__(self, cfg: Any, qemu: QemuBinary | None = None, *,
-                 on_progress: Callable[[dict], None] | None = None, pre_switchover: Callable | None = None):
+                 on_progress: Callable[[dict], None] | None = None, pre_switchover: Callable | None = None,
+                 events: Any = None):
         self.cfg = cfg
+        self.events = events            # an EventWriter: fed every query-migrate answer
         self.qemu = qemu or find_qemu(getattr(cfg, "qemu", None))
         self.settings = qemu_settings(cfg, self.qemu)       # before anything starts
         self.guest = guest_parameters(cfg.workload, cfg.size, seed=cfg.seed)
@@ -261,6 +263,8 @@ class QemuMigration:
             info = src.cmd("query-migrate")
             now = time.monotonic() - self.t0
             self._take_events(src)
+            if self.events is not None:
+                self.events.emit(dict(info))
             info["_t"] = now
             self.samples.append(info)
             status = info.get("status", "")
@@ -485,13 +489,15 @@ class QemuMigration:
 
 
 def run_qemu_migration(cfg: Any, *, on_progress: Callable[[dict], None] | None = None,
-                       pre_switchover: Callable | None = None) -> MigrationStats:
+                       pre_switchover: Callable | None = None, events: Any = None) -> MigrationStats:
     """Run ``cfg`` (a MigrationConfig) on real QEMU (``cfg.qemu``: a path or version, else
     ``$NPQFILE_QEMU`` / PATH); returns the statistics.  Raises ValueError for an option
     QEMU does not have, QemuNotFound for a missing QEMU, QemuError when QEMU cannot start
-    -- all before or without a migration; a QEMU that dies mid-run gives status failed."""
+    -- all before or without a migration; a QEMU that dies mid-run gives status failed.
+    ``events``: an EventWriter fed QEMU's own query-migrate answers (the caller writes
+    its ``result`` line)."""
     try:
         qemu = find_qemu(getattr(cfg, "qemu", None))
     except QemuNotFound as exc:
         raise ValueError(f"--engine qemu: {exc}") from None
-    return QemuMigration(cfg, qemu, on_progress=on_progress, pre_switchover=pre_switchover).run()
+    return QemuMigration(cfg, qemu, on_progress=on_progress, pre_switchover=pre_switchover, events=events).run()

@@ -43,6 +43,7 @@ from npqfile.migration.destination import (
     read_verification,
 )
 from npqfile.migration.engine import MigrationEngine, MigrationParams
+from npqfile.migration.events import EventWriter
 from npqfile.migration.stats import MigrationStats
 from npqfile.migration.workloads import Workload, make_workload
 from npqfile.qemufile import QEMUFile
@@ -140,10 +141,12 @@ def _compare_hashes(mine: dict[str, str], theirs: dict[str, str]) -> dict:
 
 def run_migration(cfg: MigrationConfig, *, on_progress: Callable[[dict], None] | None = None,
                   pre_switchover: Callable | None = None, ram: GuestRAM | None = None,
-                  workload: Workload | None = None) -> MigrationStats:
+                  workload: Workload | None = None, events: EventWriter | None = None) -> MigrationStats:
     """Run the migration ``cfg`` describes and return its statistics.
 
     ``ram``/``workload`` override the ones the config would build (tests pass their own).
+    ``events``: an EventWriter fed the engine's live ``query-migrate`` (the caller writes
+    its ``result`` line).
     ``stats.verification["ok"]`` is True when the destination matched the source at
     switchover, False on a mismatch, None when the transport cannot tell.  Raises
     ValueError for a bad config, OSError when the destination URI cannot be opened.
@@ -153,7 +156,7 @@ def run_migration(cfg: MigrationConfig, *, on_progress: Callable[[dict], None] |
             raise ValueError(f"engine {cfg.engine!r}: run_migration takes simulator or qemu (with its own "
                              "guest); both engines: npqfile.migration.compare.run_both")
         from npqfile.migration.qemu_engine import run_qemu_migration
-        return run_qemu_migration(cfg, on_progress=on_progress, pre_switchover=pre_switchover)
+        return run_qemu_migration(cfg, on_progress=on_progress, pre_switchover=pre_switchover, events=events)
     comp = parse_compress(cfg.compress)
     params = cfg.params
     params.compress_level = comp.page_level
@@ -164,13 +167,13 @@ def run_migration(cfg: MigrationConfig, *, on_progress: Callable[[dict], None] |
         if own_ram:
             fill_guest(ram, cfg.init, cfg.seed)
         wl = workload or make_workload(cfg.workload, seed=cfg.seed)
-        return _run(cfg, ram, wl, comp, params, on_progress, pre_switchover)
+        return _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events)
     finally:
         if own_ram:
             ram.close()
 
 
-def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationStats:
+def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None) -> MigrationStats:
     params.check()      # before anything is opened: a bad parameter leaves nothing behind
     to = cfg.to or "inprocess"
     dest = None
@@ -197,7 +200,13 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover) -> MigrationSt
         f = QEMUFile(channel)
         engine = MigrationEngine(ram, f, wl, params, pre_switchover=pre_switchover, on_progress=on_progress,
                                  hash_at_switchover=cfg.verify and params.release_ram)
-        st = engine.run()
+        if events is not None:
+            events.attach(engine)
+        try:
+            st = engine.run()
+        finally:
+            if events is not None:
+                events.stop()
         if comp.method == "zlib":
             st.compression = {"method": "zlib", "level": comp.level, "where": "pages",
                               "pages": st.ram.compressed_pages, "bytes-out": st.ram.compressed_bytes}

@@ -20,6 +20,13 @@ Plan: the thread wakes every ``slice`` seconds (5 ms), computes how many writes 
 since it started (rate × running time, minus writes done), draws that many page numbers
 in the guest's global page space and touches them block by block.  Pausing is two
 Events: ``_run`` (cleared to pause) and ``_parked`` (set by the thread when parked).
+
+auto-converge (``set_throttle(p)``) throttles the writer as QEMU throttles a vCPU
+(``cpu-throttle.c``): after each 10 ms of running it sleeps ``p / (1 - p) × 10 ms``,
+so it runs (100 - p) % of the time; the sleep is not running time, so no writes fall
+due during it, and it is cut short by ``pause()`` (QEMU's ``cpu->stop``).
+
+``idle`` means no writes: ``idle`` with a rate is refused (use ``uniform``).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from npqfile.migration.throttle import CPU_THROTTLE_TIMESLICE, throttle_sleep
 from npqfile.ram import GuestRAM
 from npqfile.units import parse_rate
 
@@ -64,6 +72,9 @@ class Workload:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._running_time = 0.0     # seconds spent unpaused (writes are due only then)
+        self.throttle = 0            # auto-converge: cpu-throttle-percentage applied to this writer
+        self._ran = 0.0              # running time since the last throttle sleep
+        self._asleep_until = 0.0     # end of the current throttle sleep (monotonic)
         self.error: BaseException | None = None
 
     # -- models ------------------------------------------------------------------------
@@ -100,6 +111,13 @@ class Workload:
                 "write-bytes": self.write_bytes}
 
     # -- thread control ----------------------------------------------------------------
+    def set_throttle(self, percentage: int) -> None:
+        """Run only (100 - ``percentage``) % of the time from now on (0 = unthrottled),
+        the way QEMU's cpu_throttle_set throttles a vCPU.  Any thread may call it."""
+        self.throttle = max(0, min(int(percentage), 99))
+        if not self.throttle:
+            self._asleep_until = 0.0
+
     def start(self, ram: GuestRAM) -> None:
         """Start writing into ``ram`` in a daemon thread (no thread for a zero rate)."""
         self.ram = ram
@@ -125,17 +143,38 @@ class Workload:
                 if not self._run.is_set():   # paused between the check and the clear
                     continue
                 now = time.monotonic()
+                if now < self._asleep_until:        # throttled: sleeping, not running
+                    time.sleep(min(SLICE, self._asleep_until - now))
+                    last = time.monotonic()
+                    continue
                 self._running_time += now - last
+                self._ran += now - last
                 last = now
                 due = min(int(self.rate * self._running_time) - self.writes, MAX_BATCH)
                 if due > 0 or self.rate <= 0:
                     self.step(self.ram, max(due, 0))
                     self.writes += max(due, 0)
+                if self._throttle_check(now):       # a throttle sleep begins now
+                    continue
                 time.sleep(SLICE)
         except BaseException as exc:  # reported by the engine, never lost in a thread
             self.error = exc
         finally:
             self._parked.set()
+
+    def _throttle_check(self, now: float) -> bool:
+        """After each CPU_THROTTLE_TIMESLICE of running, start a throttle sleep; returns
+        True when one starts (the loop then sleeps it out instead of running a slice)."""
+        if not self.throttle:
+            self._ran = 0.0
+            return False
+        if self._ran < CPU_THROTTLE_TIMESLICE - 1e-6:
+            return False
+        # the sleep for the time actually run (slices are 5 ms, a slice may overrun):
+        # running stays (100 - p) % of the wall time, as in QEMU
+        self._asleep_until = now + throttle_sleep(self.throttle) * self._ran / CPU_THROTTLE_TIMESLICE
+        self._ran = 0.0
+        return True
 
     def pause(self, timeout: float = 10.0) -> None:
         """Stop writing and wait until the thread acknowledges (QEMU's vm_stop).
@@ -310,6 +349,10 @@ def make_workload(spec: str | Workload | Callable, *, seed: int | None = None, p
             raise ValueError(f"bad value {value!r} for {key} in workload {spec!r}") from None
     if seed is not None:
         kw.setdefault("seed", seed)
+    if kind == "idle" and kw.get("rate", 0.0) > 0:
+        # idle means "no writes": a rate would make it write, silently contradicting its name
+        raise ValueError(f"workload 'idle' writes nothing and takes no rate ({spec!r}); "
+                         f"for random writes at a rate use 'uniform:rate=...'")
     if kind != "idle":
         kw.setdefault("rate", DEFAULT_RATE)   # a bare "hotset" writes, as the default does
     try:

@@ -94,7 +94,14 @@ class RAMBlockMmap(mmap.mmap):
 
     Attributes set by ``RAMBlock``: ``block_name``, ``kind`` (private/shared/memfd/file),
     ``fd`` (-1 for anonymous), ``file_offset`` (where the mapping starts in the file),
-    ``advice``; counters ``released_bytes`` and ``release_calls``.
+    ``advice``; counters ``released_bytes`` (bytes advised: handed to madvise /
+    fallocate), ``freed_bytes`` (of those, bytes that held memory before the call and no
+    longer do: what the release really gave back; a never-touched page costs nothing and
+    frees nothing) and ``release_calls``.  ``freed_bytes`` counts resident host pages as
+    ``RAMBlock.resident_pages`` does (private: present and exclusive in pagemap; image:
+    present anonymous copy-on-write copies; shared, memfd, file: in the page cache,
+    mincore); ``freed_unmeasured`` counts bytes released
+    where that could not be read.
     """
 
     block_name: str
@@ -111,6 +118,28 @@ class RAMBlockMmap(mmap.mmap):
         self.advice = advice
         self.released_bytes = 0
         self.release_calls = 0
+        self.freed_bytes = 0
+        self.freed_unmeasured = 0
+        probe = np.frombuffer(self, dtype=np.uint8, count=1)
+        self._address = int(probe.__array_interface__["data"][0])
+        del probe
+
+    def _resident_host_pages(self, offset: int, length: int) -> int | None:
+        """Host pages of [offset, offset+length) holding memory now, or None if unreadable."""
+        from npqfile.ram import residency   # residency reads /proc; imported on first use
+        try:
+            if self.kind == "private":
+                pm = residency.read_pagemap(self._address + offset, length)
+                want = residency.PM_PRESENT | residency.PM_EXCLUSIVE
+                return int(np.count_nonzero((pm & want) == want))
+            if self.kind == "image":
+                # a private file mapping: only its copy-on-write copies are memory the
+                # release frees (the file's pages stay in the page cache)
+                pm = residency.read_pagemap(self._address + offset, length)
+                return int(np.count_nonzero(((pm & residency.PM_PRESENT) != 0) & ((pm & residency.PM_FILE) == 0)))
+            return int(np.count_nonzero(residency.mincore(self._address + offset, length)))
+        except OSError:
+            return None
 
     def release_pages(self, offset: int, length: int, advice: str | None = None) -> None:
         """Release ``length`` bytes at byte ``offset`` of this mapping with ``advice``
@@ -131,6 +160,8 @@ class RAMBlockMmap(mmap.mmap):
             raise ValueError(f"release of RAM block {self.block_name!r} at offset {offset} length {length}: "
                              f"outside the block (size {size})")
         how = self.advice if advice is None else advice
+        span = min(length, size - offset)
+        before = self._resident_host_pages(offset, span)
         try:
             if how == "punch":
                 if self.fd < 0:
@@ -146,6 +177,11 @@ class RAMBlockMmap(mmap.mmap):
                                      f"{offset} length {length} failed: {exc.strerror}") from None
         self.released_bytes += length
         self.release_calls += 1
+        after = None if before is None else self._resident_host_pages(offset, span)
+        if after is None:
+            self.freed_unmeasured += length
+        else:
+            self.freed_bytes += max(0, before - after) * HOST_PAGE_SIZE
 
 
 def coalesce_runs(ranges: Any, size: int, block: str, granule: int = HOST_PAGE_SIZE) -> np.ndarray:

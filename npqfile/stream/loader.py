@@ -33,17 +33,24 @@ from npqfile.stream.constants import (
     QEMU_VM_EOF, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, QEMU_VM_FILE_VERSION_COMPAT,
     QEMU_VM_SECTION_END, QEMU_VM_SECTION_FOOTER, QEMU_VM_SECTION_FULL, QEMU_VM_SECTION_PART,
     QEMU_VM_SECTION_START, QEMU_VM_SUBSECTION, QEMU_VM_VMDESCRIPTION, RAM_SECTION_IDSTR,
-    RAM_SECTION_VERSION, SECTION_TYPE_NAMES, TARGET_PAGE_SIZE,
+    RAM_SECTION_VERSION, SECTION_TYPE_NAMES,
 )
+from npqfile.channels import MemoryReader
+from npqfile.qemufile import QEMUFile
+from npqfile.stream.device_tail import read_device_tail
 from npqfile.stream.devices import BUILTIN_VMDESC
 from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES, RAMLoader
 from npqfile.stream.ram_stats import RAMStats
-from npqfile.stream.reader import StreamReader, label, shown, wire_name
-from npqfile.stream.vmdesc import device_index, parse_vmdesc, walk_vmsd
+from npqfile.stream.reader import StreamReader, shown, wire_name
+from npqfile.stream.vmdesc import WalkBudget, check_page_size, device_index, parse_vmdesc, walk_vmsd
 
 MAX_MACHINE_NAME = 4096          # configuration name length we accept (QEMU allocates whatever is sent)
 MAX_VMDESC_BYTES = 64 << 20      # a vmdesc is tens of KiB; refuse to buffer gigabytes of "JSON"
 MAX_PACKAGED_DEPTH = 2
+# Sections and commands listed in a LoadResult; beyond that they are only counted, so
+# memory follows the declared RAM, not the stream's length (millions of empty PARTs or
+# PINGs are a few bytes each on the wire).
+MAX_LISTED = 10000
 
 # Whole streams compressed on the channel (npqfile migrate --compress zstd|lz4, or a
 # user's pipeline) start with a frame magic instead of QEVM: say so.
@@ -84,22 +91,31 @@ class LoadResult:
     stopped: str | None = None     # why reading stopped early (partial_ok=True)
     warnings: list[str] = field(default_factory=list)
     end_offset: int = 0
+    sections_not_listed: int = 0   # sections read beyond the first MAX_LISTED (counted only)
+    commands_not_listed: int = 0   # commands likewise
+
+    @property
+    def parts_not_listed(self) -> int:
+        """RAM section payloads counted in ``stats`` but not listed in ``stats.parts``."""
+        return self.stats.parts_not_listed
 
 
 class _Loader:
-    def __init__(self, f, ram, *, vmdesc, max_ram_bytes, capabilities, decode_devices, partial_ok):
+    def __init__(self, f, ram, *, vmdesc, vmdesc_offset, max_ram_bytes, capabilities, decode_devices, partial_ok,
+                 device_tail_bytes, max_ram_name):
         self.r = StreamReader(f)
         self.res = LoadResult()
         self.devices = device_index(vmdesc)
-        page_size = vmdesc.get("page_size", TARGET_PAGE_SIZE) if vmdesc else TARGET_PAGE_SIZE
-        if not isinstance(page_size, int) or page_size < 1024 or page_size & (page_size - 1):
-            raise StreamError(f"vmdesc page_size {label(page_size)} is not a power of two >= 1024", None, None)
-        self.ram = RAMLoader(ram, max_ram_bytes=max_ram_bytes, page_size=page_size)
+        page_size = check_page_size(vmdesc, vmdesc_offset)
+        self.ram = RAMLoader(ram, max_ram_bytes=max_ram_bytes, page_size=page_size, max_ram_name=max_ram_name)
+        self.walks = WalkBudget()
         self.res.stats = self.ram.stats
         self.ram.ignore_shared = "x-ignore-shared" in capabilities
         self.decode = decode_devices
         self.partial_ok = partial_ok
         self.open: dict[int, SectionInfo] = {}    # section id -> its START/FULL info
+        self.device_tail_bytes = device_tail_bytes
+        self.deferred = False                     # reading from a kept device tail
         self.footers_seen = False
 
     # -- top level ---------------------------------------------------------------------
@@ -124,11 +140,11 @@ class _Loader:
             res.stopped = str(stop.error)
             if not self.partial_ok:
                 raise stop.error from None
-            res.end_offset = r.offset
+            res.end_offset = self.r.offset
             return self._finish()
         res.complete = True
         self._vmdesc_after_eof()
-        res.end_offset = r.offset
+        res.end_offset = self.r.offset
         return self._finish()
 
     def _finish(self) -> LoadResult:
@@ -137,8 +153,8 @@ class _Loader:
 
     def _sections(self, depth: int) -> None:
         """qemu_loadvm_state_main: records until QEMU_VM_EOF."""
-        r = self.r
         while True:
+            r = self.r      # a deferred device tail replaces the reader (see _defer_to_vmdesc)
             r.section = None
             at = r.begin()
             t = r.u8("a section type")
@@ -203,6 +219,8 @@ class _Loader:
         instance = r.be32("an instance id")
         version = r.be32("a version id")
         info = SectionInfo(SECTION_TYPE_NAMES[t], sid, idstr, instance, version, at)
+        if sid not in self.open and len(self.open) >= MAX_LISTED:
+            raise r.error(f"more than {MAX_LISTED} distinct section ids", at)
         self.open[sid] = info
         self._payload(info)
 
@@ -225,18 +243,43 @@ class _Loader:
             self.ram.load(r, info.type, info.section_id)
         elif info.type == "full":
             desc = self.devices.get((info.idstr, info.instance_id)) or BUILTIN_VMDESC.get((info.idstr, info.version_id))
+            if desc is None and self.device_tail_bytes and not self.deferred and r.limit is None:
+                try:
+                    r = self._defer_to_vmdesc(info)
+                except StreamError as exc:
+                    raise _Stop(exc) from None   # as for a file without vmdesc: read up to here
+                desc = self.devices.get((info.idstr, info.instance_id))
             if desc is None:
                 raise _Stop(r.error(f"cannot size device section '{shown(info.idstr)}' (instance {info.instance_id}, "
                                     f"version {info.version_id}): device sections carry no length and "
                                     f"no vmdesc describes it", info.offset))
-            values = walk_vmsd(r, desc)
+            values = walk_vmsd(r, desc, self.walks)
             info.fields = values if self.decode else None
         else:
             raise _Stop(r.error(f"cannot size live section '{shown(info.idstr)}' ({info.type}): only RAM "
                                 f"iterative sections can be read", info.offset))
         info.size = r.offset - begin
         info.footer = self._footer(info)
-        self.res.sections.append(info)
+        if len(self.res.sections) < MAX_LISTED:
+            self.res.sections.append(info)
+        else:
+            self.res.sections_not_listed += 1
+
+    def _defer_to_vmdesc(self, info: SectionInfo) -> StreamReader:
+        """A device section nothing describes yet, on a stream that cannot be searched
+        for its vmdesc first (a socket, a pipe): keep the rest of the stream in memory
+        (bounded by ``device_tail_bytes``) until the vmdesc QEMU sends after EOF arrives,
+        then read on from the kept bytes with it.  Returns the new reader; raises
+        StreamError when no vmdesc comes within the bound."""
+        r = self.r
+        start = r.offset
+        tail, doc, _ = read_device_tail(r.f, self.device_tail_bytes, start, r.section)
+        self.devices = device_index(doc)
+        self.deferred = True
+        kept = StreamReader(QEMUFile(MemoryReader(tail)), offset=start)
+        kept.section, kept.record = r.section, r.record
+        self.r = kept
+        return kept
 
     def _footer(self, info: SectionInfo) -> bool:
         """check_section_footer: ``0x7e`` + the same section id, once footers are in use."""
@@ -280,7 +323,10 @@ class _Loader:
             if n < 1 or data[0] != n - 1:
                 raise r.error(f"RECV_BITMAP payload of {n} bytes is not one counted string")
             entry["block"] = wire_name(data[1:])
-        self.res.commands.append(entry)
+        if len(self.res.commands) < MAX_LISTED:
+            self.res.commands.append(entry)
+        else:
+            self.res.commands_not_listed += 1
         if cmd == MIG_CMD_PACKAGED:
             self._packaged(struct.unpack(">I", data)[0], depth)
 
@@ -336,22 +382,28 @@ class _Stop(Exception):
         self.error = error
 
 
-def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None,
+def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None, vmdesc_offset: int | None = None,
                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, capabilities: tuple[str, ...] | list[str] = (),
-                decode_devices: bool = False, partial_ok: bool = False) -> LoadResult:
+                decode_devices: bool = False, partial_ok: bool = False, device_tail_bytes: int = 0,
+                max_ram_name: str = "max_ram_bytes") -> LoadResult:
     """Read a whole migration stream from the readable QEMUFile ``f``.
 
     ``ram``: the destination (each declared block must exist with the same size), or
     None to create one from the stream's declarations (at most ``max_ram_bytes``,
-    lazily mapped).  ``vmdesc``: the stream's vmdesc JSON if known in advance (see
-    :func:`~npqfile.stream.vmdesc.find_vmdesc`), used to step over device sections.
+    lazily mapped; errors name that limit ``max_ram_name``).  ``vmdesc``: the stream's vmdesc JSON if known in advance (see
+    :func:`~npqfile.stream.vmdesc.find_vmdesc`), used to step over device sections;
+    ``vmdesc_offset`` where it was found (named in errors about it).
     ``capabilities``: capabilities the source had on that the stream itself does not
     announce (e.g. ``x-ignore-shared`` for streams older than QEMU 7.2's configuration
-    capabilities).  Returns a :class:`LoadResult`.  Raises StreamError for a malformed
+    capabilities).  ``device_tail_bytes``: when a device section is not described (no
+    vmdesc given: a socket or pipe), keep up to this many bytes of the rest of the stream
+    until the vmdesc after EOF arrives and step over the sections with it (0: stop
+    there, as for a file whose vmdesc was not found).  Returns a :class:`LoadResult`.  Raises StreamError for a malformed
     stream, or for a section that cannot be sized unless ``partial_ok``.
     """
-    loader = _Loader(f, ram, vmdesc=vmdesc, max_ram_bytes=max_ram_bytes, capabilities=tuple(capabilities),
-                     decode_devices=decode_devices, partial_ok=partial_ok)
+    loader = _Loader(f, ram, vmdesc=vmdesc, vmdesc_offset=vmdesc_offset, max_ram_bytes=max_ram_bytes, capabilities=tuple(capabilities),
+                     decode_devices=decode_devices, partial_ok=partial_ok, device_tail_bytes=device_tail_bytes,
+                     max_ram_name=max_ram_name)
     try:
         return loader.run()
     finally:

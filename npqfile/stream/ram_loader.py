@@ -40,7 +40,10 @@ from npqfile.stream.ram_stats import RAMStats
 from npqfile.stream.reader import StreamReader, shown
 from npqfile.stream.xbzrle import XBZRLEError, decode_page
 
-DEFAULT_MAX_RAM_BYTES = 64 << 30   # virtual: blocks are lazy mmaps, only touched pages cost memory
+DEFAULT_MAX_RAM_BYTES = 64 << 30
+MAX_BLOCKS = 1024                  # a PC has about ten; each block is a mapping and its bookkeeping
+MAX_LISTED_PARTS = 10000           # per-section counts kept in stats.parts; beyond, only counted
+COMPRESSED_CHUNK = 1 << 16         # compressed page data is read and inflated this much at a time   # virtual: blocks are lazy mmaps, only touched pages cost memory
 
 
 class _Dest:
@@ -66,8 +69,9 @@ class RAMLoader:
     """
 
     def __init__(self, ram: GuestRAM | None = None, *, max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES,
-                 page_size: int = TARGET_PAGE_SIZE):
+                 page_size: int = TARGET_PAGE_SIZE, max_ram_name: str = "max_ram_bytes"):
         self.ram = ram
+        self.max_ram_name = max_ram_name   # how errors name the limit (a CLI says its option)
         self.created = ram is None
         self.max_ram_bytes = max_ram_bytes
         self.page_size = page_size
@@ -138,6 +142,9 @@ class RAMLoader:
         st.pages_bytes += r.offset - start
         after = (st.normal_pages, st.zero_pages, st.xbzrle_pages, st.compressed_pages)
         normal, zero, xbz, comp = (a - b for a, b in zip(after, before))
+        if len(st.parts) >= MAX_LISTED_PARTS:
+            st.parts_not_listed += 1
+            return
         st.parts.append({"type": section_type, "section_id": section_id, "offset": start,
                          "bytes": r.offset - start, "normal": normal, "zero": zero,
                          "xbzrle": xbz, "compressed": comp})
@@ -194,20 +201,28 @@ class RAMLoader:
         bound = compress_bound(self.page_size)
         if n > bound:
             raise r.error(f"Invalid compressed data length: {n} (at most {bound})")
-        data = r.read(n, "compressed page data")
+        # Read and inflate in chunks: a be32 length allocates nothing before its bytes arrive.
+        ps = self.page_size
         d = zlib.decompressobj()
+        out = bytearray()
+        remaining = n
         try:
-            out = d.decompress(data, self.page_size)
-            overflow = bool(d.unconsumed_tail) or (not d.eof and bool(d.decompress(b"", 1)))
+            while remaining > 0:
+                chunk = r.read(min(remaining, COMPRESSED_CHUNK), "compressed page data")
+                remaining -= len(chunk)
+                if not d.eof:
+                    out += d.decompress(chunk, ps + 1 - len(out))   # one byte more shows an overflow
+                    if len(out) > ps:
+                        raise r.error(f"compressed page for '{shown(dest.name)}' offset {addr:#x} inflates past a page")
+            if not d.eof and len(out) == ps and d.decompress(b"", 1):
+                raise r.error(f"compressed page for '{shown(dest.name)}' offset {addr:#x} inflates past a page")
         except zlib.error as exc:
             raise r.error(f"compressed page for '{shown(dest.name)}' offset {addr:#x} is not valid zlib: {exc}") from None
-        if overflow:
-            raise r.error(f"compressed page for '{shown(dest.name)}' offset {addr:#x} inflates past a page")
         if not d.eof:
             raise r.error(f"compressed page for '{shown(dest.name)}' offset {addr:#x}: zlib stream is incomplete")
-        if len(out) != self.page_size:
+        if len(out) != ps:
             raise r.error(f"compressed page for '{shown(dest.name)}' offset {addr:#x} inflates to "
-                          f"{len(out)} bytes, not {self.page_size}")
+                          f"{len(out)} bytes, not {ps}")
         dest.view[addr:addr + self.page_size] = out
         self.stats.compressed_pages += 1
         self.stats.compressed_bytes += n + 4
@@ -217,7 +232,7 @@ class RAMLoader:
         """MEM_SIZE: blocks until their lengths add up to ``total``; creates or checks each."""
         if self.created and total > self.max_ram_bytes:
             raise r.error(f"stream declares {total:#x} bytes of RAM, more than the "
-                          f"{self.max_ram_bytes:#x}-byte limit (max_ram_bytes)")
+                          f"{self.max_ram_bytes:#x}-byte limit ({self.max_ram_name})")
         remaining = total
         while remaining > 0:
             at = r.offset
@@ -253,6 +268,8 @@ class RAMLoader:
             if old.size != length:
                 raise r.error(f"Size mismatch: {shown(name)}: {length:#x} != {old.size:#x}", at)
             return old
+        if len(self.declared) >= MAX_BLOCKS:
+            raise r.error(f"stream declares more than {MAX_BLOCKS} RAM blocks", at)
         if self.created:
             if self.ram is None:
                 self.ram = GuestRAM()
@@ -262,7 +279,8 @@ class RAMLoader:
                               f"({len(name.encode())} bytes once made printable, at most {IDSTR_MAX})", at)
             used = sum(d.size for d in self.declared.values())
             if used + length > self.max_ram_bytes:
-                raise r.error(f"block '{shown(name)}' would take the RAM past the {self.max_ram_bytes:#x}-byte limit", at)
+                raise r.error(f"block '{shown(name)}' would take the RAM past the {self.max_ram_bytes:#x}-byte "
+                              f"limit ({self.max_ram_name})", at)
             try:
                 block = self.ram.add_block(name, length)
             except (ValueError, OSError) as exc:

@@ -114,7 +114,9 @@ class StreamReader:
     def _fail(self, what: str) -> StreamError:
         ret = self.f.get_error()
         err = getattr(self.f, "error", None)
-        if ret == -errno.EIO or ret == 0:
+        # End of stream and a real read error (or a shutdown) are both -EIO in QEMU; only
+        # the first is a truncated stream.
+        if ret == 0 or getattr(self.f, "at_eof", ret == -errno.EIO):
             reason = f"truncated stream: it ends inside {what}"
         else:
             reason = f"read error inside {what}: {err or errno.errorcode.get(-ret, ret)}"

@@ -92,7 +92,7 @@ def load_file(path: str | os.PathLike, ram: GuestRAM | None = None, **kwargs) ->
     """
     if kwargs.get("vmdesc") is None:
         found = find_vmdesc(path)
-        kwargs["vmdesc"] = found[0] if found else None
+        kwargs["vmdesc"], kwargs["vmdesc_offset"] = found if found else (None, None)
     f = QEMUFile(open_channel(f"file:{os.fspath(path)}", "r"))
     return _load(f, ram=ram, **kwargs)
 

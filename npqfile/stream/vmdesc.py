@@ -30,13 +30,16 @@ from typing import Any
 import numpy as np
 
 from npqfile.errors import StreamError
-from npqfile.stream.constants import QEMU_VM_EOF, QEMU_VM_SUBSECTION, QEMU_VM_VMDESCRIPTION
+from npqfile.stream.constants import QEMU_VM_EOF, QEMU_VM_SUBSECTION, QEMU_VM_VMDESCRIPTION, TARGET_PAGE_SIZE
 from npqfile.stream.reader import StreamReader, label, wire_name
 
 VMDESC_TAIL_BYTES = 16 << 20   # analyze-migration.py looks at the last 10 MiB; be a bit more generous
 MAX_DECODED_FIELD = 256        # larger buffers are reported by size, not dumped
 MAX_NESTING = 64               # struct/subsection depth; deeper JSON is malformed, not a stack overflow
 MAX_FIELD_VISITS = 1 << 22     # fields walked in one section (array_len included)
+FREE_FIELD_VISITS = 1 << 16    # per stream: field visits not paid for by the bytes they consume
+MIN_PAGE_SIZE = 1 << 10
+MAX_PAGE_SIZE = 1 << 30
 
 _SIGNED = {"int8", "int16", "int32", "int64", "int32 equal", "int64 equal", "uint8 equal", "uint16 equal"}
 _UNSIGNED = {"uint8", "uint16", "uint32", "uint64", "uint32 equal"}
@@ -62,9 +65,28 @@ def parse_vmdesc(data: bytes, offset: int | None = None) -> dict:
         doc = json.loads(bytes(data).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise StreamError(f"vmdescription is not valid JSON: {exc}", offset, None) from None
+    except RecursionError:
+        # json's parser recurses per nesting level; Python's recursion limit is its depth
+        # cap (QEMU's vmdescs nest a few levels; walks are capped at MAX_NESTING anyway)
+        raise StreamError("vmdescription JSON nests too deeply (more than Python's recursion limit)",
+                          offset, None) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("devices", []), list):
         raise StreamError("vmdescription JSON is not an object with a 'devices' list", offset, None)
     return doc
+
+
+def check_page_size(doc: dict | None, offset: int | None = None) -> int:
+    """The vmdesc's ``page_size`` (TARGET_PAGE_SIZE when there is no vmdesc or it has
+    none).  Raises StreamError at ``offset`` (the vmdesc's) unless it is a power of two
+    from 1 KiB to 1 GiB: QEMU's target pages are 1-64 KiB and its largest host pages
+    (1 GiB huge pages) bound anything a stream can mean; a larger value would only make
+    each page record allocate and touch more."""
+    page_size = doc.get("page_size", TARGET_PAGE_SIZE) if doc else TARGET_PAGE_SIZE
+    if (not isinstance(page_size, int) or isinstance(page_size, bool) or not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE
+            or page_size & (page_size - 1)):
+        raise StreamError(f"vmdesc page_size {label(page_size)} is not a power of two from "
+                          f"{MIN_PAGE_SIZE} to {MAX_PAGE_SIZE} (1 GiB)", offset, None)
+    return page_size
 
 
 def find_vmdesc(path: str | os.PathLike) -> tuple[dict, int] | None:
@@ -122,13 +144,36 @@ def _size(r: StreamReader, field: dict) -> int:
     return size
 
 
-class _Walker:
-    """One section walk: the reader, whether to decode, and a budget of field visits
-    (a hostile ``array_len`` must not turn into a billion iterations or a huge list)."""
+class WalkBudget:
+    """Field visits allowed over all the walks of one stream: FREE_FIELD_VISITS plus one
+    per byte the walks consumed, so the work is bounded per input byte (a vmdesc of
+    millions of zero-size fields, repeated over many sections, cannot spin for minutes)."""
 
-    def __init__(self, r: StreamReader):
+    def __init__(self) -> None:
+        self.visits = 0
+        self.walked = 0          # bytes consumed by finished walks
+
+
+class _Walker:
+    """One section walk: the reader, a per-section budget of field visits (a hostile
+    ``array_len`` must not turn into a billion iterations or a huge list) and the
+    stream's :class:`WalkBudget`."""
+
+    def __init__(self, r: StreamReader, budget: WalkBudget):
         self.r = r
         self.budget = MAX_FIELD_VISITS
+        self.stream = budget
+        self.start = r.offset
+        self.allowance = FREE_FIELD_VISITS + budget.walked
+
+    def _paid(self) -> None:
+        """Called when the stream's visits pass the allowance last computed: recompute it
+        with the bytes consumed so far; StreamError when the visits really exceed it."""
+        self.allowance = FREE_FIELD_VISITS + self.stream.walked + (self.r.offset - self.start)
+        if self.stream.visits > self.allowance:
+            raise self.r.error(f"vmdesc walks made {self.stream.visits} field visits for "
+                               f"{self.allowance - FREE_FIELD_VISITS} bytes of device state (at most "
+                               f"{FREE_FIELD_VISITS} more visits than bytes)", self.r.offset)
 
     def fields(self, fields: Any):
         """Yield each field entry, ``array_len`` times over, as analyze-migration.py unfolds them."""
@@ -144,7 +189,11 @@ class _Walker:
             self.budget -= n
             if self.budget < 0:
                 raise r.error(f"vmdesc describes more than {MAX_FIELD_VISITS} fields in one section", r.offset)
+            stream = self.stream
             for _ in range(n):
+                stream.visits += 1
+                if stream.visits > self.allowance:
+                    self._paid()
                 yield field
 
     def field(self, field: dict, depth: int) -> Any:
@@ -213,11 +262,16 @@ class _Walker:
         return values
 
 
-def walk_vmsd(r: StreamReader, desc: dict) -> dict[str, Any]:
+def walk_vmsd(r: StreamReader, desc: dict, budget: WalkBudget | None = None) -> dict[str, Any]:
     """Consume one vmsd's bytes (fields, then subsections) as ``desc`` describes them.
 
-    Returns ``{field name: value}`` (repeated names become lists, subsections nest by
-    name).  Raises StreamError on truncation, a malformed description or a missing
-    subsection marker.
+    ``budget``: the stream's :class:`WalkBudget`, shared by all its sections (None: a
+    fresh one).  Returns ``{field name: value}`` (repeated names become lists,
+    subsections nest by name).  Raises StreamError on truncation, a malformed
+    description, a missing subsection marker or an exhausted budget.
     """
-    return _Walker(r).vmsd(desc, 0)
+    budget = WalkBudget() if budget is None else budget
+    walker = _Walker(r, budget)
+    values = walker.vmsd(desc, 0)
+    budget.walked += r.offset - walker.start
+    return values

@@ -8,6 +8,7 @@ guest's own (its counter over its own clock), outcomes are chosen far from the e
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -275,11 +276,12 @@ def test_ctrl_c_ends_both_qemus():
 def test_sweep_with_the_qemu_engine():
     require_qemu("10.0")
     res = _npqfile("migrate", "--engine", "qemu", "--qemu", "10.0", "--size", "16M", "--workload", "idle",
-                   "--sweep", "downtime=300,500", "--json")
+                   "--sweep", "downtime-limit=300,500", "--json")
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)
-    assert [r["downtime"] for r in rows] == ["300", "500"]
+    assert [r["downtime-limit"] for r in rows] == ["300", "500"]
     assert all(r["status"] == "completed" and r["verified"] is True for r in rows), rows
+    assert all(isinstance(r["total-time"], float) and r["dirty-sync-count"] >= 2 for r in rows), rows
 
 
 def test_auto_converge_and_its_throttle_parameters_pass_through():
@@ -314,3 +316,22 @@ def test_collect_maps_query_migrate_to_the_simulators_statistics():
     m = QemuMigration(cfg, QemuBinary("/nonexistent/qemu", "10.0.2"))
     m._collect({"status": "failed", "error-desc": "Unable to write to socket: Broken pipe", "_t": 0.1})
     assert m.st.status == "failed" and m.st.outcome == "error: Unable to write to socket: Broken pipe"
+
+
+def test_qemu_engine_json_follows_the_schema_and_feeds_events(tmp_path):
+    require_qemu("10.0")
+    require(importlib.util.find_spec("jsonschema") is not None, "jsonschema (pip install 'npqfile[test]')")
+    from npqfile.migration.events import read_events
+    from npqfile.schemas import validate
+
+    events = tmp_path / "events.jsonl"
+    res = _npqfile("migrate", "--engine", "qemu", "--qemu", "10.0", "--size", "16M", "--workload",
+                   "hotset:rate=5000", "--max-bandwidth", "20MB/s", "--json", "--quiet", "--events", str(events))
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    validate(doc, "migrate")
+    lines = read_events(str(events))
+    assert lines[-1]["event"] == "result" and lines[-1]["data"] == doc
+    states = [e["data"]["status"] for e in lines if e["event"] == "MIGRATION"]
+    assert "active" in states and states[-1] == "completed"      # QEMU's own answers
+    assert any(e["event"] == "query-migrate" for e in lines)

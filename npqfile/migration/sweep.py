@@ -243,9 +243,11 @@ def failed_result(status: str, why: str) -> dict[str, Any]:
 def sweep_exit_status(rows: list[dict[str, Any]]) -> int:
     """A single run's exit rule over the rows: 1 when any case failed or did not match
     its destination, else 2 when any was cancelled, else 0."""
-    if any(r["status"] not in ("completed", "cancelled") or r.get("verified") is False for r in rows):
+    # --engine both: QEMU's side (qemu-status, qemu-verified) counts as well
+    sides = [(r[p + "status"], r.get(p + "verified")) for r in rows for p in ("", "qemu-") if p + "status" in r]
+    if any(status not in ("completed", "cancelled") or verified is False for status, verified in sides):
         return 1
-    return 2 if any(r["status"] == "cancelled" for r in rows) else 0
+    return 2 if any(status == "cancelled" for status, _ in sides) else 0
 
 
 @dataclass

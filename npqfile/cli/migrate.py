@@ -209,8 +209,9 @@ def _summary(st: MigrationStats, out) -> None:
          else f"{format_bytes(x['rss-before'])} / {format_bytes(x['rss-after'])}"),
         ("verification", verification_text(ver)),
     ]
-    rows.insert(-1, ("released (freed / advised)",
-                     f"{format_bytes(x['released-bytes'])} / {format_bytes(x['release-advised-bytes'])}"))
+    if x["released-bytes"] is not None:          # the QEMU engine does not measure it
+        rows.insert(-1, ("released (freed / advised)",
+                         f"{format_bytes(x['released-bytes'])} / {format_bytes(x['release-advised-bytes'])}"))
     if "cpu-throttle-percentage" in d:
         steps = " -> ".join(str(e["cpu-throttle-percentage"]) for e in x["throttle-events"]) or "never throttled"
         rows.append(("cpu throttle (auto-converge)", f"{d['cpu-throttle-percentage']} % ({steps})"))

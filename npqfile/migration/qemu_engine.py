@@ -57,6 +57,7 @@ from npqfile.guest.params import KINDS
 from npqfile.migration.compression import parse_compress
 from npqfile.migration.qemu_vm import QemuError, QemuVM
 from npqfile.migration.stats import IterationStats, MigrationStats
+from npqfile.migration.throttle import ThrottleEvent
 from npqfile.qemu import QemuBinary, QemuNotFound, find_qemu
 from npqfile.stream.ram_stats import RAMStats
 
@@ -173,7 +174,7 @@ class QemuMigrationStats(MigrationStats):
         d = super().as_dict()
         x = d["npqfile"]
         for key in ("stream-bytes", "part-sections", "threshold-size", "throughput-mbps", "rss-before",
-                    "rss-after", "released-bytes"):
+                    "rss-after", "released-bytes", "release-advised-bytes", "release-unmeasured-bytes"):
             x[key] = None
         x["windows"] = {"count": None, "max-bytes": None, "limit": None, "max-overshoot": None}
         x["engine"] = "qemu"
@@ -371,6 +372,13 @@ class QemuMigration:
         if comp:
             st.compression = {"method": "zlib", "where": "pages", **comp}
         st.iterations = self._iterations(final)
+        # auto-converge: QEMU shows cpu-throttle-percentage while it throttles; each change
+        # seen by a poll is an event (QEMU does not report the period's dirty bytes)
+        for sample in self.samples:
+            pct = sample.get("cpu-throttle-percentage", 0)
+            if pct != st.cpu_throttle_percentage and sample.get("status") == "active":
+                st.throttle_events.append(ThrottleEvent(sample["_t"], pct, None, None))
+                st.cpu_throttle_percentage = pct
         st.qemu = {**(st.qemu or {}), "query-migrate": {k: v for k, v in final.items() if k != "_t"},
                    "polls": len(self.samples)}
         st.params = {**st.params, "qemu-capabilities": self.settings.capabilities,
@@ -427,6 +435,8 @@ class QemuMigration:
             t0, b0, p0 = self._interpolate(curve, when)
             t1, b1, p1 = self._interpolate(curve, end)
             row = IterationStats(i + 1, dirty, sync=c)
+            first = next((s for s in pre if s["ram"].get("dirty-sync-count", 0) >= c), None)
+            row.cpu_throttle = (first or {}).get("cpu-throttle-percentage", 0)
             row.duration, row.bytes_sent, row.pages_sent = max(0.0, t1 - t0), max(0, b1 - b0), max(0, p1 - p0)
             row.bandwidth = row.bytes_sent / max(row.duration, 1e-9)
             rows.append(row)

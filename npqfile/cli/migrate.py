@@ -29,6 +29,7 @@ import json
 import sys
 import time
 
+from npqfile.migration.compression import parse_compress
 from npqfile.migration.engine import MigrationParams
 from npqfile.migration.events import EventWriter
 from npqfile.migration.session import INITS, MigrationConfig, run_migration
@@ -41,6 +42,7 @@ from npqfile.migration.sweep import (
     sweep_exit_status,
     with_rate,
 )
+from npqfile.stream.versions import DEFAULT_STREAM_VERSION, QEMU_STREAM_VERSIONS
 from npqfile.units import format_bytes, parse_rate, parse_size
 
 NAME = "migrate"
@@ -82,6 +84,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--pause-before-switchover", nargs="?", type=float, const=0.0, default=None, metavar="SECONDS",
                    help="pause (pre-switchover) after stopping the guest, for SECONDS")
     m.add_argument("--machine", default="none", help="machine-type name in the stream (default none)")
+    m.add_argument("--qemu-version", choices=list(QEMU_STREAM_VERSIONS), default=None,
+                   help=f"write the stream this QEMU writes (default {DEFAULT_STREAM_VERSION.name}, "
+                        f"which 7.2 and 10.0 both load; 10.0 with --mapped-ram)")
+    m.add_argument("--mapped-ram", action="store_true",
+                   help="QEMU 9.0+ mapped-ram file layout (--to file:PATH only): pages at fixed offsets, "
+                        "re-dirtied pages rewritten in place, zero pages left as holes")
     a = p.add_argument_group("auto-converge (QEMU's capability and parameters)")
     a.add_argument("--auto-converge", action="store_true",
                    help="throttle the guest when it dirties memory faster than it is sent")
@@ -135,7 +143,14 @@ def config_from_args(args: argparse.Namespace) -> MigrationConfig:
         auto_converge=args.auto_converge, cpu_throttle_initial=args.cpu_throttle_initial,
         cpu_throttle_increment=args.cpu_throttle_increment, max_cpu_throttle=args.max_cpu_throttle,
         throttle_trigger_threshold=args.throttle_trigger_threshold,
-        cpu_throttle_tailslow=args.cpu_throttle_tailslow)
+        cpu_throttle_tailslow=args.cpu_throttle_tailslow,
+        mapped_ram=args.mapped_ram,
+        qemu_version=args.qemu_version or ("10.0" if args.mapped_ram else DEFAULT_STREAM_VERSION.name))
+    if args.mapped_ram and not (args.to or "").startswith("file:"):
+        raise ValueError("--mapped-ram writes pages at fixed file offsets: it needs --to file:PATH")
+    if args.mapped_ram and args.compress != "none":
+        raise ValueError("--mapped-ram cannot be combined with --compress (pages sit uncompressed at fixed offsets)")
+    params.compress_level = parse_compress(args.compress).page_level   # checked against the version
     params.check()
     workload = args.workload if args.dirty_rate is None else with_rate(args.workload, args.dirty_rate)
     return MigrationConfig(size=parse_size(args.size), block=args.block, init=args.init, workload=workload,
@@ -176,7 +191,9 @@ def verification_text(ver: dict) -> str:
     if ok is None:
         return f"not verified ({ver.get('note', 'unknown reason')})"
     if ok:
-        return f"{ver.get('method')}: equal"
+        disk = ver.get("on-disk-bytes")
+        sizes = "" if disk is None else f" (file {format_bytes(ver['file-bytes'])}, {format_bytes(disk)} on disk)"
+        return f"{ver.get('method')}: equal{sizes}"
     why = ver.get("error") or f"blocks differ: {', '.join(ver.get('mismatched', []))}"
     return f"{ver.get('method')}: MISMATCH ({why})"
 

@@ -62,9 +62,10 @@ from npqfile.stream.constants import (
     QEMU_VM_SECTION_PART,
     QEMU_VM_SECTION_START,
 )
-from npqfile.stream.devices import RAM, none_machine_devices
+from npqfile.stream.devices import machine_devices, ram_entry
 from npqfile.stream.ram_saver import RAMSaver
 from npqfile.stream.savevm import SaveVMWriter
+from npqfile.stream.versions import stream_version
 
 MAX_WAIT = 0.05            # ram_save_iterate: a PART section lasts at most 50 ms
 CHUNK = 1024               # pages per save_pages call between time checks (QEMU checks every 64)
@@ -91,6 +92,8 @@ class MigrationParams:
     machine: str = "none"
     runstate: str = "running"
     sample_rss: bool = False
+    qemu_version: str = "7.2"       # the QEMU whose stream is written (npqfile.stream.versions)
+    mapped_ram: bool = False        # QEMU 9.0+ mapped-ram file layout (a file: destination)
     # auto-converge capability and its migrate-set-parameters (QEMU's names; see throttle)
     auto_converge: bool = False
     cpu_throttle_initial: int = 20
@@ -101,6 +104,13 @@ class MigrationParams:
 
     def check(self) -> None:
         """Raise ValueError naming the first bad parameter."""
+        version = stream_version(self.qemu_version)
+        if self.compress_level is not None:
+            version.check_compress_pages()
+        if self.mapped_ram:
+            version.check_mapped_ram()
+            if self.xbzrle_cache_size or self.compress_level is not None:
+                raise ValueError("mapped-ram cannot be combined with XBZRLE or page compression (QEMU refuses both)")
         if self.max_bandwidth < 0:
             raise ValueError(f"max_bandwidth must not be negative ({self.max_bandwidth})")
         if self.downtime_limit < 0:
@@ -194,9 +204,12 @@ class MigrationEngine:
         """Migrate; returns the statistics (``status`` completed, cancelled or failed)."""
         p, st = self.params, self.stats
         self.saver = RAMSaver(self.f, self.ram, zero_page_detection=p.zero_page_detection,
-                              xbzrle_cache_size=p.xbzrle_cache_size, compress_level=p.compress_level)
+                              xbzrle_cache_size=p.xbzrle_cache_size, compress_level=p.compress_level,
+                              mapped_ram=p.mapped_ram)
         self.saver.xbzrle_enabled = False          # QEMU: no XBZRLE during the bulk stage
-        self.writer = SaveVMWriter(self.f, machine=p.machine)
+        self.writer = SaveVMWriter(self.f, machine=p.machine, qemu_version=p.qemu_version,
+                                   capabilities=("mapped-ram",) if p.mapped_ram else ())
+        self._ram_se = ram_entry(p.qemu_version)
         st.xbzrle_cache_size = p.xbzrle_cache_size
         st.rss_before = resident_bytes(self.ram)
         st.expected_downtime = p.downtime_limit     # migrate_fd_connect
@@ -257,7 +270,7 @@ class MigrationEngine:
     @contextlib.contextmanager
     def _ram_section(self, section_type: int) -> Iterator[None]:
         """A ``ram`` section whose payload start is remembered for ``_ram_written``."""
-        with self.writer.section(RAM, section_type):
+        with self.writer.section(self._ram_se, section_type):
             self._marks.append((self.f.ftell_fast(), self._ram_counted()))
             yield
 
@@ -467,6 +480,7 @@ class MigrationEngine:
         self.saver.release_ram = self.params.release_ram
         self.saver.generation = st.dirty_sync_count
         f.set_rate_limit(0)                         # completion runs unthrottled
+        self.writer.switchover_start()              # QEMU 10.0: MIG_CMD_SWITCHOVER_START
         with self._ram_section(QEMU_VM_SECTION_END):
             f.ram_control_before_iterate(RAM_CONTROL_FINISH)
             # stop at the first error, as ram_save_complete does: pages "sent" into a
@@ -475,9 +489,10 @@ class MigrationEngine:
                 if not self._send_some(CHUNK, False):
                     break
             f.ram_control_after_iterate(RAM_CONTROL_FINISH)
+            self.saver.write_mapped_ram_bitmaps()   # ram_save_file_bmap
             self.saver.write_eos()
             self._uncounted += 8                    # ram_save_complete's EOS is not counted
-        devices = none_machine_devices(self.params.runstate)
+        devices = machine_devices(self.params.qemu_version, self.params.runstate)
         for se, payload, _desc in devices:
             self.writer.write_full_section(se, payload)
         self.writer.write_eof()

@@ -233,7 +233,7 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None) -
             elif st.status == "completed" and cfg.verify:
                 st.verification = _compare(ram, dest_ram, src_hashes)
         elif to.startswith("file:") and st.status == "completed" and cfg.verify:
-            st.verification = _verify_file(to[5:], ram, src_hashes, comp)
+            st.verification = _verify_file(to[5:], ram, src_hashes, comp, params.mapped_ram)
         elif not remote and st.status == "completed":
             scheme = to.split(":")[0]
             st.verification = {"method": None, "ok": None, "note": f"{scheme}: has no return path"}
@@ -286,7 +286,7 @@ def _remote_verdict(f: QEMUFile, st: MigrationStats, src_hashes: dict | None) ->
     return _compare_hashes(src_hashes, msg.get("hashes", {}))
 
 
-def _verify_file(path: str, ram: GuestRAM, src_hashes: dict | None, comp) -> dict:
+def _verify_file(path: str, ram: GuestRAM, src_hashes: dict | None, comp, sizes: bool = False) -> dict:
     """Load the snapshot file back into a fresh GuestRAM and compare; returns the
     verification dict (a file that does not load gives ``ok`` False, ``done`` False)."""
     check = GuestRAM()
@@ -298,7 +298,11 @@ def _verify_file(path: str, ram: GuestRAM, src_hashes: dict | None, comp) -> dic
             reader = DecompressingReader(reader, comp)
         with QEMUFile(reader) as rf:
             load_stream(rf, check)
-        return _compare(ram, check, src_hashes)
+        res = _compare(ram, check, src_hashes)
+        if sizes:   # a mapped-ram file is sparse: its zero pages are holes
+            st = os.stat(path)
+            res.update({"file-bytes": st.st_size, "on-disk-bytes": st.st_blocks * 512})
+        return res
     except (StreamError, OSError) as exc:
         return {"method": "sha256" if src_hashes is not None else "compare", "ok": False, "done": False,
                 "error": f"loading {path} back failed: {exc}"}

@@ -2,7 +2,8 @@
 
 Supports: the header (magic, version 3; version 2 is refused as QEMU does), the
 configuration section (machine name, then the ``target-page-bits``, ``capabilities``
-and ``uuid`` subsections), START/PART/END/FULL sections with or without footers, every
+and ``uuid`` subsections; ``mapped-ram`` there switches the RAM setup to QEMU 9.0+'s
+file layout, read by ``mapped_ram.py``), START/PART/END/FULL sections with or without footers, every
 ``0x08`` command (parsed and reported; PACKAGED's embedded stream is parsed in place),
 EOF and the trailing vmdesc.  RAM sections go to :class:`RAMLoader`; other sections are
 stepped over with the vmdesc (given by the caller, found at the end of a file) or, for
@@ -91,6 +92,7 @@ class LoadResult:
     stopped: str | None = None     # why reading stopped early (partial_ok=True)
     warnings: list[str] = field(default_factory=list)
     end_offset: int = 0
+    mapped_ram: list[dict] = field(default_factory=list)   # per block: header, pages present, holes
     sections_not_listed: int = 0   # sections read beyond the first MAX_LISTED (counted only)
     commands_not_listed: int = 0   # commands likewise
 
@@ -149,6 +151,7 @@ class _Loader:
 
     def _finish(self) -> LoadResult:
         self.res.ram = self.ram.ram
+        self.res.mapped_ram = self.ram.mapped_ram_blocks
         return self.res
 
     def _sections(self, depth: int) -> None:
@@ -195,9 +198,8 @@ class _Loader:
                 if count > 256:
                     raise r.error(f"configuration lists {count} capabilities (at most 256)")
                 res.capabilities = [self._capability(r) for _ in range(count)]
-                if "mapped-ram" in res.capabilities:
-                    # QEMU 9.0+ file layout: pages at fixed file offsets, not in the stream
-                    raise r.error("mapped-ram streams (QEMU 9.0+ file: layout) are not supported", at)
+                # QEMU 9.0+ file layout: each block's pages at fixed file offsets (mapped_ram.py)
+                self.ram.mapped_ram = "mapped-ram" in res.capabilities
                 self.ram.ignore_shared = self.ram.ignore_shared or "x-ignore-shared" in res.capabilities
             elif name == "configuration/uuid":
                 r.skip(16, "the VM uuid")

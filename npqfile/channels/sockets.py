@@ -192,6 +192,11 @@ class Listener(Closing):
     def fileno(self) -> int:
         return self._sock.fileno()
 
+    def set_backlog(self, n: int) -> None:
+        """listen(n) again: room for ``n`` pending connections (QEMU listens with the
+        multifd channel count as backlog, so parallel connects are not refused)."""
+        self._sock.listen(max(1, n))
+
     def accept(self, timeout: float | None = None) -> SocketReader:
         """Wait up to ``timeout`` seconds (None = forever) for one connection; return its reader channel
         (its writer is ``get_return_path()``).  TimeoutError if nobody connected; OSError on failure."""

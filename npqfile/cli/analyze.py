@@ -228,7 +228,8 @@ def to_json(result: LoadResult, path: str, size: int) -> dict:
                      for s in result.sections],
         "commands": [{k.replace("_", "-"): v for k, v in c.items()} for c in result.commands],
         "ram": {
-            "blocks": [{"name": b.name, "size": b.size, "sha256": digests[b.name]} for b in (ram.blocks if ram else [])],
+            "blocks": [{"name": b.name, "size": b.size, "sha256": digests[b.name]}
+                       for b in (ram.blocks if ram else [])],
             "stats": result.stats.as_dict(),
         },
         "vmdesc": result.vmdesc is not None,
@@ -285,7 +286,8 @@ def _print_text(result: LoadResult, path: str, size: int, out) -> None:
     if result.ram:
         print("RAM blocks:", file=out)
         for b in result.ram.blocks:
-            print(f"  {b.name:<28} {b.size:>12} ({format_bytes(b.size)})  sha256 {digests[b.name] or '(not hashed, see note)'}", file=out)
+            digest = digests[b.name] or "(not hashed, see note)"
+            print(f"  {b.name:<28} {b.size:>12} ({format_bytes(b.size)})  sha256 {digest}", file=out)
     print(f"pages    normal {st.normal_pages}, zero {st.zero_pages}, xbzrle {st.xbzrle_pages}, "
           f"compressed {st.compressed_pages} (total {st.pages}; {st.pages_bytes} bytes of RAM section "
           f"payload, setup and EOS records included)", file=out)

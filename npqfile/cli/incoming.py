@@ -10,7 +10,10 @@ source's ``--compress zstd``/``lz4``.  When listening, the first line on stdout 
 ``listening on URI`` (with the real port), so scripts can start the source.  At the end
 it prints the result (``--json``: status, error, machine, load time, per-block sha256)
 and, over tcp/unix, sends the verdict and hashes back to the source on the return path
-(see ``npqfile.migration.destination``).  ``--events FILE|-``: live JSON lines
+(see ``npqfile.migration.destination``).  ``--multifd-channels N`` (QEMU's
+``multifd`` capability and ``multifd-channels`` parameter on the destination) accepts
+the main channel and N multifd channels in any order, told apart by their first bytes;
+``--multifd-compression`` must match the source's.  ``--events FILE|-``: live JSON lines
 (setup, active with the bytes read so far, completed/failed, then the ``--json``
 result; ``npqfile.migration.events``).
 
@@ -51,12 +54,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--events", metavar="FILE|-",
                    help="write live query-migrate events as JSON lines (the last line: the --json result)")
+    p.add_argument("--multifd-channels", type=int, default=0, metavar="N",
+                   help="accept QEMU 10.0 multifd: the main channel plus N multifd channels (tcp:/unix:)")
+    p.add_argument("--multifd-compression", default="none", choices=("none", "zlib", "zstd"),
+                   help="the source's multifd-compression (default none)")
 
 
 def _accept(uri: str, timeout: float | None, out: Any = None) -> Any:
     with listen(uri) as listener:
         print(f"listening on {listener.uri}", file=out or sys.stdout, flush=True)
         return listener.accept(timeout)
+
+
+def _multifd_setup(args: argparse.Namespace, ram: GuestRAM):
+    """The MultiFDRecv for ``--multifd-channels``; ValueError for a bad combination."""
+    from npqfile.migration.multifd_recv import MultiFDRecv
+    if not args.uri.startswith(("tcp:", "unix:")):
+        raise ValueError(f"--multifd-channels needs a tcp: or unix: URI, not {args.uri!r}")
+    if args.compress != "none":
+        raise ValueError("--multifd-channels does not go with --compress (multifd compresses per packet: "
+                         "--multifd-compression)")
+    return MultiFDRecv(ram, args.multifd_channels, compression=args.multifd_compression)
+
+
+def _accept_multifd(uri: str, recv, timeout: float | None, out: Any = None) -> Any:
+    from npqfile.migration.multifd_recv import accept_channels
+    with listen(uri) as listener:
+        listener.set_backlog(recv.n + 1)     # before anyone is told to connect
+        print(f"listening on {listener.uri}", file=out or sys.stdout, flush=True)
+        return accept_channels(listener, recv, timeout)
 
 
 def check_timeout(timeout: float | None) -> None:
@@ -87,24 +113,36 @@ def run(args: argparse.Namespace) -> int:
         if max_ram is None:
             add_guest_block(ram, args.block, size)
         incoming = IncomingEvents(events)
-        if args.uri.startswith(("tcp:", "unix:")):
+        recv = None
+        if args.multifd_channels:
+            if max_ram is not None:
+                raise ValueError("--multifd-channels needs the guest RAM up front (--ram), not --max-ram: "
+                                 "multifd packets may arrive before the block list")
+            recv = _multifd_setup(args, ram)
+            channel = _accept_multifd(args.uri, recv, args.timeout, out)
+        elif args.uri.startswith(("tcp:", "unix:")):
             channel = _accept(args.uri, args.timeout, out)
         else:
             channel = open_channel(args.uri, "r")
         if comp.on_channel:
             channel = DecompressingReader(channel, comp)
         dest = Destination(ram if max_ram is None else None, machine=None if args.machine == "any" else args.machine,
-                           **({} if max_ram is None else {"max_ram_bytes": max_ram}))
+                           multifd=recv, **({} if max_ram is None else {"max_ram_bytes": max_ram}))
         incoming.active(dest)
         res = dest.receive(channel)
         incoming.result(res.as_dict())
         if args.json:
             print(json.dumps(res.as_dict(), indent=2), file=out)
         elif res.status == "completed":
-            print(f"completed: {format_bytes(res.bytes)} in {res.load_time * 1000:.1f} ms; "
+            main = " on the main channel" if res.stats_multifd else ""
+            print(f"completed: {format_bytes(res.bytes)}{main} in {res.load_time * 1000:.1f} ms; "
                   f"{machine_text(res.machine)}", file=out)
             for name, digest in res.hashes.items():
                 print(f"  {name}: sha256 {digest}", file=out)
+            if res.stats_multifd:
+                m = res.stats_multifd
+                print(f"  multifd: {m['channels']} channels ({m['compression']}), {format_bytes(m['multifd-bytes'])}, "
+                      f"{m['normal']} normal and {m['zero']} zero pages", file=out)
         if res.status != "completed":
             print(f"error: incoming migration failed after {res.bytes} bytes: {res.error}", file=sys.stderr)
             return 1

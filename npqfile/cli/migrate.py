@@ -42,7 +42,7 @@ from npqfile.migration.sweep import (
     sweep_exit_status,
     with_rate,
 )
-from npqfile.stream.versions import DEFAULT_STREAM_VERSION, QEMU_STREAM_VERSIONS
+from npqfile.stream.versions import DEFAULT_STREAM_VERSION, QEMU_STREAM_VERSIONS, stream_version
 from npqfile.units import format_bytes, parse_rate, parse_size
 
 NAME = "migrate"
@@ -77,6 +77,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--on-limit", choices=("cancel", "force"), default="cancel",
                    help="at a limit: cancel (like migrate_cancel) or force stop-and-copy")
     m.add_argument("--no-zero-detection", action="store_true", help="send zero pages as normal pages")
+    m.add_argument("--zero-page-detection", choices=("none", "legacy", "multifd"), default=None,
+                   help="QEMU 9.0+'s parameter: none = --no-zero-detection; multifd (default) detects in "
+                        "the multifd channels, legacy on the main channel")
+    m.add_argument("--multifd-channels", type=int, default=0, metavar="N",
+                   help="QEMU 10.0 multifd over N parallel sockets (tcp:/unix:/in-process; default 0: off)")
+    m.add_argument("--multifd-compression", choices=("none", "zlib", "zstd"), default="none",
+                   help="per-packet compression in the multifd channels (default none)")
     m.add_argument("--xbzrle-cache", "--xbzrle-cache-size", dest="xbzrle_cache", default=None, metavar="SIZE",
                    help="enable XBZRLE with this cache size (QEMU's xbzrle-cache-size)")
     m.add_argument("--compress", default="none", help="none, zlib[:LEVEL] (QEMU pages), zstd[:LEVEL] or lz4 (channel)")
@@ -120,6 +127,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with --sweep each case writes FILE.N.NAME")
 
 
+def check_peer_version(args: argparse.Namespace) -> None:
+    """ValueError naming an option QEMU 7.2 lacks when ``--qemu-version 7.2`` says the
+    peer is 7.2 (multifd is QEMU 10.0's protocol here: MULTIFD_FLUSH, zero pages in
+    packets; zero-page-detection is 9.0+), or multifd options without multifd."""
+    if args.qemu_version is not None:
+        version = stream_version(args.qemu_version)
+        if args.multifd_channels and not version.multifd:
+            raise ValueError(f"--multifd-channels speaks QEMU 10.0's multifd (RAM_SAVE_FLAG_MULTIFD_FLUSH, 8.1+; "
+                             f"zero pages in packets, 9.0+), which QEMU {version.name} cannot load: drop it for a "
+                             f"{version.name} peer")
+        if args.zero_page_detection is not None and not version.zero_page_detection:
+            raise ValueError(f"--zero-page-detection is a QEMU 9.0+ parameter that QEMU {version.name} lacks: "
+                             f"use --no-zero-detection or nothing for a {version.name} peer")
+    if not args.multifd_channels and args.multifd_compression != "none":
+        raise ValueError("--multifd-compression needs --multifd-channels")
+
+
 def config_from_args(args: argparse.Namespace) -> MigrationConfig:
     """The MigrationConfig the command line describes.  ValueError for a bad value."""
     if args.seed < 0:
@@ -136,7 +160,9 @@ def config_from_args(args: argparse.Namespace) -> MigrationConfig:
     params = MigrationParams(
         max_bandwidth=parse_rate(args.max_bandwidth), downtime_limit=args.downtime_limit / 1000.0,
         max_iterations=args.max_iterations, time_limit=args.time_limit, on_limit=args.on_limit,
-        zero_page_detection=not args.no_zero_detection,
+        zero_page_detection=not args.no_zero_detection and args.zero_page_detection != "none",
+        multifd_channels=args.multifd_channels, multifd_compression=args.multifd_compression,
+        multifd_zero_page="none" if args.no_zero_detection else (args.zero_page_detection or "multifd"),
         xbzrle_cache_size=parse_size(args.xbzrle_cache) if args.xbzrle_cache else 0,
         release_ram=args.release_ram, pause_before_switchover=args.pause_before_switchover is not None,
         machine=args.machine, sample_rss=bool(args.plot),
@@ -145,12 +171,19 @@ def config_from_args(args: argparse.Namespace) -> MigrationConfig:
         throttle_trigger_threshold=args.throttle_trigger_threshold,
         cpu_throttle_tailslow=args.cpu_throttle_tailslow,
         mapped_ram=args.mapped_ram,
-        qemu_version=args.qemu_version or ("10.0" if args.mapped_ram else DEFAULT_STREAM_VERSION.name))
+        # multifd is QEMU 10.0's protocol here: it writes QEMU 10.0's stream unless told otherwise
+        qemu_version=args.qemu_version or ("10.0" if args.mapped_ram or args.multifd_channels
+                                           else DEFAULT_STREAM_VERSION.name))
     if args.mapped_ram and not (args.to or "").startswith("file:"):
         raise ValueError("--mapped-ram writes pages at fixed file offsets: it needs --to file:PATH")
     if args.mapped_ram and args.compress != "none":
         raise ValueError("--mapped-ram cannot be combined with --compress (pages sit uncompressed at fixed offsets)")
     params.compress_level = parse_compress(args.compress).page_level   # checked against the version
+    check_peer_version(args)
+    if args.multifd_channels and args.compress != "none":
+        raise ValueError("--multifd-channels does not go with --compress (use --multifd-compression)")
+    if args.multifd_channels < 0:
+        raise ValueError(f"--multifd-channels must be 1..255 (0: off), got {args.multifd_channels}")
     params.check()
     workload = args.workload if args.dirty_rate is None else with_rate(args.workload, args.dirty_rate)
     return MigrationConfig(size=parse_size(args.size), block=args.block, init=args.init, workload=workload,
@@ -237,6 +270,11 @@ def _summary(st: MigrationStats, out) -> None:
         rows.append(("xbzrle cache miss / encoding rate", f"{xc['cache-miss']} / {xc['encoding-rate']}"))
     if st.compression:
         rows.append(("compression", ", ".join(f"{k} {v}" for k, v in st.compression.items())))
+    if st.multifd:
+        m = st.multifd
+        rows.append((f"multifd ({m['channels']} channels, {m['compression']})",
+                     f"{format_bytes(m['multifd-bytes'])}: " + " / ".join(format_bytes(c["bytes"])
+                                                                       for c in m["per-channel"])))
     for row in rows:
         t.add_row(*row)
     it = Table(title="iterations")

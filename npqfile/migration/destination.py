@@ -40,6 +40,14 @@ VERIFY_MAGIC = b"NPQV"
 MAX_VERIFY_BYTES = 1 << 20
 
 
+def _no_multifd(offset: int, eos: bool = False) -> None:
+    """A destination without multifd channels meets RAM_SAVE_FLAG_MULTIFD_FLUSH: the pages
+    travel on channels nobody reads (the source would wait for them forever)."""
+    if not eos:
+        raise StreamError("the source migrates with multifd (RAM_SAVE_FLAG_MULTIFD_FLUSH): its pages travel "
+                          "on multifd channels; give incoming --multifd-channels N", offset - 8, "ram")
+
+
 def block_hashes(ram: GuestRAM) -> dict[str, str]:
     """sha256 hex digest of every block, by block name."""
     return {b.name: b.sha256() for b in ram.blocks}
@@ -57,11 +65,12 @@ class DestinationResult:
     stats: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     bytes: int = 0
+    stats_multifd: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"status": self.status, "error": self.error, "machine": self.machine,
                 "load-time": round(self.load_time, 6), "hash-time": round(self.hash_time, 6), "hashes": self.hashes, "bytes": self.bytes,
-                "ram": self.stats, "warnings": self.warnings}
+                "ram": self.stats, "warnings": self.warnings} | ({"multifd": self.stats_multifd} if self.stats_multifd else {})
 
 
 class Destination:
@@ -73,9 +82,10 @@ class Destination:
 
     def __init__(self, ram: GuestRAM | None = None, *, machine: str | None = "none",
                  max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, hash_blocks: bool = True,
-                 device_tail_bytes: int = DEFAULT_DEVICE_TAIL_BYTES):
+                 device_tail_bytes: int = DEFAULT_DEVICE_TAIL_BYTES, multifd: Any = None):
         self.ram = ram
         self.device_tail_bytes = device_tail_bytes   # device state kept until the vmdesc sizes it
+        self.multifd = multifd          # a MultiFDRecv whose channels are open (npqfile.migration.multifd)
         self.machine = machine
         self.max_ram_bytes = max_ram_bytes
         self.hash_blocks = hash_blocks
@@ -91,8 +101,13 @@ class Destination:
         t0 = time.monotonic()
         f = self.file = QEMUFile(channel)      # self.file: for live polls (events)
         try:
+            mf = self.multifd
             loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes,
-                                 device_tail_bytes=self.device_tail_bytes)
+                                 device_tail_bytes=self.device_tail_bytes,
+                                 on_multifd_flush=mf.main_record if mf is not None else _no_multifd)
+            if mf is not None:
+                mf.finish()            # every channel ended cleanly after its last SYNC
+                res.stats_multifd = mf.stats()
             res.bytes = f.tell()
             self.ram = loaded.ram
             res.machine = loaded.machine
@@ -107,6 +122,10 @@ class Destination:
                 res.hash_time = time.monotonic() - h0
             res.status = "completed"
         except (StreamError, FileError, OSError, ValueError, KeyError) as exc:
+            if self.multifd is not None:
+                # a channel's own error explains a main stream cut short by it
+                exc = self.multifd.error or exc
+                self.multifd.close()
             res.status, res.error = "failed", str(exc)
             res.bytes = f.tell()            # what was received before the failure, not 0
             res.load_time = time.monotonic() - t0

@@ -46,6 +46,7 @@ import numpy as np
 
 from npqfile.migration.bandwidth import RateWindows
 from npqfile.migration.destination import block_hashes
+from npqfile.migration.multifd import AccountedFile, multifd_stats, save_pages_multifd
 from npqfile.migration.stats import IterationStats, MigrationStats, freed_bytes
 from npqfile.migration.throttle import AutoConverge
 from npqfile.migration.throttle import check_params as check_throttle_params
@@ -58,6 +59,7 @@ from npqfile.qemufile import (
 )
 from npqfile.ram import GuestRAM
 from npqfile.stream.constants import (
+    RAM_SAVE_FLAG_MULTIFD_FLUSH,
     QEMU_VM_SECTION_END,
     QEMU_VM_SECTION_PART,
     QEMU_VM_SECTION_START,
@@ -92,6 +94,9 @@ class MigrationParams:
     machine: str = "none"
     runstate: str = "running"
     sample_rss: bool = False
+    multifd_channels: int = 0           # QEMU's multifd capability + multifd-channels (0: off)
+    multifd_compression: str = "none"
+    multifd_zero_page: str = "multifd"  # zero-page-detection with multifd: multifd | legacy | none
     qemu_version: str = "7.2"       # the QEMU whose stream is written (npqfile.stream.versions)
     mapped_ram: bool = False        # QEMU 9.0+ mapped-ram file layout (a file: destination)
     # auto-converge capability and its migrate-set-parameters (QEMU's names; see throttle)
@@ -121,6 +126,9 @@ class MigrationParams:
             raise ValueError(f"time_limit must be positive ({self.time_limit})")
         if self.on_limit not in ("cancel", "force"):
             raise ValueError(f"on_limit must be cancel or force, not {self.on_limit!r}")
+        if self.multifd_channels:
+            from npqfile.migration.multifd import check_params
+            check_params(self)
         size = self.xbzrle_cache_size
         if size and (size < 4096 or size & (size - 1)):
             raise ValueError(f"xbzrle cache size {size} must be a power of two >= 4096")
@@ -159,8 +167,10 @@ class MigrationEngine:
 
     def __init__(self, ram: GuestRAM, f: QEMUFile, workload: Workload | None = None,
                  params: MigrationParams | None = None, *, pre_switchover: Callable | None = None,
-                 on_progress: Callable[[dict], None] | None = None, hash_at_switchover: bool = False):
+                 on_progress: Callable[[dict], None] | None = None, hash_at_switchover: bool = False,
+                 multifd: Any = None):
         self.ram = ram
+        self.multifd = multifd          # a MultiFDSend: pages go to its channels (npqfile.migration.multifd)
         self.f = f
         self.workload = workload or Workload()
         self.params = params or MigrationParams()
@@ -171,6 +181,8 @@ class MigrationEngine:
         self.switchover_hashes: dict[str, str] = {}
         self.stats = MigrationStats(page_size=4096, ram_total=ram.total_size, params=asdict(self.params))
         self._cancel = threading.Event()
+        if multifd is not None:
+            multifd.cancel = self._cancel   # a cancel also ends a wait for a busy channel
         self._continue = threading.Event()
         self._blocks = ram.blocks
         self._bitmap = {b.name: np.zeros(b.n_pages, dtype=bool) for b in self._blocks}
@@ -217,7 +229,7 @@ class MigrationEngine:
         self.t0 = time.monotonic()
         if p.sample_rss:
             st.timeline.append((0.0, 0, st.rss_before))
-        self.windows = RateWindows(self.f, p.max_bandwidth, p.downtime_limit, self.t0, cancel=self._cancel)
+        self.windows = RateWindows(AccountedFile(self.f, self.multifd) if self.multifd else self.f, p.max_bandwidth, p.downtime_limit, self.t0, cancel=self._cancel)
         self.windows.on_window = self._window_closed
         self.workload.start(self.ram)
         try:
@@ -240,6 +252,8 @@ class MigrationEngine:
         except (OSError, RuntimeError) as exc:   # I/O failure, or the workload thread failed
             st.status, st.outcome = "failed", f"error: {exc}"
         finally:
+            if self.multifd is not None:    # the destination sees the channels end
+                self.multifd.close(abort=st.status != "completed")
             try:
                 self.workload.stop()
             except RuntimeError as exc:
@@ -257,7 +271,7 @@ class MigrationEngine:
         self.writer.write_header()
         self.f.ram_control_before_iterate(RAM_CONTROL_SETUP)
         with self._ram_section(QEMU_VM_SECTION_START):
-            self.saver.save_setup()
+            self.saver.save_setup(self._multifd_sync)
             # ram_save_setup's MEM_SIZE, block list and EOS: not in ram_counters.transferred
             self._uncounted = self.saver.stats.pages_bytes
         self.f.fflush()
@@ -300,8 +314,8 @@ class MigrationEngine:
                                     sync=self.stats.dirty_sync_count,
                                     cpu_throttle=self.throttle.percentage if self.throttle else 0)
         self._iter_t0 = time.monotonic()
-        self._iter_bytes0 = self.f.ftell_fast()
-        self._iter_pages0 = self.saver.stats.pages
+        self._iter_bytes0 = self.windows.f.ftell_fast()     # multifd channels included
+        self._iter_pages0 = self.saver.stats.pages + (self.multifd.queued_pages if self.multifd else 0)
         self.stats.iterations.append(self._iter)
 
     def _close_iteration(self) -> None:
@@ -309,8 +323,9 @@ class MigrationEngine:
         if it is None:
             return
         it.duration = time.monotonic() - self._iter_t0
-        it.bytes_sent = self.f.ftell_fast() - self._iter_bytes0
-        it.pages_sent = self.saver.stats.pages - self._iter_pages0
+        it.bytes_sent = self.windows.f.ftell_fast() - self._iter_bytes0
+        it.pages_sent = (self.saver.stats.pages + (self.multifd.queued_pages if self.multifd else 0)
+                         - self._iter_pages0)
         it.bandwidth = it.bytes_sent / max(it.duration, 1e-9)
         self._iter = None
 
@@ -419,10 +434,12 @@ class MigrationEngine:
                     return block, idx[:limit] + page
                 page = end
             bi, page = (bi + 1) % len(self._blocks), 0
-            if bi == 0 and self.saver.cache is not None:
-                # find_dirty_block: "After the first round, enable XBZRLE" -- when the
-                # search wraps past the last block, not at the first sync
-                self.saver.xbzrle_enabled = True
+            if bi == 0:
+                self._multifd_sync()
+                if self.saver.cache is not None:
+                    # find_dirty_block: "After the first round, enable XBZRLE" -- when the
+                    # search wraps past the last block, not at the first sync
+                    self.saver.xbzrle_enabled = True
         return None, np.empty(0, dtype=np.int64)
 
     def _send_some(self, limit: int, rate_limited: bool) -> int:
@@ -431,7 +448,10 @@ class MigrationEngine:
         if block is None:
             self._dirty = 0
             return 0
-        n = self.saver.save_pages(block, idx, rate_limited=rate_limited)
+        if self.multifd is not None:
+            n = save_pages_multifd(self.multifd, self.saver, block, idx)
+        else:
+            n = self.saver.save_pages(block, idx, rate_limited=rate_limited)
         sent = idx[:n]
         if self.saver.release_ram and n:
             # ZERO records carry no memory for QEMUFile to release once written: release
@@ -442,7 +462,19 @@ class MigrationEngine:
         self._dirty -= n
         if n:
             self._cursor = (self._blocks.index(block), int(sent[-1]) + 1)
+            if self.multifd is not None and self._cursor == (len(self._blocks) - 1, block.n_pages):
+                self._cursor = (0, 0)           # the end of RAM: find_dirty_block wraps
+                self._multifd_sync()
         return n
+
+    def _multifd_sync(self) -> None:
+        """multifd_ram_flush_and_sync at the end of each pass, in the setup and at
+        completion: SYNC on every channel, then RAM_SAVE_FLAG_MULTIFD_FLUSH here."""
+        if self.multifd is not None:
+            self.multifd.flush_and_sync()
+            self.f.put_be64(RAM_SAVE_FLAG_MULTIFD_FLUSH)
+            self.saver.stats.pages_bytes += 8
+            self.f.fflush()     # the destination's channels wait on it: it must not sit in our buffer
 
     # -- completion -----------------------------------------------------------------------
     def _complete(self) -> None:
@@ -489,6 +521,7 @@ class MigrationEngine:
                 if not self._send_some(CHUNK, False):
                     break
             f.ram_control_after_iterate(RAM_CONTROL_FINISH)
+            self._multifd_sync()
             self.saver.write_mapped_ram_bitmaps()   # ram_save_file_bmap
             self.saver.write_eos()
             self._uncounted += 8                    # ram_save_complete's EOS is not counted
@@ -530,7 +563,7 @@ class MigrationEngine:
         ``t`` in seconds since the start (default: now)."""
         if self.params.sample_rss:
             when = time.monotonic() - self.t0 if t is None else t
-            self.stats.timeline.append((when, self.f.ftell_fast(), resident_bytes(self.ram)))
+            self.stats.timeline.append((when, self.windows.f.ftell_fast(), resident_bytes(self.ram)))
 
     def _window_closed(self, windows: RateWindows) -> None:
         # migration_update_counters: expected-downtime starts as downtime-limit and is
@@ -547,7 +580,7 @@ class MigrationEngine:
             return
         elapsed = time.monotonic() - self.t0
         self.on_progress({"status": self.stats.status, "round": self.stats.dirty_sync_count,
-                          "dirty-pages": self._dirty, "bytes": self.f.ftell_fast(),
+                          "dirty-pages": self._dirty, "bytes": self.windows.f.ftell_fast(),
                           "mbps": self.windows.bandwidth * 8 / 1e6, "elapsed": elapsed,
                           "cpu-throttle-percentage": self.throttle.percentage if self.throttle else 0})
 
@@ -571,6 +604,8 @@ class MigrationEngine:
         st.stream_bytes = self.f.ftell()
         st.ram_queued = self._ram_counted()
         st.ram_transferred = self._ram_written(st.stream_bytes)
+        if self.multifd is not None:
+            multifd_stats(self.multifd, st)     # the channels' bytes and pages join the totals
         st.windows = self.windows.windows
         st.released_bytes += self.f.released_bytes
         st.release_freed_bytes, st.release_unmeasured_bytes = (

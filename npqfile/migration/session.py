@@ -44,6 +44,7 @@ from npqfile.migration.destination import (
 )
 from npqfile.migration.engine import MigrationEngine, MigrationParams
 from npqfile.migration.events import EventWriter
+from npqfile.migration.multifd import multifd_connect, multifd_inprocess
 from npqfile.migration.stats import MigrationStats
 from npqfile.migration.workloads import Workload, make_workload
 from npqfile.qemufile import QEMUFile
@@ -178,6 +179,7 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None) -
     to = cfg.to or "inprocess"
     dest = None
     dest_ram = None
+    mf = recv = None            # multifd sender / in-process receiver
     channel: Any = None
     f = None
     try:
@@ -190,16 +192,20 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None) -
             dest_ram = GuestRAM()
             for blk in ram.blocks:
                 add_guest_block(dest_ram, blk.name, blk.size)
-            dest = Destination(dest_ram, machine=params.machine, hash_blocks=False)
+            if params.multifd_channels:
+                mf, recv = multifd_inprocess(dest_ram, params, reader)
+            dest = Destination(dest_ram, machine=params.machine, hash_blocks=False, multifd=recv)
             dest.start(reader)
         else:
             channel = open_channel(to, "w")
+            if params.multifd_channels:
+                mf = multifd_connect(to, params)
         if comp.on_channel:
             channel = CompressingWriter(channel, comp)
         remote = to.startswith(("tcp:", "unix:"))
         f = QEMUFile(channel)
         engine = MigrationEngine(ram, f, wl, params, pre_switchover=pre_switchover, on_progress=on_progress,
-                                 hash_at_switchover=cfg.verify and params.release_ram)
+                                 hash_at_switchover=cfg.verify and params.release_ram, multifd=mf)
         if events is not None:
             events.attach(engine)
         try:
@@ -245,6 +251,10 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None) -
             f.close()
         elif channel is not None and hasattr(channel, "close"):
             channel.close()
+        if mf is not None:
+            mf.close(abort=True)            # a no-op after the engine closed it
+        if recv is not None:
+            recv.close()
         if dest is not None:
             dest.join(VERIFY_TIMEOUT)
         if dest_ram is not None:

@@ -104,6 +104,7 @@ class MigrationStats:
     destination: dict = field(default_factory=dict)
     workload: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
+    multifd: dict = field(default_factory=dict)     # multifd-bytes and per-channel counts (multifd runs)
 
     @property
     def transferred(self) -> int:
@@ -214,6 +215,7 @@ class MigrationStats:
                 "pages-per-second": round(r.pages / secs, 1),
                 "precopy-bytes": self.precopy_bytes,
                 "downtime-bytes": self.downtime_bytes,
+                **({"multifd-bytes": self.multifd["multifd-bytes"]} if self.multifd else {}),
             },
             "npqfile": {
                 "outcome": self.outcome,
@@ -241,6 +243,7 @@ class MigrationStats:
                 "throttle-events": [e.as_dict() for e in self.throttle_events],
                 "compression": self.compression,
                 "verification": self.verification,
+                **({"multifd": self.multifd} if self.multifd else {}),
                 "destination": self.destination,
                 "workload": self.workload,
                 "params": params_dict(self.params),

@@ -58,6 +58,8 @@ MAX_LISTED = 10000
 _COMPRESSED_MAGIC = {
     0x28B52FFD: "; this is a zstd frame: decompress it first (zstd -dc FILE | npqfile analyze -), "
                 "or give incoming --compress zstd",
+    0x11223344: "; this is a multifd channel's greeting (QEMU's multifd capability): "
+                "give incoming --multifd-channels N",
     0x04224D18: "; this is an lz4 frame: decompress it first (lz4 -dc FILE | npqfile analyze -), "
                 "or give incoming --compress lz4",
 }
@@ -387,25 +389,29 @@ class _Stop(Exception):
 def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None, vmdesc_offset: int | None = None,
                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, capabilities: tuple[str, ...] | list[str] = (),
                 decode_devices: bool = False, partial_ok: bool = False, device_tail_bytes: int = 0,
-                max_ram_name: str = "max_ram_bytes") -> LoadResult:
+                max_ram_name: str = "max_ram_bytes", on_multifd_flush=None) -> LoadResult:
     """Read a whole migration stream from the readable QEMUFile ``f``.
 
     ``ram``: the destination (each declared block must exist with the same size), or
     None to create one from the stream's declarations (at most ``max_ram_bytes``,
-    lazily mapped; errors name that limit ``max_ram_name``).  ``vmdesc``: the stream's vmdesc JSON if known in advance (see
-    :func:`~npqfile.stream.vmdesc.find_vmdesc`), used to step over device sections;
-    ``vmdesc_offset`` where it was found (named in errors about it).
-    ``capabilities``: capabilities the source had on that the stream itself does not
-    announce (e.g. ``x-ignore-shared`` for streams older than QEMU 7.2's configuration
-    capabilities).  ``device_tail_bytes``: when a device section is not described (no
-    vmdesc given: a socket or pipe), keep up to this many bytes of the rest of the stream
-    until the vmdesc after EOF arrives and step over the sections with it (0: stop
-    there, as for a file whose vmdesc was not found).  Returns a :class:`LoadResult`.  Raises StreamError for a malformed
-    stream, or for a section that cannot be sized unless ``partial_ok``.
+    lazily mapped; errors call that limit ``max_ram_name``).  ``vmdesc``: the stream's
+    vmdesc JSON if known in advance (see :func:`~npqfile.stream.vmdesc.find_vmdesc`),
+    used to step over device sections; ``vmdesc_offset``: where it was found (named in
+    errors about it).  ``capabilities``: capabilities the source had on that the stream
+    itself does not announce (e.g. ``x-ignore-shared`` for streams older than QEMU
+    7.2's configuration capabilities).  ``device_tail_bytes``: when a device section is
+    not described (no vmdesc given: a socket or pipe), keep up to this many bytes of
+    the rest of the stream until the vmdesc after EOF arrives and step over the
+    sections with it (0: stop there, as for a file whose vmdesc was not found).
+    ``on_multifd_flush(offset, eos=False)``: called at each MULTIFD_FLUSH record and
+    (``eos=True``) each RAM EOS (a multifd destination syncs its channels there).
+    Returns a :class:`LoadResult`.  Raises StreamError for a malformed stream, or for a
+    section that cannot be sized unless ``partial_ok``.
     """
-    loader = _Loader(f, ram, vmdesc=vmdesc, vmdesc_offset=vmdesc_offset, max_ram_bytes=max_ram_bytes, capabilities=tuple(capabilities),
-                     decode_devices=decode_devices, partial_ok=partial_ok, device_tail_bytes=device_tail_bytes,
-                     max_ram_name=max_ram_name)
+    loader = _Loader(f, ram, vmdesc=vmdesc, vmdesc_offset=vmdesc_offset, max_ram_bytes=max_ram_bytes,
+                     capabilities=tuple(capabilities), decode_devices=decode_devices, partial_ok=partial_ok,
+                     device_tail_bytes=device_tail_bytes, max_ram_name=max_ram_name)
+    loader.ram.on_multifd_flush = on_multifd_flush
     try:
         return loader.run()
     finally:

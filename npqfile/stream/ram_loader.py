@@ -84,6 +84,7 @@ class RAMLoader:
         self.declared: dict[str, _Dest] = {}
         self.last_recv_block: _Dest | None = None
         self.stats = RAMStats()
+        self.on_multifd_flush = None    # multifd destination: (offset, eos=False) at MULTIFD_FLUSH and EOS
 
     def release_views(self) -> None:
         """Drop the loader's views of the destination, so its owner can close the blocks."""
@@ -130,6 +131,8 @@ class RAMLoader:
                 self._handle_zero(dest, addr, r.u8("a zero page's fill byte"))
                 st.zero_pages += 1
             elif kind == RAM_SAVE_FLAG_EOS:
+                if self.on_multifd_flush is not None:
+                    self.on_multifd_flush(r.offset, eos=True)
                 break
             elif kind == RAM_SAVE_FLAG_MEM_SIZE:
                 self._parse_ramblocks(r, addr)
@@ -139,6 +142,8 @@ class RAMLoader:
                 self._load_compressed(r, self._block_from_stream(r, flags, addr), addr)
             elif kind == RAM_SAVE_FLAG_MULTIFD_FLUSH:
                 st.multifd_flushes += 1
+                if self.on_multifd_flush is not None:
+                    self.on_multifd_flush(r.offset)
             elif kind == RAM_SAVE_FLAG_HOOK:
                 raise r.error("RAM_SAVE_FLAG_HOOK: RDMA control records cannot appear in a byte stream")
             else:

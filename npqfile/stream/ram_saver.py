@@ -80,8 +80,9 @@ class RAMSaver:
         self._zero_page = np.zeros(self.page_size, dtype=np.uint8)
 
     # -- setup and end ---------------------------------------------------------------
-    def save_setup(self) -> None:
-        """Write the START payload: MEM_SIZE total, the block list, EOS. Resets CONTINUE state."""
+    def save_setup(self, before_eos=None) -> None:
+        """Write the START payload: MEM_SIZE total, the block list, EOS. Resets CONTINUE state.
+        ``before_eos()`` runs just before the EOS (multifd's first flush goes there)."""
         f = self.f
         blocks = list(self.ram.blocks)
         total = sum(b.size for b in blocks)
@@ -100,6 +101,8 @@ class RAMSaver:
                 n += self.mapped_ram.setup_block(b)
         self.last_sent_block = None      # ram_state_reset: the next page names its block
         self.stats.pages_bytes += n
+        if before_eos is not None:
+            before_eos()
         self.write_eos()
 
     def write_mapped_ram_bitmaps(self) -> None:

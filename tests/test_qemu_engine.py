@@ -225,7 +225,9 @@ def test_iteration_rows_from_polls_and_events():
     assert [(r.index, r.sync, r.final) for r in rows] == [(1, 1, False), (2, 2, False), (3, 4, True)]
     assert rows[0].dirty_pages == 100 and rows[0].bytes_sent == 9000 and rows[0].pages_sent == 90
     assert rows[1].bytes_sent == 14000 - 9000 and rows[1].duration == pytest.approx(0.25 - 0.15)
-    assert rows[2].bytes_sent == 6000 and rows[2].pages_sent == 30 and rows[2].duration == 0.05
+    # pages after the last poll are split by bytes: 30 pages for 8000 bytes, 2000 of them pre-copy
+    assert rows[1].pages_sent == 128 - 90
+    assert rows[2].bytes_sent == 6000 and rows[2].pages_sent == 150 - 128 and rows[2].duration == 0.05
     assert sum(r.bytes_sent for r in rows) == 20000
     m.passes = {2: 0.125, 3: 0.175, 4: 0.25}
     final["ram"]["dirty-sync-count"] = 5        # 3 started a pass, 4 decided to complete, 5 is the final sync
@@ -233,6 +235,12 @@ def test_iteration_rows_from_polls_and_events():
     assert [(r.sync, r.final) for r in rows] == [(1, False), (2, False), (3, False), (5, True)]
     assert rows[0].bytes_sent == 7000 and rows[0].pages_sent == 70 and rows[0].duration == pytest.approx(0.125)
     assert rows[1].bytes_sent == 10500 - 7000 and rows[2].bytes_sent == 14000 - 10500
+    assert sum(r.bytes_sent for r in rows) == 20000
+    # multifd: QEMU's precopy-bytes / downtime-bytes count the main channel only, so
+    # pre-copy ends at the last poll and the final row holds the rest of transferred
+    final["ram"].update({"multifd-bytes": 19000, "precopy-bytes": 8, "downtime-bytes": 0})
+    rows = m._iterations(final)
+    assert rows[-2].bytes_sent == 12000 - 10500 and rows[-1].bytes_sent == 20000 - 12000
     assert sum(r.bytes_sent for r in rows) == 20000
 
 
@@ -284,7 +292,7 @@ def test_sweep_with_the_qemu_engine():
     assert all(isinstance(r["total-time"], float) and r["dirty-sync-count"] >= 2 for r in rows), rows
 
 
-def test_auto_converge_and_its_throttle_parameters_pass_through():
+def test_auto_converge_and_multifd_parameters_pass_through():
     q10 = QemuBinary("/nonexistent/qemu", "10.0.2")
     params = MigrationParams()
     params.auto_converge, params.cpu_throttle_initial, params.max_cpu_throttle = True, 30, 80
@@ -292,9 +300,11 @@ def test_auto_converge_and_its_throttle_parameters_pass_through():
     assert s.capabilities == {"auto-converge": True}
     assert s.parameters["cpu-throttle-initial"] == 30 and s.parameters["max-cpu-throttle"] == 80
     params = MigrationParams()
-    params.multifd = True
-    with pytest.raises(ValueError, match="multifd"):
-        qemu_settings(MigrationConfig(size=16 * MIB, params=params), q10)
+    params.multifd_channels, params.multifd_compression = 2, "zstd"
+    s = qemu_settings(MigrationConfig(size=16 * MIB, params=params), q10)
+    assert s.capabilities == {"multifd": True}
+    assert s.parameters["multifd-channels"] == 2 and s.parameters["multifd-compression"] == "zstd"
+    assert s.parameters["zero-page-detection"] == "multifd"
 
 
 def test_collect_maps_query_migrate_to_the_simulators_statistics():

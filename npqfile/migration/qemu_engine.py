@@ -11,7 +11,9 @@ simulator's (``cfg.init``) in a ``memory-backend-file``; a destination QEMU (``-
 (:func:`qemu_settings`): max-bandwidth, downtime-limit, xbzrle (+ xbzrle-cache-size),
 compress (+ compress-level; QEMU 7.2 only), zero-page-detection (10.0 only),
 release-ram, pause-before-switchover, auto-converge (+ the cpu-throttle parameters, when
-MigrationParams carries them under QEMU's names).  ``max_iterations`` / ``time_limit`` are the
+MigrationParams carries them under QEMU's names), multifd (+ multifd-channels,
+multifd-compression, and zero-page-detection on 9.0+; before 9.0 QEMU detects zero pages
+on the main channel only).  ``max_iterations`` / ``time_limit`` are the
 simulator's: once ``dirty-sync-count`` passes max_iterations, or the time limit
 passes, the run is cancelled (``migrate_cancel``) or forced (``on_limit="force"``: the
 downtime limit is raised to QEMU's maximum, so QEMU stops the guest and copies the
@@ -123,10 +125,17 @@ def qemu_settings(cfg: Any, qemu: QemuBinary) -> QemuSettings:
             value = getattr(p, name.replace("-", "_"), None)
             if value is not None:
                 params[name] = value
-    for name in ("multifd", "multifd_channels", "multifd_compression"):   # not mapped yet
-        if getattr(p, name, None):
-            raise ValueError(f"{name.replace('_', '-')}: the QEMU engine does not pass multifd options yet; "
-                             "use the simulator")
+    channels = getattr(p, "multifd_channels", 0)
+    if channels:
+        caps["multifd"] = True
+        params["multifd-channels"] = int(channels)
+        if getattr(p, "multifd_compression", "none") != "none":
+            params["multifd-compression"] = p.multifd_compression
+        zero = getattr(p, "multifd_zero_page", "multifd")
+        if major >= (9, 0) and p.zero_page_detection:
+            params["zero-page-detection"] = zero
+        elif zero == "multifd" and major < (9, 0):
+            pass        # QEMU before 9.0 detects zero pages on the main channel (legacy) only
     uri = None
     if cfg.to not in (None, "inprocess"):
         if not cfg.to.startswith(("tcp:", "unix:")):
@@ -247,11 +256,13 @@ class QemuMigration:
             src.cmd("migrate-set-capabilities", capabilities=caps)
             # the destination needs the capabilities that change the stream (compress)
             dst.cmd("migrate-set-capabilities",
-                    capabilities=[c for c in caps if c["capability"] in ("compress", "xbzrle")])
+                    capabilities=[c for c in caps if c["capability"] in ("compress", "xbzrle", "multifd")])
         src.cmd("migrate-set-parameters", **self.settings.parameters)
-        if self.settings.capabilities.get("compress"):
-            dst.cmd("migrate-set-parameters", **{k: v for k, v in self.settings.parameters.items()
-                                                 if k == "compress-level"})
+        # the destination's side of the stream's settings (decompression, channels)
+        mine = {k: v for k, v in self.settings.parameters.items()
+                if k in ("compress-level", "multifd-channels", "multifd-compression")}
+        if mine:
+            dst.cmd("migrate-set-parameters", **mine)
 
     # -- polling --------------------------------------------------------------------------
     def _poll(self, src: QemuVM, dst: QemuVM) -> dict:
@@ -346,7 +357,9 @@ class QemuMigration:
         st.downtime = final.get("downtime", 0) / 1000
         active = [s for s in self.samples if s.get("status") == "active"]
         last = active[-1] if active else final
-        st.expected_downtime = last.get("expected-downtime", 0) / 1000
+        # no poll while active (pre-copy under 50 ms): QEMU's value was still its initial
+        # one, the downtime limit (it changes only after a dirty-rate period of 1 s)
+        st.expected_downtime = last.get("expected-downtime", self.settings.parameters["downtime-limit"]) / 1000
         lram = last.get("ram", {})
         ram = ram or lram
         st.page_size = ram.get("page-size", ps) or ps
@@ -403,7 +416,9 @@ class QemuMigration:
         the final sync belongs to the final row (QEMU 7.2 stays "active" during the
         stop-and-copy, so a poll may see it), the sync just before it (the one that
         decided to complete) starts no row, and pre-copy ends at ``total - downtime``
-        with QEMU's ``precopy-bytes``."""
+        with QEMU's ``precopy-bytes`` (pages after the last poll split by bytes).  With
+        multifd QEMU's precopy/downtime-bytes count only the main channel: pre-copy then
+        ends at the last poll, or, when no poll fell inside it, is estimated by time."""
         ps = 4096
         fram = final.get("ram", {})
         completed = final.get("status") == "completed"
@@ -414,7 +429,21 @@ class QemuMigration:
         # the curve of (time, bytes, pages) from the start to the end of pre-copy
         curve = [(0.0, 0, 0)] + [(s["_t"], s["ram"].get("transferred", 0), self._pages(s)) for s in pre]
         if completed:
-            curve.append((max(end_t, curve[-1][0]), fram.get("precopy-bytes", curve[-1][1]), curve[-1][2]))
+            # pages sent between the last poll and the guest's stop: QEMU reports only the
+            # bytes (precopy-bytes), so the pages are interpolated by bytes up to the end
+            _t, b0, p0 = curve[-1]
+            # with multifd, QEMU's precopy-bytes / downtime-bytes count only the main
+            # channel: pre-copy then ends at the last poll, the rest is the final row's
+            multifd = fram.get("multifd-bytes", 0) > 0
+            pre_bytes = b0 if multifd else fram.get("precopy-bytes", b0)
+            if multifd and not b0 and final.get("total-time"):
+                # no poll fell inside a multifd pre-copy: split by time (an estimate,
+                # assuming one throughput for both phases)
+                share = max(0.0, 1 - final.get("downtime", 0) / final["total-time"])
+                pre_bytes = round(fram.get("transferred", 0) * share)
+            rest = fram.get("transferred", 0) - b0
+            pages = p0 + round((self._pages(final) - p0) * (pre_bytes - b0) / rest) if rest > 0 else p0
+            curve.append((max(end_t, curve[-1][0]), pre_bytes, pages))
         counts = {s["ram"].get("dirty-sync-count", 0) for s in pre}
         counts |= {c for c in self.passes
                    if 1 <= c and (c < last_count if completed else c <= max(counts, default=0))}
@@ -444,7 +473,8 @@ class QemuMigration:
             fin = IterationStats(len(rows) + 1, pre[-1]["ram"].get("remaining", 0) // ps if pre else 0,
                                  final=True, sync=last_count)
             fin.pages_sent = self._pages(final) - curve[-1][2]
-            fin.bytes_sent = fram.get("downtime-bytes", 0)
+            fin.bytes_sent = (fram.get("transferred", 0) - curve[-1][1] if fram.get("multifd-bytes", 0) > 0
+                              else fram.get("downtime-bytes", 0))
             fin.duration = final.get("downtime", 0) / 1000
             fin.bandwidth = fin.bytes_sent / max(fin.duration, 1e-9)
             rows.append(fin)

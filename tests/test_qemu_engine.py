@@ -90,6 +90,10 @@ def test_options_qemu_lacks_fail_before_anything_starts():
     with pytest.raises(ValueError, match="zero-page-detection=none needs QEMU 9.0"):
         qemu_settings(cfg, q72)
     assert qemu_settings(cfg, q10).parameters["zero-page-detection"] == "none"
+    cfg = MigrationConfig(size=16 * MIB)
+    cfg.params.postcopy_after = 2
+    with pytest.raises(ValueError, match="pre-copy only"):
+        qemu_settings(cfg, q10)
     cfg = MigrationConfig(size=16 * MIB, to="file:/tmp/x")
     with pytest.raises(ValueError, match="tcp:HOST:PORT or unix:PATH"):
         qemu_settings(cfg, q10)

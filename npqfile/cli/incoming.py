@@ -15,7 +15,10 @@ and, over tcp/unix, sends the verdict and hashes back to the source on the retur
 the main channel and N multifd channels in any order, told apart by their first bytes;
 ``--multifd-compression`` must match the source's.  ``--events FILE|-``: live JSON lines
 (setup, active with the bytes read so far, completed/failed, then the ``--json``
-result; ``npqfile.migration.events``).
+result; ``npqfile.migration.events``).  Postcopy (a QEMU or npqfile source with
+postcopy-ram): QEMU's return-path messages, pages placed through userfaultfd, and with
+``--workload`` a guest running on the RAM from POSTCOPY_RUN on; a source lost during
+postcopy gives status ``postcopy-paused``.
 
 Exit status: 0 when the stream loaded completely, 1 otherwise.
 """
@@ -32,6 +35,7 @@ from npqfile.migration.compression import DecompressingReader, parse_compress
 from npqfile.migration.destination import Destination
 from npqfile.migration.events import EventWriter, IncomingEvents
 from npqfile.migration.session import add_guest_block
+from npqfile.migration.workloads import make_workload
 from npqfile.ram import GuestRAM
 from npqfile.units import format_bytes, parse_size
 
@@ -51,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compress", default="none", help="the source's --compress (zstd/lz4 decode the channel)")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait for the connection (> 0; default: forever)")
+    p.add_argument("--workload", default=None, metavar="SPEC",
+                   help="postcopy: run this workload (as migrate --workload) on the RAM from POSTCOPY_RUN on; "
+                        "its accesses to pages not yet received fault and are requested from the source")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--events", metavar="FILE|-",
                    help="write live query-migrate events as JSON lines (the last line: the --json result)")
@@ -126,8 +133,9 @@ def run(args: argparse.Namespace) -> int:
             channel = open_channel(args.uri, "r")
         if comp.on_channel:
             channel = DecompressingReader(channel, comp)
+        guest = make_workload(args.workload) if args.workload else None
         dest = Destination(ram if max_ram is None else None, machine=None if args.machine == "any" else args.machine,
-                           multifd=recv, **({} if max_ram is None else {"max_ram_bytes": max_ram}))
+                           multifd=recv, guest=guest, **({} if max_ram is None else {"max_ram_bytes": max_ram}))
         incoming.active(dest)
         res = dest.receive(channel)
         incoming.result(res.as_dict())
@@ -144,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  multifd: {m['channels']} channels ({m['compression']}), {format_bytes(m['multifd-bytes'])}, "
                       f"{m['normal']} normal and {m['zero']} zero pages", file=out)
         if res.status != "completed":
-            print(f"error: incoming migration failed after {res.bytes} bytes: {res.error}", file=sys.stderr)
+            print(f"error: incoming migration {res.status} after {res.bytes} bytes: {res.error}", file=sys.stderr)
             return 1
         return 0
     finally:

@@ -90,6 +90,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--release-ram", action="store_true", help="release source pages once sent at switchover")
     m.add_argument("--pause-before-switchover", nargs="?", type=float, const=0.0, default=None, metavar="SECONDS",
                    help="pause (pre-switchover) after stopping the guest, for SECONDS")
+    m.add_argument("--postcopy-after", default=None, metavar="N|auto",
+                   help="postcopy-ram: migrate-start-postcopy once dirty-sync-count exceeds N (0: right after "
+                        "setup), or auto: when a sync finds no fewer dirty pages than the previous one, or at "
+                        "--max-iterations / --time-limit (needs a return path: in-process, unix:, tcp:)")
     m.add_argument("--machine", default="none", help="machine-type name in the stream (default none)")
     m.add_argument("--qemu-version", choices=list(QEMU_STREAM_VERSIONS), default=None,
                    help=f"write the stream this QEMU writes (default {DEFAULT_STREAM_VERSION.name}, "
@@ -169,7 +173,7 @@ def config_from_args(args: argparse.Namespace) -> MigrationConfig:
         auto_converge=args.auto_converge, cpu_throttle_initial=args.cpu_throttle_initial,
         cpu_throttle_increment=args.cpu_throttle_increment, max_cpu_throttle=args.max_cpu_throttle,
         throttle_trigger_threshold=args.throttle_trigger_threshold,
-        cpu_throttle_tailslow=args.cpu_throttle_tailslow,
+        cpu_throttle_tailslow=args.cpu_throttle_tailslow, postcopy_after=postcopy_after(args.postcopy_after),
         mapped_ram=args.mapped_ram,
         # multifd is QEMU 10.0's protocol here: it writes QEMU 10.0's stream unless told otherwise
         qemu_version=args.qemu_version or ("10.0" if args.mapped_ram or args.multifd_channels
@@ -231,6 +235,35 @@ def verification_text(ver: dict) -> str:
     return f"{ver.get('method')}: MISMATCH ({why})"
 
 
+def postcopy_after(text: str | None) -> int | str | None:
+    """``--postcopy-after``: None, ``auto`` or a count >= 0.  ValueError naming the option."""
+    if text is None or text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"--postcopy-after must be a number of dirty syncs >= 0 or auto, got {text!r}")
+    return n
+
+
+def _postcopy_rows(d: dict) -> list[tuple[str, str]]:
+    pc = d["npqfile"].get("postcopy")
+    if not pc:
+        return []
+    lat = (d["npqfile"]["destination"].get("postcopy") or {}).get("fault-latency") or {}
+    r = d["ram"]
+    rows = [("postcopy requests / bytes", f"{r['postcopy-requests']} / {format_bytes(r['postcopy-bytes'])}")]
+    if lat.get("count"):
+        rows.append(("fault latency p50 / p90 / p99 / max",
+                     f"{lat['p50-ms']} / {lat['p90-ms']} / {lat['p99-ms']} / {lat['max-ms']} ms "
+                     f"({lat['count']} faults)"))
+    if "postcopy-blocktime" in d:
+        rows.append(("postcopy blocktime (destination guest)", f"{d['postcopy-blocktime']:.1f} ms"))
+    return rows
+
+
 def _summary(st: MigrationStats, out) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -258,6 +291,7 @@ def _summary(st: MigrationStats, out) -> None:
         ("source RSS before / after", "n/a" if x["rss-before"] is None
          else f"{format_bytes(x['rss-before'])} / {format_bytes(x['rss-after'])}"),
         ("verification", verification_text(ver)),
+        *_postcopy_rows(d),
     ]
     if x["released-bytes"] is not None:          # the QEMU engine does not measure it
         rows.insert(-1, ("released (freed / advised)",
@@ -433,8 +467,13 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:                          # after the results are out: a plot error loses nothing
         from npqfile.migration.plot import plot_migration
         plot_status = _draw(plot_migration, st, args.plot)
+        if st.postcopy.get("postcopy-bytes"):
+            from npqfile.migration.plot import plot_postcopy, postcopy_plot_path
+            plot_status = plot_status or _draw(plot_postcopy, st, postcopy_plot_path(args.plot))
     ver = st.verification
-    if st.status == "failed":
+    if st.status == "postcopy-paused":
+        print(f"error: migration postcopy-paused: {st.outcome.removeprefix('error: ')}", file=err)
+    elif st.status == "failed":
         print(f"error: migration failed: {st.outcome.removeprefix('error: ')}", file=err)
     elif ver.get("done") is False:
         print(f"error: verification not done: {ver.get('error')}", file=err)

@@ -47,6 +47,7 @@ import numpy as np
 from npqfile.migration.bandwidth import RateWindows
 from npqfile.migration.destination import block_hashes
 from npqfile.migration.multifd import AccountedFile, multifd_stats, save_pages_multifd
+from npqfile.migration.postcopy import PostcopySource
 from npqfile.migration.stats import IterationStats, MigrationStats, freed_bytes
 from npqfile.migration.throttle import AutoConverge
 from npqfile.migration.throttle import check_params as check_throttle_params
@@ -106,6 +107,7 @@ class MigrationParams:
     max_cpu_throttle: int = 99
     throttle_trigger_threshold: int = 50
     cpu_throttle_tailslow: bool = False
+    postcopy_after: int | str | None = None    # postcopy: after N dirty syncs, or "auto" (see postcopy.py)
 
     def check(self) -> None:
         """Raise ValueError naming the first bad parameter."""
@@ -129,6 +131,12 @@ class MigrationParams:
         if self.multifd_channels:
             from npqfile.migration.multifd import check_params
             check_params(self)
+        pa = self.postcopy_after
+        if pa is not None and pa != "auto" and (not isinstance(pa, int) or pa < 0):
+            raise ValueError(f"postcopy_after must be a number of dirty syncs >= 0 or 'auto', not {pa!r}")
+        if pa is not None and (self.multifd_channels or self.mapped_ram):
+            # QEMU sends postcopy pages on the main channel only; mapped-ram is a file: layout
+            raise ValueError("postcopy cannot be combined with multifd channels or mapped-ram here")
         size = self.xbzrle_cache_size
         if size and (size < 4096 or size & (size - 1)):
             raise ValueError(f"xbzrle cache size {size} must be a power of two >= 4096")
@@ -201,6 +209,8 @@ class MigrationEngine:
         # payload, counted bytes before it) to tell the bytes written from those queued
         self._uncounted = 0
         self._marks: list[tuple[int, int]] = []
+        self.postcopy = PostcopySource(self) if self.params.postcopy_after is not None else None
+        self._last_sync_dirty: int | None = None
 
     # -- control from other threads -----------------------------------------------------
     def cancel(self) -> None:
@@ -236,7 +246,9 @@ class MigrationEngine:
             self._setup()
             st.status = "active"
             outcome = self._iterate()
-            if outcome in ("converged", "forced"):
+            if outcome == "postcopy":
+                self._postcopy_start()
+            elif outcome in ("converged", "forced"):
                 self._complete()
                 st.converged = outcome == "converged"
             else:
@@ -244,11 +256,13 @@ class MigrationEngine:
                 st.remaining = self._dirty * st.page_size
                 st.precopy_bytes = self._ram_counted()   # what was sent while the guest ran
                 self.f.shutdown()
-            if st.status != "cancelled":
+            if st.status not in ("cancelled", "completed", "postcopy-paused", "failed"):
                 self.f.fflush()
                 if self.f.get_error():
                     raise self.f.error
                 st.status = "completed"
+                if self.postcopy is not None:
+                    self.postcopy.await_close()     # converged in pre-copy: the return path ends with SHUT
         except (OSError, RuntimeError) as exc:   # I/O failure, or the workload thread failed
             st.status, st.outcome = "failed", f"error: {exc}"
         finally:
@@ -269,6 +283,8 @@ class MigrationEngine:
         self._dirty = sum(b.n_pages for b in self._blocks)
         self.stats.dirty_sync_count = 1
         self.writer.write_header()
+        if self.postcopy is not None:
+            self.postcopy.setup()                   # return path and advise, before any RAM
         self.f.ram_control_before_iterate(RAM_CONTROL_SETUP)
         with self._ram_section(QEMU_VM_SECTION_START):
             self.saver.save_setup(self._multifd_sync)
@@ -353,6 +369,8 @@ class MigrationEngine:
             if not pending or pending < threshold:      # migration_iteration_run: complete
                 st.outcome = "converged"
                 return "converged"
+            if self.postcopy is not None and self._postcopy_due(synced):
+                return "postcopy"
             if synced:
                 if st.dirty_sync_count > p.max_iterations:
                     return self._limit("max-iterations")
@@ -367,7 +385,35 @@ class MigrationEngine:
             else:
                 self.windows.tick()
 
+    def _postcopy_due(self, synced: bool) -> bool:
+        """migrate-start-postcopy as guestperf issues it: once dirty-sync-count exceeds
+        ``postcopy_after``; with ``auto``, at the first sync whose dirty pages did not
+        shrink since the previous sync (pre-copy stopped making progress)."""
+        pa = self.params.postcopy_after
+        if pa != "auto":
+            return self.stats.dirty_sync_count > pa
+        if not synced:
+            return False
+        last, self._last_sync_dirty = self._last_sync_dirty, self._dirty
+        return last is not None and self._dirty >= last
+
+    def _postcopy_start(self) -> None:
+        """Stop the guest (vm_stop) and hand over to the postcopy phase (postcopy.py)."""
+        st = self.stats
+        self._close_iteration()
+        st.precopy_bytes = self._ram_counted()
+        stop_t = time.monotonic()
+        self.workload.pause()
+        self.workload.set_throttle(0)               # cpu_throttle_stop
+        st.switchover_time = stop_t - self.t0
+        self._sample_rss(st.switchover_time)
+        st.status = "device"
+        self.postcopy.run(stop_t)               # converged stays False: pre-copy did not
+
     def _limit(self, why: str) -> str:
+        if self.params.postcopy_after == "auto":
+            self.stats.outcome = f"postcopy: {why}"
+            return "postcopy"               # auto: a run that cannot converge switches
         self.stats.outcome = why if self.params.on_limit == "cancel" else f"forced: {why}"
         return "forced" if self.params.on_limit == "force" else why
 
@@ -590,9 +636,12 @@ class MigrationEngine:
         saver, windows = getattr(self, "saver", None), getattr(self, "windows", None)
         if saver is None or windows is None:
             return {"status": self.stats.status}
-        return self.stats.live_dict(elapsed=time.monotonic() - self.t0, ram=saver.stats,
-                                    transferred=self._ram_counted(), remaining=self._dirty * self.stats.page_size,
-                                    mbps=windows.bandwidth * 8 / 1e6)
+        out = self.stats.live_dict(elapsed=time.monotonic() - self.t0, ram=saver.stats,
+                                   transferred=self._ram_counted(), remaining=self._dirty * self.stats.page_size,
+                                   mbps=windows.bandwidth * 8 / 1e6)
+        if self.postcopy is not None:
+            out["ram"]["postcopy-requests"] = self.postcopy.requests     # as QEMU's, live
+        return out
 
     def _finish_stats(self) -> None:
         st = self.stats
@@ -612,6 +661,8 @@ class MigrationEngine:
             now - then for now, then in zip(freed_bytes(self.ram), self._freed0))
         st.rss_after = resident_bytes(self.ram)
         st.workload = self.workload.describe()
+        if self.postcopy is not None:
+            st.postcopy = {**st.postcopy, **self.postcopy.summary()}
         st.window_bandwidth = st.bandwidth
         if st.status == "completed":
             # migration_calculate_complete: s->mbps becomes the average over the

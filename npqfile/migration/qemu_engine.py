@@ -125,6 +125,9 @@ def qemu_settings(cfg: Any, qemu: QemuBinary) -> QemuSettings:
             value = getattr(p, name.replace("-", "_"), None)
             if value is not None:
                 params[name] = value
+    if getattr(p, "postcopy_after", None) is not None or getattr(p, "mapped_ram", False):
+        raise ValueError("--postcopy-after / --mapped-ram: the QEMU engine runs pre-copy only "
+                         "(use the simulator)")
     channels = getattr(p, "multifd_channels", 0)
     if channels:
         caps["multifd"] = True

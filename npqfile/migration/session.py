@@ -180,6 +180,7 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None) -
     dest = None
     dest_ram = None
     mf = recv = None            # multifd sender / in-process receiver
+    postcopy = None
     channel: Any = None
     f = None
     try:
@@ -194,7 +195,11 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None) -
                 add_guest_block(dest_ram, blk.name, blk.size)
             if params.multifd_channels:
                 mf, recv = multifd_inprocess(dest_ram, params, reader)
-            dest = Destination(dest_ram, machine=params.machine, hash_blocks=False, multifd=recv)
+            # postcopy: the guest goes on running its workload (a spec: a Workload object
+            # is the source's own) on the destination after RUN
+            spec = cfg.workload if isinstance(cfg.workload, str) else None
+            guest = make_workload(spec, seed=cfg.seed + 1) if spec and params.postcopy_after is not None else None
+            dest = Destination(dest_ram, machine=params.machine, hash_blocks=False, multifd=recv, guest=guest)
             dest.start(reader)
         else:
             channel = open_channel(to, "w")
@@ -217,10 +222,14 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None) -
             st.compression = {"method": "zlib", "level": comp.level, "where": "pages",
                               "pages": st.ram.compressed_pages, "bytes-out": st.ram.compressed_bytes}
         src_hashes = engine.switchover_hashes or None
-        if st.status == "completed" and cfg.verify and src_hashes is None and to != "inprocess":
+        postcopy = engine.postcopy
+        if st.status == "completed" and cfg.verify and src_hashes is None and (to != "inprocess" or postcopy):
             src_hashes = block_hashes(ram)
         if remote and cfg.verify:
-            st.verification = _remote_verdict(f, st, src_hashes if cfg.verify else None)
+            st.verification = _remote_verdict(f, st, src_hashes if cfg.verify else None,
+                                              postcopy.return_path if postcopy else None)
+        if postcopy is not None:
+            postcopy.close()
         ret = f.close()
         if ret < 0 and st.status == "completed":
             # qemu_fclose's result: e.g. an exec: command that failed after reading
@@ -236,6 +245,9 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None) -
             st.destination = res.as_dict()
             if res.status != "completed" and cfg.verify and st.status != "cancelled":
                 st.verification = destination_failed("compare", res.error)
+            elif st.status == "completed" and cfg.verify and postcopy is not None and postcopy.active:
+                # the destination's guest changed its RAM: compare RAM as it was received
+                st.verification = _compare_hashes(src_hashes, res.hashes)
             elif st.status == "completed" and cfg.verify:
                 st.verification = _compare(ram, dest_ram, src_hashes)
         elif to.startswith("file:") and st.status == "completed" and cfg.verify:
@@ -255,15 +267,18 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None) -
             mf.close(abort=True)            # a no-op after the engine closed it
         if recv is not None:
             recv.close()
+        if postcopy is not None:
+            postcopy.close()            # its return-path thread and socket reference too
         if dest is not None:
             dest.join(VERIFY_TIMEOUT)
         if dest_ram is not None:
             dest_ram.close()
 
 
-def _remote_verdict(f: QEMUFile, st: MigrationStats, src_hashes: dict | None) -> dict:
+def _remote_verdict(f: QEMUFile, st: MigrationStats, src_hashes: dict | None, rp: QEMUFile | None = None) -> dict:
     """Half-close our side, then read the destination's verification message (after a
-    failed run too, briefly: it may say why the destination gave up)."""
+    failed run too, briefly: it may say why the destination gave up) from ``rp`` (postcopy's
+    return path, already read up to SHUT) or a new return path."""
     failed = st.status != "completed"
     if st.status == "cancelled":
         return {}
@@ -273,7 +288,7 @@ def _remote_verdict(f: QEMUFile, st: MigrationStats, src_hashes: dict | None) ->
             if finish is not None:
                 finish()            # the zstd frame ends before our half of the connection
             f.channel.shutdown(False, True)
-        rp = f.get_return_path()
+        rp = rp or f.get_return_path()
         if rp is None:
             return {"method": None, "ok": None, "note": "no return path"}
         try:

@@ -105,6 +105,7 @@ class MigrationStats:
     workload: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
     multifd: dict = field(default_factory=dict)     # multifd-bytes and per-channel counts (multifd runs)
+    postcopy: dict = field(default_factory=dict)    # source's postcopy statistics (postcopy.py)
 
     @property
     def transferred(self) -> int:
@@ -252,6 +253,13 @@ class MigrationStats:
         if self.params.get("auto_converge"):
             # query-migrate shows it while throttling; after the run: the last value
             out["cpu-throttle-percentage"] = self.cpu_throttle_percentage
+        if self.postcopy:
+            out["ram"]["postcopy-requests"] = self.postcopy.get("postcopy-requests", 0)
+            out["ram"]["postcopy-bytes"] = self.postcopy.get("postcopy-bytes", 0)
+            dst = self.destination.get("postcopy") or {}
+            if "postcopy-blocktime" in dst:        # QEMU reports it on the destination
+                out["postcopy-blocktime"] = dst["postcopy-blocktime"]
+            out["npqfile"]["postcopy"] = self.postcopy     # the destination's: npqfile.destination.postcopy
         if self.xbzrle_cache_size:
             out["xbzrle-cache"] = self._xbzrle_dict(r)
         return out

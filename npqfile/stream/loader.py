@@ -38,6 +38,7 @@ from npqfile.stream.constants import (
 )
 from npqfile.channels import MemoryReader
 from npqfile.qemufile import QEMUFile
+from npqfile.stream.constants import MIG_CMD_POSTCOPY_RUN
 from npqfile.stream.device_tail import read_device_tail
 from npqfile.stream.devices import BUILTIN_VMDESC
 from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES, RAMLoader
@@ -106,7 +107,7 @@ class LoadResult:
 
 class _Loader:
     def __init__(self, f, ram, *, vmdesc, vmdesc_offset, max_ram_bytes, capabilities, decode_devices, partial_ok,
-                 device_tail_bytes, max_ram_name):
+                 device_tail_bytes, max_ram_name, postcopy=None):
         self.r = StreamReader(f)
         self.res = LoadResult()
         self.devices = device_index(vmdesc)
@@ -121,6 +122,8 @@ class _Loader:
         self.device_tail_bytes = device_tail_bytes
         self.deferred = False                     # reading from a kept device tail
         self.footers_seen = False
+        self.postcopy = postcopy                  # acts on commands (npqfile.migration.postcopy_ram)
+        self.postcopy_run = False
 
     # -- top level ---------------------------------------------------------------------
     def run(self) -> LoadResult:
@@ -170,7 +173,8 @@ class _Loader:
             elif t in (QEMU_VM_SECTION_PART, QEMU_VM_SECTION_END):
                 self._section_part_end(t, at)
             elif t == QEMU_VM_COMMAND:
-                self._command(at, depth)
+                if self._command(at, depth) and depth:
+                    return      # POSTCOPY_RUN ends the package (QEMU's LOADVM_QUIT)
             else:
                 raise r.error(f"Unknown savevm section type {t}")
 
@@ -301,7 +305,9 @@ class _Loader:
         return True
 
     # -- commands ----------------------------------------------------------------------------
-    def _command(self, at: int, depth: int) -> None:
+    def _command(self, at: int, depth: int) -> bool:
+        """One command; returns True for POSTCOPY_RUN (after which QEMU's loader quits the
+        package it is in: a postcopy package holds LISTEN, devices, PING and RUN, no EOF)."""
         r = self.r
         cmd = r.be16("a command number")
         n = r.be16("a command length")
@@ -331,8 +337,13 @@ class _Loader:
             self.res.commands.append(entry)
         else:
             self.res.commands_not_listed += 1
+        if self.postcopy is not None:
+            self.postcopy.command(cmd, data, self)   # acts on it (return path, discard, listen, run)
         if cmd == MIG_CMD_PACKAGED:
             self._packaged(struct.unpack(">I", data)[0], depth)
+        if cmd == MIG_CMD_POSTCOPY_RUN:
+            self.postcopy_run = True
+        return cmd == MIG_CMD_POSTCOPY_RUN
 
     def _discard(self, data: bytes) -> dict:
         """POSTCOPY_RAM_DISCARD: u8 version 0, counted name, u8 0, then (be64 start, be64 len) pairs."""
@@ -363,6 +374,8 @@ class _Loader:
     def _vmdesc_after_eof(self) -> None:
         r, res = self.r, self.res
         r.section = None
+        if self.postcopy_run:
+            return      # QEMU sends no vmdesc in postcopy, and its source now waits for SHUT
         at = r.begin()
         t = r.peek_u8()
         if t is None:
@@ -389,7 +402,7 @@ class _Stop(Exception):
 def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None, vmdesc_offset: int | None = None,
                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, capabilities: tuple[str, ...] | list[str] = (),
                 decode_devices: bool = False, partial_ok: bool = False, device_tail_bytes: int = 0,
-                max_ram_name: str = "max_ram_bytes", on_multifd_flush=None) -> LoadResult:
+                max_ram_name: str = "max_ram_bytes", on_multifd_flush=None, postcopy: Any = None) -> LoadResult:
     """Read a whole migration stream from the readable QEMUFile ``f``.
 
     ``ram``: the destination (each declared block must exist with the same size), or
@@ -405,12 +418,15 @@ def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None, v
     sections with it (0: stop there, as for a file whose vmdesc was not found).
     ``on_multifd_flush(offset, eos=False)``: called at each MULTIFD_FLUSH record and
     (``eos=True``) each RAM EOS (a multifd destination syncs its channels there).
-    Returns a :class:`LoadResult`.  Raises StreamError for a malformed stream, or for a
+    ``postcopy``: an object whose ``command(cmd, payload, loader)`` acts on each command
+    as a destination must (``npqfile.migration.postcopy_ram.PostcopyIncoming``); None
+    only reads them.  Returns a :class:`LoadResult`.  Raises StreamError for a malformed stream, or for a
     section that cannot be sized unless ``partial_ok``.
     """
     loader = _Loader(f, ram, vmdesc=vmdesc, vmdesc_offset=vmdesc_offset, max_ram_bytes=max_ram_bytes,
                      capabilities=tuple(capabilities), decode_devices=decode_devices, partial_ok=partial_ok,
-                     device_tail_bytes=device_tail_bytes, max_ram_name=max_ram_name)
+                     device_tail_bytes=device_tail_bytes, max_ram_name=max_ram_name,
+                     postcopy=postcopy)
     loader.ram.on_multifd_flush = on_multifd_flush
     try:
         return loader.run()

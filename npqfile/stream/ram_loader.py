@@ -85,6 +85,10 @@ class RAMLoader:
         self.last_recv_block: _Dest | None = None
         self.stats = RAMStats()
         self.on_multifd_flush = None    # multifd destination: (offset, eos=False) at MULTIFD_FLUSH and EOS
+        # In postcopy (after LISTEN) pages are placed atomically through this object's
+        # place_page(block, offset, data) / place_zero(block, offset, fill), never written
+        # directly: the guest may be running on them (npqfile.migration.postcopy)
+        self.placer = None
 
     def release_views(self) -> None:
         """Drop the loader's views of the destination, so its owner can close the blocks."""
@@ -105,7 +109,7 @@ class RAMLoader:
         continue_page = RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE
         while True:
             r.begin()
-            if r.limit is None:
+            if r.limit is None and self.placer is None:
                 # The hot path, inlined: one header and one page per normal record.
                 hdr = get_be64()
                 if get_error():
@@ -124,11 +128,18 @@ class RAMLoader:
             kind = flags & ~RAM_SAVE_FLAG_CONTINUE
             if kind == RAM_SAVE_FLAG_PAGE:
                 dest = self._block_from_stream(r, flags, addr)
-                r.read_into(dest.view[addr:addr + ps], "a page")
+                if self.placer is None:
+                    r.read_into(dest.view[addr:addr + ps], "a page")
+                else:
+                    self.placer.place_page(dest.block, addr, r.read(ps, "a page"))
                 st.normal_pages += 1
             elif kind == RAM_SAVE_FLAG_ZERO:
                 dest = self._block_from_stream(r, flags, addr)
-                self._handle_zero(dest, addr, r.u8("a zero page's fill byte"))
+                fill = r.u8("a zero page's fill byte")
+                if self.placer is None:
+                    self._handle_zero(dest, addr, fill)
+                else:
+                    self.placer.place_zero(dest.block, addr, fill)
                 st.zero_pages += 1
             elif kind == RAM_SAVE_FLAG_EOS:
                 if self.on_multifd_flush is not None:
@@ -136,6 +147,9 @@ class RAMLoader:
                 break
             elif kind == RAM_SAVE_FLAG_MEM_SIZE:
                 self._parse_ramblocks(r, addr)
+            elif kind in (RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_COMPRESS_PAGE) and self.placer is not None:
+                # ram_load_postcopy places whole pages only (QEMU refuses XBZRLE there too)
+                raise r.error(f"Unknown combination of migration flags: {flags:#x} (in postcopy)")
             elif kind == RAM_SAVE_FLAG_XBZRLE:
                 self._load_xbzrle(r, self._block_from_stream(r, flags, addr), addr)
             elif kind == RAM_SAVE_FLAG_COMPRESS_PAGE:

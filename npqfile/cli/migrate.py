@@ -83,6 +83,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dirty-rate", help="override the workload's rate (pages/s, or 50MB/s)")
     g.add_argument("--seed", type=int, default=1, help="seed of contents and workload (>= 0)")
     m = p.add_argument_group("migration (QEMU parameters and capabilities)")
+    m.add_argument("--engine", choices=("simulator", "qemu", "both"), default="simulator",
+                   help="simulator (default), qemu (real QEMU runs the scenario on a guest that writes like "
+                        "the workload) or both (side by side, with relative differences)")
+    m.add_argument("--qemu", default=None, metavar="PATH|VERSION",
+                   help="QEMU for --engine qemu/both: a binary or 7.2 / 10.0 (default $NPQFILE_QEMU, else PATH)")
     m.add_argument("--to", default=None, metavar="URI",
                    help="destination: tcp:HOST:PORT, unix:PATH, file:PATH, exec:CMD, null: "
                         "(default: in this process over a socketpair)")
@@ -216,7 +221,8 @@ def config_from_args(args: argparse.Namespace) -> MigrationConfig:
     workload = args.workload if args.dirty_rate is None else with_rate(args.workload, args.dirty_rate)
     return MigrationConfig(size=parse_size(args.size), block=args.block, init=args.init, workload=workload,
                            seed=args.seed, to=args.to, compress=args.compress, verify=not args.no_verify,
-                           params=params, peer=args.peer, stall_timeout=args.stall_timeout)
+                           params=params, peer=args.peer, stall_timeout=args.stall_timeout,
+                           engine=args.engine, qemu=args.qemu)
 
 
 def _progress_display(quiet: bool):
@@ -302,7 +308,8 @@ def _summary(st: MigrationStats, out) -> None:
 
     d = st.as_dict()
     r, x = d["ram"], d["npqfile"]
-    t = Table(title=summary_title(st), show_header=False)
+    engine = f" (QEMU {d['qemu'].get('version')})" if "qemu" in d else ""
+    t = Table(title=f"{summary_title(st)}{engine}", show_header=False)
     t.add_column("what", style="bold")
     t.add_column("value", justify="right")
     ver = st.verification
@@ -312,21 +319,25 @@ def _summary(st: MigrationStats, out) -> None:
         ("transferred (RAM)", f"{format_bytes(r['transferred'])} ({r['transferred']} B)"
                               + ("" if x["transferred-queued"] == r["transferred"]
                                  else f"; {x['transferred-queued']} B queued")),
-        ("stream bytes", f"{format_bytes(x['stream-bytes'])} ({x['stream-bytes']} B)"),
+        ("stream bytes", "n/a" if x["stream-bytes"] is None       # the QEMU engine: not reported
+         else f"{format_bytes(x['stream-bytes'])} ({x['stream-bytes']} B)"),
         ("pages normal / duplicate", f"{r['normal']} / {r['duplicate']}"),
         ("pages xbzrle / compressed", f"{x['pages']['xbzrle']} / {x['pages']['compressed']}"),
         ("dirty sync count", str(r["dirty-sync-count"])), ("dirty pages rate", f"{r['dirty-pages-rate']:.0f} pages/s"),
         ("mbps", f"{r['mbps']:.1f} Mbit/s (last window {x['last-window-mbps']:.1f})"),
         ("pages per second", f"{r['pages-per-second']:.0f}"),
-        ("source RSS before / after", f"{format_bytes(x['rss-before'])} / {format_bytes(x['rss-after'])}"),
+        ("source RSS before / after", "n/a" if x["rss-before"] is None
+         else f"{format_bytes(x['rss-before'])} / {format_bytes(x['rss-after'])}"),
         ("verification", verification_text(ver)),
         *_postcopy_rows(d),
     ]
-    rows.insert(-1, ("released (freed / advised)",
-                     f"{format_bytes(x['released-bytes'])} / {format_bytes(x['release-advised-bytes'])}"))
+    if x["released-bytes"] is not None:          # the QEMU engine does not measure it
+        rows.insert(-1, ("released (freed / advised)",
+                         f"{format_bytes(x['released-bytes'])} / {format_bytes(x['release-advised-bytes'])}"))
     if st.release:
         rel = st.release
-        rows.append(("release-ram", f"{format_bytes(rel['released-bytes'])} after the verdict" if rel["when"]
+        when = {"after-verdict": "after the verdict", "postcopy": "once sent (postcopy)"}.get(rel["when"])
+        rows.append(("release-ram", f"{format_bytes(rel['released-bytes'])} {when}" if when
                      else f"nothing released: {rel['reason']}"))
     if "cpu-throttle-percentage" in d:
         steps = " -> ".join(str(e["cpu-throttle-percentage"]) for e in x["throttle-events"]) or "never throttled"
@@ -392,14 +403,19 @@ def _run_sweep(cfg: MigrationConfig, args: argparse.Namespace) -> int:
         from rich.table import Table
 
         t = Table(title="sweep")
-        for col in ["case", *names, "status", "total ms", "downtime ms", "syncs", "converged", "outcome",
-                    "verified", "files"]:
+        # --engine both: each result cell is "simulator / QEMU"
+        sides = [""] if cfg.engine != "both" else ["", "qemu-"]
+        both = " sim / QEMU" if len(sides) > 1 else ""
+        for col in ["case", *names, *[c + both for c in ("status", "total ms", "downtime ms", "syncs", "converged",
+                                                         "outcome", "verified")], "files"]:
             t.add_column(col, justify="right")
         for row in rows:
-            t.add_row(str(row["case"]), *[row[n] for n in names], row["status"],
-                      f"{row.get('total-time', 0):.0f}", f"{row.get('downtime', 0):.1f}",
-                      str(row.get("dirty-sync-count", "")), "yes" if row.get("converged") else "no",
-                      str(row.get("outcome")), str(row.get("verified")), " ".join(row.get("files") or []))
+            per_side = [[str(row.get(side + "status")), f"{row.get(side + 'total-time', 0):.0f}",
+                         f"{row.get(side + 'downtime', 0):.1f}", str(row.get(side + "dirty-sync-count", "")),
+                         "yes" if row.get(side + "converged") else "no", str(row.get(side + "outcome")),
+                         str(row.get(side + "verified"))] for side in sides]
+            t.add_row(str(row["case"]), *[row[n] for n in names],
+                      *[" / ".join(cells) for cells in zip(*per_side)], " ".join(row.get("files") or []))
         console = Console()
         if not console.is_terminal:
             console = Console(width=100000)     # a pipe or file: every column in full
@@ -482,6 +498,10 @@ def run(args: argparse.Namespace) -> int:
         return _run_sweep(cfg, args)
     if args.cluster or args.scheduler_file:
         raise ValueError("--cluster and --scheduler-file run sweeps: add --sweep PARAM=V1,V2,...")
+    if cfg.engine == "both":
+        from npqfile.migration.compare import run_and_report
+        return run_and_report(cfg, args, _pause_hook(args.pause_before_switchover)
+                              if args.pause_before_switchover is not None else None)
     # --to fd:1 > snap.bin: stdout carries the stream (and the channel closes the fd
     # at the end), so the report goes to stderr; fd:2 likewise sends it to stdout
     stream_fd = _stream_fd(cfg.to)

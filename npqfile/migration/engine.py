@@ -207,6 +207,8 @@ class MigrationEngine:
         self._sync_t = 0.0              # start of the current dirty-rate period
         self.throttle = self.params.auto_converge_state()   # auto-converge (None when off)
         self._rate_pages = 0            # pages dirtied in it
+        self._rate_known = False        # QEMU: dirty_pages_rate set (a sync after >= 1 s)
+        self._remaining_at_sync = 0     # QEMU: ram_counters.remaining (bytes dirty at the last sync)
         # ram.transferred accounting: RAM-section bytes QEMU does not count (the setup
         # records and the END section's EOS), and per RAM section (stream offset of its
         # payload, counted bytes before it) to tell the bytes written from those queued
@@ -249,6 +251,7 @@ class MigrationEngine:
         self._ram_se = ram_entry(p.qemu_version)
         st.xbzrle_cache_size = p.xbzrle_cache_size
         st.rss_before = resident_bytes(self.ram)
+        st.expected_downtime = p.downtime_limit     # migrate_fd_connect
         self._freed0 = freed_bytes(self.ram)
         self.t0 = time.monotonic()
         if p.sample_rss:
@@ -303,7 +306,6 @@ class MigrationEngine:
         st.remaining = self._dirty * st.page_size
         if st.switchover_time == 0.0:
             st.precopy_bytes = self._ram_counted()   # what was sent while the guest ran
-        st.expected_downtime = st.remaining / max(st.bandwidth, 1.0)
         self.f.shutdown()
 
     def _setup(self) -> None:
@@ -464,10 +466,12 @@ class MigrationEngine:
             # shorter than that reports the rate since the start
             self._rate_pages += new
             period = now - self._sync_t
+            self._rate_known |= period >= 1.0
             if period >= 1.0 or not self.stats.dirty_pages_rate:
                 self.stats.dirty_pages_rate = self._rate_pages / max(period, 1e-6)
                 self._sync_t, self._rate_pages = now, 0
         self.stats.dirty_sync_count += 1
+        self._remaining_at_sync = self._dirty * self.stats.page_size
         self.saver.generation = self.stats.dirty_sync_count
         self._progress()
 
@@ -577,7 +581,6 @@ class MigrationEngine:
         self.workload.set_throttle(0)               # cpu_throttle_stop
         st.switchover_time = stop_t - self.t0
         self._sample_rss(st.switchover_time)        # the RSS line reaches the switchover
-        st.expected_downtime = self._dirty * st.page_size / max(st.bandwidth, 1.0)
         if self.params.pause_before_switchover:
             st.status = "pre-switchover"
             self._progress()
@@ -630,6 +633,12 @@ class MigrationEngine:
             self.stats.timeline.append((when, self.windows.f.ftell_fast(), resident_bytes(self.ram)))
 
     def _window_closed(self, windows: RateWindows) -> None:
+        # migration_update_counters: expected-downtime starts as downtime-limit and is
+        # re-estimated (dirty bytes at the last sync / window bandwidth) only once QEMU has
+        # a dirty-pages-rate (a sync period of >= 1 s) and the window sent > 10000 bytes
+        sent = windows.windows[-1].bytes if windows.windows else 0
+        if self._rate_known and sent > 10000 and windows.bandwidth > 0:
+            self.stats.expected_downtime = self._remaining_at_sync / windows.bandwidth
         self._sample_rss()
         self._progress()
 

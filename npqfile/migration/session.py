@@ -87,6 +87,8 @@ class MigrationConfig:
     params: MigrationParams = field(default_factory=MigrationParams)
     peer: str | None = None            # tcp:/unix: peer: npqfile (default, sends a verdict) or qemu
     stall_timeout: float = STALL_TIMEOUT   # seconds a tcp:/unix: peer may take no data / send no verdict
+    engine: str = "simulator"          # simulator | qemu (real QEMU: npqfile.migration.qemu_engine)
+    qemu: str | None = None            # the QEMU binary or version for engine "qemu"
 
 
 def fill_guest(ram: GuestRAM, init: str, seed: int) -> None:
@@ -158,7 +160,14 @@ def run_migration(cfg: MigrationConfig, *, on_progress: Callable[[dict], None] |
     ``stats.verification["ok"]`` is True when the destination matched the source at
     switchover, False on a mismatch, None when the transport cannot tell.  Raises
     ValueError for a bad config (release-ram where no verdict can come included),
-    OSError when the destination URI cannot be opened."""
+    OSError when the destination URI cannot be opened.  With ``cfg.engine == "qemu"``
+    real QEMU runs the scenario (``qemu_engine``)."""
+    if cfg.engine != "simulator":
+        if cfg.engine != "qemu" or ram is not None or workload is not None:
+            raise ValueError(f"engine {cfg.engine!r}: run_migration takes simulator or qemu (with its own "
+                             "guest); both engines: npqfile.migration.compare.run_both")
+        from npqfile.migration.qemu_engine import run_qemu_migration
+        return run_qemu_migration(cfg, on_progress=on_progress, pre_switchover=pre_switchover, events=events)
     comp = parse_compress(cfg.compress)
     params = cfg.params
     params.compress_level = comp.page_level

@@ -98,7 +98,7 @@ class MigrationStats:
     released_bytes: int = 0         # bytes advised (madvise / fallocate), reported as release-advised-bytes
     release_freed_bytes: int = 0    # of those, bytes that held memory and were freed: released-bytes
     release_unmeasured_bytes: int = 0   # advised where residency could not be read (not in freed)
-    release: dict = field(default_factory=dict)   # the release-ram record (see migration.release_ram)
+    release: dict | None = None     # the release-ram record (migration.release_ram; None: not applied)
     cpu_throttle_percentage: int = 0    # auto-converge: the throttle when pre-copy ended
     throttle_events: list = field(default_factory=list)   # throttle.ThrottleEvent, every change
     verification: dict = field(default_factory=dict)

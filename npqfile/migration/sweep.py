@@ -204,6 +204,11 @@ def run_case(cfg: MigrationConfig, events: str | None = None) -> dict[str, Any]:
     (the sweep turns them into a failed row)."""
     from npqfile.migration.events import EventWriter
 
+    if cfg.engine == "both":            # the simulator's columns, and QEMU's as qemu-* columns
+        from npqfile.migration.compare import run_both
+        both = run_both(cfg)
+        return {**_result(both.simulator, []), **{f"qemu-{k}": v for k, v in _result(both.qemu, []).items()
+                                                  if k != "files"}}
     files = []
     if events is None:
         st = run_migration(cfg)
@@ -214,6 +219,10 @@ def run_case(cfg: MigrationConfig, events: str | None = None) -> dict[str, Any]:
             writer.result(st.as_dict())
     if str(cfg.to).startswith("file:") and os.path.exists(cfg.to[len("file:"):]):
         files.insert(0, cfg.to[len("file:"):])
+    return _result(st, files)
+
+
+def _result(st: Any, files: list[str]) -> dict[str, Any]:
     d = st.as_dict()
     return {"status": st.status, "outcome": st.outcome, "converged": st.converged,
             "total-time": d["total-time"], "downtime": d["downtime"], "dirty-sync-count": st.dirty_sync_count,
@@ -235,9 +244,11 @@ def sweep_exit_status(rows: list[dict[str, Any]]) -> int:
     """A single run's exit rule over the rows: 1 when any case failed or did not match
     its destination, else 2 when any was cancelled, else 3 when any completed without
     a verdict (not verified), else 0."""
-    if any(r["status"] not in ("completed", "cancelled") or r.get("verified") is False for r in rows):
+    # --engine both: QEMU's side (qemu-status, qemu-verified) counts as well
+    sides = [(r[p + "status"], r.get(p + "verified")) for r in rows for p in ("", "qemu-") if p + "status" in r]
+    if any(status not in ("completed", "cancelled") or verified is False for status, verified in sides):
         return 1
-    if any(r["status"] == "cancelled" for r in rows):
+    if any(status == "cancelled" for status, _ in sides):
         return 2
     return 3 if any(r["status"] == "completed" and r.get("verified") is None for r in rows) else 0
 
@@ -372,7 +383,10 @@ def run_sweep(base: MigrationConfig, specs: list[str], jobs: int | None = None, 
     Raises ValueError for a bad sweep, a shared destination or a missing Dask, before
     any case runs."""
     cases = plan_sweep(base, specs, events)
-    workers = max(1, min(len(cases), jobs or os.cpu_count() or 1))
+    # real QEMU cases run one at a time unless --jobs says otherwise: parallel QEMUs
+    # would share the cores and the measurement
+    default_jobs = (os.cpu_count() or 1) if base.engine == "simulator" else 1
+    workers = max(1, min(len(cases), jobs or default_jobs))
     backend: Any = (_DaskBackend(cluster, scheduler_file, workers, cases) if cluster or scheduler_file
                     else _PoolBackend(workers))
     results: dict[int, dict[str, Any]] = {}

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 from npqfile.errors import FileError
+from npqfile.qemufile_offsets import FileOffsets
 from npqfile.qemufile_read import ReadSide
 from npqfile.qemufile_write import WriteSide, compress_bound
 
@@ -81,7 +82,7 @@ RAM_SAVE_CONTROL_DELAYED = -2000
 _LENGTH = operator.itemgetter(2)  # of an iovec entry
 
 
-class QEMUFile(WriteSide, ReadSide):
+class QEMUFile(WriteSide, ReadSide, FileOffsets):
     """A migration stream over ``channel``; see the module docstring.
 
     ``QEMUFile(channel)`` is ``qemu_fopen_ops``: writable when the channel has
@@ -95,7 +96,7 @@ class QEMUFile(WriteSide, ReadSide):
         "_channel", "_writable", "_io_buf_size", "_max_iov", "_buf", "_bufmv",
         "_buf_index", "_buf_size", "_iov", "_tail", "_has_free",
         "_pos", "_bytes_xfer", "_xfer_limit", "_last_error", "_error", "_hooks",
-        "_closed", "_no_puts", "_last_obj", "_last_root", "released_bytes", "release_errors", "_eof", "__weakref__",
+        "_closed", "_no_puts", "_xfer_adjust", "_last_obj", "_last_root", "released_bytes", "release_errors", "_eof", "__weakref__",
     )
 
     def __init__(self, channel: Any, *, io_buf_size: int = IO_BUF_SIZE, max_iov: int = MAX_IOV_SIZE,
@@ -126,6 +127,7 @@ class QEMUFile(WriteSide, ReadSide):
         self._has_free = False  # some queued iovec is may_free
         self._pos = 0  # start of buffer when writing, end of buffer when reading
         self._bytes_xfer = 0
+        self._xfer_adjust = 0  # ftell minus file position: bytes put at offsets, less offset jumps
         self._xfer_limit = 0
         self._last_error = 0
         self._error: FileError | None = None
@@ -262,13 +264,15 @@ class QEMUFile(WriteSide, ReadSide):
 
     def ftell_fast(self) -> int:
         """qemu_ftell_fast: bytes written plus bytes queued, without flushing."""
-        return self._pos + self._queued
+        return self._pos + self._queued + self._xfer_adjust
 
     def ftell(self) -> int:
         """qemu_ftell: flush, then the byte count the channel took (writers) or the
-        stream offset of the end of the read-ahead buffer (readers)."""
+        stream offset of the end of the read-ahead buffer (readers).  Like QEMU's
+        ``qemu_file_transferred``, bytes put at file offsets count and jumps of
+        ``set_offset`` do not (see ``qemufile_offsets``)."""
         self.fflush()
-        return self._pos
+        return self._pos + self._xfer_adjust
 
     def tell(self) -> int:
         """Logical stream offset of the next byte to put or get (not in QEMU: readers

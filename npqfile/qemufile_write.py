@@ -150,7 +150,10 @@ class WriteSide:
         """fflush's I/O: ``views`` (``expect`` bytes) in one ``writev``; records a failed
         or short write; releases may_free memory after a full one."""
         try:
-            ret = self._writev(views, expect)
+            try:
+                ret = self._channel.writev(views, self._pos)
+            except (BlockingIOError, InterruptedError) as exc:
+                ret = self._writev_again(views, exc)
         except OSError as exc:
             self.set_error(-(exc.errno or errno.EIO),
                            f"write of {expect} bytes at stream offset {self._pos} failed: {exc.strerror or exc}")
@@ -169,23 +172,25 @@ class WriteSide:
             elif self._has_free:
                 self._release_ram()
 
-    def _writev(self, views: list, expect: int) -> Any:
-        """The channel's ``writev``, retried as the read side retries ``readinto``: EINTR
-        at once, EAGAIN (a non-blocking channel) after waiting until it can take more.
-        The channel protocol says a raising writev wrote nothing, unless it reports
-        ``characters_written`` (as BlockingIOError does): those bytes are skipped.
-        Returns what the last call returned plus the bytes written before it."""
+    def _writev_again(self, views: list, exc: OSError) -> Any:
+        """The channel's ``writev`` raised EINTR or EAGAIN (``exc``): retry as the read
+        side retries ``readinto``, at once for EINTR, after waiting until the channel can
+        take more for EAGAIN (a non-blocking channel).  The channel protocol says a
+        raising writev wrote nothing, unless it reports ``characters_written`` (as
+        BlockingIOError does): those bytes are skipped.  Returns what the last call
+        returned plus the bytes written before it; other OSErrors propagate."""
         done = 0
         while True:
+            partial = getattr(exc, "characters_written", 0) or 0
+            if partial:
+                done += partial
+                views = _skip_bytes(views, partial)
+            if isinstance(exc, BlockingIOError):
+                self._wait_writable()
             try:
                 ret = self._channel.writev(views, self._pos + done)
-            except (BlockingIOError, InterruptedError) as exc:
-                partial = getattr(exc, "characters_written", 0) or 0
-                if partial:
-                    done += partial
-                    views = _skip_bytes(views, partial)
-                if isinstance(exc, BlockingIOError):
-                    self._wait_writable()
+            except (BlockingIOError, InterruptedError) as again:
+                exc = again
                 continue
             return ret + done if isinstance(ret, int) and done else ret
 

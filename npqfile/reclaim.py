@@ -283,17 +283,26 @@ def compare_configs(base: ReclaimConfig, backings: Sequence[str] = BACKINGS,
 _CONFIG_FIELDS = ("backing", "advice", "release", "size", "status", "error", "reason")
 
 
+def _hyphenated(d: dict) -> dict:
+    """``d`` with its keys in the JSON outputs' style (``rss_before`` -> ``rss-before``)."""
+    return {k.replace("_", "-"): v for k, v in d.items()}
+
+
 def _result_dict(r: ReclaimResult) -> dict:
     d = dataclasses.asdict(r)
     if r.status != "ok":
         d = {k: (v if k in _CONFIG_FIELDS else None) for k, v in d.items()}
-    return d
+    if d.get("samples") is not None:
+        d["samples"] = [_hyphenated(s) for s in d["samples"]]
+    return _hyphenated(d)
 
 
 def results_json(results: Sequence[ReclaimResult]) -> str:
-    """Return the results as a JSON document: ``{"kernel", "host_page_size", "results"}``.
-    Rows that did not run (``status`` unsupported or failed) have null measurements."""
-    doc = {"kernel": platform.release(), "host_page_size": HOST_PAGE_SIZE,
+    """Return the results as a JSON document: ``{"kernel", "host-page-size", "results"}``,
+    keys lowercase-hyphenated (``rss-before``, ``pages-released``...; described by
+    npqfile/schemas/reclaim.json).  Rows that did not run (``status`` unsupported or
+    failed) have null measurements."""
+    doc = {"kernel": platform.release(), "host-page-size": HOST_PAGE_SIZE,
            "results": [_result_dict(r) for r in results]}
     return json.dumps(doc, indent=2)
 

@@ -57,7 +57,7 @@ def test_save_then_analyze_json_and_extract_is_the_identity(tmp_path, capsys, ra
     assert (tmp_path / "x" / "pc.ram").read_bytes() == images["pc.ram"].tobytes()
     st = doc["ram"]["stats"]
     n_zero = sum(int((~p.any(axis=1)).sum()) for p in images.values())
-    assert st["zero_pages"] == n_zero and st["normal_pages"] == 36 - n_zero
+    assert st["duplicate"] == n_zero and st["normal"] == 36 - n_zero
     assert [p["type"] for p in st["parts"]] == ["start", "part", "end"]
     assert [s["idstr"] for s in doc["sections"]][-2:] == ["timer", "globalstate"]
 

@@ -26,12 +26,19 @@ def _analyze(*argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE) -> subprocess
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, bytes, bytes]:
+    """Wait for ``proc`` while its standard input stays open (communicate() would close
+    it: an old analyze spooling to EOF would then pass).  Its output is small."""
     try:
-        out, err = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.communicate()
+        proc.wait()
         raise AssertionError("analyze waited for the end of standard input") from None
+    out = proc.stdout.read() if proc.stdout and not proc.stdout.closed else b""
+    err = proc.stderr.read()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe and not pipe.closed:
+            pipe.close()
     return proc.returncode, out, err
 
 

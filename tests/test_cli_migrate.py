@@ -90,7 +90,9 @@ def test_summary_table_and_plot(tmp_path, capsys):
                "--plot", str(png)])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "downtime" in out and "sha256: equal" in out and "iterations" in out
+    assert "downtime" in out and "compare: equal" in out and "iterations" in out
+    assert "migration completed, verified: converged" in out
+    assert "8.0 MiB after the verdict" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -121,7 +123,7 @@ def test_sweep_runs_every_case(capsys):
                "--sweep", "downtime=100,300"])
     rows = json.loads(capsys.readouterr().out)
     assert rc == 0 and len(rows) == 4
-    assert {(r["bandwidth"], r["downtime"]) for r in rows} == {("0", "100"), ("0", "300"), ("40MB/s", "100"),
+    assert {(r["max-bandwidth"], r["downtime-limit"]) for r in rows} == {("0", "100"), ("0", "300"), ("40MB/s", "100"),
                                                                ("40MB/s", "300")}
     assert all(r["converged"] and r["verified"] for r in rows)
 
@@ -201,11 +203,14 @@ def test_compressed_stream_into_a_plain_destination_is_not_a_mismatch():
 def test_exec_transport_is_reported_unverified(tmp_path, capsys):
     out = tmp_path / "s.bin"
     rc, d = run_json(capsys, "--size", "2M", "--workload", "idle", "--to", f"exec:cat > {out}")
-    assert rc == 0 and d["npqfile"]["verification"] == {"method": None, "ok": None,
+    # completed, not verified: exit 3, said by the JSON and the table title too
+    assert rc == 3 and d["npqfile"]["verification"] == {"method": None, "ok": None,
                                                         "note": "exec: has no return path"}
+    assert d["status"] == "completed" and d["npqfile"]["completion"] == "not-verified"
     assert out.stat().st_size == d["npqfile"]["stream-bytes"]
-    assert main(["migrate", "--quiet", "--size", "2M", "--workload", "idle", "--to", "null:"]) == 0
-    assert "not verified (null: has no return path)" in capsys.readouterr().out
+    assert main(["migrate", "--quiet", "--size", "2M", "--workload", "idle", "--to", "null:"]) == 3
+    out = capsys.readouterr().out
+    assert "not verified (null: has no return path)" in out and "migration completed, NOT VERIFIED" in out
 
 
 def test_exec_command_failure_fails_the_migration(capsys):
@@ -221,7 +226,7 @@ def test_stream_on_stdout_puts_the_report_on_stderr(tmp_path):
         res = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--json", "--size", "2M", "--workload", "idle",
                               "--to", "fd:1"], stdout=out, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
                              timeout=60, check=False)
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 3, res.stderr         # completed, not verified (fd: has no return path)
     d = json.loads(res.stderr)
     assert snap.stat().st_size == d["npqfile"]["stream-bytes"] == expected_stream_bytes(d)
     assert main(["analyze", str(snap)]) == 0
@@ -261,16 +266,20 @@ def test_sweep_to_a_file_writes_one_file_per_case_and_plots(tmp_path, capsys):
     rc = main(["migrate", "--json", "--workload", "idle", "--to", f"file:{tmp_path / 'snap.bin'}",
                "--sweep", "size=2M,4M", "--plot", str(png), "--jobs", "2"])
     rows = json.loads(capsys.readouterr().out)
-    assert rc == 0 and [r["to"] for r in rows] == [f"file:{tmp_path / 'snap.1.bin'}", f"file:{tmp_path / 'snap.2.bin'}"]
+    names = ["snap.1.size=2M.bin", "snap.2.size=4M.bin"]      # each case's file is named after it
+    assert rc == 0 and [r["to"] for r in rows] == [f"file:{tmp_path / n}" for n in names]
     assert all(r["verified"] is True for r in rows)
-    sizes = [(tmp_path / f"snap.{i}.bin").stat().st_size for i in (1, 2)]
+    sizes = [(tmp_path / n).stat().st_size for n in names]
     assert sizes[1] > sizes[0] > 2 * MIB // 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # -- real QEMU -----------------------------------------------------------------------------
 
-def test_real_qemu_loads_a_live_migration_snapshot(tmp_path):
+@pytest.mark.parametrize("qemu_version, mapped_ram", [("7.2", False), ("10.0", False), ("10.0", True)])
+def test_real_qemu_loads_a_live_migration_snapshot(tmp_path, qemu_version, mapped_ram):
+    """A live migration to a file (dirtied pages re-sent; with mapped-ram rewritten in
+    place at their fixed offsets) is restored by real QEMU with the source's final RAM."""
     size = 16 * MIB
     snap = tmp_path / "snap.bin"
     ram = GuestRAM()
@@ -278,18 +287,211 @@ def test_real_qemu_loads_a_live_migration_snapshot(tmp_path):
     try:
         fill_guest(ram, "mixed", 5)
         cfg = MigrationConfig(size=size, to=f"file:{snap}",
-                              params=MigrationParams(max_bandwidth=50e6, downtime_limit=0.02))
+                              params=MigrationParams(max_bandwidth=50e6, downtime_limit=0.02,
+                                                     qemu_version=qemu_version, mapped_ram=mapped_ram))
         st = run_migration(cfg, ram=ram, workload=make_workload("hotset:rate=3000,hot=0.02,share=0.8"))
         assert st.status == "completed" and st.part_sections > 1 and st.verification["ok"] is True
+        assert len(st.iterations) > 1 or st.ram.normal_pages > size // 4096   # pages were sent again
         source_final = ram.block("ram").array.copy()
     finally:
         ram.close()
+    if mapped_ram:
+        # every page has one place in the file: re-sent pages did not make it grow
+        assert snap.stat().st_size < size + (2 << 20) and st.verification["on-disk-bytes"] < snap.stat().st_size
     ramfile = tmp_path / "ram.img"
     ramfile.write_bytes(b"\0" * size)
-    with QemuVM(tmp_path, ramfile, incoming=True, size=size) as vm:
-        vm.cmd("migrate-incoming", uri=f"exec:cat {snap}")
+    with QemuVM(tmp_path, ramfile, incoming=True, size=size, version=qemu_version) as vm:
+        if mapped_ram:
+            vm.cmd("migrate-set-capabilities", capabilities=[{"capability": "mapped-ram", "state": True}])
+        vm.cmd("migrate-incoming", uri=f"file:{snap}" if mapped_ram else f"exec:cat {snap}")
         vm.wait_migration()
         err = vm.stderr()
     loaded = np.fromfile(ramfile, dtype=np.uint8)
     assert np.array_equal(loaded, source_final)
     assert "Expected vmdescription" not in err
+
+
+# -- lifecycle: verdicts, stalls, cancellation, exit status -------------------------------
+
+def _drain_and_close(listener, reply: bytes = b"") -> None:
+    """A peer that reads the whole stream, optionally writes ``reply``, then closes:
+    what a QEMU destination (or a destination that died at the end) looks like."""
+    conn, _ = listener.accept()
+    with conn:
+        while conn.recv(1 << 16):
+            pass
+        if reply:
+            conn.sendall(reply)
+
+
+@pytest.mark.parametrize("peer", [None, "qemu"])
+def test_a_peer_that_closes_without_a_verdict(peer, capsys):
+    import socket
+    import threading
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        t = threading.Thread(target=_drain_and_close, args=(listener,), daemon=True)
+        t.start()
+        port = listener.getsockname()[1]
+        argv = ["--size", "2M", "--workload", "idle", "--to", f"tcp:127.0.0.1:{port}", "--stall-timeout", "5"]
+        rc, d = run_json(capsys, *argv, *(["--peer", peer] if peer else []))
+        t.join(30)
+    x = d["npqfile"]
+    if peer is None:
+        # an npqfile destination that ends without its verdict: failed, never completed
+        assert rc == 1 and d["status"] == "failed" and x["completion"] is None
+        assert "closed the connection without its verdict" in x["outcome"] and x["verification"]["done"] is False
+    else:
+        # a QEMU destination sends none: completed, not verified, exit 3
+        assert rc == 3 and d["status"] == "completed" and x["completion"] == "not-verified"
+        assert x["verification"]["note"] == "the destination is QEMU (--peer qemu): no verdict"
+
+
+def test_peer_and_stall_timeout_are_checked_before_migrating(capsys):
+    assert main(["migrate", "--quiet", "--size", "1M", "--to", "null:", "--peer", "qemu"]) == 1
+    assert "--peer applies to tcp: and unix: destinations" in capsys.readouterr().err
+    assert main(["migrate", "--quiet", "--size", "1M", "--stall-timeout", "0"]) == 1
+    assert "--stall-timeout must be a positive number of seconds" in capsys.readouterr().err
+    assert main(["migrate", "--quiet", "--size", "1M", "--to", "null:", "--release-ram"]) == 1
+    err = capsys.readouterr().err
+    assert "--release-ram needs the destination's verdict" in err and "null:" in err
+    assert main(["incoming", "tcp:127.0.0.1:0", "--stall-timeout", "-1"]) == 1
+    assert "--stall-timeout must be a positive number of seconds" in capsys.readouterr().err
+
+
+def test_help_documents_the_exit_status():
+    out = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--help"], capture_output=True, text=True,
+                         env=ENV, cwd=ROOT, timeout=60, check=True).stdout
+    assert "exit status:" in out and "3    completed, not verified" in out and "130  cancelled by Ctrl-C" in out
+
+
+def test_machine_mismatch_fails_at_the_configuration_section():
+    from test_fault_injection import finish, start_incoming
+
+    proc, uri = start_incoming("--machine", "pc", ram=64 * MIB, stall=30)
+    try:
+        src = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--to", uri, "--size", "64M", "--init",
+                              "random", "--workload", "idle", "--json"],
+                             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120, check=False)
+    finally:
+        rc, out, err = finish(proc)
+    assert rc == 1 and "Machine type received is 'none' and local is 'pc'" in err
+    d = json.loads(src.stdout)
+    assert src.returncode == 1 and d["status"] == "failed" and d["npqfile"]["completion"] is None
+    assert "Machine type received is 'none'" in src.stderr
+    # the destination refused the stream at its start: the source stopped long before its end
+    assert d["npqfile"]["stream-bytes"] < 32 * MIB
+    assert json.loads(out)["bytes"] < 1024                       # header and configuration only
+
+
+def test_time_limit_cancels_a_source_blocked_on_a_stopped_destination():
+    import signal
+
+    from test_fault_injection import finish, start_incoming
+
+    proc, uri = start_incoming(ram=64 * MIB, stall=60)
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        src = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--to", uri, "--size", "64M", "--init",
+                              "random", "--workload", "idle", "--json", "--time-limit", "2",
+                              "--stall-timeout", "60"],
+                             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=50, check=False)
+    finally:
+        proc.kill()
+        finish(proc)
+    d = json.loads(src.stdout)
+    assert src.returncode == 2 and d["status"] == "cancelled" and d["npqfile"]["outcome"] == "time-limit"
+    assert d["npqfile"]["stream-bytes"] < 64 * MIB
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_ctrl_c_cancels_and_prints_the_cancelled_runs_summary(as_json):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "npqfile", "migrate", "--size", "8M", "--workload", "idle",
+                             "--pause-before-switchover", "60", "--release-ram",
+                             *(["--json"] if as_json else ["--quiet"])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith("pre-switchover: guest stopped"), line
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "error: migration cancelled (interrupted)" in err and "Traceback" not in err
+    if as_json:
+        d = json.loads(out)
+        assert d["status"] == "cancelled" and d["npqfile"]["outcome"] == "cancelled"
+        assert d["npqfile"]["release-ram"]["released-bytes"] == 0
+        assert d["npqfile"]["stream-bytes"] > 0
+    else:
+        assert "migration cancelled: cancelled" in out and "nothing released" in out
+
+
+def test_ctrl_c_wakes_a_source_blocked_on_a_stopped_destination(capsys):
+    import signal
+    import threading
+    import time
+
+    from test_fault_injection import finish, start_incoming
+
+    proc, uri = start_incoming(ram=64 * MIB, stall=60)
+    proc.send_signal(signal.SIGSTOP)             # the source fills the socket, then blocks in sendmsg
+    sent = []
+
+    def interrupt_once_handled() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:       # migrate installs its SIGINT handler
+            if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+                time.sleep(0.5)
+                sent.append(True)
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.01)
+
+    t = threading.Thread(target=interrupt_once_handled, daemon=True)
+    t.start()
+    try:
+        rc = main(["migrate", "--json", "--quiet", "--to", uri, "--size", "64M", "--init", "random",
+                   "--workload", "idle", "--stall-timeout", "60", "--time-limit", "60"])
+    finally:
+        t.join(30)
+        proc.kill()
+        finish(proc)
+    captured = capsys.readouterr()
+    d = json.loads(captured.out)
+    assert sent and rc == 130 and d["status"] == "cancelled" and d["npqfile"]["outcome"] == "cancelled"
+    assert d["npqfile"]["stream-bytes"] < 64 * MIB and "migration cancelled (interrupted)" in captured.err
+
+
+@pytest.mark.parametrize("peer", ["qemu", None])
+def test_real_qemu_destination_is_completed_not_verified_only_when_declared(tmp_path, peer, capsys):
+    # a real QEMU -incoming sends no verdict: with --peer qemu the run is "completed, not
+    # verified" (exit 3); taken for an npqfile destination, its silence is a failure
+    size = 16 * MIB
+    ramfile = tmp_path / "ram.img"
+    ramfile.write_bytes(b"\0" * size)
+    sock = tmp_path / "mig.sock"
+    with QemuVM(tmp_path, ramfile, incoming=True, size=size) as vm:
+        vm.cmd("migrate-incoming", uri=f"unix:{sock}")
+        rc, d = run_json(capsys, "--size", "16M", "--workload", "idle", "--to", f"unix:{sock}",
+                         "--stall-timeout", "5", *(["--peer", "qemu"] if peer else []))
+        vm.wait_migration()
+    x = d["npqfile"]
+    if peer:
+        assert rc == 3 and d["status"] == "completed" and x["completion"] == "not-verified"
+    else:
+        assert rc == 1 and d["status"] == "failed" and x["completion"] is None
+        assert "closed the connection without its verdict" in x["outcome"] or "no verdict" in x["outcome"]
+
+
+def test_sweep_without_a_verdict_exits_3_like_a_single_run(capsys):
+    rc = main(["migrate", "--json", "--quiet", "--workload", "idle", "--to", "null:", "--sweep", "size=1M,2M",
+               "--jobs", "1"])
+    rows = json.loads(capsys.readouterr().out)
+    assert rc == 3 and [r["status"] for r in rows] == ["completed", "completed"]
+    assert all(r["verified"] is None for r in rows)

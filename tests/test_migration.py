@@ -133,11 +133,14 @@ def test_compression(compress):
         assert st.compression["bytes-in"] == st.stream_bytes
 
 
-def test_release_ram_frees_the_source_and_verifies_by_hash():
+def test_release_ram_frees_the_source_after_the_destinations_verdict():
     st = migrate(workload="hotset:rate=2000,hot=0.01", release_ram=True)
-    assert st.status == "completed" and st.verification["method"] == "sha256" and st.verification["ok"] is True
-    assert st.released_bytes > 0
-    assert st.rss_after < st.rss_before
+    assert st.status == "completed" and st.verification["ok"] is True
+    assert st.released_bytes == 16 * MIB and st.rss_after == 0 < st.rss_before
+    rel = st.as_dict()["npqfile"]["release-ram"]
+    assert rel["enabled"] and rel["released-bytes"] == rel["release-advised-bytes"] == 16 * MIB
+    assert rel["when"] == "after-verdict"
+    assert rel["reason"].startswith("the destination's verdict: RAM equal")
 
 
 def test_pause_before_switchover_writes_are_migrated():
@@ -343,7 +346,9 @@ def test_failed_write_counts_only_bytes_the_channel_took():
     assert d["ram"]["transferred"] == st.transferred and d["npqfile"]["transferred-queued"] == st.ram_queued
 
 
-def test_release_ram_releases_zero_pages_of_the_final_pass(monkeypatch):
+def test_release_ram_releases_nothing_before_the_verdict(monkeypatch):
+    # the old engine released clean pages at switchover and the final pages as they
+    # were written: a destination dying after that took the only copy with it
     ram = GuestRAM()
     ram.add_block("ram", 4 * MIB)
     block = ram.block("ram")
@@ -354,24 +359,99 @@ def test_release_ram_releases_zero_pages_of_the_final_pass(monkeypatch):
         releases.append((offset, length))
         return real(self, offset, length, *args)
 
-    def write_while_stopped(engine):
-        block.fill(np.arange(100, 164), 0)           # 64 zero pages: sent as ZERO records
-        block.fill(np.arange(300, 310), 7)           # and some data pages
+    seen = []
+
+    def progress(info):
+        if info["status"] == "wait-verdict":          # the last byte is written
+            seen.append(list(releases))
 
     monkeypatch.setattr(type(block.mmap), "release_pages", record)
     try:
-        fill_guest(ram, "random", 3)
+        fill_guest(ram, "mixed", 3)
         cfg = MigrationConfig(size=4 * MIB, params=MigrationParams(release_ram=True, pause_before_switchover=True))
-        st = run_migration(cfg, ram=ram, workload=Workload(), pre_switchover=write_while_stopped)
+        st = run_migration(cfg, ram=ram, workload=Workload(), on_progress=progress,
+                           pre_switchover=lambda engine: block.fill(np.arange(100, 164), 0))
         assert st.status == "completed" and st.verification["ok"] is True
-        assert st.iterations[-1].final and st.iterations[-1].dirty_pages >= 74
-        assert st.rss_after == 0                     # zero pages too, not only data pages
-        # the 64 adjacent zero pages went in one coalesced release, not one per page
-        assert (100 * PS, 64 * PS) in releases
-        # every page released once: released bytes never exceed the RAM
-        assert st.released_bytes <= 4 * MIB
+        assert seen == [[]]                           # nothing released before the verdict
+        assert releases == [(0, 4 * MIB)] and st.rss_after == 0   # then all of it, one run
     finally:
         ram.close()
+
+
+@pytest.mark.parametrize("to", ["null:", "exec:cat > /dev/null", "file:/nonexistent/x.bin"])
+def test_release_ram_is_refused_where_no_verdict_can_come(to):
+    with pytest.raises(ValueError, match=f"--release-ram needs the destination's verdict.*{to.split(':')[0]}:"):
+        migrate(size=1 * MIB, to=to, release_ram=True)
+    with pytest.raises(ValueError, match="--peer qemu"):
+        run_migration(MigrationConfig(size=MIB, to="tcp:127.0.0.1:9", peer="qemu",
+                                      params=MigrationParams(release_ram=True)))
+    with pytest.raises(ValueError, match="--no-verify"):
+        run_migration(MigrationConfig(size=MIB, verify=False, params=MigrationParams(release_ram=True)))
+
+
+def test_cancelled_run_keeps_the_source_ram_and_says_why_nothing_was_released():
+    from npqfile.migration.control import MigrationControl
+
+    ram = GuestRAM()
+    ram.add_block("ram", 8 * MIB)
+    try:
+        fill_guest(ram, "mixed", 5)
+        before = ram.block("ram").sha256()
+        with MigrationControl() as control:
+            def progress(info):
+                if info["status"] == "active" and info["bytes"] > MIB:
+                    control.cancel()
+            cfg = MigrationConfig(size=8 * MIB, params=MigrationParams(release_ram=True, max_bandwidth=20e6,
+                                                                       downtime_limit=0.001))
+            st = run_migration(cfg, ram=ram, workload=Workload(), on_progress=progress, control=control)
+        assert st.status == "cancelled" and st.outcome == "cancelled"
+        assert ram.block("ram").sha256() == before and st.released_bytes == 0
+        rel = st.as_dict()["npqfile"]["release-ram"]
+        assert rel == {"enabled": True, "released-bytes": 0, "release-advised-bytes": 0, "when": None, "time-ms": None,
+                       "reason": "a cancelled migration releases nothing: the source keeps its RAM"}
+    finally:
+        ram.close()
+
+
+def test_release_rule_for_each_phase():
+    from npqfile.migration.release_ram import AFTER_VERDICT, POSTCOPY, PRECOPY, may_release
+
+    assert may_release(PRECOPY)[0] is False
+    assert may_release(POSTCOPY)[0] is True
+    assert may_release(AFTER_VERDICT, {"ok": True, "method": "sha256"})[0] is True
+    assert may_release(AFTER_VERDICT, {"ok": False, "error": "x"})[0] is False
+    assert may_release(AFTER_VERDICT, {"ok": None})[0] is False
+    assert may_release(AFTER_VERDICT, None)[0] is False
+    with pytest.raises(ValueError):
+        may_release("later")
+
+
+def test_cancel_wakes_a_source_blocked_on_a_peer_that_reads_nothing():
+    # migrate_cancel shuts the QEMUFile down: a sendmsg blocked on a full socket wakes
+    import socket
+    import threading
+
+    from npqfile.channels import SocketChannel
+    from npqfile.migration.engine import MigrationEngine
+    from npqfile.qemufile import QEMUFile
+
+    a, b = socket.socketpair()                        # b is never read: a stalled peer
+    ram = GuestRAM()
+    ram.add_block("ram", 32 * MIB)
+    try:
+        fill_guest(ram, "random", 1)
+        engine = MigrationEngine(ram, QEMUFile(SocketChannel(a, "w")), Workload())
+        out = []
+        t = threading.Thread(target=lambda: out.append(engine.run()), daemon=True)
+        t.start()
+        threading.Timer(0.3, engine.cancel).start()
+        t.join(60)
+        assert not t.is_alive(), "cancel() did not wake the blocked send"
+        assert out[0].status == "cancelled" and out[0].outcome == "cancelled"
+    finally:
+        b.close()
+        if not t.is_alive():
+            ram.close()
 
 
 def test_release_ram_counts_each_page_once_with_zero_and_data_pages_in_the_final_pass():
@@ -386,9 +466,9 @@ def test_release_ram_counts_each_page_once_with_zero_and_data_pages_in_the_final
 
 @pytest.mark.parametrize("detect", [True, False])
 def test_final_pass_zero_pages_are_released_once(detect):
-    # zero pages written while the guest is stopped go in the final pass: as ZERO
-    # records (released by the engine) or, without detection, as normal pages
-    # (released by QEMUFile) -- never both
+    # zero pages written while the guest is stopped go in the final pass (as ZERO
+    # records, or without detection as normal pages); the release after the verdict
+    # counts every page once
     ram = GuestRAM()
     ram.add_block("ram", 4 * MIB)
     try:
@@ -439,6 +519,8 @@ def test_sweep_destinations_and_repeated_parameters():
     from npqfile.migration.sweep import case_destination, parse_sweep
 
     assert case_destination("file:/tmp/x/snap.bin", 2) == "file:/tmp/x/snap.2.bin"
+    assert case_destination("file:/tmp/x/snap.bin", 2, "bandwidth=40MB/s,size=4M") == \
+        "file:/tmp/x/snap.2.bandwidth=40MB_s,size=4M.bin"
     assert case_destination(None, 1) is None and case_destination("null:", 3) == "null:"
     for uri in ("tcp:127.0.0.1:4444", "unix:/tmp/s", "exec:cat > f", "fd:5"):
         with pytest.raises(ValueError, match="cannot send its parallel cases"):
@@ -472,6 +554,22 @@ def test_bare_workload_kinds_write_and_sweep_takes_option_names():
     assert make_workload("hotset").rate > 0 and make_workload("uniform").rate > 0
     assert make_workload("idle").rate == 0
     cases = parse_sweep(["max-bandwidth=0,100MB/s", "downtime-limit=50"])
-    assert [[name for name, _ in case] for case in cases] == [["bandwidth", "downtime"]] * 2
+    assert [[name for name, _ in case] for case in cases] == [["max-bandwidth", "downtime-limit"]] * 2
     with pytest.raises(ValueError, match=r"bytes=5000 .* must be 1\.\.4096"):
         make_workload("hotset:bytes=5000")
+
+
+def test_which_peers_send_a_verdict():
+    from npqfile.migration.verdict import peer_of, verdict_wait
+
+    assert peer_of(None).sends_verdict and peer_of("inprocess").sends_verdict
+    assert peer_of("tcp:127.0.0.1:4444").sends_verdict and peer_of("unix:/tmp/s").kind == "npqfile"
+    qemu = peer_of("tcp:127.0.0.1:4444", "qemu")
+    assert not qemu.sends_verdict and qemu.why_no_verdict() == "a QEMU destination (--peer qemu) sends none"
+    for uri in ("file:/tmp/x", "exec:cat", "null:", "fd:3"):
+        assert not peer_of(uri).sends_verdict and peer_of(uri).why_no_verdict().endswith("cannot send one")
+    with pytest.raises(ValueError, match="--peer applies to tcp: and unix:"):
+        peer_of("exec:cat", "npqfile")
+    with pytest.raises(ValueError, match="--peer must be one of"):
+        peer_of("tcp:h:1", "libvirt")
+    assert verdict_wait(30.0, 64 << 20) == 31.0      # the stall timeout plus hashing at 64 MiB/s

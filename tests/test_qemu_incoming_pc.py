@@ -87,6 +87,12 @@ def test_real_qemu_pc_migrates_live_into_npqfile_incoming(tmp_path, version):
     finally:
         ref.ram.close()
     assert doc["hashes"] == expected
+    # the same stream through a pipe: analyze reads it as a stream (device tail, no spooling)
+    piped = subprocess.run(f"cat '{stream}' | '{sys.executable}' -m npqfile analyze - --json", shell=True,
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    report = json.loads(piped.stdout)
+    assert report["complete"] and {b["name"]: b["sha256"] for b in report["ram"]["blocks"]} == expected
     assert doc["hashes"]["pc.ram"] == hashlib.sha256(pattern.tobytes()).hexdigest()
     assert doc["machine"].startswith("pc-i440fx") or doc["machine"].startswith("pc-")
     assert any(name.startswith("/rom@etc/acpi") for name in doc["hashes"])

@@ -36,7 +36,7 @@ def test_compare_json_matrix(capsys, tmp_path):
                "--file-dir", str(tmp_path)])
     assert rc == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["host_page_size"] == 4096
+    assert doc["host-page-size"] == 4096
     rows = {(r["backing"], r["advice"]): r for r in doc["results"]}
     assert set(rows) == {(b, a) for b in BACKINGS for a in ("none", *ADVICES)}
     assert list(tmp_path.iterdir()) == []  # temporary backing files are removed
@@ -44,36 +44,36 @@ def test_compare_json_matrix(capsys, tmp_path):
     for (backing, advice), r in rows.items():
         if (backing, advice) in UNSUPPORTED:
             assert r["status"] == "unsupported" and r["reason"] in ("EINVAL", "no fd to punch"), r
-            assert r["rss_after"] is None and r["cached_pages_after"] is None   # not measured, not 0
+            assert r["rss-after"] is None and r["cached-pages-after"] is None   # not measured, not 0
             continue
         assert r["status"] == "ok", r
-        assert r["rss_before"] == SIZE and r["size"] == SIZE
-        assert r["bytes_sent"] == stream_size(SIZE)
+        assert r["rss-before"] == SIZE and r["size"] == SIZE
+        assert r["bytes-sent"] == stream_size(SIZE)
         assert [s["sent"] for s in r["samples"]] == [0, 1 << 20, 2 << 20, 3 << 20, 4 << 20]
-        assert r["readback_zero"] + r["readback_old"] + r["readback_other"] == PAGES
+        assert r["readback-zero"] + r["readback-old"] + r["readback-other"] == PAGES
         if advice == "none":
-            assert r["pages_released"] == 0 and r["rss_after"] == SIZE and r["readback"] == "old data"
+            assert r["pages-released"] == 0 and r["rss-after"] == SIZE and r["readback"] == "old data"
             continue
-        assert r["pages_released"] == PAGES and r["release_errors"] == 0
+        assert r["pages-released"] == PAGES and r["release-errors"] == 0
         if advice == DEFAULT_ADVICE[backing]:
             # the real primitive: the mapping is empty, released pages read back as zero
-            assert r["rss_after"] == 0 and r["resident_pages_after"] == 0 and r["readback"] == "zero", r
+            assert r["rss-after"] == 0 and r["resident-pages-after"] == 0 and r["readback"] == "zero", r
             if backing != "file":  # ext4 keeps large folios that per-flush punches only partly cover
-                assert r["cached_pages_after"] == 0, r
-            assert r["rss_peak"] == SIZE
+                assert r["cached-pages-after"] == 0, r
+            assert r["rss-peak"] == SIZE
 
     # what the other advices really do (F4)
-    assert rows["private", "free"]["rss_after"] == SIZE and rows["private", "free"]["readback"] == "old data"
-    assert rows["private", "free"]["lazyfree_after"] > 0
+    assert rows["private", "free"]["rss-after"] == SIZE and rows["private", "free"]["readback"] == "old data"
+    assert rows["private", "free"]["lazyfree-after"] > 0
     for backing in ("shared", "memfd", "file"):
         r = rows[backing, "dontneed"]
-        assert r["rss_after"] == 0 and r["cached_pages_after"] == PAGES and r["readback"] == "old data"
-        assert r["samples"][-1]["mapping_rss"] == 0 and r["samples"][-1]["backing_kept"] == SIZE
-    assert rows["shared", "remove"]["samples"][-1]["backing_kept"] == 0
+        assert r["rss-after"] == 0 and r["cached-pages-after"] == PAGES and r["readback"] == "old data"
+        assert r["samples"][-1]["mapping-rss"] == 0 and r["samples"][-1]["backing-kept"] == SIZE
+    assert rows["shared", "remove"]["samples"][-1]["backing-kept"] == 0
     for backing in ("memfd", "file"):
         assert rows[backing, "remove"]["readback"] == "zero"
-        assert rows[backing, "remove"]["rss_after"] == 0
-    assert rows["memfd", "punch"]["cached_pages_after"] == 0
+        assert rows[backing, "remove"]["rss-after"] == 0
+    assert rows["memfd", "punch"]["cached-pages-after"] == 0
     for backing in BACKINGS:
         assert rows[backing, "cold"]["readback"] == "old data"
 
@@ -99,12 +99,12 @@ def test_no_release_and_file_path_backing(tmp_path):
 def test_sink_is_a_qemu_stream_that_analyze_loads(capsys, tmp_path, release):
     sink = tmp_path / "reclaim.stream"
     assert main(["reclaim", "--size", "1M", "--json", release, "--sink", f"file:{sink}"]) == 0
-    sent = json.loads(capsys.readouterr().out)["results"][0]["bytes_sent"]
+    sent = json.loads(capsys.readouterr().out)["results"][0]["bytes-sent"]
     assert main(["analyze", str(sink), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["complete"] and doc["vmdesc"] and doc["size"] == sent
     assert [b["name"] for b in doc["ram"]["blocks"]] == ["pc.ram"]
-    assert doc["ram"]["stats"]["normal_pages"] == 256
+    assert doc["ram"]["stats"]["normal"] == 256
 
 
 def test_compare_configs_matrix_shape():

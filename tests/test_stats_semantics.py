@@ -184,10 +184,10 @@ def test_sweep_labels_do_not_overlap():
     import matplotlib.pyplot as plt
 
     from npqfile.migration.plot import sweep_figure
-    rows = [{"workload": f"hotset:rate={r},hot=0.1,share=0.9,seed=3", "downtime": d, "total-ms": 100.0,
-             "downtime-ms": 5.0, "converged": True}
+    rows = [{"workload": f"hotset:rate={r},hot=0.1,share=0.9,seed=3", "downtime-limit": d, "total-time": 100.0,
+             "downtime": 5.0, "converged": True}
             for r in (10000, 20000, 40000, 80000) for d in ("100", "300")]
-    fig = sweep_figure(rows, ["workload", "downtime"])
+    fig = sweep_figure(rows, ["workload", "downtime-limit"])
     try:
         fig.canvas.draw()
         renderer = fig.canvas.get_renderer()

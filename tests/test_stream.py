@@ -336,8 +336,12 @@ BAD = {
     "bad command length": (header() + b"\x08\0\x02\0\x05" + b"\0" * 5, "PING received with bad length 5"),
     "unknown command": (header() + b"\x08\0\x63\0\0", "unknown migration command 0x63"),
     "packaged short": (header() + b"\x08\0\x07\0\x04\0\0\0\x10" + b"\x00" * 4, "before its declared end"),
-    "mapped-ram": (b"QEVM\0\0\0\3\x07\0\0\0\4none\x05" + cstr("configuration/capabilities") + b"\0\0\0\1"
-                   + b"\0\0\0\1" + cstr("mapped-ram") + b"\x00", "mapped-ram streams"),
+    # a mapped-ram stream whose pages sit at file offsets, read from a pipe-like channel
+    "mapped-ram not seekable": (b"QEVM\0\0\0\3\x07\0\0\0\4none\x05" + cstr("configuration/capabilities")
+                                + b"\0\0\0\1" + b"\0\0\0\1" + cstr("mapped-ram")
+                                + ram_start({"ram": PAGE}).replace(be64(PAGE) + be64(0x10), be64(PAGE) + struct.pack(
+                                    ">IQQQ", 1, PAGE, 200, 1 << 20) + be64(0x10)),
+                                "mapped-ram block 'ram': mapped-ram needs a seekable file"),
 }
 
 

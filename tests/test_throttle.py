@@ -201,7 +201,7 @@ def test_guest_that_cannot_converge_completes_with_auto_converge():
     per_iter = [it["cpu-throttle-percentage"] for it in d["npqfile"]["iterations"]]
     assert per_iter[0] == 0 and per_iter[-1] == 99        # the bulk pass ran free, the end throttled
     assert per_iter == sorted(per_iter)
-    assert d["npqfile"]["params"]["auto_converge"] is True
+    assert d["npqfile"]["params"]["auto-converge"] is True
 
     from npqfile.migration.plot import migration_figure
     import matplotlib.pyplot as plt

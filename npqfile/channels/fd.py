@@ -154,7 +154,9 @@ class ExecChannel(FdChannel):
     ``close()`` returns 0 if the command exited with status 0 and -EIO otherwise (non-zero status, killed
     by a signal, or it had to be killed); ``.error`` then says why and ``.returncode`` has the status.
     A reader closed before end of stream whose command died of SIGPIPE/SIGTERM/SIGKILL (or whose shell
-    exited with 128 + one of those) is not an error: that death is the close's doing.  Spawn failures raise OSError naming the command."""
+    exited with 128 + one of those) is not an error: that death is the close's doing.  A reader that
+    reaches end of stream raises OSError naming a non-zero exit status (see ``ExecReader.readinto``).
+    Spawn failures raise OSError naming the command."""
 
     def __new__(cls, cmd: str, mode: str = "r", **kwargs: Any):
         return object.__new__(pick_direction(cls, ExecChannel, mode, ExecReader, ExecWriter))

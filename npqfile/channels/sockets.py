@@ -2,7 +2,8 @@
 
 Supports: `SocketChannel(sock, mode)` → `SocketWriter` (sendmsg) or `SocketReader` (recv_into),
 `shutdown(read, write)`, `get_return_path()` (the opposite direction of the same connection, QEMU's
-return path for postcopy and the migration "return path" thread), and `Listener` (bind/listen, learn the
+return path for postcopy and the migration "return path" thread), `set_stall_timeout(seconds)` (a peer
+that takes or sends nothing for that long fails the transfer with ETIMEDOUT), and `Listener` (bind/listen, learn the
 bound port, accept one connection with an optional timeout).
 Goals: QEMU's QIOChannelSocket semantics: a QEMUFile and its return-path QEMUFile share one socket, which
 is closed only when both are closed; shutdown() wakes a thread blocked in recv.
@@ -72,6 +73,7 @@ class SocketChannel(Closing):
         self.mode = mode
         self._shared: _SharedSocket | None = _shared if _shared is not None else _SharedSocket(sock)
         self._sock = sock
+        self._peer_name = "the peer"    # named in stall timeout errors
 
     def fileno(self) -> int:
         """The socket's fd (-1 once the socket is closed)."""
@@ -80,6 +82,18 @@ class SocketChannel(Closing):
     def set_blocking(self, flag: bool) -> None:
         """Blocking or non-blocking mode — for both directions: they share one socket."""
         self._sock.setblocking(flag)
+
+    def set_stall_timeout(self, seconds: float | None, peer: str = "the peer") -> None:
+        """Fail a send or receive that makes no progress for ``seconds`` (None: wait
+        forever) with OSError(ETIMEDOUT) naming ``peer`` and the timeout -- for both
+        directions, which share the socket.  A stopped or hung peer then ends the
+        migration instead of blocking it forever; ``shutdown`` still wakes a blocked
+        call at once."""
+        self._sock.settimeout(seconds)
+        self._peer_name = peer
+
+    def _stalled(self, what: str) -> OSError:
+        return OSError(errno.ETIMEDOUT, f"{self._peer_name} {what} for {self._sock.gettimeout():g} s (stall timeout)")
 
     def shutdown(self, read: bool = True, write: bool = True) -> int:
         """shutdown(2) the connection in the given directions (both directions' channels see it).
@@ -116,16 +130,24 @@ class SocketChannel(Closing):
 class SocketReader(SocketChannel):
     def readinto(self, buf: memoryview, pos: int) -> int:
         """recv into ``buf`` (``pos`` ignored); returns the count, 0 at end of stream or after shutdown;
-        BlockingIOError when non-blocking and empty; OSError on failure."""
-        return self._sock.recv_into(buf)
+        BlockingIOError when non-blocking and empty; OSError on failure (ETIMEDOUT after
+        the stall timeout without data)."""
+        try:
+            return self._sock.recv_into(buf)
+        except TimeoutError:
+            raise self._stalled("sent nothing") from None
 
 
 class SocketWriter(SocketChannel):
     def writev(self, buffers: Sequence[Any], pos: int) -> int:
-        """sendmsg all ``buffers`` (IOV_MAX per call, partial sends resumed); returns the byte count."""
+        """sendmsg all ``buffers`` (IOV_MAX per call, partial sends resumed); returns the byte count.
+        OSError on failure (ETIMEDOUT when the peer took nothing for the stall timeout)."""
         sock = self._sock
-        return write_all(buffers, lambda batch, _offset: _sendmsg(sock, batch),
-                         lambda: wait_writable(sock.fileno()))
+        try:
+            return write_all(buffers, lambda batch, _offset: _sendmsg(sock, batch),
+                             lambda: wait_writable(sock.fileno()))
+        except TimeoutError:
+            raise self._stalled("accepted no data") from None
 
 
 def _sendmsg(sock: socket.socket, batch: list) -> int:
@@ -191,6 +213,11 @@ class Listener(Closing):
 
     def fileno(self) -> int:
         return self._sock.fileno()
+
+    def set_backlog(self, n: int) -> None:
+        """listen(n) again: room for ``n`` pending connections (QEMU listens with the
+        multifd channel count as backlog, so parallel connects are not refused)."""
+        self._sock.listen(max(1, n))
 
     def accept(self, timeout: float | None = None) -> SocketReader:
         """Wait up to ``timeout`` seconds (None = forever) for one connection; return its reader channel

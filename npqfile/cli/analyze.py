@@ -6,7 +6,11 @@ each block's ``sha256``), ``--fields`` (decoded device state, in either form),
 ``--extract DIR`` (one sparse file per RAM block, named safely).  Reads what
 analyze-migration.py rejects: XBZRLE and compressed pages, postcopy commands,
 x-ignore-shared, streams without footers, configuration or (up to the first unsizable
-section) vmdesc.  The input is a file (its vmdesc, at the very end, is found first), or
+section) vmdesc, and QEMU 9.0+ mapped-ram files (with or without multifd: the same
+bytes; a regular file only, as pages sit at fixed offsets), whose per-block headers,
+pages present and holes are reported, with the file's size on disk.  ``--json``'s
+``qemu-features`` says which post-7.2 features the stream shows
+(``npqfile.stream.versions.features_seen``).  The input is a file (its vmdesc, at the very end, is found first), or
 a pipe, FIFO or ``-`` (standard input), read as a stream like ``incoming`` reads a
 socket: nothing is spooled; device sections after the RAM are kept in memory (bounded)
 until the vmdesc that follows EOF sizes them.  A closed standard output (``analyze X |
@@ -37,6 +41,7 @@ from npqfile.stream.loader import LoadResult, load_stream
 from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES
 from npqfile.stream.reader import shown
 from npqfile.stream.snapshot import load_file
+from npqfile.stream.versions import features_seen
 from npqfile.units import format_bytes, parse_size
 
 NAME = "analyze"
@@ -206,7 +211,9 @@ def block_digests(result: LoadResult, size: int) -> dict[str, str | None]:
 
 
 def to_json(result: LoadResult, path: str, size: int) -> dict:
-    """The report as a JSON-ready dict (``path`` as the user named it, ``size`` in bytes)."""
+    """The report as a JSON-ready dict (``path`` as the user named it, ``size`` in bytes),
+    lowercase-hyphenated names (``section-id``, ``target-page-bits``) and QEMU's page
+    counter names in ``ram.stats``; npqfile/schemas/analyze.json describes it."""
     ram = result.ram
     digests = block_digests(result, size)
     return {
@@ -216,21 +223,36 @@ def to_json(result: LoadResult, path: str, size: int) -> dict:
         "stopped": result.stopped,
         "machine": result.machine,
         "capabilities": result.capabilities,
-        "target_page_bits": result.target_page_bits,
-        "sections": [{k: v for k, v in vars(s).items() if k != "fields" or v is not None}
+        "target-page-bits": result.target_page_bits,
+        "sections": [{k.replace("_", "-"): v for k, v in vars(s).items() if k != "fields" or v is not None}
                      for s in result.sections],
-        "commands": result.commands,
+        "commands": [{k.replace("_", "-"): v for k, v in c.items()} for c in result.commands],
         "ram": {
-            "blocks": [{"name": b.name, "size": b.size, "sha256": digests[b.name]} for b in (ram.blocks if ram else [])],
+            "blocks": [{"name": b.name, "size": b.size, "sha256": digests[b.name]}
+                       for b in (ram.blocks if ram else [])],
             "stats": result.stats.as_dict(),
         },
         "vmdesc": result.vmdesc is not None,
         "warnings": result.warnings,
+        "qemu-features": features_seen(result),
+        "mapped-ram": _mapped_ram_report(result, path),
         # sections, commands and RAM parts counted but not listed (the lists stop at
         # npqfile.stream.loader.MAX_LISTED entries, so memory follows the declared RAM)
         "not-listed": {"sections": result.sections_not_listed, "commands": result.commands_not_listed,
                        "parts": result.parts_not_listed},
     }
+
+
+def _mapped_ram_report(result: LoadResult, path: str) -> dict | None:
+    """Per-block mapped-ram headers and the file's size on disk (holes are zero pages)."""
+    if not result.mapped_ram:
+        return None
+    try:
+        st = os.stat(path)
+        on_disk = st.st_blocks * 512 if stat.S_ISREG(st.st_mode) else None
+    except OSError:
+        on_disk = None
+    return {"blocks": result.mapped_ram, "on-disk-bytes": on_disk}
 
 
 def _print_fields(values: dict, indent: str, out) -> None:
@@ -264,13 +286,20 @@ def _print_text(result: LoadResult, path: str, size: int, out) -> None:
     if result.ram:
         print("RAM blocks:", file=out)
         for b in result.ram.blocks:
-            print(f"  {b.name:<28} {b.size:>12} ({format_bytes(b.size)})  sha256 {digests[b.name] or '(not hashed, see note)'}", file=out)
+            digest = digests[b.name] or "(not hashed, see note)"
+            print(f"  {b.name:<28} {b.size:>12} ({format_bytes(b.size)})  sha256 {digest}", file=out)
     print(f"pages    normal {st.normal_pages}, zero {st.zero_pages}, xbzrle {st.xbzrle_pages}, "
           f"compressed {st.compressed_pages} (total {st.pages}; {st.pages_bytes} bytes of RAM section "
           f"payload, setup and EOS records included)", file=out)
     for i, p in enumerate(st.parts):
         print(f"  part {i:<4} {p['type']:<5} at {p['offset']:>10}: normal {p['normal']}, zero {p['zero']}, "
               f"xbzrle {p['xbzrle']}, compressed {p['compressed']} ({p['bytes']} bytes)", file=out)
+    for m in result.mapped_ram:
+        print(f"mapped-ram {shown(m['name'])}: header at {m['header-offset']}, bitmap at {m['bitmap-offset']}, "
+              f"pages at {m['pages-offset']}: {m['pages-present']} pages present, {m['holes']} holes", file=out)
+    report = _mapped_ram_report(result, path)
+    if report and report["on-disk-bytes"] is not None:
+        print(f"mapped-ram file {size} bytes, {report['on-disk-bytes']} on disk", file=out)
     print(f"vmdesc   {'yes' if result.vmdesc is not None else 'no'}", file=out)
     if result.sections_not_listed or result.commands_not_listed or result.parts_not_listed:
         print(f"note     not listed: {result.sections_not_listed} sections, {result.commands_not_listed} "

@@ -6,39 +6,73 @@ on); every engine option under QEMU's names (``--max-bandwidth 100MB/s``,
 ``--downtime-limit 300`` in ms, ``--xbzrle-cache 64M``, ``--compress zlib:6``,
 ``--release-ram``, ``--pause-before-switchover``, ``--auto-converge`` with
 ``--cpu-throttle-initial`` and the other throttle parameters...); ``--to URI`` for another process
-or machine (``tcp:HOST:PORT`` / ``unix:PATH`` with ``npqfile incoming`` there),
-``file:PATH`` (a snapshot that ``npqfile analyze`` and QEMU ``-M none`` load),
+or machine (``tcp:HOST:PORT`` / ``unix:PATH`` with ``npqfile incoming`` there, or a
+real QEMU ``-incoming`` with ``--peer qemu``; ``--stall-timeout`` bounds every wait on
+the peer), ``file:PATH`` (a snapshot that ``npqfile analyze`` and QEMU ``-M none`` load),
 ``exec:CMD``, ``fd:N`` (``--to fd:1 > snap.bin``: the report then goes to stderr); a
 live progress line (rich) on a terminal; a summary table, ``--json``, ``--plot
 FILE.png`` (its format and directory are checked before migrating, and it is drawn
-after the results are printed, so a plot error never loses them); ``--sweep PARAM=V1,V2`` for a
-parameter study in parallel processes (``--plot`` then draws the sweep; with
-``file:PATH`` each case writes its own ``PATH.N``, see ``npqfile.migration.sweep``).
+after the results are printed, so a plot error never loses them); ``--sweep
+PARAM=V1,V2`` for a parameter study in parallel processes or on Dask (``--cluster``;
+``--plot`` then draws the sweep; each case's files are named after it, see
+``npqfile.migration.sweep``); ``--events FILE|-`` for live ``query-migrate`` JSON lines
+(``npqfile.migration.events``).  Ctrl-C cancels like ``migrate_cancel``
+(``MigrationControl``) and still reports.
 
-Exit status: 0 completed (and verified where the transport allows), 1 error or
-verification mismatch, 2 not converged (cancelled at max-iterations / time-limit).
+Exit status (``EXIT_STATUS``, also in ``--help``): 0 completed and verified, 1 failed
+(an error, a destination that failed, died, stalled or sent no verdict) or a
+verification mismatch, 2 not converged (cancelled at max-iterations / time-limit), 3
+completed but not verified (the peer cannot send a verdict: ``--peer qemu``,
+``exec:``, ``null:``, ``fd:``, or ``--no-verify``), 130 cancelled by Ctrl-C (SIGINT
+cancels like ``migrate_cancel`` and the cancelled run's summary is printed; a second
+Ctrl-C aborts); a sweep: 1 when any case failed or mismatched, else 2 when any was
+cancelled, else 3 when any was not verified, else 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
-import time
+import threading
 
+from npqfile.migration.compression import parse_compress
+from npqfile.migration.control import MigrationControl
 from npqfile.migration.engine import MigrationParams
+from npqfile.migration.events import EventWriter
 from npqfile.migration.session import INITS, MigrationConfig, run_migration
 from npqfile.migration.stats import MigrationStats
-from npqfile.migration.sweep import SWEEP_PARAMS, run_sweep, with_rate
+from npqfile.migration.sweep import (
+    SWEEP_ALIASES,
+    SWEEP_PARAMS,
+    SweepInterrupted,
+    run_sweep,
+    sweep_exit_status,
+    with_rate,
+)
+from npqfile.migration.verdict import PEERS, STALL_TIMEOUT
+from npqfile.stream.versions import DEFAULT_STREAM_VERSION, QEMU_STREAM_VERSIONS, stream_version
 from npqfile.units import format_bytes, parse_rate, parse_size
 
 NAME = "migrate"
 HELP = "live-migrate a changing guest RAM with QEMU's pre-copy algorithm and wire format"
 ORDER = 20
 DEFAULT_WORKLOAD = MigrationConfig().workload
+EXIT_COMPLETED, EXIT_FAILED, EXIT_NOT_CONVERGED, EXIT_NOT_VERIFIED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_STATUS = """exit status:
+  0    completed and verified (the destination confirmed RAM equal to the source's)
+  1    failed: an error, a destination that failed, died, stalled or sent no verdict,
+       or a verification mismatch
+  2    not converged: cancelled at --max-iterations / --time-limit
+  3    completed, not verified: the peer sends no verdict (--peer qemu, exec:, null:,
+       fd:) or --no-verify
+  130  cancelled by Ctrl-C (like migrate_cancel; the summary is printed)"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = EXIT_STATUS
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     g = p.add_argument_group("guest")
     g.add_argument("--size", "--ram", default="256M", help="guest RAM size (default 256M)")
     g.add_argument("--block", default="ram", help="RAM block name (QEMU -M none: ram; pc/q35: pc.ram)")
@@ -49,6 +83,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dirty-rate", help="override the workload's rate (pages/s, or 50MB/s)")
     g.add_argument("--seed", type=int, default=1, help="seed of contents and workload (>= 0)")
     m = p.add_argument_group("migration (QEMU parameters and capabilities)")
+    m.add_argument("--engine", choices=("simulator", "qemu", "both"), default="simulator",
+                   help="simulator (default), qemu (real QEMU runs the scenario on a guest that writes like "
+                        "the workload) or both (side by side, with relative differences)")
+    m.add_argument("--qemu", default=None, metavar="PATH|VERSION",
+                   help="QEMU for --engine qemu/both: a binary or 7.2 / 10.0 (default $NPQFILE_QEMU, else PATH)")
     m.add_argument("--to", default=None, metavar="URI",
                    help="destination: tcp:HOST:PORT, unix:PATH, file:PATH, exec:CMD, null: "
                         "(default: in this process over a socketpair)")
@@ -59,13 +98,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--on-limit", choices=("cancel", "force"), default="cancel",
                    help="at a limit: cancel (like migrate_cancel) or force stop-and-copy")
     m.add_argument("--no-zero-detection", action="store_true", help="send zero pages as normal pages")
+    m.add_argument("--zero-page-detection", choices=("none", "legacy", "multifd"), default=None,
+                   help="QEMU 9.0+'s parameter: none = --no-zero-detection; multifd (default) detects in "
+                        "the multifd channels, legacy on the main channel")
+    m.add_argument("--multifd-channels", type=int, default=0, metavar="N",
+                   help="QEMU 10.0 multifd over N parallel sockets (tcp:/unix:/in-process; default 0: off)")
+    m.add_argument("--multifd-compression", choices=("none", "zlib", "zstd"), default="none",
+                   help="per-packet compression in the multifd channels (default none)")
     m.add_argument("--xbzrle-cache", "--xbzrle-cache-size", dest="xbzrle_cache", default=None, metavar="SIZE",
                    help="enable XBZRLE with this cache size (QEMU's xbzrle-cache-size)")
     m.add_argument("--compress", default="none", help="none, zlib[:LEVEL] (QEMU pages), zstd[:LEVEL] or lz4 (channel)")
-    m.add_argument("--release-ram", action="store_true", help="release source pages once sent at switchover")
+    m.add_argument("--release-ram", action="store_true",
+                   help="release the source's guest RAM once the destination's verdict confirms it holds "
+                        "the same RAM (refused where no verdict can come)")
     m.add_argument("--pause-before-switchover", nargs="?", type=float, const=0.0, default=None, metavar="SECONDS",
                    help="pause (pre-switchover) after stopping the guest, for SECONDS")
+    m.add_argument("--postcopy-after", default=None, metavar="N|auto",
+                   help="postcopy-ram: migrate-start-postcopy once dirty-sync-count exceeds N (0: right after "
+                        "setup), or auto: when a sync finds no fewer dirty pages than the previous one, or at "
+                        "--max-iterations / --time-limit (needs a return path: in-process, unix:, tcp:)")
     m.add_argument("--machine", default="none", help="machine-type name in the stream (default none)")
+    m.add_argument("--qemu-version", choices=list(QEMU_STREAM_VERSIONS), default=None,
+                   help=f"write the stream this QEMU writes (default {DEFAULT_STREAM_VERSION.name}, "
+                        f"which 7.2 and 10.0 both load; 10.0 with --mapped-ram)")
+    m.add_argument("--mapped-ram", action="store_true",
+                   help="QEMU 9.0+ mapped-ram file layout (--to file:PATH only): pages at fixed offsets, "
+                        "re-dirtied pages rewritten in place, zero pages left as holes")
     a = p.add_argument_group("auto-converge (QEMU's capability and parameters)")
     a.add_argument("--auto-converge", action="store_true",
                    help="throttle the guest when it dirties memory faster than it is sent")
@@ -79,6 +137,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--cpu-throttle-tailslow", action="store_true",
                    help="smaller steps near the needed throttle (QEMU's cpu-throttle-tailslow)")
     m.add_argument("--no-verify", action="store_true", help="skip the destination check")
+    m.add_argument("--peer", choices=PEERS, default=None,
+                   help="what listens at a tcp:/unix: URI: npqfile (npqfile incoming, sends its verdict; "
+                        "default) or qemu (a real QEMU -incoming: no verdict, the run ends not verified)")
+    m.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT, metavar="SECONDS",
+                   help="tcp:/unix: fail when the destination takes no data, or sends no verdict after the "
+                        f"stream, for SECONDS (default {STALL_TIMEOUT:g})")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print the statistics as JSON")
     o.add_argument("--plot", metavar="FILE.png",
@@ -87,6 +151,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--sweep", action="append", metavar="PARAM=V1,V2",
                    help=f"parameter study over {', '.join(SWEEP_PARAMS)} (repeatable: all combinations)")
     o.add_argument("--jobs", type=int, default=None, help="sweep worker processes (default: cores)")
+    o.add_argument("--cluster", metavar="local|tcp://HOST:8786",
+                   help="run the sweep on Dask: a LocalCluster, or a running scheduler "
+                        "(pip install 'npqfile[cluster]')")
+    o.add_argument("--scheduler-file", metavar="FILE", help="run the sweep on the Dask scheduler of this file")
+    o.add_argument("--events", metavar="FILE|-",
+                   help="write live query-migrate events as JSON lines (the last line: the --json result); "
+                        "with --sweep each case writes FILE.N.NAME")
+
+
+def check_peer_version(args: argparse.Namespace) -> None:
+    """ValueError naming an option QEMU 7.2 lacks when ``--qemu-version 7.2`` says the
+    peer is 7.2 (multifd is QEMU 10.0's protocol here: MULTIFD_FLUSH, zero pages in
+    packets; zero-page-detection is 9.0+), or multifd options without multifd."""
+    if args.qemu_version is not None:
+        version = stream_version(args.qemu_version)
+        if args.multifd_channels and not version.multifd:
+            raise ValueError(f"--multifd-channels speaks QEMU 10.0's multifd (RAM_SAVE_FLAG_MULTIFD_FLUSH, 8.1+; "
+                             f"zero pages in packets, 9.0+), which QEMU {version.name} cannot load: drop it for a "
+                             f"{version.name} peer")
+        if args.zero_page_detection is not None and not version.zero_page_detection:
+            raise ValueError(f"--zero-page-detection is a QEMU 9.0+ parameter that QEMU {version.name} lacks: "
+                             f"use --no-zero-detection or nothing for a {version.name} peer")
+    if not args.multifd_channels and args.multifd_compression != "none":
+        raise ValueError("--multifd-compression needs --multifd-channels")
 
 
 def config_from_args(args: argparse.Namespace) -> MigrationConfig:
@@ -105,19 +193,36 @@ def config_from_args(args: argparse.Namespace) -> MigrationConfig:
     params = MigrationParams(
         max_bandwidth=parse_rate(args.max_bandwidth), downtime_limit=args.downtime_limit / 1000.0,
         max_iterations=args.max_iterations, time_limit=args.time_limit, on_limit=args.on_limit,
-        zero_page_detection=not args.no_zero_detection,
+        zero_page_detection=not args.no_zero_detection and args.zero_page_detection != "none",
+        multifd_channels=args.multifd_channels, multifd_compression=args.multifd_compression,
+        multifd_zero_page="none" if args.no_zero_detection else (args.zero_page_detection or "multifd"),
         xbzrle_cache_size=parse_size(args.xbzrle_cache) if args.xbzrle_cache else 0,
         release_ram=args.release_ram, pause_before_switchover=args.pause_before_switchover is not None,
         machine=args.machine, sample_rss=bool(args.plot),
         auto_converge=args.auto_converge, cpu_throttle_initial=args.cpu_throttle_initial,
         cpu_throttle_increment=args.cpu_throttle_increment, max_cpu_throttle=args.max_cpu_throttle,
         throttle_trigger_threshold=args.throttle_trigger_threshold,
-        cpu_throttle_tailslow=args.cpu_throttle_tailslow)
+        cpu_throttle_tailslow=args.cpu_throttle_tailslow, postcopy_after=postcopy_after(args.postcopy_after),
+        mapped_ram=args.mapped_ram,
+        # multifd is QEMU 10.0's protocol here: it writes QEMU 10.0's stream unless told otherwise
+        qemu_version=args.qemu_version or ("10.0" if args.mapped_ram or args.multifd_channels
+                                           else DEFAULT_STREAM_VERSION.name))
+    if args.mapped_ram and not (args.to or "").startswith("file:"):
+        raise ValueError("--mapped-ram writes pages at fixed file offsets: it needs --to file:PATH")
+    if args.mapped_ram and args.compress != "none":
+        raise ValueError("--mapped-ram cannot be combined with --compress (pages sit uncompressed at fixed offsets)")
+    params.compress_level = parse_compress(args.compress).page_level   # checked against the version
+    check_peer_version(args)
+    if args.multifd_channels and args.compress != "none":
+        raise ValueError("--multifd-channels does not go with --compress (use --multifd-compression)")
+    if args.multifd_channels < 0:
+        raise ValueError(f"--multifd-channels must be 1..255 (0: off), got {args.multifd_channels}")
     params.check()
     workload = args.workload if args.dirty_rate is None else with_rate(args.workload, args.dirty_rate)
     return MigrationConfig(size=parse_size(args.size), block=args.block, init=args.init, workload=workload,
                            seed=args.seed, to=args.to, compress=args.compress, verify=not args.no_verify,
-                           params=params)
+                           params=params, peer=args.peer, stall_timeout=args.stall_timeout,
+                           engine=args.engine, qemu=args.qemu)
 
 
 def _progress_display(quiet: bool):
@@ -153,9 +258,48 @@ def verification_text(ver: dict) -> str:
     if ok is None:
         return f"not verified ({ver.get('note', 'unknown reason')})"
     if ok:
-        return f"{ver.get('method')}: equal"
+        disk = ver.get("on-disk-bytes")
+        sizes = "" if disk is None else f" (file {format_bytes(ver['file-bytes'])}, {format_bytes(disk)} on disk)"
+        return f"{ver.get('method')}: equal{sizes}"
     why = ver.get("error") or f"blocks differ: {', '.join(ver.get('mismatched', []))}"
     return f"{ver.get('method')}: MISMATCH ({why})"
+
+
+def summary_title(st: MigrationStats) -> str:
+    """The summary table's title: the status, for a completed run whether it was
+    verified, and the outcome."""
+    what = {"verified": "completed, verified", "mismatch": "completed, MISMATCH",
+            "not-verified": "completed, NOT VERIFIED"}.get(st.completion or "", st.status)
+    return f"migration {what}: {st.outcome}"
+
+
+def postcopy_after(text: str | None) -> int | str | None:
+    """``--postcopy-after``: None, ``auto`` or a count >= 0.  ValueError naming the option."""
+    if text is None or text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"--postcopy-after must be a number of dirty syncs >= 0 or auto, got {text!r}")
+    return n
+
+
+def _postcopy_rows(d: dict) -> list[tuple[str, str]]:
+    pc = d["npqfile"].get("postcopy")
+    if not pc:
+        return []
+    lat = (d["npqfile"]["destination"].get("postcopy") or {}).get("fault-latency") or {}
+    r = d["ram"]
+    rows = [("postcopy requests / bytes", f"{r['postcopy-requests']} / {format_bytes(r['postcopy-bytes'])}")]
+    if lat.get("count"):
+        rows.append(("fault latency p50 / p90 / p99 / max",
+                     f"{lat['p50-ms']} / {lat['p90-ms']} / {lat['p99-ms']} / {lat['max-ms']} ms "
+                     f"({lat['count']} faults)"))
+    if "postcopy-blocktime" in d:
+        rows.append(("postcopy blocktime (destination guest)", f"{d['postcopy-blocktime']:.1f} ms"))
+    return rows
 
 
 def _summary(st: MigrationStats, out) -> None:
@@ -164,7 +308,8 @@ def _summary(st: MigrationStats, out) -> None:
 
     d = st.as_dict()
     r, x = d["ram"], d["npqfile"]
-    t = Table(title=f"migration {st.status}: {st.outcome}", show_header=False)
+    engine = f" (QEMU {d['qemu'].get('version')})" if "qemu" in d else ""
+    t = Table(title=f"{summary_title(st)}{engine}", show_header=False)
     t.add_column("what", style="bold")
     t.add_column("value", justify="right")
     ver = st.verification
@@ -174,17 +319,26 @@ def _summary(st: MigrationStats, out) -> None:
         ("transferred (RAM)", f"{format_bytes(r['transferred'])} ({r['transferred']} B)"
                               + ("" if x["transferred-queued"] == r["transferred"]
                                  else f"; {x['transferred-queued']} B queued")),
-        ("stream bytes", f"{format_bytes(x['stream-bytes'])} ({x['stream-bytes']} B)"),
+        ("stream bytes", "n/a" if x["stream-bytes"] is None       # the QEMU engine: not reported
+         else f"{format_bytes(x['stream-bytes'])} ({x['stream-bytes']} B)"),
         ("pages normal / duplicate", f"{r['normal']} / {r['duplicate']}"),
         ("pages xbzrle / compressed", f"{x['pages']['xbzrle']} / {x['pages']['compressed']}"),
         ("dirty sync count", str(r["dirty-sync-count"])), ("dirty pages rate", f"{r['dirty-pages-rate']:.0f} pages/s"),
         ("mbps", f"{r['mbps']:.1f} Mbit/s (last window {x['last-window-mbps']:.1f})"),
         ("pages per second", f"{r['pages-per-second']:.0f}"),
-        ("source RSS before / after", f"{format_bytes(x['rss-before'])} / {format_bytes(x['rss-after'])}"),
+        ("source RSS before / after", "n/a" if x["rss-before"] is None
+         else f"{format_bytes(x['rss-before'])} / {format_bytes(x['rss-after'])}"),
         ("verification", verification_text(ver)),
+        *_postcopy_rows(d),
     ]
-    rows.insert(-1, ("released (freed / advised)",
-                     f"{format_bytes(x['released-bytes'])} / {format_bytes(x['release-advised-bytes'])}"))
+    if x["released-bytes"] is not None:          # the QEMU engine does not measure it
+        rows.insert(-1, ("released (freed / advised)",
+                         f"{format_bytes(x['released-bytes'])} / {format_bytes(x['release-advised-bytes'])}"))
+    if st.release:
+        rel = st.release
+        when = {"after-verdict": "after the verdict", "postcopy": "once sent (postcopy)"}.get(rel["when"])
+        rows.append(("release-ram", f"{format_bytes(rel['released-bytes'])} {when}" if when
+                     else f"nothing released: {rel['reason']}"))
     if "cpu-throttle-percentage" in d:
         steps = " -> ".join(str(e["cpu-throttle-percentage"]) for e in x["throttle-events"]) or "never throttled"
         rows.append(("cpu throttle (auto-converge)", f"{d['cpu-throttle-percentage']} % ({steps})"))
@@ -193,6 +347,11 @@ def _summary(st: MigrationStats, out) -> None:
         rows.append(("xbzrle cache miss / encoding rate", f"{xc['cache-miss']} / {xc['encoding-rate']}"))
     if st.compression:
         rows.append(("compression", ", ".join(f"{k} {v}" for k, v in st.compression.items())))
+    if st.multifd:
+        m = st.multifd
+        rows.append((f"multifd ({m['channels']} channels, {m['compression']})",
+                     f"{format_bytes(m['multifd-bytes'])}: " + " / ".join(format_bytes(c["bytes"])
+                                                                       for c in m["per-channel"])))
     for row in rows:
         t.add_row(*row)
     it = Table(title="iterations")
@@ -209,18 +368,34 @@ def _summary(st: MigrationStats, out) -> None:
     console.print(it)
 
 
-def _exit_status(st: MigrationStats) -> int:
+def _exit_status(st: MigrationStats, interrupted: bool = False) -> int:
+    """EXIT_STATUS for the run's statistics (``interrupted``: Ctrl-C cancelled it)."""
     if st.status == "cancelled":
-        return 2
-    if st.status != "completed" or st.verification.get("ok") is False:
-        return 1
-    return 0
+        return EXIT_INTERRUPTED if interrupted else EXIT_NOT_CONVERGED
+    if st.status != "completed":
+        return EXIT_FAILED
+    return {"verified": EXIT_COMPLETED, "not-verified": EXIT_NOT_VERIFIED}.get(st.completion, EXIT_FAILED)
+
+
+def _sweep_line(p) -> str:
+    """One progress line: the case that finished (and its files), then the counts."""
+    counts = f"[{p.done}/{p.total} done, {p.running} running, {p.failed} failed, {p.cancelled} cancelled]"
+    if p.row is None:
+        return counts
+    files = p.row.get("files") or []
+    wrote = f"; wrote {', '.join(files)}" if files else ""
+    return f"case {p.row['case']} ({p.row['name']}): {p.row['status']} {p.row['outcome']}{wrote}  {counts}"
 
 
 def _run_sweep(cfg: MigrationConfig, args: argparse.Namespace) -> int:
-    rows = run_sweep(cfg, args.sweep, args.jobs)
-    names = [s.partition("=")[0].strip() for s in args.sweep]
-    plot_status = 0
+    names = [SWEEP_ALIASES.get(s.partition("=")[0].strip(), s.partition("=")[0].strip()) for s in args.sweep]
+    show = None if args.quiet else (lambda p: print(_sweep_line(p), file=sys.stderr, flush=True))
+    try:
+        rows = run_sweep(cfg, args.sweep, args.jobs, cluster=args.cluster, scheduler_file=args.scheduler_file,
+                         events=args.events, on_update=show)
+        status = sweep_exit_status(rows)
+    except SweepInterrupted as exc:
+        rows, status = exc.rows, 130
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -228,17 +403,27 @@ def _run_sweep(cfg: MigrationConfig, args: argparse.Namespace) -> int:
         from rich.table import Table
 
         t = Table(title="sweep")
-        for col in names + ["total ms", "downtime ms", "syncs", "converged", "outcome", "verified"]:
+        # --engine both: each result cell is "simulator / QEMU"
+        sides = [""] if cfg.engine != "both" else ["", "qemu-"]
+        both = " sim / QEMU" if len(sides) > 1 else ""
+        for col in ["case", *names, *[c + both for c in ("status", "total ms", "downtime ms", "syncs", "converged",
+                                                         "outcome", "verified")], "files"]:
             t.add_column(col, justify="right")
         for row in rows:
-            t.add_row(*[row[n] for n in names], f"{row.get('total-ms', 0):.0f}", f"{row.get('downtime-ms', 0):.1f}",
-                      str(row.get("iterations", "")), "yes" if row.get("converged") else "no",
-                      str(row.get("outcome")), str(row.get("verified")))
-        Console().print(t)
+            per_side = [[str(row.get(side + "status")), f"{row.get(side + 'total-time', 0):.0f}",
+                         f"{row.get(side + 'downtime', 0):.1f}", str(row.get(side + "dirty-sync-count", "")),
+                         "yes" if row.get(side + "converged") else "no", str(row.get(side + "outcome")),
+                         str(row.get(side + "verified"))] for side in sides]
+            t.add_row(str(row["case"]), *[row[n] for n in names],
+                      *[" / ".join(cells) for cells in zip(*per_side)], " ".join(row.get("files") or []))
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=100000)     # a pipe or file: every column in full
+        console.print(t)
     if args.plot:                      # after the results are printed: a plot error loses nothing
         from npqfile.migration.plot import plot_sweep
-        plot_status = _draw(plot_sweep, rows, names, args.plot)
-    return 1 if plot_status or any(r["status"] in ("error", "failed") for r in rows) else 0
+        status = status or _draw(plot_sweep, rows, names, args.plot)
+    return status
 
 
 def _draw(plot, *what) -> int:
@@ -251,12 +436,35 @@ def _draw(plot, *what) -> int:
     return 0
 
 
-def _pause_hook(delay: float):
-    """pause-before-switchover: the guest is stopped; wait, then let the engine continue."""
+def _pause_hook(delay: float, control: MigrationControl):
+    """pause-before-switchover: the guest is stopped; wait (a cancel ends the wait),
+    then let the engine continue."""
     def hook(engine) -> None:
-        print(f"pre-switchover: guest stopped, continuing in {delay} s", file=sys.stderr)
-        time.sleep(delay)
+        print(f"pre-switchover: guest stopped, continuing in {delay} s", file=sys.stderr, flush=True)
+        control.wait(delay)
     return hook
+
+
+def _run_cancellable(cfg: MigrationConfig, control: MigrationControl, **kw) -> tuple[MigrationStats, bool]:
+    """run_migration with Ctrl-C mapped to migrate_cancel: the first SIGINT cancels the
+    run (which then ends with its statistics), a second one raises KeyboardInterrupt.
+    Returns (statistics, whether SIGINT cancelled the run)."""
+    if threading.current_thread() is not threading.main_thread():
+        return run_migration(cfg, control=control, **kw), False
+    hit = []
+
+    def on_sigint(signum, frame) -> None:
+        hit.append(signum)
+        signal.signal(signal.SIGINT, previous)     # a second Ctrl-C aborts
+        print("interrupted: cancelling the migration (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        control.cancel()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        st = run_migration(cfg, control=control, **kw)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return st, bool(hit)
 
 
 def _stream_fd(to: str | None) -> int | None:
@@ -288,19 +496,39 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(args, cfg)               # before the run, not after it: keep the stats
     if args.sweep:
         return _run_sweep(cfg, args)
+    if args.cluster or args.scheduler_file:
+        raise ValueError("--cluster and --scheduler-file run sweeps: add --sweep PARAM=V1,V2,...")
+    if cfg.engine == "both":
+        from npqfile.migration.compare import run_and_report
+        return run_and_report(cfg, args, _pause_hook(args.pause_before_switchover)
+                              if args.pause_before_switchover is not None else None)
     # --to fd:1 > snap.bin: stdout carries the stream (and the channel closes the fd
     # at the end), so the report goes to stderr; fd:2 likewise sends it to stdout
     stream_fd = _stream_fd(cfg.to)
     out, err = sys.stdout, sys.stderr
     if stream_fd is not None and stream_fd in (_fileno(out), _fileno(err)):
         out = err = sys.stderr if stream_fd == _fileno(out) else sys.stdout
-    hook = None if args.pause_before_switchover is None else _pause_hook(args.pause_before_switchover)
+    if args.events == "-" and stream_fd is not None:
+        raise ValueError("--events - and --to fd:N cannot share standard output: give --events FILE")
+    events = EventWriter.open(args.events) if args.events else None
+    if args.events == "-":
+        out = sys.stderr                    # stdout carries the event lines
     live, update = _progress_display(args.quiet or args.json or stream_fd == _fileno(sys.stderr))
-    if live is not None:
-        with live:
-            st = run_migration(cfg, on_progress=update, pre_switchover=hook)
-    else:
-        st = run_migration(cfg, pre_switchover=hook)
+    try:
+        with MigrationControl() as control:
+            hook = None if args.pause_before_switchover is None else _pause_hook(args.pause_before_switchover,
+                                                                                  control)
+            if live is not None:
+                with live:
+                    st, interrupted = _run_cancellable(cfg, control, on_progress=update, pre_switchover=hook,
+                                                       events=events)
+            else:
+                st, interrupted = _run_cancellable(cfg, control, pre_switchover=hook, events=events)
+        if events is not None:
+            events.result(st.as_dict())
+    finally:
+        if events is not None:
+            events.close()
     if args.json:
         print(json.dumps(st.as_dict(), indent=2), file=out)
     else:
@@ -309,15 +537,22 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:                          # after the results are out: a plot error loses nothing
         from npqfile.migration.plot import plot_migration
         plot_status = _draw(plot_migration, st, args.plot)
+        if st.postcopy.get("postcopy-bytes"):
+            from npqfile.migration.plot import plot_postcopy, postcopy_plot_path
+            plot_status = plot_status or _draw(plot_postcopy, st, postcopy_plot_path(args.plot))
     ver = st.verification
-    if st.status == "failed":
+    if interrupted and st.status == "cancelled":
+        print("error: migration cancelled (interrupted)", file=err)
+    elif st.status == "postcopy-paused":
+        print(f"error: migration postcopy-paused: {st.outcome.removeprefix('error: ')}", file=err)
+    elif st.status == "failed":
         print(f"error: migration failed: {st.outcome.removeprefix('error: ')}", file=err)
     elif ver.get("done") is False:
         print(f"error: verification not done: {ver.get('error')}", file=err)
     elif ver.get("ok") is False:
         why = ver.get("error") or f"blocks differ: {', '.join(ver.get('mismatched', []))}"
         print(f"error: destination does not match the source at switchover ({why})", file=err)
-    return _exit_status(st) or plot_status
+    return _exit_status(st, interrupted) or plot_status
 
 
 def _fileno(stream) -> int | None:

@@ -3,7 +3,10 @@
 Supports: one raw image per RAM block (the inverse of ``npqfile analyze --extract``),
 the destination's machine name, QEMU's ``send-configuration`` / ``send-section-footer``
 switches, an optional vmdesc, the run state the destination enters, zero-page detection,
-XBZRLE-free legacy compression.  The output is a path, ``-`` (standard output, never a
+XBZRLE-free legacy compression (QEMU 7.2 only), the QEMU whose stream is written
+(``--qemu-version 7.2|10.0``, see ``npqfile.stream.versions``), QEMU 10.0's mapped-ram
+file layout (``--mapped-ram``: a regular file only; zero pages stay holes, and the
+summary gives the file's size on disk beside its length).  The output is a path, ``-`` (standard output, never a
 terminal; the summary then goes to standard error) or a migration URI (``exec:``,
 ``tcp:``...).
 
@@ -23,6 +26,7 @@ from npqfile.qemufile import QEMUFile
 from npqfile.ram import GuestRAM, RAMBlock
 from npqfile.stream.devices import RUNSTATES
 from npqfile.stream.snapshot import save_snapshot
+from npqfile.stream.versions import DEFAULT_STREAM_VERSION, QEMU_STREAM_VERSIONS, stream_version
 from npqfile.units import format_bytes
 
 NAME = "save"
@@ -40,7 +44,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-vmdesc", action="store_true", help="omit the trailing vmdesc JSON")
     p.add_argument("--runstate", default="prelaunch", choices=RUNSTATES, help="run state the destination enters")
     p.add_argument("--no-zero-detection", action="store_true", help="send zero pages as normal pages")
-    p.add_argument("--compress-level", type=int, metavar="N", help="send pages as legacy COMPRESS_PAGE (zlib N)")
+    p.add_argument("--compress-level", type=int, metavar="N",
+                   help="send pages as legacy COMPRESS_PAGE (zlib N; QEMU 7.2 only, 9.1 removed them)")
+    p.add_argument("--qemu-version", choices=list(QEMU_STREAM_VERSIONS),
+                   help=f"write the stream this QEMU writes (default {DEFAULT_STREAM_VERSION.name}: "
+                        f"the layout both 7.2 and 10.0 load)")
+    p.add_argument("--mapped-ram", action="store_true",
+                   help="QEMU 9.0+ mapped-ram file layout (implies --qemu-version 10.0 unless given; "
+                        "the destination needs the mapped-ram capability and file:)")
 
 
 def _open_block(name: str, path: str) -> RAMBlock:
@@ -75,7 +86,27 @@ def _output_uri(out: str) -> str:
     return out if out.startswith(URI_SCHEMES) else f"file:{out}"
 
 
+def _version(args: argparse.Namespace):
+    """The QEMU stream version asked for; --mapped-ram alone means 10.0.  ValueError for
+    combinations that QEMU cannot load, before anything is read or written."""
+    name = args.qemu_version
+    if name is None:
+        name = "10.0" if args.mapped_ram else DEFAULT_STREAM_VERSION.name
+    version = stream_version(name)
+    if args.compress_level is not None:
+        version.check_compress_pages()
+    if args.mapped_ram:
+        version.check_mapped_ram()
+        if args.compress_level is not None:
+            raise ValueError("--mapped-ram cannot be combined with --compress-level (QEMU refuses it)")
+        if args.output == "-" or args.output.startswith(URI_SCHEMES) and not args.output.startswith("file:"):
+            raise ValueError(f"--mapped-ram writes pages at fixed file offsets: -o must be a regular file, "
+                             f"not {args.output!r}")
+    return version
+
+
 def run(args: argparse.Namespace) -> int:
+    version = _version(args)
     ram = GuestRAM()
     try:
         images: dict[str, str] = {}
@@ -99,12 +130,17 @@ def run(args: argparse.Namespace) -> int:
             stats = save_snapshot(f, ram, machine=args.machine, send_configuration=not args.no_configuration,
                                   send_section_footer=not args.no_section_footer, send_vmdesc=not args.no_vmdesc,
                                   runstate=args.runstate, compress_level=args.compress_level,
-                                  zero_page_detection=not args.no_zero_detection)
+                                  zero_page_detection=not args.no_zero_detection,
+                                  qemu_version=version, mapped_ram=args.mapped_ram)
             if f.close() < 0 and f.error:
                 raise f.error
+        disk = ""
+        if args.mapped_ram:
+            st = os.stat(out.removeprefix("file:"))
+            disk = f"; mapped-ram file of {st.st_size} bytes, {st.st_blocks * 512} on disk (zero pages are holes)"
         print(f"wrote {'standard output' if out == '-' else out}: {len(ram)} block(s), "
-              f"{format_bytes(ram.total_size)} of RAM; pages normal {stats.normal_pages}, zero "
-              f"{stats.zero_pages}, compressed {stats.compressed_pages}",
+              f"{format_bytes(ram.total_size)} of RAM for QEMU {version.name}; pages normal {stats.normal_pages}, "
+              f"zero {stats.zero_pages}, compressed {stats.compressed_pages}{disk}",
               file=sys.stderr if out == "-" else sys.stdout)
     finally:
         ram.close()

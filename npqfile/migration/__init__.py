@@ -8,11 +8,14 @@ workloads (``make_workload``: idle, uniform, hotset, sequential, zipf, callables
 (``MigrationConfig``, ``run_migration``), parameter sweeps (``run_sweep``) and plots
 (``plot_migration``, imported lazily: it needs matplotlib).
 Plan: one concept per module -- ``engine``, ``bandwidth``, ``destination``,
-``workloads``, ``compression``, ``stats``, ``session``, ``sweep``, ``plot``.
+``workloads``, ``compression``, ``stats``, ``session``, ``sweep``, ``plot``; the
+lifecycle: ``verdict`` (who confirms the guest arrived), ``release_ram`` (when the
+source may release its RAM), ``control`` (cancelling a run: ``MigrationControl``).
 """
 
 from __future__ import annotations
 
+from npqfile.migration.control import MigrationControl
 from npqfile.migration.destination import Destination, DestinationResult, block_hashes
 from npqfile.migration.engine import MigrationEngine, MigrationParams
 from npqfile.migration.session import MigrationConfig, run_migration
@@ -25,6 +28,7 @@ __all__ = [
     "DestinationResult",
     "IterationStats",
     "MigrationConfig",
+    "MigrationControl",
     "MigrationEngine",
     "MigrationParams",
     "MigrationStats",

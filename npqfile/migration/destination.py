@@ -14,7 +14,9 @@ stream bytes stay QEMU's): ``b"NPQV"``, be32 length, then that many bytes of UTF
 ``{"status": "completed"|"failed", "error": str|null, "hashes": {block: sha256 hex},
 "load-time": seconds, "hash-time": seconds}``.  QEMU itself opens a return path only with its capability; a
 real QEMU source never reads this, a real QEMU destination never sends it (the npqfile
-source then reports the migration as not verified).
+source then reports the migration as not verified).  When the stream opened QEMU's return
+path (OPEN_RETURN_PATH: postcopy, see ``postcopy_ram``) that path carries QEMU's messages
+(PONG, REQ_PAGES, SHUT) and the verdict follows SHUT only for an npqfile source.
 
 Goals: a failure is a result (``status``/``error``), never an exception lost in a thread.
 """
@@ -29,16 +31,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from npqfile.errors import FileError, StreamError
+from npqfile.migration import postcopy_ram
 from npqfile.qemufile import READ_AHEAD, QEMUFile
 from npqfile.ram import GuestRAM
 from npqfile.stream.device_tail import DEFAULT_DEVICE_TAIL_BYTES
 from npqfile.stream.loader import load_stream
-from npqfile.stream.reader import shown
 from npqfile.stream.ram_hash import LoadHasher
 from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES
 
 VERIFY_MAGIC = b"NPQV"
 MAX_VERIFY_BYTES = 1 << 20
+
+
+def _no_multifd(offset: int, eos: bool = False) -> None:
+    """A destination without multifd channels meets RAM_SAVE_FLAG_MULTIFD_FLUSH: the pages
+    travel on channels nobody reads (the source would wait for them forever)."""
+    if not eos:
+        raise StreamError("the source migrates with multifd (RAM_SAVE_FLAG_MULTIFD_FLUSH): its pages travel "
+                          "on multifd channels; give incoming --multifd-channels N", offset - 8, "ram")
 
 
 def block_hashes(ram: GuestRAM) -> dict[str, str]:
@@ -58,11 +68,14 @@ class DestinationResult:
     stats: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     bytes: int = 0
+    stats_multifd: dict = field(default_factory=dict)
+    postcopy: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "error": self.error, "machine": self.machine,
-                "load-time": round(self.load_time, 6), "hash-time": round(self.hash_time, 6), "hashes": self.hashes, "bytes": self.bytes,
-                "ram": self.stats, "warnings": self.warnings}
+        out = {"status": self.status, "error": self.error, "machine": self.machine,
+               "load-time": round(self.load_time, 6), "hash-time": round(self.hash_time, 6), "hashes": self.hashes, "bytes": self.bytes,
+               "ram": self.stats, "warnings": self.warnings} | ({"multifd": self.stats_multifd} if self.stats_multifd else {})
+        return out | ({"postcopy": self.postcopy} if self.postcopy else {})
 
 
 class Destination:
@@ -74,14 +87,17 @@ class Destination:
 
     def __init__(self, ram: GuestRAM | None = None, *, machine: str | None = "none",
                  max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, hash_blocks: bool = True,
-                 device_tail_bytes: int = DEFAULT_DEVICE_TAIL_BYTES):
+                 device_tail_bytes: int = DEFAULT_DEVICE_TAIL_BYTES, multifd: Any = None, guest: Any = None):
+        self.guest = guest              # a Workload run on this RAM from POSTCOPY_RUN on
         self.ram = ram
         self.device_tail_bytes = device_tail_bytes   # device state kept until the vmdesc sizes it
+        self.multifd = multifd          # a MultiFDRecv whose channels are open (npqfile.migration.multifd)
         self.machine = machine
         self.max_ram_bytes = max_ram_bytes
         self.hash_blocks = hash_blocks
         self.result = DestinationResult()
         self._thread: threading.Thread | None = None
+        self.file: QEMUFile | None = None
 
     def receive(self, channel: Any, *, reply: bool = True) -> DestinationResult:
         """Load the stream from the read channel ``channel`` and close it.  With ``reply``
@@ -89,38 +105,70 @@ class Destination:
         stream or I/O error gives ``status="failed"`` and ``error``, not an exception)."""
         res = self.result
         t0 = time.monotonic()
-        f = QEMUFile(channel, read_ahead=READ_AHEAD)
-        # Hash blocks while they load when no source waits on a return path; with one, the
-        # source is still sending meanwhile and a hashing thread would take its CPU.
-        overlap = self.hash_blocks and not callable(getattr(channel, "get_return_path", None))
+        f = self.file = QEMUFile(channel, read_ahead=READ_AHEAD)      # self.file: for live polls (events)
+        pc = postcopy_ram.PostcopyIncoming(f, postcopy_ram.DestinationGuest(self.guest) if self.guest is not None else None)
+        # Hash blocks while they load when only the main stream writes RAM and no source
+        # waits on a return path (with one, the source is still sending meanwhile and a
+        # hashing thread would take its CPU).
+        overlap = (self.hash_blocks and self.multifd is None and self.guest is None
+                   and not callable(getattr(channel, "get_return_path", None)))
         hasher = LoadHasher() if overlap else None
         try:
-            loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes,
-                                 device_tail_bytes=self.device_tail_bytes, hasher=hasher)
+            mf = self.multifd
+            # the machine type is checked at the configuration section, as QEMU does:
+            # a mismatch fails before any RAM is read, and closing makes the source stop
+            loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes, machine=self.machine,
+                                 device_tail_bytes=self.device_tail_bytes,
+                                 on_multifd_flush=mf.main_record if mf is not None else _no_multifd,
+                                 postcopy=pc, hasher=hasher)
+            if mf is not None:
+                mf.finish()            # every channel ended cleanly after its last SYNC
+                res.stats_multifd = mf.stats()
             res.bytes = f.tell()
             self.ram = loaded.ram
             res.machine = loaded.machine
             res.warnings = list(loaded.warnings)
             res.stats = {k: v for k, v in loaded.stats.as_dict().items() if k != "parts"}
-            if self.machine is not None and loaded.machine not in (None, self.machine):
-                raise StreamError(f"Machine type received is '{shown(loaded.machine)}' and local is '{self.machine}'")
             res.load_time = time.monotonic() - t0
-            if self.hash_blocks and self.ram is not None:
+            pc.stop()          # postcopy: the guest stops, RAM is unregistered
+            if (self.hash_blocks or pc.ram is not None) and self.ram is not None:
                 h0 = time.monotonic()
-                res.hashes = hasher.digests(self.ram) if hasher is not None else block_hashes(self.ram)
+                # postcopy: RAM as received (the guest has written to it since)
+                res.hashes = (pc.received_hashes() if pc.ram is not None
+                              else hasher.digests(self.ram) if hasher is not None else block_hashes(self.ram))
                 res.hash_time = time.monotonic() - h0
             res.status = "completed"
         except (StreamError, FileError, OSError, ValueError, KeyError) as exc:
+            if self.multifd is not None:
+                # a channel's own error explains a main stream cut short by it
+                exc = self.multifd.error or exc
+                self.multifd.close()
             res.status, res.error = "failed", str(exc)
             res.bytes = f.tell()            # what was received before the failure, not 0
+            if pc.state in ("listening", "running"):
+                # the source may still hold pages the guest here needs: the guest is split
+                res.status = "postcopy-paused"
+                res.error += "; the guest is split between source and destination (QEMU: postcopy-paused)"
             res.load_time = time.monotonic() - t0
         finally:
             if hasher is not None:
                 hasher.close()
-        if reply:
-            self._reply(f)
+        if pc.ram is not None or pc.rp is not None:
+            res.postcopy = pc.summary()
+        if pc.rp is not None:
+            # QEMU's return path: SHUT, then npqfile's verdict only to an npqfile source
+            pc.finish(res.status == "completed", self._verdict() if reply else None)
+        else:
+            pc.stop()
+            if reply:
+                self._reply(f)
         f.close()
         return res
+
+    def _verdict(self) -> dict:
+        res = self.result
+        return {"status": res.status, "error": res.error, "hashes": res.hashes, "load-time": res.load_time,
+                "hash-time": res.hash_time, "postcopy": res.postcopy}
 
     def _reply(self, f: QEMUFile) -> None:
         """Send the verification message on the return path, if there is one."""
@@ -130,9 +178,7 @@ class Destination:
             return
         if rp is None:
             return
-        res = self.result
-        body = json.dumps({"status": res.status, "error": res.error, "hashes": res.hashes,
-                           "load-time": res.load_time, "hash-time": res.hash_time}).encode()
+        body = json.dumps(self._verdict()).encode()
         rp.put_buffer(VERIFY_MAGIC + struct.pack(">I", len(body)) + body)
         rp.fflush()
         rp.close()   # errors here mean the source went away; nothing more to tell it

@@ -17,14 +17,14 @@ bitmap (``dirty-sync-count`` + 1); if the total is still below the threshold, th
 is stopped (the workload acknowledges), the bitmap synced a last time and everything
 left is sent without a rate limit.  XBZRLE is off until the page search first wraps
 past the last block (``find_dirty_block``).  With ``auto_converge`` each sync feeds the
-throttle decision (``throttle``), which slows the workload as QEMU slows vCPUs.  With
-``release_ram`` the source hashes its RAM at switchover (for verification: released
-pages read back as zero), releases every page already sent and clean (as
-``ram_postcopy_migrated_memory_release`` does at the start of postcopy), sends the
-final pages with ``may_free`` so QEMUFile releases them once written, and releases the
-zero pages of the final pass batch by batch (``save_zero_page`` releases them too).
-The statistics count RAM bytes as QEMU 7.2's ``ram_counters.transferred`` does (page
-records and PART EOS; not the setup records, not the END EOS), then keep only what the
+throttle decision (``throttle``), which slows the workload as QEMU slows vCPUs.  In
+pre-copy the engine releases no guest RAM: the source holds the only running copy
+until the destination's verdict (``release_ram`` decides; the session releases after
+the verdict); in postcopy pages are released once sent (``postcopy``).  ``cancel()`` shuts the QEMUFile down as ``migrate_cancel`` does, so a
+source blocked in ``sendmsg`` on a stalled peer wakes; the time limit cancels the same
+way while pages are still being sent.  The statistics count RAM bytes as QEMU 7.2's
+``ram_counters.transferred`` does (page records and PART EOS; not the setup records,
+not the END EOS), then keep only what the
 channel took: a failed run never reports more RAM bytes than stream bytes.
 
 Goals: QEMU's bytes, QEMU's decisions, QEMU's statistics (see ``stats``); a clear outcome
@@ -35,6 +35,7 @@ forced through stop-and-copy with ``on_limit="force"``).  Plan: one method per p
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import threading
 import time
@@ -46,6 +47,9 @@ import numpy as np
 
 from npqfile.migration.bandwidth import RateWindows
 from npqfile.migration.destination import block_hashes
+from npqfile.migration.multifd import AccountedFile, multifd_stats, save_pages_multifd
+from npqfile.migration.postcopy import PostcopySource
+from npqfile.migration.release_ram import release_runs
 from npqfile.migration.stats import IterationStats, MigrationStats, freed_bytes
 from npqfile.migration.throttle import AutoConverge
 from npqfile.migration.throttle import check_params as check_throttle_params
@@ -58,13 +62,15 @@ from npqfile.qemufile import (
 )
 from npqfile.ram import GuestRAM
 from npqfile.stream.constants import (
+    RAM_SAVE_FLAG_MULTIFD_FLUSH,
     QEMU_VM_SECTION_END,
     QEMU_VM_SECTION_PART,
     QEMU_VM_SECTION_START,
 )
-from npqfile.stream.devices import RAM, none_machine_devices
+from npqfile.stream.devices import machine_devices, ram_entry
 from npqfile.stream.ram_saver import RAMSaver
 from npqfile.stream.savevm import SaveVMWriter
+from npqfile.stream.versions import stream_version
 
 MAX_WAIT = 0.05            # ram_save_iterate: a PART section lasts at most 50 ms
 CHUNK = 1024               # pages per save_pages call between time checks (QEMU checks every 64)
@@ -77,7 +83,9 @@ class MigrationParams:
 
     Bandwidth in bytes/s (0 = unlimited), times in seconds.  ``on_limit``: what to do when
     ``max_iterations`` or ``time_limit`` is reached without converging: ``cancel`` (QEMU's
-    migrate_cancel) or ``force`` (stop-and-copy anyway, with a longer downtime)."""
+    migrate_cancel) or ``force`` (stop-and-copy anyway, with a longer downtime).
+    ``release_ram`` is the capability; the engine itself releases nothing (when the
+    source may release is ``release_ram.may_release``'s rule, applied by the session)."""
     max_bandwidth: float = 0.0
     downtime_limit: float = 0.3
     max_iterations: int = 30
@@ -91,6 +99,11 @@ class MigrationParams:
     machine: str = "none"
     runstate: str = "running"
     sample_rss: bool = False
+    multifd_channels: int = 0           # QEMU's multifd capability + multifd-channels (0: off)
+    multifd_compression: str = "none"
+    multifd_zero_page: str = "multifd"  # zero-page-detection with multifd: multifd | legacy | none
+    qemu_version: str = "7.2"       # the QEMU whose stream is written (npqfile.stream.versions)
+    mapped_ram: bool = False        # QEMU 9.0+ mapped-ram file layout (a file: destination)
     # auto-converge capability and its migrate-set-parameters (QEMU's names; see throttle)
     auto_converge: bool = False
     cpu_throttle_initial: int = 20
@@ -98,9 +111,17 @@ class MigrationParams:
     max_cpu_throttle: int = 99
     throttle_trigger_threshold: int = 50
     cpu_throttle_tailslow: bool = False
+    postcopy_after: int | str | None = None    # postcopy: after N dirty syncs, or "auto" (see postcopy.py)
 
     def check(self) -> None:
         """Raise ValueError naming the first bad parameter."""
+        version = stream_version(self.qemu_version)
+        if self.compress_level is not None:
+            version.check_compress_pages()
+        if self.mapped_ram:
+            version.check_mapped_ram()
+            if self.xbzrle_cache_size or self.compress_level is not None:
+                raise ValueError("mapped-ram cannot be combined with XBZRLE or page compression (QEMU refuses both)")
         if self.max_bandwidth < 0:
             raise ValueError(f"max_bandwidth must not be negative ({self.max_bandwidth})")
         if self.downtime_limit < 0:
@@ -111,6 +132,15 @@ class MigrationParams:
             raise ValueError(f"time_limit must be positive ({self.time_limit})")
         if self.on_limit not in ("cancel", "force"):
             raise ValueError(f"on_limit must be cancel or force, not {self.on_limit!r}")
+        if self.multifd_channels:
+            from npqfile.migration.multifd import check_params
+            check_params(self)
+        pa = self.postcopy_after
+        if pa is not None and pa != "auto" and (not isinstance(pa, int) or pa < 0):
+            raise ValueError(f"postcopy_after must be a number of dirty syncs >= 0 or 'auto', not {pa!r}")
+        if pa is not None and (self.multifd_channels or self.mapped_ram):
+            # QEMU sends postcopy pages on the main channel only; mapped-ram is a file: layout
+            raise ValueError("postcopy cannot be combined with multifd channels or mapped-ram here")
         size = self.xbzrle_cache_size
         if size and (size < 4096 or size & (size - 1)):
             raise ValueError(f"xbzrle cache size {size} must be a power of two >= 4096")
@@ -149,18 +179,23 @@ class MigrationEngine:
 
     def __init__(self, ram: GuestRAM, f: QEMUFile, workload: Workload | None = None,
                  params: MigrationParams | None = None, *, pre_switchover: Callable | None = None,
-                 on_progress: Callable[[dict], None] | None = None, hash_at_switchover: bool = False):
+                 on_progress: Callable[[dict], None] | None = None, hash_at_switchover: bool = False,
+                 multifd: Any = None):
         self.ram = ram
+        self.multifd = multifd          # a MultiFDSend: pages go to its channels (npqfile.migration.multifd)
         self.f = f
         self.workload = workload or Workload()
         self.params = params or MigrationParams()
         self.params.check()
         self.pre_switchover = pre_switchover
         self.on_progress = on_progress
-        self.hash_at_switchover = hash_at_switchover or self.params.release_ram
+        self.hash_at_switchover = hash_at_switchover
         self.switchover_hashes: dict[str, str] = {}
         self.stats = MigrationStats(page_size=4096, ram_total=ram.total_size, params=asdict(self.params))
         self._cancel = threading.Event()
+        self._cancel_reason: str | None = None   # the limit that cancelled (None: migrate_cancel)
+        if multifd is not None:
+            multifd.cancel = self._cancel   # a cancel also ends a wait for a busy channel
         self._continue = threading.Event()
         self._blocks = ram.blocks
         self._bitmap = {b.name: np.zeros(b.n_pages, dtype=bool) for b in self._blocks}
@@ -172,16 +207,32 @@ class MigrationEngine:
         self._sync_t = 0.0              # start of the current dirty-rate period
         self.throttle = self.params.auto_converge_state()   # auto-converge (None when off)
         self._rate_pages = 0            # pages dirtied in it
+        self._rate_known = False        # QEMU: dirty_pages_rate set (a sync after >= 1 s)
+        self._remaining_at_sync = 0     # QEMU: ram_counters.remaining (bytes dirty at the last sync)
         # ram.transferred accounting: RAM-section bytes QEMU does not count (the setup
         # records and the END section's EOS), and per RAM section (stream offset of its
         # payload, counted bytes before it) to tell the bytes written from those queued
         self._uncounted = 0
         self._marks: list[tuple[int, int]] = []
+        self.postcopy = PostcopySource(self) if self.params.postcopy_after is not None else None
+        self._last_sync_dirty: int | None = None
 
     # -- control from other threads -----------------------------------------------------
     def cancel(self) -> None:
-        """migrate_cancel: the run ends as ``cancelled`` at its next check."""
+        """migrate_cancel: the run ends as ``cancelled``.  Like QEMU, shut the QEMUFile down
+        (qemu_file_shutdown) so a send blocked on a stalled peer wakes at once; any
+        thread, or a signal handler.  Returns None."""
         self._cancel.set()
+        self._continue.set()                        # leave a pre-switchover pause
+        self.f.shutdown()
+
+    def _time_limit_hit(self) -> None:
+        """The time limit's watchdog: while pages are still being sent (setup or
+        pre-copy) and ``on_limit`` is cancel, cancel -- even a send blocked on a peer
+        that reads nothing.  Forced completion is left to the loop's own check."""
+        if self.params.on_limit == "cancel" and self.stats.status in ("setup", "active"):
+            self._cancel_reason = "time-limit"
+            self.cancel()
 
     def migrate_continue(self) -> None:
         """Leave the pre-switchover pause."""
@@ -192,45 +243,70 @@ class MigrationEngine:
         """Migrate; returns the statistics (``status`` completed, cancelled or failed)."""
         p, st = self.params, self.stats
         self.saver = RAMSaver(self.f, self.ram, zero_page_detection=p.zero_page_detection,
-                              xbzrle_cache_size=p.xbzrle_cache_size, compress_level=p.compress_level)
+                              xbzrle_cache_size=p.xbzrle_cache_size, compress_level=p.compress_level,
+                              mapped_ram=p.mapped_ram)
         self.saver.xbzrle_enabled = False          # QEMU: no XBZRLE during the bulk stage
-        self.writer = SaveVMWriter(self.f, machine=p.machine)
+        self.writer = SaveVMWriter(self.f, machine=p.machine, qemu_version=p.qemu_version,
+                                   capabilities=("mapped-ram",) if p.mapped_ram else ())
+        self._ram_se = ram_entry(p.qemu_version)
         st.xbzrle_cache_size = p.xbzrle_cache_size
         st.rss_before = resident_bytes(self.ram)
+        st.expected_downtime = p.downtime_limit     # migrate_fd_connect
         self._freed0 = freed_bytes(self.ram)
         self.t0 = time.monotonic()
         if p.sample_rss:
             st.timeline.append((0.0, 0, st.rss_before))
-        self.windows = RateWindows(self.f, p.max_bandwidth, p.downtime_limit, self.t0, cancel=self._cancel)
+        self.windows = RateWindows(AccountedFile(self.f, self.multifd) if self.multifd else self.f, p.max_bandwidth, p.downtime_limit, self.t0, cancel=self._cancel)
         self.windows.on_window = self._window_closed
         self.workload.start(self.ram)
+        watchdog = threading.Timer(p.time_limit, self._time_limit_hit)
+        watchdog.daemon = True
+        watchdog.start()
         try:
             self._setup()
             st.status = "active"
             outcome = self._iterate()
-            if outcome in ("converged", "forced"):
+            if outcome == "postcopy":
+                self._postcopy_start()
+            elif outcome in ("converged", "forced"):
                 self._complete()
                 st.converged = outcome == "converged"
             else:
-                st.status = "cancelled"
-                st.remaining = self._dirty * st.page_size
-                st.precopy_bytes = self._ram_counted()   # what was sent while the guest ran
-                st.expected_downtime = st.remaining / max(st.bandwidth, 1.0)
-                self.f.shutdown()
-            if st.status != "cancelled":
+                self._cancelled()
+            if st.status not in ("cancelled", "completed", "postcopy-paused", "failed"):
                 self.f.fflush()
                 if self.f.get_error():
                     raise self.f.error
                 st.status = "completed"
+                if self.postcopy is not None:
+                    self.postcopy.await_close()     # converged in pre-copy: the return path ends with SHUT
         except (OSError, RuntimeError) as exc:   # I/O failure, or the workload thread failed
-            st.status, st.outcome = "failed", f"error: {exc}"
+            if self._cancel.is_set():            # cancel() shut the file down under a send
+                self._cancelled()
+            else:
+                st.status, st.outcome = "failed", f"error: {exc}"
         finally:
+            watchdog.cancel()
+            if self.multifd is not None:    # the destination sees the channels end
+                self.multifd.close(abort=st.status != "completed")
             try:
                 self.workload.stop()
             except RuntimeError as exc:
                 st.status, st.outcome = "failed", f"error: {exc}"
             self._finish_stats()
         return st
+
+    def _cancelled(self) -> None:
+        """End the run as ``cancelled`` (migrate_cancel, or a limit): what was left to
+        send, and the file shut down."""
+        st = self.stats
+        if self._cancel.is_set():
+            st.outcome = self._cancel_reason or "cancelled"
+        st.status, st.converged = "cancelled", False
+        st.remaining = self._dirty * st.page_size
+        if st.switchover_time == 0.0:
+            st.precopy_bytes = self._ram_counted()   # what was sent while the guest ran
+        self.f.shutdown()
 
     def _setup(self) -> None:
         """qemu_savevm_state_setup: header, START(ram) with the block list; all pages dirty."""
@@ -240,9 +316,11 @@ class MigrationEngine:
         self._dirty = sum(b.n_pages for b in self._blocks)
         self.stats.dirty_sync_count = 1
         self.writer.write_header()
+        if self.postcopy is not None:
+            self.postcopy.setup()                   # return path and advise, before any RAM
         self.f.ram_control_before_iterate(RAM_CONTROL_SETUP)
         with self._ram_section(QEMU_VM_SECTION_START):
-            self.saver.save_setup()
+            self.saver.save_setup(self._multifd_sync)
             # ram_save_setup's MEM_SIZE, block list and EOS: not in ram_counters.transferred
             self._uncounted = self.saver.stats.pages_bytes
         self.f.fflush()
@@ -255,7 +333,7 @@ class MigrationEngine:
     @contextlib.contextmanager
     def _ram_section(self, section_type: int) -> Iterator[None]:
         """A ``ram`` section whose payload start is remembered for ``_ram_written``."""
-        with self.writer.section(RAM, section_type):
+        with self.writer.section(self._ram_se, section_type):
             self._marks.append((self.f.ftell_fast(), self._ram_counted()))
             yield
 
@@ -285,8 +363,8 @@ class MigrationEngine:
                                     sync=self.stats.dirty_sync_count,
                                     cpu_throttle=self.throttle.percentage if self.throttle else 0)
         self._iter_t0 = time.monotonic()
-        self._iter_bytes0 = self.f.ftell_fast()
-        self._iter_pages0 = self.saver.stats.pages
+        self._iter_bytes0 = self.windows.f.ftell_fast()     # multifd channels included
+        self._iter_pages0 = self.saver.stats.pages + (self.multifd.queued_pages if self.multifd else 0)
         self.stats.iterations.append(self._iter)
 
     def _close_iteration(self) -> None:
@@ -294,8 +372,9 @@ class MigrationEngine:
         if it is None:
             return
         it.duration = time.monotonic() - self._iter_t0
-        it.bytes_sent = self.f.ftell_fast() - self._iter_bytes0
-        it.pages_sent = self.saver.stats.pages - self._iter_pages0
+        it.bytes_sent = self.windows.f.ftell_fast() - self._iter_bytes0
+        it.pages_sent = (self.saver.stats.pages + (self.multifd.queued_pages if self.multifd else 0)
+                         - self._iter_pages0)
         it.bandwidth = it.bytes_sent / max(it.duration, 1e-9)
         self._iter = None
 
@@ -313,7 +392,6 @@ class MigrationEngine:
         ps = st.page_size
         while True:
             if self._cancel.is_set():
-                st.outcome = "cancelled"
                 return "cancelled"
             threshold = self._threshold()
             synced = self._dirty * ps < threshold
@@ -323,6 +401,8 @@ class MigrationEngine:
             if not pending or pending < threshold:      # migration_iteration_run: complete
                 st.outcome = "converged"
                 return "converged"
+            if self.postcopy is not None and self._postcopy_due(synced):
+                return "postcopy"
             if synced:
                 if st.dirty_sync_count > p.max_iterations:
                     return self._limit("max-iterations")
@@ -337,7 +417,35 @@ class MigrationEngine:
             else:
                 self.windows.tick()
 
+    def _postcopy_due(self, synced: bool) -> bool:
+        """migrate-start-postcopy as guestperf issues it: once dirty-sync-count exceeds
+        ``postcopy_after``; with ``auto``, at the first sync whose dirty pages did not
+        shrink since the previous sync (pre-copy stopped making progress)."""
+        pa = self.params.postcopy_after
+        if pa != "auto":
+            return self.stats.dirty_sync_count > pa
+        if not synced:
+            return False
+        last, self._last_sync_dirty = self._last_sync_dirty, self._dirty
+        return last is not None and self._dirty >= last
+
+    def _postcopy_start(self) -> None:
+        """Stop the guest (vm_stop) and hand over to the postcopy phase (postcopy.py)."""
+        st = self.stats
+        self._close_iteration()
+        st.precopy_bytes = self._ram_counted()
+        stop_t = time.monotonic()
+        self.workload.pause()
+        self.workload.set_throttle(0)               # cpu_throttle_stop
+        st.switchover_time = stop_t - self.t0
+        self._sample_rss(st.switchover_time)
+        st.status = "device"
+        self.postcopy.run(stop_t)               # converged stays False: pre-copy did not
+
     def _limit(self, why: str) -> str:
+        if self.params.postcopy_after == "auto":
+            self.stats.outcome = f"postcopy: {why}"
+            return "postcopy"               # auto: a run that cannot converge switches
         self.stats.outcome = why if self.params.on_limit == "cancel" else f"forced: {why}"
         return "forced" if self.params.on_limit == "force" else why
 
@@ -358,10 +466,12 @@ class MigrationEngine:
             # shorter than that reports the rate since the start
             self._rate_pages += new
             period = now - self._sync_t
+            self._rate_known |= period >= 1.0
             if period >= 1.0 or not self.stats.dirty_pages_rate:
                 self.stats.dirty_pages_rate = self._rate_pages / max(period, 1e-6)
                 self._sync_t, self._rate_pages = now, 0
         self.stats.dirty_sync_count += 1
+        self._remaining_at_sync = self._dirty * self.stats.page_size
         self.saver.generation = self.stats.dirty_sync_count
         self._progress()
 
@@ -402,10 +512,12 @@ class MigrationEngine:
                     return block, idx[:limit] + page
                 page = end
             bi, page = (bi + 1) % len(self._blocks), 0
-            if bi == 0 and self.saver.cache is not None:
-                # find_dirty_block: "After the first round, enable XBZRLE" -- when the
-                # search wraps past the last block, not at the first sync
-                self.saver.xbzrle_enabled = True
+            if bi == 0:
+                self._multifd_sync()
+                if self.saver.cache is not None:
+                    # find_dirty_block: "After the first round, enable XBZRLE" -- when the
+                    # search wraps past the last block, not at the first sync
+                    self.saver.xbzrle_enabled = True
         return None, np.empty(0, dtype=np.int64)
 
     def _send_some(self, limit: int, rate_limited: bool) -> int:
@@ -414,18 +526,49 @@ class MigrationEngine:
         if block is None:
             self._dirty = 0
             return 0
-        n = self.saver.save_pages(block, idx, rate_limited=rate_limited)
+        if self.multifd is not None:
+            n = save_pages_multifd(self.multifd, self.saver, block, idx)
+        else:
+            n = self.saver.save_pages(block, idx, rate_limited=rate_limited)
         sent = idx[:n]
         if self.saver.release_ram and n:
-            # ZERO records carry no memory for QEMUFile to release once written: release
-            # the pages the saver sent that way (not re-read: pages sent may_free already
-            # read as zero once released, and must not be released and counted twice)
+            # only postcopy turns this on (release_ram.may_release(POSTCOPY)): ZERO records
+            # carry no memory for QEMUFile to release once written, so release them here
             self._release_zero(block, sent[self.saver.sent_zero])
         self._bitmap[block.name][sent] = False
         self._dirty -= n
         if n:
             self._cursor = (self._blocks.index(block), int(sent[-1]) + 1)
+            if self.multifd is not None and self._cursor == (len(self._blocks) - 1, block.n_pages):
+                self._cursor = (0, 0)           # the end of RAM: find_dirty_block wraps
+                self._multifd_sync()
         return n
+
+    # -- release-ram in postcopy (release_ram.may_release(POSTCOPY)); pre-copy releases
+    # -- nothing here: the session releases after the destination's verdict
+    def _release_clean(self) -> None:
+        """ram_postcopy_migrated_memory_release: release every page already sent and not
+        dirty (the destination has it and runs the guest)."""
+        for b in self._blocks:
+            self.stats.released_bytes += release_runs(b, ~self._bitmap[b.name])
+
+    def _release_zero(self, block, zero: np.ndarray) -> None:
+        """Release the pages ``zero`` just sent as ZERO records (QEMU's save_zero_page
+        releases each one under release-ram in postcopy): one call for the batch, one
+        release per run of adjacent pages."""
+        if zero.size:
+            mask = np.zeros(block.n_pages, dtype=bool)
+            mask[zero] = True
+            self.stats.released_bytes += release_runs(block, mask)
+
+    def _multifd_sync(self) -> None:
+        """multifd_ram_flush_and_sync at the end of each pass, in the setup and at
+        completion: SYNC on every channel, then RAM_SAVE_FLAG_MULTIFD_FLUSH here."""
+        if self.multifd is not None:
+            self.multifd.flush_and_sync()
+            self.f.put_be64(RAM_SAVE_FLAG_MULTIFD_FLUSH)
+            self.saver.stats.pages_bytes += 8
+            self.f.fflush()     # the destination's channels wait on it: it must not sit in our buffer
 
     # -- completion -----------------------------------------------------------------------
     def _complete(self) -> None:
@@ -438,7 +581,6 @@ class MigrationEngine:
         self.workload.set_throttle(0)               # cpu_throttle_stop
         st.switchover_time = stop_t - self.t0
         self._sample_rss(st.switchover_time)        # the RSS line reaches the switchover
-        st.expected_downtime = self._dirty * st.page_size / max(st.bandwidth, 1.0)
         if self.params.pause_before_switchover:
             st.status = "pre-switchover"
             self._progress()
@@ -446,6 +588,8 @@ class MigrationEngine:
                 self.pre_switchover(self)
             else:
                 self._continue.wait(max(0.0, self.params.time_limit - (time.monotonic() - self.t0)))
+            if self._cancel.is_set():
+                raise OSError(errno.ECANCELED, "cancelled at pre-switchover")
         st.status = "device"
         self._sync()
         self._new_iteration(self._dirty, final=True)
@@ -454,16 +598,10 @@ class MigrationEngine:
             h0 = time.monotonic()
             self.switchover_hashes = block_hashes(self.ram)
             excluded = time.monotonic() - h0        # verification, not migration work
-        if self.params.release_ram:
-            # pages of the last PART may still be queued as zero-copy views: they must
-            # reach the wire before their memory is released
-            f.fflush()
-            self._release_clean()
-            self._sample_rss()
         self.saver.last_stage = True
-        self.saver.release_ram = self.params.release_ram
         self.saver.generation = st.dirty_sync_count
         f.set_rate_limit(0)                         # completion runs unthrottled
+        self.writer.switchover_start()              # QEMU 10.0: MIG_CMD_SWITCHOVER_START
         with self._ram_section(QEMU_VM_SECTION_END):
             f.ram_control_before_iterate(RAM_CONTROL_FINISH)
             # stop at the first error, as ram_save_complete does: pages "sent" into a
@@ -472,9 +610,11 @@ class MigrationEngine:
                 if not self._send_some(CHUNK, False):
                     break
             f.ram_control_after_iterate(RAM_CONTROL_FINISH)
+            self._multifd_sync()
+            self.saver.write_mapped_ram_bitmaps()   # ram_save_file_bmap
             self.saver.write_eos()
             self._uncounted += 8                    # ram_save_complete's EOS is not counted
-        devices = none_machine_devices(self.params.runstate)
+        devices = machine_devices(self.params.qemu_version, self.params.runstate)
         for se, payload, _desc in devices:
             self.writer.write_full_section(se, payload)
         self.writer.write_eof()
@@ -484,48 +624,49 @@ class MigrationEngine:
         st.downtime = time.monotonic() - stop_t - excluded
         st.downtime_bytes = self._ram_counted() - st.precopy_bytes
 
-    def _release_clean(self) -> None:
-        """Release every page already sent and not dirty (the destination has it)."""
-        for b in self._blocks:
-            clean = ~self._bitmap[b.name]
-            if not clean.any():
-                continue
-            # runs of clean pages -> (offset, length) byte ranges, one release per run
-            edges = np.flatnonzero(np.diff(np.concatenate(([0], clean.view(np.int8), [0]))))
-            starts, ends = edges[0::2], edges[1::2]
-            ranges = np.stack([starts * b.page_size, (ends - starts) * b.page_size], axis=1)
-            self.stats.released_bytes += b.release(ranges)
-
-    def _release_zero(self, block, zero: np.ndarray) -> None:
-        """Release the pages ``zero`` just sent as ZERO records (QEMU's save_zero_page
-        releases each one under release-ram: a ZERO record carries no data, so nothing
-        is waiting to be written).  One call for the batch, which coalesces adjacent
-        pages into runs (one syscall per run, not per page)."""
-        if zero.size:
-            ps = block.page_size
-            ranges = np.stack([zero * ps, np.full(zero.size, ps, dtype=np.int64)], axis=1)
-            self.stats.released_bytes += block.release(ranges)
-
     # -- reporting --------------------------------------------------------------------------
     def _sample_rss(self, t: float | None = None) -> None:
         """One (time, stream bytes, source RSS) point for the plot, when sampling is on;
         ``t`` in seconds since the start (default: now)."""
         if self.params.sample_rss:
             when = time.monotonic() - self.t0 if t is None else t
-            self.stats.timeline.append((when, self.f.ftell_fast(), resident_bytes(self.ram)))
+            self.stats.timeline.append((when, self.windows.f.ftell_fast(), resident_bytes(self.ram)))
 
     def _window_closed(self, windows: RateWindows) -> None:
+        # migration_update_counters: expected-downtime starts as downtime-limit and is
+        # re-estimated (dirty bytes at the last sync / window bandwidth) only once QEMU has
+        # a dirty-pages-rate (a sync period of >= 1 s) and the window sent > 10000 bytes
+        sent = windows.windows[-1].bytes if windows.windows else 0
+        if self._rate_known and sent > 10000 and windows.bandwidth > 0:
+            self.stats.expected_downtime = self._remaining_at_sync / windows.bandwidth
         self._sample_rss()
         self._progress()
 
     def _progress(self) -> None:
-        if self.on_progress is None:
-            return
+        if self.on_progress is not None:
+            self.on_progress(self.progress_info())
+
+    def progress_info(self, status: str | None = None) -> dict:
+        """The ``on_progress`` dict now (``status`` overrides the run's: the session
+        reports ``wait-verdict`` with it)."""
         elapsed = time.monotonic() - self.t0
-        self.on_progress({"status": self.stats.status, "round": self.stats.dirty_sync_count,
-                          "dirty-pages": self._dirty, "bytes": self.f.ftell_fast(),
-                          "mbps": self.windows.bandwidth * 8 / 1e6, "elapsed": elapsed,
-                          "cpu-throttle-percentage": self.throttle.percentage if self.throttle else 0})
+        return {"status": status or self.stats.status, "round": self.stats.dirty_sync_count,
+                "dirty-pages": self._dirty, "bytes": self.windows.f.ftell_fast(),
+                "mbps": self.windows.bandwidth * 8 / 1e6, "elapsed": elapsed,
+                "cpu-throttle-percentage": self.throttle.percentage if self.throttle else 0}
+
+    def query_migrate(self) -> dict[str, Any]:
+        """The live ``query-migrate`` answer (QEMU's names; callable from any thread,
+        e.g. the events writer's 100 ms poll).  Returns just the status before run()."""
+        saver, windows = getattr(self, "saver", None), getattr(self, "windows", None)
+        if saver is None or windows is None:
+            return {"status": self.stats.status}
+        out = self.stats.live_dict(elapsed=time.monotonic() - self.t0, ram=saver.stats,
+                                   transferred=self._ram_counted(), remaining=self._dirty * self.stats.page_size,
+                                   mbps=windows.bandwidth * 8 / 1e6)
+        if self.postcopy is not None:
+            out["ram"]["postcopy-requests"] = self.postcopy.requests     # as QEMU's, live
+        return out
 
     def _finish_stats(self) -> None:
         st = self.stats
@@ -537,12 +678,18 @@ class MigrationEngine:
         st.stream_bytes = self.f.ftell()
         st.ram_queued = self._ram_counted()
         st.ram_transferred = self._ram_written(st.stream_bytes)
+        if self.multifd is not None:
+            multifd_stats(self.multifd, st)     # the channels' bytes and pages join the totals
         st.windows = self.windows.windows
+        # postcopy's releases (QEMUFile's may_free, and the engine's above); pre-copy's
+        # come after the verdict (session) and are added there
         st.released_bytes += self.f.released_bytes
         st.release_freed_bytes, st.release_unmeasured_bytes = (
             now - then for now, then in zip(freed_bytes(self.ram), self._freed0))
         st.rss_after = resident_bytes(self.ram)
         st.workload = self.workload.describe()
+        if self.postcopy is not None:
+            st.postcopy = {**st.postcopy, **self.postcopy.summary()}
         st.window_bandwidth = st.bandwidth
         if st.status == "completed":
             # migration_calculate_complete: s->mbps becomes the average over the

@@ -9,6 +9,8 @@ the source guest RAM's resident size and the stream bytes over time (from
 switchover, after release-ram's release and at completion), with the downtime shaded
 (from vm_stop for the reported downtime: the source's verification hashing is not
 drawn as downtime); and the cpu-throttle-percentage over time (auto-converge).
+:func:`plot_postcopy(stats, path)`: the source's RSS as postcopy proceeds and the
+destination's page-fault latency CDF.
 :func:`plot_sweep(rows, names, path)` for a ``--sweep``: total time (bars) and downtime
 (line) per case, the case labels wrapped and spaced so they never overlap;
 :func:`check_plot_path(path)` to fail before a long run rather than after it.
@@ -185,7 +187,7 @@ def sweep_figure(rows: list[dict[str, Any]], names: list[str]):
     fig, ax1 = plt.subplots(figsize=(max(6.0, len(rows) * (0.08 * widest + 0.3) + 2.5), 6))
     try:
         xs = list(range(len(rows)))
-        bars = ax1.bar(xs, [row.get("total-ms", 0) for row in rows], color="tab:blue", label="total time")
+        bars = ax1.bar(xs, [row.get("total-time", 0) for row in rows], color="tab:blue", label="total time")
         for bar, row in zip(bars, rows):
             if not row.get("converged"):
                 bar.set_hatch("//")
@@ -193,10 +195,69 @@ def sweep_figure(rows: list[dict[str, Any]], names: list[str]):
         ax1.set_xlim(-0.5, len(rows) - 0.5)
         ax1.set_ylabel("total time (ms)", color="tab:blue")
         ax2 = ax1.twinx()
-        ax2.plot(xs, [row.get("downtime-ms", 0) for row in rows], "o-", color="tab:red", label="downtime")
+        ax2.plot(xs, [row.get("downtime", 0) for row in rows], "o-", color="tab:red", label="downtime")
         ax2.set_ylim(bottom=0)
         ax2.set_ylabel("downtime (ms)", color="tab:red")
         ax1.set_title(f"sweep over {', '.join(names)} (hatched: not converged)")
+        fig.tight_layout()
+    except BaseException:
+        plt.close(fig)
+        raise
+    return fig
+
+
+def postcopy_plot_path(path: str | os.PathLike) -> str:
+    """``run.png`` -> ``run.postcopy.png``: where ``migrate --plot`` draws the postcopy figure."""
+    root, ext = os.path.splitext(os.fspath(path))
+    return f"{root}.postcopy{ext or '.png'}"
+
+
+def plot_postcopy(stats: MigrationStats, path: str | os.PathLike) -> None:
+    """Draw :func:`postcopy_figure` into the image ``path``.  Raises OSError when it
+    cannot be written."""
+    _save(postcopy_figure(stats), path)
+
+
+def postcopy_figure(stats: MigrationStats):
+    """Postcopy: the source's RSS over time (release-ram frees each page once sent, so it
+    falls after the switch) and the destination's page-fault latency distribution (CDF,
+    p50/p90/p99 marked; from ``stats.destination["postcopy"]``).  The caller closes it."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7))
+    try:
+        tl = stats.timeline
+        if tl:
+            ts = [t for t, _b, _r in tl]
+            ax1.plot(ts, [r / MIB for _t, _b, r in tl], color="tab:green", label="source RSS")
+            ax1.plot(ts, [b / MIB for _t, b, _r in tl], color="tab:gray", linestyle="--", label="stream bytes")
+            if stats.switchover_time:
+                ax1.axvline(stats.switchover_time, color="tab:orange", label="switch to postcopy")
+            ax1.legend(loc="best")
+            ax1.set_ylim(bottom=0)
+        else:
+            ax1.text(0.5, 0.5, "no RSS samples", ha="center", va="center", transform=ax1.transAxes)
+        ax1.set_xlabel("time (s)")
+        ax1.set_ylabel("MiB")
+        ax1.set_title(f"postcopy {stats.status}: {stats.postcopy.get('postcopy-requests', 0)} page requests, "
+                      f"downtime {stats.downtime * 1000:.1f} ms")
+        dst = stats.destination.get("postcopy") or {}
+        lat = sorted(dst.get("fault-latencies-ms") or [])
+        if lat:
+            n = len(lat)
+            ax2.plot(lat, [(i + 1) / n for i in range(n)], color="tab:purple")
+            summary = dst.get("fault-latency") or {}
+            for q in ("p50", "p90", "p99"):
+                v = summary.get(f"{q}-ms")
+                if v is not None:
+                    ax2.axvline(v, color="tab:gray", linestyle=":")
+                    ax2.text(v, 0.02, q, rotation=90, va="bottom")
+            ax2.set_title(f"destination page faults: {n}, guest blocked "
+                          f"{dst.get('postcopy-blocktime', 0):.1f} ms in all")
+        else:
+            ax2.text(0.5, 0.5, "no page faults recorded (no guest on the destination, or a remote one)",
+                     ha="center", va="center", transform=ax2.transAxes)
+        ax2.set_xlabel("fault latency (ms): fault to page placed")
+        ax2.set_ylabel("fraction of faults")
         fig.tight_layout()
     except BaseException:
         plt.close(fig)

@@ -8,9 +8,13 @@ outcome, verification), and :meth:`MigrationStats.as_dict` which renders
 ``query-migrate``'s names (``total-time``, ``setup-time``, ``downtime``, ``ram`` with
 ``transferred`` / ``normal`` / ``duplicate`` / ``dirty-pages-rate`` / ``mbps``...,
 ``xbzrle-cache`` with ``cache-miss`` / ``encoding-rate``..., ``cpu-throttle-percentage``
-with auto-converge).  Released memory is reported twice, named for what each is:
-``release-advised-bytes`` (bytes handed to madvise / fallocate) and ``released-bytes``
-(bytes that held memory before and no longer do: what the release freed).
+with auto-converge), :meth:`MigrationStats.live_dict` (the answer while the run goes
+on, for live events) and ``MigrationStats.on_status`` (called at every status change,
+as QEMU emits its MIGRATION event).  Every key follows the naming scheme of
+npqfile/schemas (QEMU's names, else lowercase-hyphenated).  Released memory is reported
+twice, named for what each is: ``release-advised-bytes`` (bytes handed to madvise /
+fallocate) and ``released-bytes`` (bytes that held memory before and no longer do:
+what the release freed).
 
 Goals: a user who reads QEMU's statistics reads ours the same way: times in
 milliseconds, byte counts in bytes, ``mbps`` in megabits per second, zero pages named
@@ -94,12 +98,15 @@ class MigrationStats:
     released_bytes: int = 0         # bytes advised (madvise / fallocate), reported as release-advised-bytes
     release_freed_bytes: int = 0    # of those, bytes that held memory and were freed: released-bytes
     release_unmeasured_bytes: int = 0   # advised where residency could not be read (not in freed)
+    release: dict | None = None     # the release-ram record (migration.release_ram; None: not applied)
     cpu_throttle_percentage: int = 0    # auto-converge: the throttle when pre-copy ended
     throttle_events: list = field(default_factory=list)   # throttle.ThrottleEvent, every change
     verification: dict = field(default_factory=dict)
     destination: dict = field(default_factory=dict)
     workload: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
+    multifd: dict = field(default_factory=dict)     # multifd-bytes and per-channel counts (multifd runs)
+    postcopy: dict = field(default_factory=dict)    # source's postcopy statistics (postcopy.py)
 
     @property
     def transferred(self) -> int:
@@ -117,6 +124,80 @@ class MigrationStats:
         rate = self.average_bandwidth if self.status == "completed" and self.average_bandwidth else self.bandwidth
         return rate * 8 / 1e6
 
+    @property
+    def completion(self) -> str | None:
+        """For a completed run: ``verified`` (the destination confirmed equal RAM),
+        ``mismatch`` (it holds different RAM) or ``not-verified`` (no verdict could
+        come: a QEMU peer, exec:, null:, fd:, or verification off); None otherwise."""
+        if self.status != "completed":
+            return None
+        ok = self.verification.get("ok")
+        return "verified" if ok is True else "mismatch" if ok is False else "not-verified"
+
+    # Called as ``on_status(old, new)`` whenever ``status`` changes (the events writer's
+    # hook: QEMU emits a MIGRATION event at every migrate_set_state).  Not a field.
+    on_status = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        old = self.__dict__.get(name) if name == "status" else None
+        object.__setattr__(self, name, value)
+        if name == "status" and old is not None and value != old and self.on_status is not None:
+            self.on_status(old, value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copies and pickles (a sweep's worker, deepcopy) leave the hook behind
+        state = self.__dict__.copy()
+        state.pop("on_status", None)
+        return state
+
+    def live_dict(self, *, elapsed: float, ram: RAMStats, transferred: int, remaining: int,
+                  mbps: float) -> dict[str, Any]:
+        """A ``query-migrate`` answer while the run goes on (the engine's ``query_migrate``):
+        the status, times in ms (``total-time`` so far), and ``ram`` / ``xbzrle-cache``
+        counters with ``transferred`` as QEMU counts it (bytes queued).  Only the fields
+        QEMU reports while active; the final answer is :meth:`as_dict`."""
+        secs = max(elapsed, 1e-9)
+        out: dict[str, Any] = {
+            "status": self.status,
+            "total-time": round(elapsed * 1000, 3),
+            "setup-time": round(self.setup_time * 1000, 3),
+            "expected-downtime": round(self.expected_downtime * 1000, 3),
+            "ram": {
+                "transferred": transferred,
+                "total": self.ram_total,
+                "remaining": remaining,
+                "duplicate": ram.zero_pages,
+                "normal": ram.normal_pages,
+                "normal-bytes": ram.normal_pages * self.page_size,
+                "skipped": 0,
+                "dirty-pages-rate": round(self.dirty_pages_rate, 1),
+                "dirty-sync-count": self.dirty_sync_count,
+                "mbps": round(mbps, 3),
+                "page-size": self.page_size,
+                "pages-per-second": round(ram.pages / secs, 1),
+            },
+        }
+        if self.status == "completed":          # as QEMU: downtime once known, before that expected-downtime
+            out["downtime"] = round(self.downtime * 1000, 3)
+        if self.params.get("auto_converge"):
+            out["cpu-throttle-percentage"] = self.cpu_throttle_percentage
+        if self.xbzrle_cache_size:
+            out["xbzrle-cache"] = self._xbzrle_dict(ram)
+        return out
+
+    def _xbzrle_dict(self, r: RAMStats) -> dict[str, Any]:
+        """QEMU's ``xbzrle-cache`` object."""
+        sent_pages = r.normal_pages + r.xbzrle_pages + r.compressed_pages
+        return {
+            "cache-size": self.xbzrle_cache_size,
+            "bytes": r.xbzrle_bytes,
+            "pages": r.xbzrle_pages,
+            "cache-miss": r.xbzrle_cache_miss,
+            "cache-miss-rate": round(r.xbzrle_cache_miss / sent_pages, 4) if sent_pages else 0.0,
+            "encoding-rate": round(r.xbzrle_pages * self.page_size / r.xbzrle_bytes, 3) if r.xbzrle_bytes else 0.0,
+            "overflow": r.xbzrle_overflow,
+        }
+
     def window_overshoot(self) -> int:
         """Most bytes any limited window went over its limit (0 when none did or unlimited)."""
         return max((w.bytes - w.limit for w in self.windows if w.limit), default=0)
@@ -125,8 +206,6 @@ class MigrationStats:
         """``query-migrate``-style JSON-ready dict (times in ms) plus npqfile extras."""
         r = self.ram
         secs = max(self.total_time, 1e-9)
-        xb_raw = r.xbzrle_pages * self.page_size
-        sent_pages = r.normal_pages + r.xbzrle_pages + r.compressed_pages
         out: dict[str, Any] = {
             "status": self.status,
             "total-time": round(self.total_time * 1000, 3),
@@ -148,9 +227,11 @@ class MigrationStats:
                 "pages-per-second": round(r.pages / secs, 1),
                 "precopy-bytes": self.precopy_bytes,
                 "downtime-bytes": self.downtime_bytes,
+                **({"multifd-bytes": self.multifd["multifd-bytes"]} if self.multifd else {}),
             },
             "npqfile": {
                 "outcome": self.outcome,
+                "completion": self.completion,
                 "converged": self.converged,
                 "stream-bytes": self.stream_bytes,
                 "part-sections": self.part_sections,
@@ -159,7 +240,7 @@ class MigrationStats:
                 "last-window-mbps": round(self.window_bandwidth * 8 / 1e6, 3),
                 "transferred-queued": self.ram_queued,
                 "switchover-ms": round(self.switchover_time * 1000, 3),
-                "pages": {"normal": r.normal_pages, "zero": r.zero_pages, "xbzrle": r.xbzrle_pages,
+                "pages": {"normal": r.normal_pages, "duplicate": r.zero_pages, "xbzrle": r.xbzrle_pages,
                           "compressed": r.compressed_pages, "xbzrle-unchanged": r.xbzrle_unchanged},
                 "iterations": [it.as_dict() for it in self.iterations],
                 "windows": {"count": len(self.windows),
@@ -172,28 +253,40 @@ class MigrationStats:
                 "release-advised-bytes": self.released_bytes,
                 **({"release-unmeasured-bytes": self.release_unmeasured_bytes}
                    if self.release_unmeasured_bytes else {}),
+                "release-ram": self.release,
                 "throttle-events": [e.as_dict() for e in self.throttle_events],
                 "compression": self.compression,
                 "verification": self.verification,
+                **({"multifd": self.multifd} if self.multifd else {}),
                 "destination": self.destination,
                 "workload": self.workload,
-                "params": self.params,
+                "params": params_dict(self.params),
             },
         }
         if self.params.get("auto_converge"):
             # query-migrate shows it while throttling; after the run: the last value
             out["cpu-throttle-percentage"] = self.cpu_throttle_percentage
+        if self.postcopy:
+            out["ram"]["postcopy-requests"] = self.postcopy.get("postcopy-requests", 0)
+            out["ram"]["postcopy-bytes"] = self.postcopy.get("postcopy-bytes", 0)
+            dst = self.destination.get("postcopy") or {}
+            if "postcopy-blocktime" in dst:        # QEMU reports it on the destination
+                out["postcopy-blocktime"] = dst["postcopy-blocktime"]
+            out["npqfile"]["postcopy"] = self.postcopy     # the destination's: npqfile.destination.postcopy
         if self.xbzrle_cache_size:
-            out["xbzrle-cache"] = {
-                "cache-size": self.xbzrle_cache_size,
-                "bytes": r.xbzrle_bytes,
-                "pages": r.xbzrle_pages,
-                "cache-miss": r.xbzrle_cache_miss,
-                "cache-miss-rate": round(r.xbzrle_cache_miss / sent_pages, 4) if sent_pages else 0.0,
-                "encoding-rate": round(xb_raw / r.xbzrle_bytes, 3) if r.xbzrle_bytes else 0.0,
-                "overflow": r.xbzrle_overflow,
-            }
+            out["xbzrle-cache"] = self._xbzrle_dict(r)
         return out
+
+
+def params_dict(params: dict[str, Any]) -> dict[str, Any]:
+    """``MigrationParams`` fields (``dataclasses.asdict``) under QEMU's parameter and
+    capability names (``max-bandwidth`` in bytes/s, ``downtime-limit`` in ms as QEMU
+    takes it, ``xbzrle-cache-size``, ``release-ram``...), npqfile's own hyphenated
+    (``time-limit`` in seconds, ``on-limit``...)."""
+    out = {k.replace("_", "-"): v for k, v in params.items()}
+    if isinstance(out.get("downtime-limit"), (int, float)):
+        out["downtime-limit"] = round(out["downtime-limit"] * 1000, 3)
+    return out
 
 
 def freed_bytes(ram: Any) -> tuple[int, int]:

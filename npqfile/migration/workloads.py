@@ -76,6 +76,9 @@ class Workload:
         self._ran = 0.0              # running time since the last throttle sleep
         self._asleep_until = 0.0     # end of the current throttle sleep (monotonic)
         self.error: BaseException | None = None
+        # called as before_write(block, pages) ahead of every write (postcopy's destination
+        # faults the pages in there, with the GIL released; see migration.postcopy_ram)
+        self.before_write: Callable[[Any, np.ndarray], None] | None = None
 
     # -- models ------------------------------------------------------------------------
     def prepare(self, n_pages: int) -> None:
@@ -100,6 +103,8 @@ class Workload:
                 self._write(block, mine - self._bounds[i])
 
     def _write(self, block: Any, pages: np.ndarray) -> None:
+        if self.before_write is not None:
+            self.before_write(block, pages)
         if self.write_bytes == 1:
             block.touch(pages)
         else:
@@ -188,10 +193,15 @@ class Workload:
         """Let the writer run again."""
         self._run.set()
 
-    def stop(self) -> None:
-        """End the thread (idempotent)."""
+    def request_stop(self) -> None:
+        """Ask the thread to end without waiting for it (it may be blocked, e.g. on a
+        postcopy page fault); ``stop()`` then waits."""
         self._stop.set()
         self._run.set()
+
+    def stop(self) -> None:
+        """End the thread (idempotent)."""
+        self.request_stop()
         if self._thread is not None:
             self._thread.join(5.0)
             self._thread = None

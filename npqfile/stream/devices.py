@@ -1,8 +1,12 @@
 """The device state a ``-M none`` QEMU writes besides RAM: the ``timer`` and ``globalstate`` sections.
 
-Supports: encoding both sections as QEMU 7.2 does and describing them in the vmdesc,
-with the section ids QEMU 7.2 registers them under for ``-M none`` (timer 0, ram 2,
-globalstate 4), so a stream of the same RAM comes out byte for byte as QEMU's.
+Supports: encoding both sections as QEMU 7.2 or QEMU 10.0 does and describing them in
+the vmdesc, with the section ids each registers them under for ``-M none`` (7.2: timer
+0, ram 2, globalstate 4; 10.0: timer 0, ram 1, globalstate 3; see
+:mod:`npqfile.stream.versions`), so a stream of the same RAM comes out byte for byte as
+that QEMU's.  ``machine_devices(version)`` / ``ram_entry(version)`` pick the layout;
+the module-level ``RAM``, ``TIMER``, ``GLOBALSTATE`` and ``none_machine_devices()`` are
+QEMU 7.2's.
 
 Goals: with these two sections and a vmdesc, QEMU loads an npqfile stream without the
 ``Expected vmdescription section`` warning and ends in the run state the stream names.
@@ -11,7 +15,9 @@ sections when a stream arrives without its trailing vmdesc (e.g. from a pipe).
 
 Plan: ``timer`` is vmstate_timers v2 (``int64 cpu_ticks_offset``, 8 unused bytes,
 ``int64 cpu_clock_offset``); ``globalstate`` is vmstate_globalstate v1 (``uint32 size``
-= strlen + 1, then the run state name NUL-padded to 100 bytes).
+= strlen + 1, then the run state name NUL-padded to 100 bytes; from QEMU 8.2 the same
+104 bytes are ``runstate[32]``, ``bool has_vm_was_suspended`` (1), ``bool
+vm_was_suspended`` and 66 unused bytes).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import struct
 
 from npqfile.stream.savevm import SaveStateEntry
+from npqfile.stream.versions import QemuStreamVersion, stream_version
 
 TIMER = SaveStateEntry("timer", 0, 2, 0)
 RAM = SaveStateEntry("ram", 0, 4, 2)
@@ -45,6 +52,16 @@ GLOBALSTATE_VMDESC = {
         {"name": "runstate", "type": "buffer", "size": GLOBALSTATE_RUNSTATE_SIZE},
     ],
 }
+GLOBALSTATE_SUSPENDED_VMDESC = {
+    "name": "globalstate", "instance_id": 0, "vmsd_name": "globalstate", "version": 1,
+    "fields": [
+        {"name": "size", "type": "uint32", "size": 4},
+        {"name": "runstate", "type": "buffer", "size": 32},
+        {"name": "has_vm_was_suspended", "type": "uint8", "size": 1},
+        {"name": "vm_was_suspended", "type": "uint8", "size": 1},
+        {"name": "unused", "type": "buffer", "size": 66},
+    ],
+}
 # (idstr, version) -> description, for streams that arrive without a vmdesc.
 BUILTIN_VMDESC = {("timer", 2): TIMER_VMDESC, ("globalstate", 1): GLOBALSTATE_VMDESC}
 
@@ -62,7 +79,33 @@ def globalstate_state(runstate: str = "prelaunch") -> bytes:
     return struct.pack(">I", len(name) + 1) + name.ljust(GLOBALSTATE_RUNSTATE_SIZE, b"\0")
 
 
+def globalstate_suspended_state(runstate: str = "prelaunch", vm_was_suspended: bool = False) -> bytes:
+    """The 104-byte ``globalstate`` payload of QEMU 8.2+: runstate[32], has_vm_was_suspended,
+    vm_was_suspended, 66 unused bytes.  ValueError for a name QEMU would refuse."""
+    old = globalstate_state(runstate)
+    return old[:36] + bytes([1, int(vm_was_suspended)]) + bytes(66)
+
+
 def none_machine_devices(runstate: str = "prelaunch") -> list[tuple[SaveStateEntry, bytes, dict]]:
-    """The FULL sections of a ``-M none`` stream, in QEMU's order: ``(entry, payload, vmdesc)``."""
+    """The FULL sections of a QEMU 7.2 ``-M none`` stream, in QEMU's order: ``(entry, payload, vmdesc)``."""
     return [(TIMER, timer_state(), TIMER_VMDESC),
             (GLOBALSTATE, globalstate_state(runstate), GLOBALSTATE_VMDESC)]
+
+
+def ram_entry(version: QemuStreamVersion | str | None = None) -> SaveStateEntry:
+    """The ``ram`` SaveStateEntry (idstr, instance 0, version 4) with ``version``'s section id."""
+    v = stream_version(version)
+    return SaveStateEntry("ram", 0, 4, v.ram_section_id)
+
+
+def machine_devices(version: QemuStreamVersion | str | None = None,
+                    runstate: str = "prelaunch") -> list[tuple[SaveStateEntry, bytes, dict]]:
+    """The FULL sections of a ``-M none`` stream of QEMU ``version`` (default 7.2), in QEMU's
+    order: ``(entry, payload, vmdesc)``.  ValueError for an unknown version or run state."""
+    v = stream_version(version)
+    timer = SaveStateEntry("timer", 0, 2, v.timer_section_id)
+    gs = SaveStateEntry("globalstate", 0, 1, v.globalstate_section_id)
+    if v.globalstate_suspended:
+        return [(timer, timer_state(), TIMER_VMDESC),
+                (gs, globalstate_suspended_state(runstate), GLOBALSTATE_SUSPENDED_VMDESC)]
+    return [(timer, timer_state(), TIMER_VMDESC), (gs, globalstate_state(runstate), GLOBALSTATE_VMDESC)]

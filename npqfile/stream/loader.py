@@ -2,7 +2,8 @@
 
 Supports: the header (magic, version 3; version 2 is refused as QEMU does), the
 configuration section (machine name, then the ``target-page-bits``, ``capabilities``
-and ``uuid`` subsections), START/PART/END/FULL sections with or without footers, every
+and ``uuid`` subsections; ``mapped-ram`` there switches the RAM setup to QEMU 9.0+'s
+file layout, read by ``mapped_ram.py``), START/PART/END/FULL sections with or without footers, every
 ``0x08`` command (parsed and reported; PACKAGED's embedded stream is parsed in place),
 EOF and the trailing vmdesc.  RAM sections go to :class:`RAMLoader`; other sections are
 stepped over with the vmdesc (given by the caller, found at the end of a file) or, for
@@ -37,6 +38,7 @@ from npqfile.stream.constants import (
 )
 from npqfile.channels import MemoryReader
 from npqfile.qemufile import QEMUFile
+from npqfile.stream.constants import MIG_CMD_POSTCOPY_RUN
 from npqfile.stream.device_tail import read_device_tail
 from npqfile.stream.devices import BUILTIN_VMDESC
 from npqfile.stream.ram_hash import LoadHasher
@@ -58,6 +60,8 @@ MAX_LISTED = 10000
 _COMPRESSED_MAGIC = {
     0x28B52FFD: "; this is a zstd frame: decompress it first (zstd -dc FILE | npqfile analyze -), "
                 "or give incoming --compress zstd",
+    0x11223344: "; this is a multifd channel's greeting (QEMU's multifd capability): "
+                "give incoming --multifd-channels N",
     0x04224D18: "; this is an lz4 frame: decompress it first (lz4 -dc FILE | npqfile analyze -), "
                 "or give incoming --compress lz4",
 }
@@ -92,6 +96,7 @@ class LoadResult:
     stopped: str | None = None     # why reading stopped early (partial_ok=True)
     warnings: list[str] = field(default_factory=list)
     end_offset: int = 0
+    mapped_ram: list[dict] = field(default_factory=list)   # per block: header, pages present, holes
     sections_not_listed: int = 0   # sections read beyond the first MAX_LISTED (counted only)
     commands_not_listed: int = 0   # commands likewise
 
@@ -103,7 +108,8 @@ class LoadResult:
 
 class _Loader:
     def __init__(self, f, ram, *, vmdesc, vmdesc_offset, max_ram_bytes, capabilities, decode_devices, partial_ok,
-                 device_tail_bytes, max_ram_name, hasher=None):
+                 device_tail_bytes, max_ram_name, postcopy=None, machine=None, hasher=None):
+        self.machine = machine
         self.r = StreamReader(f)
         self.res = LoadResult()
         self.devices = device_index(vmdesc)
@@ -119,6 +125,8 @@ class _Loader:
         self.device_tail_bytes = device_tail_bytes
         self.deferred = False                     # reading from a kept device tail
         self.footers_seen = False
+        self.postcopy = postcopy                  # acts on commands (npqfile.migration.postcopy_ram)
+        self.postcopy_run = False
 
     # -- top level ---------------------------------------------------------------------
     def run(self) -> LoadResult:
@@ -151,6 +159,7 @@ class _Loader:
 
     def _finish(self) -> LoadResult:
         self.res.ram = self.ram.ram
+        self.res.mapped_ram = self.ram.mapped_ram_blocks
         return self.res
 
     def _sections(self, depth: int) -> None:
@@ -167,7 +176,8 @@ class _Loader:
             elif t in (QEMU_VM_SECTION_PART, QEMU_VM_SECTION_END):
                 self._section_part_end(t, at)
             elif t == QEMU_VM_COMMAND:
-                self._command(at, depth)
+                if self._command(at, depth) and depth:
+                    return      # POSTCOPY_RUN ends the package (QEMU's LOADVM_QUIT)
             else:
                 raise r.error(f"Unknown savevm section type {t}")
 
@@ -197,14 +207,16 @@ class _Loader:
                 if count > 256:
                     raise r.error(f"configuration lists {count} capabilities (at most 256)")
                 res.capabilities = [self._capability(r) for _ in range(count)]
-                if "mapped-ram" in res.capabilities:
-                    # QEMU 9.0+ file layout: pages at fixed file offsets, not in the stream
-                    raise r.error("mapped-ram streams (QEMU 9.0+ file: layout) are not supported", at)
+                # QEMU 9.0+ file layout: each block's pages at fixed file offsets (mapped_ram.py)
+                self.ram.mapped_ram = "mapped-ram" in res.capabilities
                 self.ram.ignore_shared = self.ram.ignore_shared or "x-ignore-shared" in res.capabilities
             elif name == "configuration/uuid":
                 r.skip(16, "the VM uuid")
             else:
                 raise r.error(f"unknown configuration subsection '{shown(name)}'", at)
+        if self.machine is not None and res.machine != self.machine:
+            # configuration_post_load: QEMU refuses the stream here, before any RAM
+            raise r.error(f"Machine type received is '{shown(res.machine)}' and local is '{self.machine}'")
         r.section = None
 
     @staticmethod
@@ -299,7 +311,9 @@ class _Loader:
         return True
 
     # -- commands ----------------------------------------------------------------------------
-    def _command(self, at: int, depth: int) -> None:
+    def _command(self, at: int, depth: int) -> bool:
+        """One command; returns True for POSTCOPY_RUN (after which QEMU's loader quits the
+        package it is in: a postcopy package holds LISTEN, devices, PING and RUN, no EOF)."""
         r = self.r
         cmd = r.be16("a command number")
         n = r.be16("a command length")
@@ -329,8 +343,13 @@ class _Loader:
             self.res.commands.append(entry)
         else:
             self.res.commands_not_listed += 1
+        if self.postcopy is not None:
+            self.postcopy.command(cmd, data, self)   # acts on it (return path, discard, listen, run)
         if cmd == MIG_CMD_PACKAGED:
             self._packaged(struct.unpack(">I", data)[0], depth)
+        if cmd == MIG_CMD_POSTCOPY_RUN:
+            self.postcopy_run = True
+        return cmd == MIG_CMD_POSTCOPY_RUN
 
     def _discard(self, data: bytes) -> dict:
         """POSTCOPY_RAM_DISCARD: u8 version 0, counted name, u8 0, then (be64 start, be64 len) pairs."""
@@ -361,6 +380,8 @@ class _Loader:
     def _vmdesc_after_eof(self) -> None:
         r, res = self.r, self.res
         r.section = None
+        if self.postcopy_run:
+            return      # QEMU sends no vmdesc in postcopy, and its source now waits for SHUT
         at = r.begin()
         t = r.peek_u8()
         if t is None:
@@ -387,26 +408,37 @@ class _Stop(Exception):
 def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None, vmdesc_offset: int | None = None,
                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, capabilities: tuple[str, ...] | list[str] = (),
                 decode_devices: bool = False, partial_ok: bool = False, device_tail_bytes: int = 0,
-                max_ram_name: str = "max_ram_bytes", hasher: LoadHasher | None = None) -> LoadResult:
+                max_ram_name: str = "max_ram_bytes", on_multifd_flush=None, postcopy: Any = None,
+                machine: str | None = None, hasher: LoadHasher | None = None) -> LoadResult:
     """Read a whole migration stream from the readable QEMUFile ``f``.
 
     ``ram``: the destination (each declared block must exist with the same size), or
     None to create one from the stream's declarations (at most ``max_ram_bytes``,
-    lazily mapped; errors name that limit ``max_ram_name``).  ``vmdesc``: the stream's vmdesc JSON if known in advance (see
-    :func:`~npqfile.stream.vmdesc.find_vmdesc`), used to step over device sections;
-    ``vmdesc_offset`` where it was found (named in errors about it).
-    ``capabilities``: capabilities the source had on that the stream itself does not
-    announce (e.g. ``x-ignore-shared`` for streams older than QEMU 7.2's configuration
-    capabilities).  ``device_tail_bytes``: when a device section is not described (no
-    vmdesc given: a socket or pipe), keep up to this many bytes of the rest of the stream
-    until the vmdesc after EOF arrives and step over the sections with it (0: stop
-    there, as for a file whose vmdesc was not found).  ``hasher``: a
-    :class:`~npqfile.stream.ram_hash.LoadHasher` hashing blocks as they load.  Returns a :class:`LoadResult`.  Raises StreamError for a malformed
-    stream, or for a section that cannot be sized unless ``partial_ok``.
+    lazily mapped; errors call that limit ``max_ram_name``).  ``vmdesc``: the stream's
+    vmdesc JSON if known in advance (see :func:`~npqfile.stream.vmdesc.find_vmdesc`),
+    used to step over device sections; ``vmdesc_offset``: where it was found (named in
+    errors about it).  ``capabilities``: capabilities the source had on that the stream
+    itself does not announce (e.g. ``x-ignore-shared`` for streams older than QEMU
+    7.2's configuration capabilities).  ``device_tail_bytes``: when a device section is
+    not described (no vmdesc given: a socket or pipe), keep up to this many bytes of
+    the rest of the stream until the vmdesc after EOF arrives and step over the
+    sections with it (0: stop there, as for a file whose vmdesc was not found).
+    ``on_multifd_flush(offset, eos=False)``: called at each MULTIFD_FLUSH record and
+    (``eos=True``) each RAM EOS (a multifd destination syncs its channels there).
+    ``postcopy``: an object whose ``command(cmd, payload, loader)`` acts on each command
+    as a destination must (``npqfile.migration.postcopy_ram.PostcopyIncoming``); None
+    only reads them.  ``machine``: the destination's machine type (None: any); a
+    configuration section naming another is a StreamError there, before any RAM, as
+    QEMU's ``configuration_post_load`` fails.  ``hasher``: a
+    :class:`~npqfile.stream.ram_hash.LoadHasher` hashing blocks as they load.  Returns a
+    :class:`LoadResult`.  Raises StreamError for a malformed stream, or for a section
+    that cannot be sized unless ``partial_ok``.
     """
-    loader = _Loader(f, ram, vmdesc=vmdesc, vmdesc_offset=vmdesc_offset, max_ram_bytes=max_ram_bytes, capabilities=tuple(capabilities),
-                     decode_devices=decode_devices, partial_ok=partial_ok, device_tail_bytes=device_tail_bytes,
-                     max_ram_name=max_ram_name, hasher=hasher)
+    loader = _Loader(f, ram, vmdesc=vmdesc, vmdesc_offset=vmdesc_offset, max_ram_bytes=max_ram_bytes,
+                     capabilities=tuple(capabilities), decode_devices=decode_devices, partial_ok=partial_ok,
+                     device_tail_bytes=device_tail_bytes, max_ram_name=max_ram_name,
+                     postcopy=postcopy, machine=machine, hasher=hasher)
+    loader.ram.on_multifd_flush = on_multifd_flush
     try:
         return loader.run()
     finally:

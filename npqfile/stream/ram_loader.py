@@ -4,7 +4,8 @@ Supports: ``MEM_SIZE`` (the block list, with the per-block fields capabilities a
 x-ignore-shared's ``mr_addr``, postcopy's ``page_size``), ``PAGE``, ``ZERO`` (any fill
 byte, as QEMU 7.2 accepts), ``CONTINUE`` (the current block persists across sections),
 ``XBZRLE`` (decoded in place over the page), ``COMPRESS_PAGE`` (zlib, at most one page),
-``MULTIFD_FLUSH`` and ``EOS``.  The destination is a caller's GuestRAM (each declared
+``MULTIFD_FLUSH`` and ``EOS``; with the mapped-ram capability each declared block's
+header, bitmap and pages at fixed file offsets (``mapped_ram.load_block``).  The destination is a caller's GuestRAM (each declared
 block must exist there with the same size) or one created from the declarations, capped
 by ``max_ram_bytes`` (lazy anonymous mmaps: untouched pages cost no memory).
 
@@ -36,6 +37,7 @@ import zlib
 import numpy as np
 
 from npqfile.ram import IDSTR_MAX, GuestRAM
+from npqfile.stream import mapped_ram
 from npqfile.stream.constants import (
     ENCODING_FLAG_XBZRLE, RAM_SAVE_FLAG_COMPRESS_PAGE, RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS,
     RAM_SAVE_FLAG_HOOK, RAM_SAVE_FLAG_MEM_SIZE, RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_PAGE,
@@ -89,10 +91,17 @@ class RAMLoader:
         self.max_ram_bytes = max_ram_bytes
         self.page_size = page_size
         self.ignore_shared = False
+        self.mapped_ram = False                   # the configuration lists mapped-ram
+        self.mapped_ram_blocks: list[dict] = []   # one report per block read that way
         self.postcopy_pagesize_summary: int | None = None
         self.declared: dict[str, _Dest] = {}
         self.last_recv_block: _Dest | None = None
         self.stats = RAMStats()
+        self.on_multifd_flush = None    # multifd destination: (offset, eos=False) at MULTIFD_FLUSH and EOS
+        # In postcopy (after LISTEN) pages are placed atomically through this object's
+        # place_page(block, offset, data) / place_zero(block, offset, fill), never written
+        # directly: the guest may be running on them (npqfile.migration.postcopy)
+        self.placer = None
 
     def release_views(self) -> None:
         """Drop the loader's views of the destination, so its owner can close the blocks."""
@@ -113,7 +122,7 @@ class RAMLoader:
         continue_page = RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE
         while True:
             r.begin()
-            if r.limit is None:
+            if r.limit is None and self.placer is None:
                 # The hot path, inlined: one header and one page per normal record.
                 hdr = get_be64()
                 if get_error():
@@ -134,22 +143,36 @@ class RAMLoader:
             kind = flags & ~RAM_SAVE_FLAG_CONTINUE
             if kind == RAM_SAVE_FLAG_PAGE:
                 dest = self._block_from_stream(r, flags, addr)
-                r.read_into(dest.view[addr:addr + ps], "a page")
+                if self.placer is None:
+                    r.read_into(dest.view[addr:addr + ps], "a page")
+                else:
+                    self.placer.place_page(dest.block, addr, r.read(ps, "a page"))
                 st.normal_pages += 1
             elif kind == RAM_SAVE_FLAG_ZERO:
                 dest = self._block_from_stream(r, flags, addr)
-                self._handle_zero(dest, addr, r.u8("a zero page's fill byte"))
+                fill = r.u8("a zero page's fill byte")
+                if self.placer is None:
+                    self._handle_zero(dest, addr, fill)
+                else:
+                    self.placer.place_zero(dest.block, addr, fill)
                 st.zero_pages += 1
             elif kind == RAM_SAVE_FLAG_EOS:
+                if self.on_multifd_flush is not None:
+                    self.on_multifd_flush(r.offset, eos=True)
                 break
             elif kind == RAM_SAVE_FLAG_MEM_SIZE:
                 self._parse_ramblocks(r, addr)
+            elif kind in (RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_COMPRESS_PAGE) and self.placer is not None:
+                # ram_load_postcopy places whole pages only (QEMU refuses XBZRLE there too)
+                raise r.error(f"Unknown combination of migration flags: {flags:#x} (in postcopy)")
             elif kind == RAM_SAVE_FLAG_XBZRLE:
                 self._load_xbzrle(r, self._block_from_stream(r, flags, addr), addr)
             elif kind == RAM_SAVE_FLAG_COMPRESS_PAGE:
                 self._load_compressed(r, self._block_from_stream(r, flags, addr), addr)
             elif kind == RAM_SAVE_FLAG_MULTIFD_FLUSH:
                 st.multifd_flushes += 1
+                if self.on_multifd_flush is not None:
+                    self.on_multifd_flush(r.offset)
             elif kind == RAM_SAVE_FLAG_HOOK:
                 raise r.error("RAM_SAVE_FLAG_HOOK: RDMA control records cannot appear in a byte stream")
             else:
@@ -300,11 +323,27 @@ class RAMLoader:
                 raise r.error(f"block '{shown(name)}' length {length:#x} is not a positive multiple of "
                               f"the page size", at)
             dest = self._declare(r, name, length, at)
-            if self._has_page_size_field(r):
+            if self.mapped_ram:
+                self._load_mapped_ram(r, dest)
+            elif self._has_page_size_field(r):
                 dest.page_size = r.be64("a block page size")
             if self.ignore_shared:
                 dest.mr_addr = r.be64("a block's mr_addr")
             remaining -= length
+
+    def _load_mapped_ram(self, r: StreamReader, dest: _Dest) -> None:
+        """parse_ramblock: x-ignore-shared's mr_addr (written first), then the mapped-ram
+        header; a shared block skipped by x-ignore-shared has both offsets 0."""
+        if self.ignore_shared:
+            dest.mr_addr = r.be64("a block's mr_addr")
+            head = r.peek(mapped_ram.HEADER_SIZE)
+            if len(head) == mapped_ram.HEADER_SIZE and head[12:] == bytes(16):
+                r.skip(mapped_ram.HEADER_SIZE, "a skipped block's mapped-ram header")
+                return
+        n_read, holes, report = mapped_ram.load_block(r, dest.view, dest.name, dest.size, self.page_size)
+        self.stats.normal_pages += n_read
+        self.stats.zero_pages += holes
+        self.mapped_ram_blocks.append(report)
 
     def _has_page_size_field(self, r: StreamReader) -> bool:
         """Postcopy's per-block page size: only possible after an advise naming other page sizes."""

@@ -6,7 +6,10 @@ indices)`` sending ZERO, PAGE, XBZRLE (against a page cache keyed by ram_addr) o
 COMPRESS_PAGE records, with ``RAM_SAVE_FLAG_CONTINUE`` whenever the block is the last
 one sent, across section boundaries as in QEMU (``pss->last_sent_block``); optional rate
 limiting (stop as soon as ``f.rate_limit()`` is true after a page); release of sent
-pages (``may_free``) for postcopy-like use; ``write_eos()``.
+pages (``may_free``) for postcopy-like use; ``write_eos()``.  With ``mapped_ram=True``
+(QEMU 9.0+, a seekable ``file:`` only) the setup record carries each block's
+mapped-ram header and pages go to their fixed file offsets instead of records
+(``npqfile.stream.mapped_ram``); ``write_mapped_ram_bitmaps()`` ends such a file.
 
 Goals: QEMU's bytes (``ram_save_setup``, ``save_page_header``, ``save_zero_page``,
 ``save_normal_page``, ``save_xbzrle_page``) and speed: pages leave zero-copy with
@@ -29,6 +32,7 @@ from npqfile.stream.constants import (
     ENCODING_FLAG_XBZRLE, RAM_SAVE_FLAG_COMPRESS_PAGE, RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS,
     RAM_SAVE_FLAG_MEM_SIZE, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_ZERO,
 )
+from npqfile.stream.mapped_ram import MappedRamWriter
 from npqfile.stream.ram_stats import RAMStats
 from npqfile.stream.xbzrle import PageCache, encode_page
 
@@ -50,7 +54,7 @@ class RAMSaver:
 
     def __init__(self, f, ram, *, zero_page_detection: bool = True, xbzrle_cache_size: int = 0,
                  compress_level: int | None = None, release_ram: bool = False,
-                 mr_addr: dict[str, int] | None = None):
+                 mr_addr: dict[str, int] | None = None, mapped_ram: bool = False):
         if not hasattr(ram, "blocks"):
             raise TypeError(f"RAMSaver needs a GuestRAM, not {type(ram).__name__}")
         self.f = f
@@ -61,6 +65,9 @@ class RAMSaver:
         if compress_level is not None and not -1 <= compress_level <= 9:
             raise ValueError(f"compress level must be 0..9, got {compress_level}")
         self.compress_level = compress_level
+        if mapped_ram and (xbzrle_cache_size or compress_level is not None):
+            raise ValueError("mapped-ram cannot be combined with XBZRLE or page compression (QEMU refuses both)")
+        self.mapped_ram = MappedRamWriter(f) if mapped_ram else None
         page_sizes = {b.page_size for b in ram.blocks}
         self.page_size = page_sizes.pop() if len(page_sizes) == 1 else 4096
         self.cache = PageCache(xbzrle_cache_size, self.page_size) if xbzrle_cache_size else None
@@ -73,8 +80,9 @@ class RAMSaver:
         self._zero_page = np.zeros(self.page_size, dtype=np.uint8)
 
     # -- setup and end ---------------------------------------------------------------
-    def save_setup(self) -> None:
-        """Write the START payload: MEM_SIZE total, the block list, EOS. Resets CONTINUE state."""
+    def save_setup(self, before_eos=None) -> None:
+        """Write the START payload: MEM_SIZE total, the block list, EOS. Resets CONTINUE state.
+        ``before_eos()`` runs just before the EOS (multifd's first flush goes there)."""
         f = self.f
         blocks = list(self.ram.blocks)
         total = sum(b.size for b in blocks)
@@ -89,9 +97,18 @@ class RAMSaver:
             if self.mr_addr is not None:
                 f.put_be64(self.mr_addr.get(b.name, 0))
                 n += 8
+            if self.mapped_ram is not None:
+                n += self.mapped_ram.setup_block(b)
         self.last_sent_block = None      # ram_state_reset: the next page names its block
         self.stats.pages_bytes += n
+        if before_eos is not None:
+            before_eos()
         self.write_eos()
+
+    def write_mapped_ram_bitmaps(self) -> None:
+        """ram_save_complete with mapped-ram: write every block's bitmap (no-op otherwise)."""
+        if self.mapped_ram is not None:
+            self.mapped_ram.write_bitmaps()
 
     def write_eos(self) -> None:
         """End this section's RAM payload (``be64 RAM_SAVE_FLAG_EOS``)."""
@@ -124,7 +141,14 @@ class RAMSaver:
                 break
             chunk = idx[start:start + BATCH_PAGES]
             zero = self._zero_mask(block, chunk)
-            if general:
+            if self.mapped_ram is not None:    # pages at their file offsets, no records
+                written = self.mapped_ram.save_pages(block, chunk, zero)
+                nz = int(np.count_nonzero(zero))
+                self.stats.zero_pages += nz
+                self.stats.normal_pages += chunk.size - nz
+                self.stats.pages_bytes += written
+                n = chunk.size
+            elif general:
                 n = self._save_general(block, chunk, zero, rate_limited)
             else:
                 n = self._save_plain(block, chunk, zero, rate_limited)

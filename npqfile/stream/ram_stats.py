@@ -10,7 +10,7 @@ Plan: a plain dataclass; ``as_dict()`` for JSON output.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -36,6 +36,21 @@ class RAMStats:
         return self.normal_pages + self.zero_pages + self.xbzrle_pages + self.compressed_pages
 
     def as_dict(self) -> dict:
-        d = asdict(self)
-        d["pages"] = self.pages
-        return d
+        """The counters under QEMU's ``query-migrate`` names where QEMU has one (``normal``,
+        ``duplicate``, ``normal-bytes``, ``xbzrle-cache`` with ``pages`` / ``bytes`` /
+        ``cache-miss`` / ``overflow``, ``compression`` with ``pages`` /
+        ``compressed-size``), lowercase-hyphenated npqfile names elsewhere
+        (``pages``, ``pages-bytes``, ``multifd-flushes``, ``parts``); see npqfile/schemas."""
+        return {
+            "normal": self.normal_pages,
+            "duplicate": self.zero_pages,
+            "pages": self.pages,
+            "pages-bytes": self.pages_bytes,
+            "xbzrle-cache": {"pages": self.xbzrle_pages, "bytes": self.xbzrle_bytes,
+                             "cache-miss": self.xbzrle_cache_miss, "overflow": self.xbzrle_overflow,
+                             "unchanged": self.xbzrle_unchanged},
+            "compression": {"pages": self.compressed_pages, "compressed-size": self.compressed_bytes},
+            "multifd-flushes": self.multifd_flushes,
+            "parts": [{"duplicate" if k == "zero" else k.replace("_", "-"): v for k, v in part.items()}
+                      for part in self.parts],
+        }

@@ -6,7 +6,10 @@ and, when capabilities that change the wire format are on, the
 START/PART/END/FULL, footers (``0x7e`` + section id), commands (``0x08``), EOF and the
 trailing vmdesc.  The ``send_configuration`` / ``send_section_footer`` / ``send_vmdesc``
 switches match QEMU's ``migration.send-configuration`` / ``send-section-footer``
-globals and the machine's ``suppress_vmdesc``.
+globals and the machine's ``suppress_vmdesc``.  ``qemu_version`` (see
+:mod:`npqfile.stream.versions`) adds what newer QEMUs write: the configuration's
+description at the head of the vmdesc and ``MIG_CMD_SWITCHOVER_START``
+(:meth:`SaveVMWriter.switchover_start`).
 
 Goals: the migration engine opens and closes sections itself (a START section for the
 RAM setup, PART sections per iteration, the END section at completion), so this module
@@ -26,11 +29,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from npqfile.stream.constants import (
-    MIG_CMD_ARGS, QEMU_VM_COMMAND, QEMU_VM_CONFIGURATION, QEMU_VM_EOF, QEMU_VM_FILE_MAGIC,
+    MIG_CMD_ARGS, MIG_CMD_SWITCHOVER_START, QEMU_VM_COMMAND, QEMU_VM_CONFIGURATION, QEMU_VM_EOF, QEMU_VM_FILE_MAGIC,
     QEMU_VM_FILE_VERSION, QEMU_VM_SECTION_END, QEMU_VM_SECTION_FOOTER, QEMU_VM_SECTION_FULL,
     QEMU_VM_SECTION_PART, QEMU_VM_SECTION_START, QEMU_VM_SUBSECTION, QEMU_VM_VMDESCRIPTION,
     TARGET_PAGE_SIZE,
 )
+from npqfile.stream.versions import QemuStreamVersion, stream_version
 from npqfile.stream.vmdesc import encode_vmdesc
 
 # Capabilities QEMU lists in configuration/capabilities ("validatable"): they change
@@ -63,13 +67,16 @@ class SaveVMWriter:
 
     def __init__(self, f, *, machine: str = "none", send_configuration: bool = True,
                  send_section_footer: bool = True, send_vmdesc: bool = True,
-                 capabilities: Iterable[str] = ()):
+                 capabilities: Iterable[str] = (), qemu_version: QemuStreamVersion | str | None = None):
         self.f = f
+        self.version = stream_version(qemu_version)
         self.machine = machine.encode()
         self.send_configuration = send_configuration
         self.send_section_footer = send_section_footer
         self.send_vmdesc = send_vmdesc
-        self.capabilities = [c for c in capabilities if c in VALIDATED_CAPABILITIES]
+        wanted = set(capabilities)
+        # QEMU lists them in MigrationCapability order
+        self.capabilities = [c for c in VALIDATED_CAPABILITIES if c in wanted]
         for cap in self.capabilities:
             _check_cstr(cap.encode(), "capability name")
 
@@ -139,6 +146,30 @@ class SaveVMWriter:
         if payload:
             f.put_buffer(payload)
 
+    def switchover_start(self) -> None:
+        """``MIG_CMD_SWITCHOVER_START`` when this QEMU version sends it (10.0: just before
+        the RAM END section); nothing for 7.2, which does not know the command."""
+        if self.version.switchover_start:
+            self.write_command(MIG_CMD_SWITCHOVER_START)
+
+    def configuration_vmdesc(self) -> dict | None:
+        """The ``configuration`` entry newer QEMUs put first in the vmdesc (None when this
+        version does not, or no configuration section is sent).  An array of capabilities
+        is described by its first element plus ``array_len``, as vmstate.c does."""
+        if not (self.version.vmdesc_configuration and self.send_configuration):
+            return None
+        desc: dict = {"vmsd_name": "configuration", "version": 1,
+                      "fields": [{"name": "len", "type": "uint32", "size": 4},
+                                 {"name": "name", "type": "buffer", "size": len(self.machine)}]}
+        if self.capabilities:
+            caps: dict = {"name": "capabilities"}
+            if len(self.capabilities) > 1:
+                caps["array_len"] = len(self.capabilities)
+            caps.update(type="capability", size=len(self.capabilities[0]) + 1)
+            desc["subsections"] = [{"vmsd_name": "configuration/capabilities", "version": 1,
+                                    "fields": [{"name": "caps_count", "type": "uint32", "size": 4}, caps]}]
+        return desc
+
     def write_eof(self) -> None:
         self.f.put_byte(QEMU_VM_EOF)
 
@@ -146,7 +177,7 @@ class SaveVMWriter:
         """``0x06`` + be32 length + JSON, unless vmdesc is suppressed."""
         if not self.send_vmdesc:
             return
-        data = encode_vmdesc(devices, page_size)
+        data = encode_vmdesc(devices, page_size, self.configuration_vmdesc())
         self.f.put_byte(QEMU_VM_VMDESCRIPTION)
         self.f.put_be32(len(data))
         self.f.put_buffer(data)

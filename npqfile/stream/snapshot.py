@@ -2,7 +2,8 @@
 
 Supports: :func:`save_snapshot` (header, configuration, the RAM section as START + one
 PART + END, the ``timer`` and ``globalstate`` sections, EOF, vmdesc: the layout of a
-``-M none`` QEMU 7.2 stream, byte for byte for the same RAM), :func:`load_file` (finds
+``-M none`` QEMU 7.2 stream, or with ``qemu_version="10.0"`` QEMU 10.0's, byte for byte
+for the same RAM; ``mapped_ram=True`` writes QEMU 10.0's mapped-ram file), :func:`load_file` (finds
 the vmdesc at the end of the file first, so device sections can be stepped over) and
 :func:`load_uri` (any readable migration URI: ``file:``, ``exec:``, ``tcp:``...).
 
@@ -22,11 +23,12 @@ from npqfile.channels import open_channel
 from npqfile.qemufile import READ_AHEAD, QEMUFile
 from npqfile.ram import GuestRAM
 from npqfile.stream.constants import QEMU_VM_SECTION_END, QEMU_VM_SECTION_PART, QEMU_VM_SECTION_START
-from npqfile.stream.devices import RAM, none_machine_devices
+from npqfile.stream.devices import machine_devices, ram_entry
 from npqfile.stream.loader import LoadResult, load_stream
 from npqfile.stream.ram_saver import RAMSaver
 from npqfile.stream.ram_stats import RAMStats
 from npqfile.stream.savevm import SaveVMWriter
+from npqfile.stream.versions import QemuStreamVersion, stream_version
 from npqfile.stream.vmdesc import find_vmdesc
 
 PASS_PAGES = 1 << 18   # page indices handed to save_pages per call (1 GiB of 4 KiB pages)
@@ -36,6 +38,7 @@ def save_snapshot(f: QEMUFile, ram: GuestRAM, *, machine: str = "none", send_con
                   send_section_footer: bool = True, send_vmdesc: bool = True, runstate: str = "prelaunch",
                   xbzrle_cache_size: int = 0, compress_level: int | None = None,
                   zero_page_detection: bool = True, release_ram: bool = False,
+                  qemu_version: QemuStreamVersion | str | None = None, mapped_ram: bool = False,
                   progress: Callable[[int], None] | None = None, progress_every: int = 1 << 20) -> RAMStats:
     """Write all of ``ram`` as one complete migration stream to the writable QEMUFile ``f``.
 
@@ -45,13 +48,23 @@ def save_snapshot(f: QEMUFile, ram: GuestRAM, *, machine: str = "none", send_con
     pages ``may_free`` (released once written).  ``progress(ram_bytes)`` is called after
     every ``progress_every`` bytes of a block's pages (whole pages, at least one) with the
     RAM bytes queued so far.  Flushes ``f`` at the end; raises the file's FileError if
-    any write failed, ValueError for bad arguments.
+    any write failed, ValueError for bad arguments.  ``qemu_version`` ("7.2" default,
+    "10.0") picks the QEMU whose stream is written (ValueError for compressed pages to a
+    QEMU that removed them); ``mapped_ram`` writes the mapped-ram layout (10.0 only; ``f``
+    must be a seekable file; zero pages stay holes).
     """
+    version = stream_version(qemu_version)
+    if compress_level is not None:
+        version.check_compress_pages()
+    if mapped_ram:
+        version.check_mapped_ram()
     w = SaveVMWriter(f, machine=machine, send_configuration=send_configuration,
-                     send_section_footer=send_section_footer, send_vmdesc=send_vmdesc)
-    devices = none_machine_devices(runstate)
+                     send_section_footer=send_section_footer, send_vmdesc=send_vmdesc,
+                     capabilities=("mapped-ram",) if mapped_ram else (), qemu_version=version)
+    devices = machine_devices(version, runstate)
+    RAM = ram_entry(version)
     saver = RAMSaver(f, ram, xbzrle_cache_size=xbzrle_cache_size, compress_level=compress_level,
-                     zero_page_detection=zero_page_detection, release_ram=release_ram)
+                     zero_page_detection=zero_page_detection, release_ram=release_ram, mapped_ram=mapped_ram)
     w.write_header()
     with w.section(RAM, QEMU_VM_SECTION_START):
         saver.save_setup()
@@ -66,7 +79,9 @@ def save_snapshot(f: QEMUFile, ram: GuestRAM, *, machine: str = "none", send_con
                 if progress is not None:
                     progress(sent)
         saver.write_eos()
+    w.switchover_start()
     with w.section(RAM, QEMU_VM_SECTION_END):
+        saver.write_mapped_ram_bitmaps()
         saver.write_eos()
     for se, payload, _desc in devices:
         w.write_full_section(se, payload)

@@ -1,0 +1,128 @@
+"""When the source may release the guest RAM it migrated: the release-ram rule, in one place.
+
+Supports: :func:`may_release` (the rule: may the source's copy of migrated pages be
+released at this point of the migration, and why), :func:`check_release_ram` (refuse
+``release-ram`` up front where the rule can never allow it), :func:`release_after_verdict`
+(pre-copy: release all guest RAM once the destination's verdict says it holds RAM equal
+to the source's at switchover, else release nothing and say why), :func:`release_runs`
+(release runs of pages of one block, one call per run: the primitive the rule's users
+share) and :class:`ReleaseRecord` (what was released, when and why: the ``release-ram``
+object of the statistics).
+
+Goals: release-ram must never lose the only copy of guest RAM.  A page a local socket
+accepted is not a page the destination holds, and a page the destination holds is lost
+with it if it dies before the guest runs there.  QEMU's ``release-ram`` capability
+releases each page once sent only in postcopy (``ram_release_page`` checks
+``migration_in_postcopy()``), when the destination already runs the guest and the
+source's copy can never be needed again.  In pre-copy the source's RAM stays the only
+running copy until the migration has completed; npqfile releases it then, and only
+after the destination's verdict (an npqfile destination's verification message, or the
+in-process destination's completed load) confirmed equal RAM.  Where no verdict can
+come (``file:``, ``exec:``, ``fd:``, ``null:``, a QEMU peer, ``--no-verify``)
+``release-ram`` is refused before anything is sent.  After a failed or cancelled
+migration nothing has been released.
+
+Plan: the rule is a pure function of the phase and the verdict; the engine and session
+(and postcopy, whose rule is "released once sent") call it instead of deciding
+themselves.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from npqfile.migration.stats import freed_bytes
+from npqfile.ram import GuestRAM
+
+# The phases at which someone may ask whether sent pages may be released.
+PRECOPY = "precopy"            # pages sent while the source still runs the guest
+AFTER_VERDICT = "after-verdict"    # pre-copy completed and the destination's verdict is in
+POSTCOPY = "postcopy"          # the destination runs the guest (QEMU's release point)
+
+
+def may_release(phase: str, verification: dict | None = None) -> tuple[bool, str]:
+    """The release-ram rule.  Returns (allowed, reason): ``PRECOPY`` never (the source
+    holds the only running copy); ``POSTCOPY`` always (the destination runs the guest:
+    QEMU releases each page once sent); ``AFTER_VERDICT`` only when ``verification``
+    says the destination holds RAM equal to the source's (``ok`` True).  ValueError for
+    an unknown phase."""
+    if phase == PRECOPY:
+        return False, "pre-copy: the source still holds the only running copy of the guest"
+    if phase == POSTCOPY:
+        return True, "postcopy: the destination runs the guest, pages are released once sent"
+    if phase != AFTER_VERDICT:
+        raise ValueError(f"unknown release-ram phase {phase!r}")
+    ver = verification or {}
+    if ver.get("ok") is True:
+        return True, f"the destination's verdict: RAM equal ({ver.get('method')})"
+    if ver.get("ok") is False:
+        why = ver.get("error") or "RAM differs"
+        return False, f"the destination's verdict is not equal RAM ({why}): the source keeps its RAM"
+    return False, "no verdict from the destination: the source keeps its RAM"
+
+
+def check_release_ram(release_ram: bool, *, verdict_possible: bool, why_not: str) -> None:
+    """Refuse release-ram where no verdict can ever allow it (pre-copy to a destination
+    that cannot confirm what it holds).  Returns None; ValueError saying why."""
+    if release_ram and not verdict_possible:
+        raise ValueError(f"--release-ram needs the destination's verdict before the source may release its "
+                         f"RAM, and {why_not}; without it a failure after the release would lose the guest")
+
+
+@dataclass
+class ReleaseRecord:
+    """What release-ram did in one migration (the ``release-ram`` statistics object;
+    freed and advised bytes as the statistics' ``released-bytes`` and
+    ``release-advised-bytes`` count them)."""
+    enabled: bool = False
+    advised_bytes: int = 0         # bytes handed to the release primitive (madvise/fallocate)
+    freed_bytes: int = 0           # of those, bytes that held memory and were freed
+    unmeasured_bytes: int = 0      # advised where residency could not be read (not in freed)
+    when: str | None = None        # the phase it happened in (None: nothing was released)
+    time: float | None = None      # seconds since the migration started
+    reason: str = "release-ram is off"
+
+    def as_dict(self) -> dict[str, Any]:
+        # the names of the statistics' released-bytes / release-advised-bytes
+        return {"enabled": self.enabled, "released-bytes": self.freed_bytes,
+                "release-advised-bytes": self.advised_bytes, "when": self.when,
+                "time-ms": None if self.time is None else round(self.time * 1000, 3), "reason": self.reason}
+
+
+def release_runs(block: Any, mask: np.ndarray) -> int:
+    """Release the pages of ``block`` where ``mask`` is True, one release per run of
+    adjacent pages (the block's own primitive: it frees every backing).  Returns the
+    bytes released."""
+    if not mask.any():
+        return 0
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
+    starts, ends = edges[0::2], edges[1::2]
+    ranges = np.stack([starts * block.page_size, (ends - starts) * block.page_size], axis=1)
+    return int(block.release(ranges))
+
+
+def release_after_verdict(ram: GuestRAM, record: ReleaseRecord, *, status: str, verification: dict,
+                          t0: float) -> ReleaseRecord:
+    """Pre-copy's release point: if the migration ``status`` is completed and the
+    destination's ``verification`` allows it (:func:`may_release`), release every page
+    of ``ram`` (the guest is stopped and the destination holds all of it) and record it;
+    otherwise release nothing and record why.  ``t0``: the migration's start
+    (time.monotonic()).  Returns ``record``."""
+    if not record.enabled:
+        return record
+    if status != "completed":
+        record.reason = f"a {status} migration releases nothing: the source keeps its RAM"
+        return record
+    allowed, record.reason = may_release(AFTER_VERDICT, verification)
+    if allowed:
+        freed0, unmeasured0 = freed_bytes(ram)
+        for b in ram.blocks:
+            record.advised_bytes += release_runs(b, np.ones(b.n_pages, dtype=bool))
+        freed, unmeasured = freed_bytes(ram)
+        record.freed_bytes, record.unmeasured_bytes = freed - freed0, unmeasured - unmeasured0
+        record.when, record.time = AFTER_VERDICT, time.monotonic() - t0
+    return record

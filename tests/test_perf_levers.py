@@ -92,7 +92,7 @@ def test_page_runs_load_what_the_per_record_path_loads(monkeypatch):
     data = header() + ram_start(blocks) + part(body) + b"\x00"
     (fast, fast_stats, e1), (slow, slow_stats, e2) = _load_both(data, blocks, monkeypatch)
     assert e1 is None and e2 is None
-    assert fast_stats == slow_stats and fast_stats["normal_pages"] == len(order) + 61
+    assert fast_stats == slow_stats and fast_stats["normal"] == len(order) + 61
     for name in blocks:
         assert np.array_equal(fast[name], slow[name])
 

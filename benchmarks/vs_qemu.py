@@ -275,7 +275,7 @@ class Bench:
         port = _free_port()
         uri = f"tcp:127.0.0.1:{port}"
         extra = ["--multifd-channels", str(channels)] if channels else []
-        dst = subprocess.Popen(NPQFILE + ["incoming", uri, "--ram", str(self.size), "--timeout", "120"],
+        dst = subprocess.Popen(NPQFILE + ["incoming", uri, "--ram", str(self.size), "--timeout", "120", *extra],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             deadline = time.monotonic() + 30

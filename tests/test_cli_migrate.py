@@ -133,7 +133,7 @@ def test_sweep_runs_every_case(capsys):
 def _start_incoming(uri: str, *extra: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "npqfile", "incoming", uri, "--json", "--timeout", "60", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
-    line = proc.stdout.readline()
+    line = proc.stderr.readline()          # with --json, status lines go to stderr
     if not line.startswith("listening on "):
         proc.kill()
         raise AssertionError(f"incoming did not start: {line!r} {proc.stderr.read()}")
@@ -495,3 +495,20 @@ def test_sweep_without_a_verdict_exits_3_like_a_single_run(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert rc == 3 and [r["status"] for r in rows] == ["completed", "completed"]
     assert all(r["verified"] is None for r in rows)
+
+
+def test_incoming_json_is_json_only_and_its_ram_limit_is_named_as_the_option(tmp_path, capsys):
+    """``incoming --json``: stdout is the JSON document alone (status lines go to stderr);
+    a stream declaring more RAM than ``--max-ram`` is refused naming ``--max-ram``."""
+    from npqfile.cli import main
+    img = tmp_path / "ram.img"
+    img.write_bytes(bytes(range(256)) * (4 * 4096))     # 4 MiB
+    stream = tmp_path / "s.bin"
+    assert main(["save", f"ram={img}", "-o", str(stream)]) == 0
+    capsys.readouterr()
+    assert main(["incoming", f"file:{stream}", "--ram", "4M", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out)["status"] == "completed"
+    assert main(["incoming", f"file:{stream}", "--max-ram", "1M", "--machine", "any", "--json"]) == 1
+    captured = capsys.readouterr()
+    assert "--max-ram" in captured.err + captured.out and "max_ram_bytes" not in captured.err + captured.out

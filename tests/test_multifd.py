@@ -281,7 +281,7 @@ def test_cli_migrate_to_npqfile_incoming_over_unix_with_multifd(tmp_path):
                             "--multifd-channels", "4", "--multifd-compression", "zlib", "--timeout", "30"],
                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert dst.stdout.readline().startswith("listening on")
+        assert dst.stderr.readline().startswith("listening on")   # --json: status lines on stderr
         src = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--size", "16M", "--to", f"unix:{sock}",
                               "--multifd-channels", "4", "--multifd-compression", "zlib", "--json", "--quiet",
                               "--workload", "hotset:rate=3000"], cwd=ROOT, capture_output=True, text=True, timeout=120)

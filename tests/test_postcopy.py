@@ -326,7 +326,7 @@ def _incoming(sock: str, *extra: str) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "npqfile", "incoming", f"unix:{sock}", "--ram", "16M", "--json",
                              "--timeout", "60", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    line = proc.stdout.readline()
+    line = proc.stderr.readline()          # --json: status lines on stderr
     if not line.startswith("listening on"):
         proc.kill()
         raise AssertionError(f"incoming did not start: {line!r} {proc.stderr.read()}")

@@ -301,3 +301,25 @@ def test_scribble_writes_n_random_bytes_per_page_and_marks_them_dirty():
             block.scribble([64], 8, np.random.default_rng(1))
     finally:
         block.close()
+
+
+def test_close_collects_garbage_cycles_that_still_hold_views():
+    """A view held only by a garbage cycle (a traceback's frames, a dead thread's closure)
+    does not make close() refuse: one collection frees it first (seen as a rare
+    RAMBlockInUseError in sweep workers, which run with automatic collection delayed)."""
+    import gc
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        b = RAMBlock("ram", 1 << 20)
+
+        class Holder:
+            pass
+        h = Holder()
+        h.view, h.me = b.array[:4096], h
+        del h
+        b.close()
+        assert b.closed
+    finally:
+        if enabled:
+            gc.enable()

@@ -8,8 +8,9 @@ QEMU ``-M pc`` source sends them (its device sections after the RAM are stepped 
 with the vmdesc it sends after EOF); the machine name check; channel decompression matching the
 source's ``--compress zstd``/``lz4``; ``--stall-timeout`` (tcp:/unix:): a source that sends
 nothing for that long (stopped, hung, network gone) fails the migration with an error
-saying so instead of a wait forever.  When listening, the first line on stdout is
-``listening on URI`` (with the real port), so scripts can start the source.  At the end
+saying so instead of a wait forever.  When listening, the first line on stdout
+(on stderr with ``--json`` or ``--events -``, so stdout is JSON only) is ``listening on URI``
+(with the real port), so scripts can start the source.  At the end
 it prints the result (``--json``: status, error, machine, load time, per-block sha256)
 and, over tcp/unix, sends the verdict and hashes back to the source on the return path
 (see ``npqfile.migration.destination``).  ``--multifd-channels N`` (QEMU's
@@ -124,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
     check_timeout(args.stall_timeout, "--stall-timeout")
     events = EventWriter.open(args.events) if args.events else None
     out = sys.stderr if args.events == "-" else sys.stdout      # stdout carries the event lines
+    # the "listening on" status line goes to stderr whenever stdout carries JSON
+    status = sys.stderr if args.events == "-" or args.json else sys.stdout
     ram = GuestRAM()
     max_ram = parse_size(args.max_ram) if args.max_ram is not None else None
     dest = None
@@ -137,9 +140,9 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError("--multifd-channels needs the guest RAM up front (--ram), not --max-ram: "
                                  "multifd packets may arrive before the block list")
             recv = _multifd_setup(args, ram)
-            channel = _accept_multifd(args.uri, recv, args.timeout, out)
+            channel = _accept_multifd(args.uri, recv, args.timeout, status)
         elif args.uri.startswith(("tcp:", "unix:")):
-            channel = _accept(args.uri, args.timeout, out)
+            channel = _accept(args.uri, args.timeout, status)
             channel.set_stall_timeout(args.stall_timeout, "the source")
         else:
             channel = open_channel(args.uri, "r")
@@ -147,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
             channel = DecompressingReader(channel, comp)
         guest = make_workload(args.workload) if args.workload else None
         dest = Destination(ram if max_ram is None else None, machine=None if args.machine == "any" else args.machine,
-                           multifd=recv, guest=guest, hash_blocks=not args.no_hash,
+                           multifd=recv, guest=guest, max_ram_name="--max-ram", hash_blocks=not args.no_hash,
                            **({} if max_ram is None else {"max_ram_bytes": max_ram}))
         incoming.active(dest)
         res = dest.receive(channel)

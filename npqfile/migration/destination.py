@@ -87,13 +87,15 @@ class Destination:
 
     def __init__(self, ram: GuestRAM | None = None, *, machine: str | None = "none",
                  max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, hash_blocks: bool = True,
-                 device_tail_bytes: int = DEFAULT_DEVICE_TAIL_BYTES, multifd: Any = None, guest: Any = None):
+                 device_tail_bytes: int = DEFAULT_DEVICE_TAIL_BYTES, multifd: Any = None, guest: Any = None,
+                 max_ram_name: str = "max_ram_bytes"):
         self.guest = guest              # a Workload run on this RAM from POSTCOPY_RUN on
         self.ram = ram
         self.device_tail_bytes = device_tail_bytes   # device state kept until the vmdesc sizes it
         self.multifd = multifd          # a MultiFDRecv whose channels are open (npqfile.migration.multifd)
         self.machine = machine
         self.max_ram_bytes = max_ram_bytes
+        self.max_ram_name = max_ram_name    # what errors call the limit (the CLI: --max-ram)
         self.hash_blocks = hash_blocks
         self.result = DestinationResult()
         self._thread: threading.Thread | None = None
@@ -117,8 +119,8 @@ class Destination:
             mf = self.multifd
             # the machine type is checked at the configuration section, as QEMU does:
             # a mismatch fails before any RAM is read, and closing makes the source stop
-            loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes, machine=self.machine,
-                                 device_tail_bytes=self.device_tail_bytes,
+            loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes, max_ram_name=self.max_ram_name,
+                                 machine=self.machine, device_tail_bytes=self.device_tail_bytes,
                                  on_multifd_flush=mf.main_record if mf is not None else _no_multifd,
                                  postcopy=pc, hasher=hasher)
             if mf is not None:

@@ -28,6 +28,7 @@ stays separate.  The page is released again at once.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import mmap
 import os
@@ -364,7 +365,13 @@ class RAMBlock:
                 pass  # views exported from it: mmap.close below reports them
             self._mv = None
         try:
-            self.mmap.close()
+            try:
+                self.mmap.close()
+            except BufferError:
+                # Views that only garbage cycles still hold (an exception's traceback frames,
+                # a finished thread's closure) die with a collection: take one before refusing
+                gc.collect()
+                self.mmap.close()
         except BufferError:
             raise RAMBlockInUseError(
                 f"cannot close RAM block {self.name!r}: numpy arrays or memoryviews of it are still alive; "

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from npqfile.qemu import QemuBinary, QemuNotFound, find_qemu  # noqa: E402
+from npqfile.qemu import QemuBinary, QemuNotFound, connect_qmp, find_qemu  # noqa: E402
 from npqfile.units import format_bytes, parse_size  # noqa: E402
 
 MIB = 1 << 20
@@ -88,7 +88,6 @@ class Qemu:
     """One paused ``-M none`` QEMU driven over QMP, always killed on exit."""
 
     def __init__(self, qb: QemuBinary, workdir: str, size: int, *, mem_path: str | None, incoming: bool):
-        from qemu.qmp.legacy import QEMUMonitorProtocol
         self.sock = os.path.join(workdir, f"qmp-{os.getpid()}-{time.monotonic_ns()}.sock")
         mib = size // MIB
         backend = (f"memory-backend-file,id=ram,size={mib}M,mem-path={mem_path},share=on" if mem_path
@@ -99,19 +98,10 @@ class Qemu:
                          *(["-incoming", "defer"] if incoming else []))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"QEMU did not start: {self.proc.stderr.read().decode(errors='replace')}")
-            if os.path.exists(self.sock):
-                self.qmp = QEMUMonitorProtocol(self.sock)
-                try:
-                    self.qmp.connect()
-                    break
-                except Exception:
-                    self.qmp.close()
-            time.sleep(0.01)
+        self.qmp = connect_qmp(self.sock, lambda: self.proc.poll() is None, 30)
+        if self.qmp is None:
+            self.close()
+            raise RuntimeError(f"QEMU did not start: {self.proc.stderr.read().decode(errors='replace')}")
 
     def cmd(self, name: str, **args):
         return self.qmp.cmd(name, **args)
@@ -136,7 +126,8 @@ class Qemu:
 
     def close(self) -> None:
         try:
-            self.qmp.close()
+            if self.qmp is not None:
+                self.qmp.close()
         except Exception:
             pass
         if self.proc.poll() is None:

@@ -46,6 +46,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -211,6 +212,12 @@ class QemuMigration:
         self.passes: dict[int, float] = {}      # dirty-sync-count -> seconds after migrate
         self.st = QemuMigrationStats(page_size=4096, params=asdict(cfg.params))
         self.st.qemu = {"path": self.qemu.path, "version": self.qemu.version}
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        """migrate_cancel from another thread or a signal handler (Ctrl-C): only sets a
+        flag; the poll loop sends ``migrate_cancel`` to the source at its next poll."""
+        self._cancel.set()
 
     def run(self) -> MigrationStats:
         """Launch both QEMUs, migrate, collect, verify, clean up.  Returns the stats:
@@ -296,6 +303,10 @@ class QemuMigration:
                 continue
             if status in TERMINAL:
                 return info
+            if self._cancel.is_set() and not limited:
+                limited = True                     # the destination ends with the stream
+                self.st.outcome = "cancelled"
+                src.cmd("migrate_cancel")
             if not (limited and p.on_limit == "cancel"):   # a cancelled stream ends the destination
                 dst.check_alive("receiving the migration")
             if status == "pre-switchover":
@@ -532,15 +543,24 @@ class QemuMigration:
 
 
 def run_qemu_migration(cfg: Any, *, on_progress: Callable[[dict], None] | None = None,
-                       pre_switchover: Callable | None = None, events: Any = None) -> MigrationStats:
+                       pre_switchover: Callable | None = None, events: Any = None,
+                       control: Any = None) -> MigrationStats:
     """Run ``cfg`` (a MigrationConfig) on real QEMU (``cfg.qemu``: a path or version, else
     ``$NPQFILE_QEMU`` / PATH); returns the statistics.  Raises ValueError for an option
     QEMU does not have, QemuNotFound for a missing QEMU, QemuError when QEMU cannot start
     -- all before or without a migration; a QEMU that dies mid-run gives status failed.
     ``events``: an EventWriter fed QEMU's own query-migrate answers (the caller writes
-    its ``result`` line)."""
+    its ``result`` line).  ``control``: a MigrationControl whose cancel (Ctrl-C) sends
+    ``migrate_cancel``."""
     try:
         qemu = find_qemu(getattr(cfg, "qemu", None))
     except QemuNotFound as exc:
         raise ValueError(f"--engine qemu: {exc}") from None
-    return QemuMigration(cfg, qemu, on_progress=on_progress, pre_switchover=pre_switchover, events=events).run()
+    run = QemuMigration(cfg, qemu, on_progress=on_progress, pre_switchover=pre_switchover, events=events)
+    if control is None:
+        return run.run()
+    control.attach(run)
+    try:
+        return run.run()
+    finally:
+        control.attach(None)

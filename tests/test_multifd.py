@@ -444,7 +444,10 @@ def test_flushes_sit_where_qemu_10_puts_them():
     # each channel: greeting, 3 SYNC packets, and its share of the 32 full RAM packets
     per = st.multifd["per-channel"]
     assert sum(c["packets"] for c in per) == 3 * 2 + 32
-    assert st.iterations[0].pages_sent == 4096 and st.iterations[0].bytes_sent > 12 << 20   # 3/4 of the pages are not zero
+    # the bulk pass spans two iterations when a 100 ms rate window closes inside it (a busy
+    # machine): the first window's bandwidth sets a threshold, and the sync may come early
+    assert sum(it.pages_sent for it in st.iterations) >= 4096
+    assert sum(it.bytes_sent for it in st.iterations) > 12 << 20      # 3/4 of the pages are not zero
 
 
 def test_arbitrary_headers_are_a_packet_or_a_multifd_error():

@@ -270,7 +270,7 @@ def test_ctrl_c_ends_both_qemus():
     require_qemu("10.0")
     proc = subprocess.Popen([sys.executable, "-m", "npqfile", "migrate", "--engine", "qemu", "--qemu", "10.0",
                              "--size", "32M", "--workload", "uniform:rate=1000", "--max-bandwidth", "2MB/s",
-                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+                             "--time-limit", "600", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
     qemus: list = []
     try:
         deadline = time.monotonic() + 60

@@ -207,6 +207,7 @@ class QemuMigration:
         self.guest = guest_parameters(cfg.workload, cfg.size, seed=cfg.seed)
         self.on_progress = on_progress
         self.pre_switchover = pre_switchover
+        self.cancelled = False          # cancel(): Ctrl-C through MigrationControl
         self.samples: list[dict] = []
         self.passes: dict[int, float] = {}      # dirty-sync-count -> seconds after migrate
         self.st = QemuMigrationStats(page_size=4096, params=asdict(cfg.params))
@@ -267,6 +268,11 @@ class QemuMigration:
         if mine:
             dst.cmd("migrate-set-parameters", **mine)
 
+    def cancel(self) -> None:
+        """migrate_cancel from outside (MigrationControl, a signal handler): only sets a
+        flag, the poll loop sends ``migrate_cancel`` at its next poll.  Returns None."""
+        self.cancelled = True
+
     # -- polling --------------------------------------------------------------------------
     def _poll(self, src: QemuVM, dst: QemuVM) -> dict:
         """Poll query-migrate until a terminal status; apply the limits; returns the last answer."""
@@ -296,7 +302,7 @@ class QemuMigration:
                 continue
             if status in TERMINAL:
                 return info
-            if not (limited and p.on_limit == "cancel"):   # a cancelled stream ends the destination
+            if not (limited and (p.on_limit == "cancel" or self.cancelled)):   # a cancelled stream ends the destination
                 dst.check_alive("receiving the migration")
             if status == "pre-switchover":
                 if paused_at is None:
@@ -304,6 +310,9 @@ class QemuMigration:
                     if self.pre_switchover is not None:
                         self.pre_switchover(self)
                     src.cmd("migrate-continue", state="pre-switchover")
+            elif self.cancelled and not limited:
+                limited = True                  # the outcome is QEMU's: "cancelled"
+                src.cmd("migrate_cancel")
             elif status == "active" and not limited:
                 why = None
                 if ram.get("dirty-sync-count", 0) > p.max_iterations:
@@ -534,15 +543,24 @@ class QemuMigration:
 
 
 def run_qemu_migration(cfg: Any, *, on_progress: Callable[[dict], None] | None = None,
-                       pre_switchover: Callable | None = None, events: Any = None) -> MigrationStats:
+                       pre_switchover: Callable | None = None, events: Any = None,
+                       control: Any = None) -> MigrationStats:
     """Run ``cfg`` (a MigrationConfig) on real QEMU (``cfg.qemu``: a path or version, else
     ``$NPQFILE_QEMU`` / PATH); returns the statistics.  Raises ValueError for an option
     QEMU does not have, QemuNotFound for a missing QEMU, QemuError when QEMU cannot start
     -- all before or without a migration; a QEMU that dies mid-run gives status failed.
     ``events``: an EventWriter fed QEMU's own query-migrate answers (the caller writes
-    its ``result`` line)."""
+    its ``result`` line).  ``control``: a MigrationControl whose cancel() cancels the run
+    (``migrate_cancel``) at the next poll."""
     try:
         qemu = find_qemu(getattr(cfg, "qemu", None))
     except QemuNotFound as exc:
         raise ValueError(f"--engine qemu: {exc}") from None
-    return QemuMigration(cfg, qemu, on_progress=on_progress, pre_switchover=pre_switchover, events=events).run()
+    m = QemuMigration(cfg, qemu, on_progress=on_progress, pre_switchover=pre_switchover, events=events)
+    if control is not None:
+        control.attach(m)               # a cancel that came earlier is passed on at once
+    try:
+        return m.run()
+    finally:
+        if control is not None:
+            control.attach(None)

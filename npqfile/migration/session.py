@@ -167,7 +167,8 @@ def run_migration(cfg: MigrationConfig, *, on_progress: Callable[[dict], None] |
             raise ValueError(f"engine {cfg.engine!r}: run_migration takes simulator or qemu (with its own "
                              "guest); both engines: npqfile.migration.compare.run_both")
         from npqfile.migration.qemu_engine import run_qemu_migration
-        return run_qemu_migration(cfg, on_progress=on_progress, pre_switchover=pre_switchover, events=events)
+        return run_qemu_migration(cfg, on_progress=on_progress, pre_switchover=pre_switchover, events=events,
+                                  control=control)
     comp = parse_compress(cfg.compress)
     params = cfg.params
     params.compress_level = comp.page_level

@@ -2,7 +2,11 @@
 
 Prints ns per op for put_byte, put_be64, get_be64, and per page for
 put_buffer_async+fflush (and the batched put_records) of 4 KiB pages into a
-NullChannel, with the ratio to its baseline.  The machine is shared and noisy, so each
+NullChannel, with the ratio to its baseline.  Last, the per-page API (``put_be64`` +
+``put_buffer_async`` per page) into an AF_UNIX socketpair drained by a fresh interpreter
+(``recv_into`` 1 MiB), beside a bare ``sendmsg`` of the same header and page iovecs, 64 a
+call, into the same kind of socketpair: its ratio is a throughput ratio (bare time / our
+time; the goal is >= 0.6).  The machine is shared and noisy, so each
 pair is measured interleaved, several times, and the medians are compared.
 
     python benchmarks/bench_qemufile.py [--reps 7] [--pages 16384]
@@ -13,14 +17,18 @@ from __future__ import annotations
 import argparse
 import mmap
 import os
+import socket
 import statistics
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
 import numpy as np
 
 from npqfile.channels import MemoryChannel, NullChannel
+from npqfile.channels.sockets import SocketChannel
 from npqfile.qemufile import QEMUFile
 
 PAGE = 4096
@@ -176,9 +184,60 @@ def main() -> None:
             args.reps, lambda: per_op(records, np_), lambda: per_op(naive_loop, np_))),
     ]
     os.close(devnull)
+    sock_ours, sock_bare = pairs(args.reps, lambda: socket_run(scattered, "api"), lambda: socket_run(scattered, "bare"))
     print(f"{'operation':34} {'ns/op':>8}   {'baseline':36} {'ns/op':>8}  ratio")
     for name, base_name, ours, base in rows:
         print(f"{name:34} {ours:8.0f}   {base_name:36} {base:8.0f}  {ours / base:5.2f}x")
+    print(f"{'put_be64+put_buffer_async socket':34} {sock_ours:8.0f}   {'bare sendmsg 64 iovecs, same bytes':36} "
+          f"{sock_bare:8.0f}  {sock_bare / sock_ours:5.2f} of bare throughput (goal 0.6)")
+
+
+DRAIN = ("import socket, sys\n"
+         "s = socket.socket(fileno=int(sys.argv[1]))\n"
+         "b = bytearray(1 << 20)\n"
+         "s.send(b'r')\n"
+         "while s.recv_into(b):\n"
+         "    pass\n")
+
+
+def socket_run(pages: list, how: str) -> float:
+    """ns per page to send header + page records for ``pages`` into a socketpair whose
+    other end a fresh interpreter drains; ``how`` is "api" (QEMUFile per-page calls) or
+    "bare" (sendmsg of the same iovecs, 64 a call)."""
+    a, b = socket.socketpair()
+    child = subprocess.Popen([sys.executable, "-c", DRAIN, str(b.fileno())], pass_fds=[b.fileno()])
+    b.close()
+    try:
+        a.recv(1)      # the drainer is up: its start-up is not timed
+        t0 = time.perf_counter_ns()
+        if how == "api":
+            g = QEMUFile(SocketChannel(a, "w"))
+            put_hdr, put = g.put_be64, g.put_buffer_async
+            for i, v in enumerate(pages):
+                put_hdr(i)
+                put(v)
+            g.fflush()
+        else:
+            heads = [struct.pack(">Q", i) for i in range(len(pages))]
+            iov = [None] * (2 * len(pages))
+            iov[0::2] = heads
+            iov[1::2] = pages
+            send = a.sendmsg
+            for i in range(0, len(iov), 64):
+                batch = iov[i:i + 64]
+                n = send(batch)
+                want = sum(len(x) if isinstance(x, bytes) else x.nbytes for x in batch)
+                while n < want:   # a blocking socket may still return short; finish like write_all
+                    rest = b"".join(bytes(x) for x in batch)[n:]
+                    n += send([rest])
+        elapsed = time.perf_counter_ns() - t0
+    finally:
+        if how == "api":
+            g.close()
+        else:
+            a.close()
+        child.wait()
+    return elapsed / len(pages)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,17 @@ Cases (``--cases``, comma-separated; default all):
 - ``load``: the stream QEMU saved from the random image, loaded into fresh anonymous RAM from
   ``exec:cat STREAM``: QEMU ``-incoming defer`` with a ``memory-backend-ram``, ``migrate-incoming``,
   timed from that command to ``completed`` as seen over QMP (polled every 5 ms); npqfile runs
-  ``npqfile incoming exec:cat STREAM --ram SIZE``, timed as ``save`` is.
+  ``npqfile incoming exec:cat STREAM --ram SIZE --no-hash``, timed as ``save`` is: the same work.
+  ``load-sha256``: the same without ``--no-hash``, i.e. npqfile's default, which also computes
+  (and prints) every block's sha256; QEMU computes none.
 - ``live``: a paused guest of random RAM over TCP on 127.0.0.1, QEMU→QEMU (unlimited bandwidth,
   ``total-time``) beside ``npqfile migrate --workload idle --init random`` → ``npqfile incoming``
   (its ``total-time``: from setup to completion, filling the guest and verifying excluded, as
   QEMU's is).  ``live-multifd``: the same with 4 multifd channels on both sides, when this npqfile
   has ``--multifd-channels`` and the QEMU has multifd.
+- npqfile's modules are byte-compiled before the runs (``compileall``), as a package install
+  does; an environment with ``PYTHONDONTWRITEBYTECODE`` would otherwise make every timed command
+  compile every module it imports.
 - ``rss``: extra peak RSS of ``npqfile save`` beyond the guest RAM: maxrss(SIZE) − maxrss(4 MiB)
   − (SIZE − 4 MiB), i.e. what saving costs on top of the RAM and of the interpreter's fixed
   footprint.  QEMU's peak RSS of the same save, minus the guest RAM, beside it for scale.
@@ -49,11 +54,11 @@ from dataclasses import dataclass, field
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from npqfile.qemu import QemuBinary, QemuNotFound, find_qemu  # noqa: E402
+from npqfile.qemu import QemuBinary, QemuNotFound, connect_qmp, find_qemu  # noqa: E402
 from npqfile.units import format_bytes, parse_size  # noqa: E402
 
 MIB = 1 << 20
-CASES = ("save-random", "save-zero", "load", "live", "live-multifd", "rss")
+CASES = ("save-random", "save-zero", "load", "load-sha256", "live", "live-multifd", "rss")
 NPQFILE = [sys.executable, "-m", "npqfile"]
 
 
@@ -83,7 +88,6 @@ class Qemu:
     """One paused ``-M none`` QEMU driven over QMP, always killed on exit."""
 
     def __init__(self, qb: QemuBinary, workdir: str, size: int, *, mem_path: str | None, incoming: bool):
-        from qemu.qmp.legacy import QEMUMonitorProtocol
         self.sock = os.path.join(workdir, f"qmp-{os.getpid()}-{time.monotonic_ns()}.sock")
         mib = size // MIB
         backend = (f"memory-backend-file,id=ram,size={mib}M,mem-path={mem_path},share=on" if mem_path
@@ -94,19 +98,10 @@ class Qemu:
                          *(["-incoming", "defer"] if incoming else []))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"QEMU did not start: {self.proc.stderr.read().decode(errors='replace')}")
-            if os.path.exists(self.sock):
-                self.qmp = QEMUMonitorProtocol(self.sock)
-                try:
-                    self.qmp.connect()
-                    break
-                except Exception:
-                    self.qmp.close()
-            time.sleep(0.01)
+        self.qmp = connect_qmp(self.sock, lambda: self.proc.poll() is None, 30)
+        if self.qmp is None:
+            self.close()
+            raise RuntimeError(f"QEMU did not start: {self.proc.stderr.read().decode(errors='replace')}")
 
     def cmd(self, name: str, **args):
         return self.qmp.cmd(name, **args)
@@ -131,7 +126,8 @@ class Qemu:
 
     def close(self) -> None:
         try:
-            self.qmp.close()
+            if self.qmp is not None:
+                self.qmp.close()
         except Exception:
             pass
         if self.proc.poll() is None:
@@ -240,8 +236,9 @@ class Bench:
         finally:
             q.close()
 
-    def npq_load(self, stream: str) -> tuple[float, float, int]:
-        return _timed_npqfile(["incoming", f"exec:cat {stream}", "--ram", str(self.size)])
+    def npq_load(self, stream: str, hashed: bool = False) -> tuple[float, float, int]:
+        return _timed_npqfile(["incoming", f"exec:cat {stream}", "--ram", str(self.size),
+                               *([] if hashed else ["--no-hash"])])
 
     def qemu_live(self, qb: QemuBinary, channels: int = 0) -> float:
         port = _free_port()
@@ -269,7 +266,7 @@ class Bench:
         port = _free_port()
         uri = f"tcp:127.0.0.1:{port}"
         extra = ["--multifd-channels", str(channels)] if channels else []
-        dst = subprocess.Popen(NPQFILE + ["incoming", uri, "--ram", str(self.size), "--timeout", "120"],
+        dst = subprocess.Popen(NPQFILE + ["incoming", uri, "--ram", str(self.size), "--timeout", "120", *extra],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             deadline = time.monotonic() + 30
@@ -321,6 +318,10 @@ def main() -> int:
             print(f"skipping QEMU {spec}: {exc}", file=sys.stderr)
     if not qemus:
         ap.error("no QEMU to compare with")
+    # Byte-compile npqfile first, as installing a package does: an environment with
+    # PYTHONDONTWRITEBYTECODE (this one has it) would otherwise compile every module from
+    # source inside every timed command (about 0.25 s here).
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "npqfile")], check=True)
     bench = Bench(args, qemus)
     pairs: list[Pair] = []
     try:
@@ -364,7 +365,7 @@ def _qemu_side(bench: Bench, qb: QemuBinary, case: str, pair: Pair) -> float:
         return bench.qemu_save(qb, bench.random_img)[0]
     if case == "save-zero":
         return bench.qemu_save(qb, bench.zero_img)[0]
-    if case == "load":
+    if case in ("load", "load-sha256"):
         return bench.qemu_load(qb, bench.stream_of(qb))
     if case == "live":
         return bench.qemu_live(qb)
@@ -386,8 +387,9 @@ def _npq_side(bench: Bench, case: str, pair: Pair) -> float:
         timed = bench.npq_save(bench.random_img)
     elif case == "save-zero":
         timed = bench.npq_save(bench.zero_img)
-    elif case == "load":
-        timed = bench.npq_load(bench.streams.get(pair.qemu) or bench.stream_of(find_qemu(pair.qemu)))
+    elif case in ("load", "load-sha256"):
+        timed = bench.npq_load(bench.streams.get(pair.qemu) or bench.stream_of(find_qemu(pair.qemu)),
+                               hashed=case == "load-sha256")
     if timed is not None:
         pair.npq_whole_s.append(timed[1])
         return timed[0]

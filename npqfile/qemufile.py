@@ -61,6 +61,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 IO_BUF_SIZE = 32768
+# A loading reader's buffer (opt-in, ``read_ahead=READ_AHEAD``): QEMU reads ahead at most
+# IO_BUF_SIZE; reading more per syscall is invisible on the wire and lets the RAM loader
+# take a few hundred page records per fill (ram_loader's fast path).  Peeks stay bounded
+# by io_buf_size, as in QEMU; only ftell (the channel position) moves further ahead.
+READ_AHEAD = 1 << 20
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 MAX_IOV_SIZE = min(_IOV_MAX, 64)
 
@@ -83,6 +88,8 @@ class QEMUFile(WriteSide, ReadSide, FileOffsets):
     ``QEMUFile(channel)`` is ``qemu_fopen_ops``: writable when the channel has
     ``writev``, readable when it has ``readinto`` (exactly one of the two).
     ``io_buf_size`` and ``max_iov`` are QEMU's IO_BUF_SIZE and MAX_IOV_SIZE.
+    ``read_ahead`` (readers only): the most bytes one channel read may take (default
+    ``io_buf_size``, QEMU's; loaders pass READ_AHEAD).
     """
 
     __slots__ = (
@@ -92,7 +99,8 @@ class QEMUFile(WriteSide, ReadSide, FileOffsets):
         "_closed", "_no_puts", "_xfer_adjust", "_last_obj", "_last_root", "released_bytes", "release_errors", "_eof", "__weakref__",
     )
 
-    def __init__(self, channel: Any, *, io_buf_size: int = IO_BUF_SIZE, max_iov: int = MAX_IOV_SIZE):
+    def __init__(self, channel: Any, *, io_buf_size: int = IO_BUF_SIZE, max_iov: int = MAX_IOV_SIZE,
+                 read_ahead: int | None = None):
         can_write = callable(getattr(channel, "writev", None))
         can_read = callable(getattr(channel, "readinto", None))
         if can_write == can_read:
@@ -102,11 +110,15 @@ class QEMUFile(WriteSide, ReadSide, FileOffsets):
             raise ValueError(f"io_buf_size must be at least 16, not {io_buf_size}")
         if not 1 <= max_iov <= _IOV_MAX:
             raise ValueError(f"max_iov must be in 1..{_IOV_MAX}, not {max_iov}")
+        if read_ahead is None:
+            read_ahead = io_buf_size
+        elif read_ahead < io_buf_size:
+            raise ValueError(f"read_ahead must be at least io_buf_size ({io_buf_size}), not {read_ahead}")
         self._channel = channel
         self._writable = can_write
         self._io_buf_size = io_buf_size
         self._max_iov = max_iov
-        self._buf = bytearray(io_buf_size)
+        self._buf = bytearray(io_buf_size if can_write else read_ahead)
         self._bufmv = memoryview(self._buf)
         self._buf_index = 0
         self._buf_size = 0  # 0 when writing

@@ -108,6 +108,12 @@ class ReadSide:
             return self._bufmv[0:0]
         return self._bufmv[index:index + min(size, pending)]
 
+    def buffered(self) -> memoryview:
+        """The read-ahead bytes already in the buffer, not consumed and without any I/O
+        (not in QEMU: a reader parses many records from it at once, then skips them).
+        The view is valid until the next operation on this file."""
+        return self._bufmv[self._buf_index:self._buf_size]
+
     def skip(self, n: int) -> None:
         """qemu_file_skip: consume ``n`` buffered bytes; does nothing when fewer than
         ``n`` are buffered (as in QEMU: peek first)."""

@@ -137,29 +137,7 @@ class WriteSide:
             views = [bufmv[e[1]:e[1] + e[2]] if e[0] is None
                      else e[0] if type(e[0]) is memoryview
                      else span_of(e[4], e[1], e[2]) for e in iov]
-            expect = self._queued
-            try:
-                try:
-                    ret = self._channel.writev(views, self._pos)
-                except (BlockingIOError, InterruptedError) as exc:
-                    ret = self._writev_again(views, exc)
-            except OSError as exc:
-                self.set_error(-(exc.errno or errno.EIO),
-                               f"write of {expect} bytes at stream offset {self._pos} failed: {exc.strerror or exc}")
-            else:
-                if not isinstance(ret, int):
-                    self.set_error(-errno.EIO, f"channel writev returned {ret!r}, not a byte count")
-                elif ret > expect:
-                    self.set_error(-errno.EIO, f"channel bug: writev returned {ret} for a write of {expect} "
-                                               f"bytes at stream offset {self._pos}")
-                else:
-                    if ret >= 0:
-                        self._pos += ret
-                    if ret != expect:
-                        self.set_error(ret if ret < 0 else -errno.EIO,
-                                       f"short write at stream offset {self._pos}: {ret} of {expect} bytes")
-                    elif self._has_free:
-                        self._release_ram()
+            self._write_views(views, self._queued)
             del views
         self._buf_index = 0
         iov.clear()
@@ -167,6 +145,32 @@ class WriteSide:
         self._has_free = False
         self._last_obj = self._last_root = None  # hold no exports of caller memory
         return self._last_error
+
+    def _write_views(self, views: list, expect: int) -> None:
+        """fflush's I/O: ``views`` (``expect`` bytes) in one ``writev``; records a failed
+        or short write; releases may_free memory after a full one."""
+        try:
+            try:
+                ret = self._channel.writev(views, self._pos)
+            except (BlockingIOError, InterruptedError) as exc:
+                ret = self._writev_again(views, exc)
+        except OSError as exc:
+            self.set_error(-(exc.errno or errno.EIO),
+                           f"write of {expect} bytes at stream offset {self._pos} failed: {exc.strerror or exc}")
+            return
+        if not isinstance(ret, int):
+            self.set_error(-errno.EIO, f"channel writev returned {ret!r}, not a byte count")
+        elif ret > expect:
+            self.set_error(-errno.EIO, f"channel bug: writev returned {ret} for a write of {expect} "
+                                       f"bytes at stream offset {self._pos}")
+        else:
+            if ret >= 0:
+                self._pos += ret
+            if ret != expect:
+                self.set_error(ret if ret < 0 else -errno.EIO,
+                               f"short write at stream offset {self._pos}: {ret} of {expect} bytes")
+            elif self._has_free:
+                self._release_ram()
 
     def _writev_again(self, views: list, exc: OSError) -> Any:
         """The channel's ``writev`` raised EINTR or EAGAIN (``exc``): retry as the read
@@ -297,6 +301,23 @@ class WriteSide:
             off += n
             size -= n
 
+    def put_bytes(self, buf: Any) -> None:
+        """``put_byte`` of each byte of ``buf`` in turn (QEMU's byte-by-byte puts of record
+        headers: a run of ZERO records), with the same iovecs and flush points, in bulk.
+        Only a byte that opens a new iovec can flush on the iovec count; once the last
+        iovec is the staging buffer's (or none is queued), more bytes extend it and a
+        flush falls exactly where the buffer fills, as ``put_buffer`` does.  Not in QEMU."""
+        if self._no_puts:
+            return self._refuse_put()
+        mv = flat_bytes(buf)
+        n = mv.nbytes
+        k = 0
+        while k < n and not self._last_error and (self._max_iov < 2 or self._tail is None and self._iov):
+            self.put_byte(mv[k])
+            k += 1
+        if k < n and not self._last_error:
+            self.put_buffer(mv[k:])
+
     def put_buffer_async(self, buf: Any, may_free: bool = False) -> None:
         """qemu_put_buffer_async: queue ``buf`` itself, without copying.
 
@@ -365,7 +386,12 @@ class WriteSide:
         if h < 1 or hdr.nbytes != h * n:
             raise ValueError(f"headers hold {hdr.nbytes} bytes, expected {n} x {h}")
         k = 0
+        cycle = self._max_iov // 2
+        cycles = not may_free and self._max_iov % 2 == 0 and cycle * h < self._io_buf_size
         while k < n and not self._last_error:
+            if cycles and n - k >= cycle and not self._iov and self._buf_index == 0:
+                k = self._put_record_cycles(hdr, h, pages, k, n)   # the queue is empty: whole cycles
+                continue
             # Records that fit before the next flush: each adds a header iovec (the
             # first one coalesces into a staging-buffer tail) and a page iovec.  Take
             # all but the record during which QEMU would flush in one go ...
@@ -382,6 +408,31 @@ class WriteSide:
                 self.put_byte(byte)
             self.put_buffer_async(pages[k], may_free)
             k += 1
+
+    def _put_record_cycles(self, hdr: memoryview, h: int, pages: Any, k: int, n: int) -> int:
+        """From an empty queue, the general path queues max_iov/2 records -- header iovec
+        (staging buffer), page iovec, ... -- and the last page's iovec is the max_iov-th,
+        which flushes: the queue is empty again.  Do those whole cycles directly: the same
+        bytes in the same writev calls with the same iovecs, without queue entries.
+        Returns the index after the last record written: ``k`` plus whole cycles, as
+        many as fit before ``n``; stops at an error."""
+        cycle = self._max_iov // 2
+        bufmv = self._bufmv
+        hviews = [bufmv[j * h:(j + 1) * h] for j in range(cycle)]
+        while n - k >= cycle and not self._last_error:
+            mvs = [p if type(p) is memoryview else memoryview(p) for p in pages[k:k + cycle]]
+            if not all(map(_C_CONTIGUOUS, mvs)):
+                bad = next(j for j, mv in enumerate(mvs) if not mv.c_contiguous)
+                raise ValueError(f"page {k + bad} of put_records is not C-contiguous")
+            bufmv[:cycle * h] = hdr[k * h:(k + cycle) * h]
+            views: list = [None] * (2 * cycle)    # a new list each time: a channel may keep it
+            views[0::2] = hviews
+            views[1::2] = mvs
+            expect = cycle * h + sum(map(_NBYTES, mvs))
+            self._bytes_xfer += expect
+            self._write_views(views, expect)
+            k += cycle
+        return k
 
     def _put_records_unflushed(self, hdr: memoryview, h: int, pages: Any, k: int, count: int,
                                may_free: bool) -> None:

@@ -6,11 +6,12 @@ assertion message.  Used by test_qemu_interop.py and test_cli_migrate.py.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 
 from conftest import require_qemu
+
+from npqfile.qemu import connect_qmp
 
 MIB = 1 << 20
 RAM_SIZE = 16 * MIB
@@ -24,7 +25,6 @@ class QemuVM:
 
     def __init__(self, tmp_path, ram_file, *, machine="none", incoming=False, extra=(), size=RAM_SIZE,
                  version: str | None = "7.2"):
-        from qemu.qmp.legacy import QEMUMonitorProtocol
         self.qemu = require_qemu(version)
         self.binary = self.qemu.path
         QemuVM.runs += 1
@@ -42,22 +42,9 @@ class QemuVM:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._err)
         self.qmp = None
         try:
-            # QEMU creates the socket file at bind() and listens just after: a connect in
-            # between is refused, so retry until QEMU accepts or gives up
-            deadline = time.monotonic() + 20
-            while True:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"QEMU did not start: {self.stderr()}")
-                if os.path.exists(self.sock):
-                    qmp = QEMUMonitorProtocol(self.sock)
-                    try:
-                        qmp.connect()
-                    except Exception:  # qemu.qmp wraps ECONNREFUSED in its own error types
-                        qmp.close()
-                    else:
-                        self.qmp = qmp
-                        break
-                time.sleep(0.01)
+            self.qmp = connect_qmp(self.sock, lambda: self.proc.poll() is None, 20)
+            if self.qmp is None:
+                raise AssertionError(f"QEMU did not start: {self.stderr()}")
         except BaseException:
             self.close()
             raise

@@ -49,7 +49,7 @@ def test_qemu_source_to_npqfile_incoming(tmp_path, version, channels, compressio
                                 "--multifd-compression", compression],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            port = dst.stderr.readline().strip().rsplit(":", 1)[1]
+            port = dst.stderr.readline().strip().rsplit(":", 1)[1]   # --json: status lines on stderr
             _multifd(vm, channels, compression, zero)
             vm.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
             st = vm.wait_migration()

@@ -48,3 +48,185 @@ def test_a_command_imports_only_its_own_module():
             "print(sorted(m for m in sys.modules if m.startswith('npqfile.cli.')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "['npqfile.cli.save']"
+
+
+# -- the RAM loader's vectorised path for runs of PAGE|CONTINUE records ------------------
+
+def _load_both(data: bytes, blocks: dict[str, int], monkeypatch):
+    """Load ``data`` twice, through the run path (1 MiB read-ahead) and record by record;
+    returns [(ram arrays or None, stats or None, error text or None)] for each."""
+    from npqfile.channels import MemoryReader
+    from npqfile.errors import StreamError
+    from npqfile.qemufile import READ_AHEAD, QEMUFile
+    from npqfile.stream import load_stream, ram_loader
+    from test_stream_support import make_ram
+
+    out = []
+    for run_min in (ram_loader.PAGE_RUN_MIN_RECORDS, 10 ** 9):
+        monkeypatch.setattr(ram_loader, "PAGE_RUN_MIN_RECORDS", run_min)
+        ram = make_ram(dict(blocks))
+        try:
+            res = load_stream(QEMUFile(MemoryReader(data, chunk=300_000), read_ahead=READ_AHEAD), ram)
+            stats = {k: v for k, v in res.stats.as_dict().items()}
+            err = None
+        except StreamError as exc:
+            stats, err = None, str(exc)
+        out.append(({b.name: b.array.copy() for b in ram.blocks}, stats, err))
+        ram.close()
+    return out
+
+
+def test_page_runs_load_what_the_per_record_path_loads(monkeypatch):
+    """Adjacent runs, gaps, a page sent twice, a zero page and a second block inside runs
+    longer than the read-ahead: same RAM and same counts as record by record."""
+    from test_stream_support import PAGE, header, page_record, part, ram_start, zero_record
+
+    rng = np.random.default_rng(5)
+    pg = lambda: rng.integers(1, 256, PAGE, dtype=np.uint8).tobytes()  # noqa: E731
+    blocks = {"ram": 2048 * PAGE, "vga": 64 * PAGE}
+    order = list(range(0, 700)) + list(range(900, 2048, 3)) + [5, 6, 7] + list(range(800, 880))
+    body = page_record(0, pg())
+    body += b"".join(page_record(p * PAGE, pg(), None) for p in order[1:])
+    body += zero_record(6 * PAGE, 0, None) + page_record(3 * PAGE, pg(), "vga")
+    body += b"".join(page_record(p * PAGE, pg(), None) for p in range(4, 64))
+    data = header() + ram_start(blocks) + part(body) + b"\x00"
+    (fast, fast_stats, e1), (slow, slow_stats, e2) = _load_both(data, blocks, monkeypatch)
+    assert e1 is None and e2 is None
+    assert fast_stats == slow_stats and fast_stats["normal"] == len(order) + 61
+    for name in blocks:
+        assert np.array_equal(fast[name], slow[name])
+
+
+@pytest.mark.parametrize("bad", ["flag", "beyond", "backwards", "truncated"])
+def test_a_bad_record_inside_a_run_fails_as_record_by_record(monkeypatch, bad):
+    """Whatever ends a run (unknown flag, page beyond the block, an address not above the
+    previous one, the end of the stream) gives the per-record error at the same offset,
+    and the pages before it are loaded exactly as record by record."""
+    from test_stream_support import PAGE, be64, header, page_record, part, ram_start
+
+    rng = np.random.default_rng(9)
+    blocks = {"ram": 512 * PAGE}
+    body = page_record(0, rng.integers(1, 256, PAGE, dtype=np.uint8).tobytes())
+    body += b"".join(page_record(p * PAGE, rng.integers(1, 256, PAGE, dtype=np.uint8).tobytes(), None)
+                     for p in range(1, 200))
+    if bad == "flag":
+        body += be64(200 * PAGE | 0x28 | 0x200) + bytes(PAGE)
+    elif bad == "beyond":
+        body += be64(512 * PAGE | 0x28) + bytes(PAGE)
+    elif bad == "backwards":      # valid: a page re-sent out of order, then a truncation
+        body += page_record(10 * PAGE, bytes([7]) * PAGE, None) + be64(11 * PAGE | 0x28) + bytes(100)
+    body += b"".join(page_record(p * PAGE, bytes(PAGE), None) for p in range(300, 340))
+    data = header() + ram_start(blocks) + part(body) + b"\x00"
+    if bad == "truncated":
+        data = data[:len(data) // 2]
+    (fast, _, e1), (slow, _, e2) = _load_both(data, blocks, monkeypatch)
+    assert e1 is not None and e1 == e2
+    assert np.array_equal(fast["ram"], slow["ram"])
+    assert fast["ram"][:PAGE].any() and not fast["ram"][300 * PAGE:].any()
+
+
+# -- hashing while loading -------------------------------------------------------------
+
+def _stream_of(pages_in_order, blocks, seed=1):
+    from test_stream_support import PAGE, header, page_record, part, ram_start
+
+    rng = np.random.default_rng(seed)
+    body = b""
+    for i, p in enumerate(pages_in_order):
+        body += page_record(p * PAGE, rng.integers(0, 256, PAGE, dtype=np.uint8).tobytes(), "ram" if i == 0 else None)
+    return header() + ram_start(blocks) + part(body) + b"\x00"
+
+
+@pytest.mark.parametrize("order", ["in-order", "gaps", "resent", "resent-one-by-one", "backwards"])
+def test_hashes_computed_while_loading_are_the_blocks_final_hashes(order):
+    """In-order streams are hashed while they load; a page written again below what is
+    already queued (re-sent, out of order) makes the block hashed again afterwards: the
+    digest is always that of the final bytes."""
+    from npqfile.channels import MemoryReader
+    from npqfile.qemufile import READ_AHEAD, QEMUFile
+    from npqfile.stream import load_stream
+    from npqfile.stream.ram_hash import LoadHasher
+    from test_stream_support import make_ram
+
+    n = 600
+    pages = {"in-order": list(range(n)), "gaps": list(range(0, n, 2)),
+             "resent": list(range(n)) + list(range(100, 300)),
+             "resent-one-by-one": list(range(n)) + [5],
+             "backwards": list(range(300, n)) + list(range(0, 300))}[order]
+    blocks = {"ram": n * 4096, "other": 8 * 4096}
+    ram = make_ram(dict(blocks))
+    hasher = LoadHasher()
+    try:
+        load_stream(QEMUFile(MemoryReader(_stream_of(pages, blocks)), read_ahead=READ_AHEAD), ram, hasher=hasher)
+        bh = hasher.blocks["ram"]
+        assert bh.stale == (order not in ("in-order", "gaps"))
+        got = hasher.digests(ram)
+        assert got == {b.name: b.sha256() for b in ram.blocks}
+        assert hasher.blocks["ram"].view is None          # views dropped: the RAM can close
+    finally:
+        hasher.close()
+        ram.close()
+
+
+def test_a_failed_load_stops_the_hasher_and_frees_the_ram():
+    import threading
+
+    from npqfile.channels import MemoryReader
+    from npqfile.migration.destination import Destination
+    from test_stream_support import make_ram
+
+    blocks = {"ram": 600 * 4096}
+    data = _stream_of(range(600), blocks)
+    ram = make_ram(dict(blocks))
+    res = Destination(ram).receive(MemoryReader(data[: len(data) * 2 // 3]))
+    assert res.status == "failed" and "truncated" in res.error
+    assert not [t for t in threading.enumerate() if t.name == "load-hasher"]
+    ram.close()                         # no view of the RAM is left behind
+    ram = make_ram(dict(blocks))
+    res = Destination(ram).receive(MemoryReader(data))
+    assert res.status == "completed" and res.hashes == {"ram": ram.block("ram").sha256()}
+    ram.close()
+
+
+def test_incoming_no_hash_skips_the_digests_but_not_for_a_verifying_source(tmp_path):
+    from test_stream_support import make_ram, pattern_pages, snapshot_bytes
+
+    stream = tmp_path / "s.bin"
+    stream.write_bytes(snapshot_bytes(make_ram({"ram": pattern_pages(8)})))
+    cmd = [sys.executable, "-m", "npqfile", "incoming", f"file:{stream}", "--ram", "32K"]
+    plain = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    quick = subprocess.run(cmd + ["--no-hash"], cwd=ROOT, capture_output=True, text=True)
+    assert plain.returncode == quick.returncode == 0, (plain.stderr, quick.stderr)
+    assert "sha256" in plain.stdout and "sha256" not in quick.stdout and "completed" in quick.stdout
+    bad = subprocess.run([sys.executable, "-m", "npqfile", "incoming", "tcp:127.0.0.1:0", "--no-hash"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--no-hash" in bad.stderr and "verifies" in bad.stderr
+
+
+@pytest.mark.parametrize("mix", ["mixed", "all-zero", "none-zero"])
+def test_zero_pages_found_by_first_word_then_whole_page(mix):
+    """A page whose first word is zero is still read to its end (a non-zero last byte
+    makes it a normal page); whole batches of zero or non-zero first words agree too."""
+    from npqfile.ram import GuestRAM
+    from npqfile.stream.ram_saver import RAMSaver
+    from test_stream_support import load_bytes, snapshot_bytes
+
+    n = 700
+    kinds = np.random.default_rng(4).integers(0, 3, n) if mix == "mixed" else np.full(n, 0 if mix == "all-zero" else 2)
+    pages = np.zeros((n, 4096), np.uint8)
+    pages[kinds == 1, 4095] = 7            # first word zero, not a zero page
+    pages[kinds == 2, 0] = 9               # first word not zero
+    ram = GuestRAM()
+    ram.add_block("ram", n * 4096)
+    ram.block("ram").array[:] = pages.reshape(-1)
+    try:
+        res = load_bytes(snapshot_bytes(ram))
+        assert res.stats.zero_pages == int(np.count_nonzero(kinds == 0))
+        assert np.array_equal(res.ram.block("ram").array, ram.block("ram").array)
+        res.ram.close()
+        # scattered (dirty) pages go through a gathered copy: the same answer
+        chunk = np.arange(n)[::-1][::3].copy()
+        mask = RAMSaver(None, ram)._zero_mask(ram.block("ram"), chunk)
+        assert np.array_equal(mask, kinds[chunk] == 0)
+    finally:
+        ram.close()

@@ -229,6 +229,80 @@ def test_put_records_matches_the_per_call_sequence():
         assert traces[0] == traces[1], lead
 
 
+@pytest.mark.parametrize("max_iov,io_buf_size", [(64, 32768), (8, 32768), (8, 40), (2, 32768)])
+def test_put_records_whole_flush_cycles_match_the_per_call_sequence(max_iov, io_buf_size):
+    """From an empty queue put_records writes whole flush cycles directly (max_iov/2
+    records per writev): the same writev calls, iovecs and bytes as the per-call API."""
+    m, a = private_map(300)
+    order = np.random.default_rng(8).permutation(300)
+    heads = (order.astype(np.uint64) * PAGE | 0x28).astype(">u8").tobytes()
+    pages = [a[i * PAGE:(i + 1) * PAGE] for i in order]
+    class IovRecorder(Recorder):
+        def writev(self, buffers, pos):
+            self.iovs = getattr(self, "iovs", []) + [[memoryview(b).nbytes for b in buffers]]
+            return super().writev(buffers, pos)
+
+    for lead, cut in ((0, 300), (0, 131), (1, 300), (3, 77)):
+        traces = []
+        for batch in (True, False):
+            ch = IovRecorder()
+            f = QEMUFile(ch, max_iov=max_iov, io_buf_size=io_buf_size)
+            for j in range(lead):
+                f.put_byte(j & 0xFF)
+            if batch:
+                f.put_records(heads[:8 * cut], 8, pages[:cut])
+                f.put_records(heads[8 * cut:], 8, pages[cut:])
+            else:
+                for k, p in enumerate(pages):
+                    f.put_be64(int.from_bytes(heads[8 * k:8 * k + 8], "big"))
+                    f.put_buffer_async(p)
+            f.fflush()
+            traces.append((ch.iovs, bytes(ch.data), f._bytes_xfer))
+        assert traces[0] == traces[1], (lead, cut)
+    f = QEMUFile(Recorder())
+    strided = np.zeros((4, 8), np.uint8)[:, 1]
+    with pytest.raises(ValueError, match="page 40 of put_records"):
+        f.put_records(heads[:8 * 64], 8, pages[:40] + [strided] + pages[41:64])
+
+
+@pytest.mark.parametrize("max_iov,io_buf_size", [(64, 32768), (5, 64), (2, 40), (1, 64)])
+def test_put_bytes_is_put_byte_of_each_byte(max_iov, io_buf_size):
+    """put_bytes (a run of ZERO records in bulk) makes the writev calls, iovecs and bytes
+    of one put_byte per byte, whatever the queue held before (pages up to the iovec
+    limit, staged bytes up to the buffer's end)."""
+    m, a = private_map(80)
+    data = np.random.default_rng(2).integers(0, 256, 40000, dtype=np.uint8).tobytes()
+
+    class IovRecorder(Recorder):
+        def __init__(self):
+            super().__init__()
+            self.iovs = []
+
+        def writev(self, buffers, pos):
+            self.iovs.append([memoryview(b).nbytes for b in buffers])
+            return super().writev(buffers, pos)
+
+    for pages_before in (0, 1, max_iov - 1, max_iov, 2 * max_iov - 1):
+        for bytes_before in (0, 1, io_buf_size - 1):
+            for size in (1, 9, 100, 9 * 300) + (() if max_iov == 1 else (40000,)):   # 1: a flush a byte
+                traces = []
+                for bulk in (True, False):
+                    ch = IovRecorder()
+                    f = QEMUFile(ch, max_iov=max_iov, io_buf_size=io_buf_size)
+                    for j in range(bytes_before):
+                        f.put_byte(j & 0xFF)
+                    for j in range(pages_before):
+                        f.put_buffer_async(a[2 * j * PAGE:(2 * j + 1) * PAGE])
+                    if bulk:
+                        f.put_bytes(data[:size])
+                    else:
+                        for byte in data[:size]:
+                            f.put_byte(byte)
+                    f.fflush()
+                    traces.append((ch.iovs, bytes(ch.data), f._bytes_xfer))
+                assert traces[0] == traces[1], (pages_before, bytes_before, size)
+
+
 # -- errors ---------------------------------------------------------------------------
 
 

@@ -34,7 +34,7 @@ import sys
 import numpy as np
 
 from npqfile.channels import FdChannel
-from npqfile.qemufile import QEMUFile
+from npqfile.qemufile import READ_AHEAD, QEMUFile
 from npqfile.ram import residency
 from npqfile.stream.device_tail import DEFAULT_DEVICE_TAIL_BYTES
 from npqfile.stream.loader import LoadResult, load_stream
@@ -178,7 +178,7 @@ def load_input(path: str, **kwargs) -> tuple[LoadResult, int]:
         if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
             size = os.lseek(src, 0, os.SEEK_END)
             return load_file(path if path != "-" else f"/proc/self/fd/{src}", **kwargs), size
-        f = QEMUFile(FdChannel(os.dup(src), "r"))
+        f = QEMUFile(FdChannel(os.dup(src), "r"), read_ahead=READ_AHEAD)
         try:
             result = load_stream(f, device_tail_bytes=DEFAULT_DEVICE_TAIL_BYTES, **kwargs)
             return result, f.tell()

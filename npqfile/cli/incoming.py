@@ -72,6 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="accept QEMU 10.0 multifd: the main channel plus N multifd channels (tcp:/unix:)")
     p.add_argument("--multifd-compression", default="none", choices=("none", "zlib", "zstd"),
                    help="the source's multifd-compression (default none)")
+    p.add_argument("--no-hash", action="store_true",
+                   help="skip the per-block sha256 (file:, exec:, fd: only: a tcp:/unix: source verifies with it)")
 
 
 def _accept(uri: str, timeout: float | None, out: Any = None) -> Any:
@@ -118,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
     comp = parse_compress(args.compress)
     size = parse_size(args.ram)
     check_timeout(args.timeout)
+    if args.no_hash and args.uri.startswith(("tcp:", "unix:")):
+        raise ValueError("--no-hash: a tcp:/unix: source verifies the migration with the per-block sha256")
     check_timeout(args.stall_timeout, "--stall-timeout")
     events = EventWriter.open(args.events) if args.events else None
     out = sys.stderr if args.events == "-" else sys.stdout      # stdout carries the event lines
@@ -146,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
             channel = DecompressingReader(channel, comp)
         guest = make_workload(args.workload) if args.workload else None
         dest = Destination(ram if max_ram is None else None, machine=None if args.machine == "any" else args.machine,
-                           multifd=recv, guest=guest, max_ram_name="--max-ram",
+                           multifd=recv, guest=guest, max_ram_name="--max-ram", hash_blocks=not args.no_hash,
                            **({} if max_ram is None else {"max_ram_bytes": max_ram}))
         incoming.active(dest)
         res = dest.receive(channel)

@@ -32,10 +32,11 @@ from typing import Any
 
 from npqfile.errors import FileError, StreamError
 from npqfile.migration import postcopy_ram
-from npqfile.qemufile import QEMUFile
+from npqfile.qemufile import READ_AHEAD, QEMUFile
 from npqfile.ram import GuestRAM
 from npqfile.stream.device_tail import DEFAULT_DEVICE_TAIL_BYTES
 from npqfile.stream.loader import load_stream
+from npqfile.stream.ram_hash import LoadHasher
 from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES
 
 VERIFY_MAGIC = b"NPQV"
@@ -106,8 +107,14 @@ class Destination:
         stream or I/O error gives ``status="failed"`` and ``error``, not an exception)."""
         res = self.result
         t0 = time.monotonic()
-        f = self.file = QEMUFile(channel)      # self.file: for live polls (events)
+        f = self.file = QEMUFile(channel, read_ahead=READ_AHEAD)      # self.file: for live polls (events)
         pc = postcopy_ram.PostcopyIncoming(f, postcopy_ram.DestinationGuest(self.guest) if self.guest is not None else None)
+        # Hash blocks while they load when only the main stream writes RAM and no source
+        # waits on a return path (with one, the source is still sending meanwhile and a
+        # hashing thread would take its CPU).
+        overlap = (self.hash_blocks and self.multifd is None and self.guest is None
+                   and not callable(getattr(channel, "get_return_path", None)))
+        hasher = LoadHasher() if overlap else None
         try:
             mf = self.multifd
             # the machine type is checked at the configuration section, as QEMU does:
@@ -115,7 +122,7 @@ class Destination:
             loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes, max_ram_name=self.max_ram_name,
                                  machine=self.machine, device_tail_bytes=self.device_tail_bytes,
                                  on_multifd_flush=mf.main_record if mf is not None else _no_multifd,
-                                 postcopy=pc)
+                                 postcopy=pc, hasher=hasher)
             if mf is not None:
                 mf.finish()            # every channel ended cleanly after its last SYNC
                 res.stats_multifd = mf.stats()
@@ -129,7 +136,8 @@ class Destination:
             if (self.hash_blocks or pc.ram is not None) and self.ram is not None:
                 h0 = time.monotonic()
                 # postcopy: RAM as received (the guest has written to it since)
-                res.hashes = pc.received_hashes() if pc.ram is not None else block_hashes(self.ram)
+                res.hashes = (pc.received_hashes() if pc.ram is not None
+                              else hasher.digests(self.ram) if hasher is not None else block_hashes(self.ram))
                 res.hash_time = time.monotonic() - h0
             res.status = "completed"
         except (StreamError, FileError, OSError, ValueError, KeyError) as exc:
@@ -144,6 +152,9 @@ class Destination:
                 res.status = "postcopy-paused"
                 res.error += "; the guest is split between source and destination (QEMU: postcopy-paused)"
             res.load_time = time.monotonic() - t0
+        finally:
+            if hasher is not None:
+                hasher.close()
         if pc.ram is not None or pc.rp is not None:
             res.postcopy = pc.summary()
         if pc.rp is not None:

@@ -46,6 +46,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -207,11 +208,16 @@ class QemuMigration:
         self.guest = guest_parameters(cfg.workload, cfg.size, seed=cfg.seed)
         self.on_progress = on_progress
         self.pre_switchover = pre_switchover
-        self.cancelled = False          # cancel(): Ctrl-C through MigrationControl
         self.samples: list[dict] = []
         self.passes: dict[int, float] = {}      # dirty-sync-count -> seconds after migrate
         self.st = QemuMigrationStats(page_size=4096, params=asdict(cfg.params))
         self.st.qemu = {"path": self.qemu.path, "version": self.qemu.version}
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        """migrate_cancel from another thread or a signal handler (Ctrl-C): only sets a
+        flag; the poll loop sends ``migrate_cancel`` to the source at its next poll."""
+        self._cancel.set()
 
     def run(self) -> MigrationStats:
         """Launch both QEMUs, migrate, collect, verify, clean up.  Returns the stats:
@@ -268,11 +274,6 @@ class QemuMigration:
         if mine:
             dst.cmd("migrate-set-parameters", **mine)
 
-    def cancel(self) -> None:
-        """migrate_cancel from outside (MigrationControl, a signal handler): only sets a
-        flag, the poll loop sends ``migrate_cancel`` at its next poll.  Returns None."""
-        self.cancelled = True
-
     # -- polling --------------------------------------------------------------------------
     def _poll(self, src: QemuVM, dst: QemuVM) -> dict:
         """Poll query-migrate until a terminal status; apply the limits; returns the last answer."""
@@ -302,7 +303,11 @@ class QemuMigration:
                 continue
             if status in TERMINAL:
                 return info
-            if not (limited and (p.on_limit == "cancel" or self.cancelled)):   # a cancelled stream ends the destination
+            if self._cancel.is_set() and not limited:
+                limited = True                     # the destination ends with the stream
+                self.st.outcome = "cancelled"
+                src.cmd("migrate_cancel")
+            if not (limited and p.on_limit == "cancel"):   # a cancelled stream ends the destination
                 dst.check_alive("receiving the migration")
             if status == "pre-switchover":
                 if paused_at is None:
@@ -310,9 +315,6 @@ class QemuMigration:
                     if self.pre_switchover is not None:
                         self.pre_switchover(self)
                     src.cmd("migrate-continue", state="pre-switchover")
-            elif self.cancelled and not limited:
-                limited = True                  # the outcome is QEMU's: "cancelled"
-                src.cmd("migrate_cancel")
             elif status == "active" and not limited:
                 why = None
                 if ram.get("dirty-sync-count", 0) > p.max_iterations:
@@ -550,17 +552,17 @@ def run_qemu_migration(cfg: Any, *, on_progress: Callable[[dict], None] | None =
     QEMU does not have, QemuNotFound for a missing QEMU, QemuError when QEMU cannot start
     -- all before or without a migration; a QEMU that dies mid-run gives status failed.
     ``events``: an EventWriter fed QEMU's own query-migrate answers (the caller writes
-    its ``result`` line).  ``control``: a MigrationControl whose cancel() cancels the run
-    (``migrate_cancel``) at the next poll."""
+    its ``result`` line).  ``control``: a MigrationControl whose cancel (Ctrl-C) sends
+    ``migrate_cancel``."""
     try:
         qemu = find_qemu(getattr(cfg, "qemu", None))
     except QemuNotFound as exc:
         raise ValueError(f"--engine qemu: {exc}") from None
-    m = QemuMigration(cfg, qemu, on_progress=on_progress, pre_switchover=pre_switchover, events=events)
-    if control is not None:
-        control.attach(m)               # a cancel that came earlier is passed on at once
+    run = QemuMigration(cfg, qemu, on_progress=on_progress, pre_switchover=pre_switchover, events=events)
+    if control is None:
+        return run.run()
+    control.attach(run)
     try:
-        return m.run()
+        return run.run()
     finally:
-        if control is not None:
-            control.attach(None)
+        control.attach(None)

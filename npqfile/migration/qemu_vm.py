@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from npqfile.guest import IMAGE, GuestStatus, read_status
-from npqfile.qemu import QemuBinary
+from npqfile.qemu import QemuBinary, connect_qmp
 
 RAM_ID = "pc.ram"                 # -M pc's RAM block (the backend id must match it)
 START_TIMEOUT = 30.0              # seconds for QEMU to listen on QMP
@@ -61,29 +61,17 @@ class QemuVM:
     def start(self) -> None:
         """Start QEMU and connect QMP.  Raises QemuError (with QEMU's stderr) if it
         exits or does not listen within START_TIMEOUT."""
-        from qemu.qmp.legacy import QEMUMonitorProtocol
         if not self.ram_file.exists():
             with open(self.ram_file, "wb") as f:
                 f.truncate(self.ram_size)
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=err, start_new_session=True)   # Ctrl-C is ours to handle
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
+        self.qmp = connect_qmp(self.sock, lambda: self.proc.poll() is None, START_TIMEOUT)
+        if self.qmp is None:
             self.check_alive("starting")
-            if time.monotonic() > deadline:
-                raise QemuError(f"{self.role} QEMU did not open its QMP socket within {START_TIMEOUT:.0f} s"
-                                f"{self._stderr_tail()}")
-            if self.sock.exists():
-                qmp = QEMUMonitorProtocol(str(self.sock))
-                try:
-                    qmp.connect()
-                except Exception:   # refused between bind and listen: qemu.qmp wraps it
-                    qmp.close()
-                else:
-                    self.qmp = qmp
-                    return
-            time.sleep(0.01)
+            raise QemuError(f"{self.role} QEMU did not open its QMP socket within {START_TIMEOUT:.0f} s"
+                            f"{self._stderr_tail()}")
 
     def _stderr_tail(self) -> str:
         try:

@@ -1,6 +1,7 @@
 """Real QEMU binaries: finding one, its firmware folder and its version.
 
-Supports: ``find_qemu(spec)`` where ``spec`` is a path to a ``qemu-system-x86_64``, a version
+Supports: ``connect_qmp`` (QMP of a QEMU that is starting, retried until it listens) and
+``find_qemu(spec)`` where ``spec`` is a path to a ``qemu-system-x86_64``, a version
 ("7.2", "10.0") or None (``$NPQFILE_QEMU``, else the one on PATH).  QEMU 10.0 is installed here
 beside Debian's packaged 7.2 by unpacking Debian's bookworm-backports packages into one folder
 (``.ci/install-qemu10``, default ``/opt/qemu-10.0``, or ``$NPQFILE_QEMU10``); such a binary needs
@@ -17,8 +18,11 @@ import os
 import re
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 QEMU10_DEFAULT_PREFIX = "/opt/qemu-10.0"
 SYSTEM_BINARY = "qemu-system-x86_64"
@@ -98,3 +102,24 @@ def find_qemu(spec: str | None = None) -> QemuBinary:
     if not os.path.exists(spec):
         raise QemuNotFound(f"{spec}: no such QEMU binary")
     return _probe(spec)
+
+
+def connect_qmp(sock: str | os.PathLike, alive: Callable[[], bool], timeout: float) -> Any:
+    """Connect ``qemu.qmp``'s synchronous client to the QMP socket ``sock`` of a QEMU that is
+    starting.  QEMU creates the socket file at bind() and listens just after, so a connect in
+    between is refused: retry every 10 ms.  Returns the connected client, or None when
+    ``alive()`` turns False (QEMU exited) or ``timeout`` seconds pass; the caller says why
+    (with QEMU's stderr)."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+    deadline = time.monotonic() + timeout
+    while alive() and time.monotonic() < deadline:
+        if os.path.exists(sock):
+            qmp = QEMUMonitorProtocol(str(sock))
+            try:
+                qmp.connect()
+            except Exception:   # qemu.qmp wraps ECONNREFUSED in its own error types
+                qmp.close()
+            else:
+                return qmp
+        time.sleep(0.01)
+    return None

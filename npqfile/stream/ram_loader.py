@@ -19,7 +19,12 @@ Plan: one loop per section payload, reading a be64 header and dispatching on
 ``flags & ~CONTINUE``; a PAGE goes from QEMUFile straight into the block's mmap
 (``get_buffer`` into a memoryview slice: no intermediate copy); a ZERO page is written
 only if the page is not already all zero (QEMU's ``ram_handle_zero``: never fault in
-an untouched page).  The postcopy ``page_size`` field is not self-describing: it is
+an untouched page).  Runs of ``PAGE|CONTINUE`` records already in QEMUFile's read-ahead
+buffer take a vectorised path (``_page_run``): their headers are checked at the record
+stride with numpy and their pages copied in one numpy assignment; the first record
+that is anything else (another flag, a page outside the block, an address not above the
+previous one) ends the run and goes through the per-record path, which raises the same
+errors at the same offsets.  The postcopy ``page_size`` field is not self-describing: it is
 present for blocks whose page size differs from the host's, which a stream reader
 cannot see, so it is recognised by peeking (a power of two >= 4 KiB where a block name
 or a record would start; see README "Differences from QEMU").
@@ -38,6 +43,7 @@ from npqfile.stream.constants import (
     RAM_SAVE_FLAG_HOOK, RAM_SAVE_FLAG_MEM_SIZE, RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_PAGE,
     RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_ZERO, TARGET_PAGE_SIZE, compress_bound,
 )
+from npqfile.stream.ram_hash import BlockHash, LoadHasher
 from npqfile.stream.ram_stats import RAMStats
 from npqfile.stream.reader import StreamReader, shown
 from npqfile.stream.xbzrle import XBZRLEError, decode_page
@@ -45,12 +51,15 @@ from npqfile.stream.xbzrle import XBZRLEError, decode_page
 DEFAULT_MAX_RAM_BYTES = 64 << 30
 MAX_BLOCKS = 1024                  # a PC has about ten; each block is a mapping and its bookkeeping
 MAX_LISTED_PARTS = 10000           # per-section counts kept in stats.parts; beyond, only counted
-COMPRESSED_CHUNK = 1 << 16         # compressed page data is read and inflated this much at a time   # virtual: blocks are lazy mmaps, only touched pages cost memory
+COMPRESSED_CHUNK = 1 << 16         # compressed page data is read and inflated this much at a time
+# Buffered PAGE|CONTINUE records below this count go one by one: numpy's fixed cost per
+# call (~10 us) is worth paying only over many pages.
+PAGE_RUN_MIN_RECORDS = 16
 
 
 class _Dest:
     """A declared block as the loader sees it: the RAMBlock plus a flat view of its memory."""
-    __slots__ = ("block", "name", "size", "view", "mr_addr", "page_size")
+    __slots__ = ("block", "name", "size", "view", "mr_addr", "page_size", "hash")
 
     def __init__(self, block, name: str, size: int):
         self.block = block
@@ -59,6 +68,7 @@ class _Dest:
         self.view = memoryview(block.array)
         self.mr_addr: int | None = None
         self.page_size: int | None = None
+        self.hash: BlockHash | None = None      # its running sha256 (a LoadHasher's), if any
 
 
 class RAMLoader:
@@ -68,11 +78,14 @@ class RAMLoader:
     configuration says so); ``postcopy_pagesize_summary`` is the first field of a
     16-byte POSTCOPY_ADVISE (None: no advise seen).  After loading, ``ram`` holds the
     destination, ``declared`` the blocks in declaration order, ``stats`` the counts.
+    ``hasher``: a LoadHasher fed with each block's pages as they complete in order.
     """
 
     def __init__(self, ram: GuestRAM | None = None, *, max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES,
-                 page_size: int = TARGET_PAGE_SIZE, max_ram_name: str = "max_ram_bytes"):
+                 page_size: int = TARGET_PAGE_SIZE, max_ram_name: str = "max_ram_bytes",
+                 hasher: LoadHasher | None = None):
         self.ram = ram
+        self.hasher = hasher
         self.max_ram_name = max_ram_name   # how errors name the limit (a CLI says its option)
         self.created = ram is None
         self.max_ram_bytes = max_ram_bytes
@@ -117,9 +130,11 @@ class RAMLoader:
                 dest = self.last_recv_block
                 addr = hdr & ~mask
                 if hdr & mask == continue_page and dest is not None and addr + ps <= dest.size:
+                    if dest.hash is not None and addr < dest.hash.next:
+                        dest.hash.stale = True
                     if get_buffer(dest.view[addr:addr + ps]) != ps or get_error():
                         raise r._fail("a page")
-                    st.normal_pages += 1
+                    st.normal_pages += 1 + self._page_run(f, dest)
                     continue
             else:
                 hdr = r.be64("a RAM record header")
@@ -172,6 +187,44 @@ class RAMLoader:
                          "bytes": r.offset - start, "normal": normal, "zero": zero,
                          "xbzrle": xbz, "compressed": comp})
 
+    def _page_run(self, f, dest: _Dest) -> int:
+        """Consume the longest run of buffered ``PAGE|CONTINUE`` records for ``dest`` whose
+        pages lie inside it at strictly increasing addresses, copying the pages there.
+        Returns the records consumed (0 when fewer than PAGE_RUN_MIN_RECORDS are buffered
+        or an error is recorded); never raises: whatever ends the run is left to the
+        per-record path, so errors and their offsets are the per-record path's own."""
+        ps = self.page_size
+        rec = 8 + ps
+        view = f.buffered()
+        n = len(view) // rec
+        if n < PAGE_RUN_MIN_RECORDS or f.get_error():
+            return 0
+        hdr = np.ndarray((n,), dtype=">u8", buffer=view, strides=(rec,))
+        mask = np.uint64(ps - 1)
+        addr = hdr & ~mask
+        ok = (hdr & mask) == np.uint64(RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE)
+        ok &= addr <= np.uint64(dest.size - ps)
+        ok[1:] &= addr[1:] > addr[:-1]      # distinct pages: one assignment writes each once
+        k = n if ok.all() else int(np.argmin(ok))
+        if k == 0:
+            return 0
+        pages = np.ndarray((k, ps), dtype=np.uint8, buffer=view, offset=8, strides=(rec, 1))
+        first = int(addr[0])
+        bh = dest.hash
+        if bh is not None and first < bh.next:
+            bh.stale = True
+        last = int(addr[k - 1])
+        if last - first == (k - 1) * ps:      # adjacent pages: one slice
+            np.frombuffer(dest.view, np.uint8, k * ps, first).reshape(k, ps)[...] = pages
+        else:
+            rows = np.frombuffer(dest.view, np.uint8).reshape(-1, ps)
+            rows[(addr[:k] // np.uint64(ps)).astype(np.intp)] = pages
+        del hdr, addr, pages, view       # release the buffer's exports before skipping
+        f.skip(k * rec)
+        if bh is not None:
+            self.hasher.advance(bh, last + ps)
+        return k
+
     def _block_from_stream(self, r: StreamReader, flags: int, addr: int) -> _Dest:
         """ram_block_from_stream + the offset check: the record's block, page inside it."""
         if flags & RAM_SAVE_FLAG_CONTINUE:
@@ -187,6 +240,8 @@ class RAMLoader:
         if addr + self.page_size > dest.size:
             raise r.error(f"page {addr:#x} is beyond the end of block '{shown(dest.name)}' "
                           f"({dest.size:#x} bytes)")
+        if dest.hash is not None and addr < dest.hash.next:
+            dest.hash.stale = True       # written again below what is queued for hashing
         return dest
 
     # -- record bodies --------------------------------------------------------------
@@ -332,5 +387,7 @@ class RAMLoader:
             if block.size != length:
                 raise r.error(f"Size mismatch: {shown(name)}: {length:#x} != {block.size:#x}", at)
         dest = _Dest(block, name, length)
+        if self.hasher is not None:
+            dest.hash = self.hasher.track(name, dest.view)
         self.declared[name] = dest
         return dest

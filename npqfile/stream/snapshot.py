@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 from npqfile.channels import open_channel
-from npqfile.qemufile import QEMUFile
+from npqfile.qemufile import READ_AHEAD, QEMUFile
 from npqfile.ram import GuestRAM
 from npqfile.stream.constants import QEMU_VM_SECTION_END, QEMU_VM_SECTION_PART, QEMU_VM_SECTION_START
 from npqfile.stream.devices import machine_devices, ram_entry
@@ -108,7 +108,7 @@ def load_file(path: str | os.PathLike, ram: GuestRAM | None = None, **kwargs) ->
     if kwargs.get("vmdesc") is None:
         found = find_vmdesc(path)
         kwargs["vmdesc"], kwargs["vmdesc_offset"] = found if found else (None, None)
-    f = QEMUFile(open_channel(f"file:{os.fspath(path)}", "r"))
+    f = QEMUFile(open_channel(f"file:{os.fspath(path)}", "r"), read_ahead=READ_AHEAD)
     return _load(f, ram=ram, **kwargs)
 
 
@@ -116,6 +116,6 @@ def load_uri(uri: str, ram: GuestRAM | None = None, **kwargs) -> LoadResult:
     """Load a stream from any readable migration URI (``file:`` URIs get the vmdesc lookup)."""
     if uri.startswith("file:"):
         return load_file(uri[5:], ram, **kwargs)
-    f = QEMUFile(open_channel(uri, "r"))
+    f = QEMUFile(open_channel(uri, "r"), read_ahead=READ_AHEAD)
     return _load(f, ram=ram, **kwargs)
 

@@ -1,0 +1,113 @@
+"""Per-block sha256 of loaded RAM, computed while the stream is still arriving.
+
+Supports: ``LoadHasher``, which the RAM loader feeds with the ranges of each block it has
+finished writing in address order; a thread hashes them (hashlib releases the GIL for
+large updates, so this runs on the other core while the loader waits on its channel);
+``digests(ram)`` returns each block's sha256 hex digest -- always the digest of the
+block's final bytes, exactly ``RAMBlock.sha256()``.
+
+Goals: ``npqfile incoming`` reports (and a tcp:/unix: migration verifies with) the hash
+of every block; hashing 1 GiB after loading costs about as much as loading it.  A
+single-pass stream (``npqfile save``, QEMU's first RAM iteration, a paused guest's
+migration) writes each page once, in ascending address order, so the hash can trail the
+loader.  Any other stream must still get the right digest.
+
+Plan: per block a running ``hashlib.sha256`` and ``next``, the end of what has been
+queued for hashing.  The loader queues ``[next, end)`` after writing a run of pages that
+ends at ``end`` (the bytes in between that it did not write stay as they are unless a
+later record writes them).  Any write below ``next`` -- a page sent again, a stream out
+of order -- makes the block ``stale``: its queued hash is dropped and ``digests`` hashes
+the block again from scratch after loading.  The loader is the only writer and queues a
+range only after writing it, so a range queued and not stale is final when it is hashed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from typing import Any
+
+__all__ = ["BlockHash", "LoadHasher"]
+
+
+class BlockHash:
+    """One block's running hash: ``next`` is where the next queued range starts;
+    ``stale`` says a write landed below it (the block is hashed again at the end)."""
+    __slots__ = ("name", "view", "size", "next", "stale", "sha")
+
+    def __init__(self, name: str, view: memoryview):
+        self.name = name
+        self.view = view
+        self.size = view.nbytes
+        self.next = 0
+        self.stale = False
+        self.sha = hashlib.sha256()
+
+
+class LoadHasher:
+    """Hashes loaded RAM blocks in a background thread as the loader completes them."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[str, BlockHash] = {}
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def track(self, name: str, view: memoryview) -> BlockHash:
+        """Start the running hash of block ``name`` whose bytes are ``view``; returns it."""
+        bh = self.blocks.get(name)
+        if bh is None:
+            bh = self.blocks[name] = BlockHash(name, view)
+        return bh
+
+    def advance(self, bh: BlockHash, end: int) -> None:
+        """The loader wrote ``bh``'s pages up to ``end`` in order: queue ``[next, end)``."""
+        if bh.stale or end <= bh.next:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="load-hasher", daemon=True)
+            self._thread.start()
+        self._queue.put((bh, bh.next, min(end, bh.size)))
+        bh.next = end
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            bh, start, end = item
+            if not bh.stale:
+                bh.sha.update(bh.view[start:end])
+
+    def _stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def digests(self, ram: Any) -> dict[str, str]:
+        """The sha256 hex digest of every block of ``ram`` by name, from the running hash
+        where the block loaded in order, from scratch otherwise; then closes."""
+        try:
+            for block in ram.blocks:
+                bh = self.blocks.get(block.name)
+                if bh is not None and bh.size == block.size:
+                    self.advance(bh, bh.size)
+            self._stop()
+            out = {}
+            for block in ram.blocks:
+                bh = self.blocks.get(block.name)
+                good = bh is not None and not bh.stale and bh.size == block.size and bh.next == bh.size
+                out[block.name] = bh.sha.hexdigest() if good else block.sha256()
+            return out
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the thread (work still queued is dropped) and drop every view of the RAM,
+        so the blocks can be closed.  ``digests`` is not usable afterwards."""
+        for bh in self.blocks.values():
+            bh.stale = True
+        self._stop()
+        for bh in self.blocks.values():
+            bh.view = None

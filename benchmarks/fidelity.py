@@ -8,7 +8,9 @@ Each scenario runs on real QEMU (``npqfile migrate --engine qemu``: the dirtygue
 run: every figure is printed beside it with the relative difference.  The grid covers
 idle, uniform, hotset, sequential and zipf workloads at several rates, bandwidths and
 downtime limits, XBZRLE, and scenarios that cannot converge (cancelled at
-max-iterations or the time limit, and one forced).  The goal (issue 9): the same outcome
+max-iterations or the time limit, and one forced), and auto-converge (a guest that
+cannot converge without it, throttled with several initial / increment settings; own
+table with the final ``cpu-throttle-percentage``).  The goal (issue 9): the same outcome
 everywhere; for converging scenarios the median relative difference of transferred
 bytes and of total time within 10%, and dirty-sync-count within +-1.
 
@@ -56,6 +58,18 @@ GRID = {
                               {"max_iterations": 3, "on_limit": "force"}),
     "hopeless-xbzrle-time": (32, "uniform:rate=40000,bytes=64", 10 * MB, 10,
                              {"time_limit": 2.0, "xbzrle_cache_size": 4 * MIB}),
+    # auto-converge: a guest dirtying 61 MB/s through a 20 MB/s link cannot converge in
+    # 20 s; QEMU's throttle (dirtyguest is a CPU-bound writer) and the simulator's bring it
+    # down.  Reported in their own table, with cpu-throttle-percentage.
+    "autoconv-off-uniform-15k": (32, "uniform:rate=15000", 20 * MB, 100, {"time_limit": 20.0}),
+    "autoconv-20+10-uniform-15k": (32, "uniform:rate=15000", 20 * MB, 100,
+                                   {"time_limit": 20.0, "auto_converge": True}),
+    "autoconv-40+20-uniform-15k": (32, "uniform:rate=15000", 20 * MB, 100,
+                                   {"time_limit": 20.0, "auto_converge": True, "cpu_throttle_initial": 40,
+                                    "cpu_throttle_increment": 20}),
+    "autoconv-60+20-tailslow-hotset-40k": (32, "hotset:rate=40000,hot=0.5", 20 * MB, 100,
+                                           {"time_limit": 20.0, "auto_converge": True, "cpu_throttle_initial": 60,
+                                            "cpu_throttle_increment": 20, "cpu_throttle_tailslow": True}),
 }
 
 
@@ -72,7 +86,8 @@ def _figures(d: dict) -> dict:
             "expected-downtime-ms": d["expected-downtime"], "mbps": d["ram"]["mbps"],
             "precopy-bytes": d["ram"]["precopy-bytes"], "downtime-bytes": d["ram"]["downtime-bytes"],
             "pages": [it["pages"] for it in x["iterations"]], "verified": x["verification"].get("ok"),
-            "achieved-rate": x["workload"].get("achieved-rate-pages")}
+            "achieved-rate": x["workload"].get("achieved-rate-pages"),
+            "throttle": d.get("cpu-throttle-percentage")}
 
 
 def _rel(a, b):
@@ -97,6 +112,8 @@ def run_grid(names: list[str], qemu: str | None) -> list[dict]:
 
 
 def summary(rows: list[dict]) -> dict:
+    """Outcome and median-difference figures over the scenarios (auto-converge ones
+    included: same outcome, converging on both)."""
     conv = [r for r in rows if r["transferred-rel"] is not None and r["total-time-rel"] is not None]
     return {"scenarios": len(rows), "same-outcome": sum(r["same-outcome"] for r in rows),
             "converging-on-both": len(conv),
@@ -119,7 +136,30 @@ def _phase(f: dict, which: str) -> str:
     return f"{size / 1e3 / ms:.0f}" if ms > 0 else "-"
 
 
+def _autoconv(r: dict) -> bool:
+    return r["scenario"].startswith("autoconv-")
+
+
+def autoconv_markdown(rows: list[dict]) -> str:
+    """The auto-converge scenarios: outcome, syncs, final cpu-throttle-percentage,
+    transferred, total time, and the rate the guest achieved (QEMU) under its throttle."""
+    out = ["| scenario | outcome sim / QEMU | syncs sim / QEMU | throttle % sim / QEMU | "
+           "transferred MiB sim / QEMU | diff | total ms sim / QEMU | diff | guest rate (asked) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s, q = r["simulator"], r["qemu"]
+        asked = GRID[r["scenario"]][1].split("rate=")[1].split(",")[0] if "rate=" in GRID[r["scenario"]][1] else "-"
+        out.append(f"| {r['scenario']} | {s['outcome']} / {q['outcome']} | {s['syncs']} / {q['syncs']} | "
+                   f"{s.get('throttle') or 0} / {q.get('throttle') or 0} | "
+                   f"{s['transferred'] / MIB:.1f} / {q['transferred'] / MIB:.1f} | {_pct(r['transferred-rel'])} | "
+                   f"{s['total-ms']:.0f} / {q['total-ms']:.0f} | {_pct(r['total-time-rel'])} | "
+                   f"{q['achieved-rate'] or '-'} ({asked}) |")
+    return "\n".join(out)
+
+
 def markdown(rows: list[dict], summ: dict) -> str:
+    ac = [r for r in rows if _autoconv(r)]
+    rows = [r for r in rows if not _autoconv(r)]
     out = ["| scenario | outcome sim / QEMU | syncs sim / QEMU | transferred MiB sim / QEMU | diff | "
            "total ms sim / QEMU | diff | downtime ms sim / QEMU | pre-copy MB/s sim / QEMU | "
            "stop-and-copy MB/s sim / QEMU | guest rate |",
@@ -136,6 +176,8 @@ def markdown(rows: list[dict], summ: dict) -> str:
                f"{summ['converging-on-both']} converged on both: median |difference| of transferred bytes "
                f"{_pct(summ['median-abs-transferred-rel'])}, of total time {_pct(summ['median-abs-total-time-rel'])}; "
                f"dirty-sync-count within +-1 in {summ['syncs-within-1']} of them.")
+    if ac:
+        out += ["", autoconv_markdown(ac)]
     return "\n".join(out)
 
 

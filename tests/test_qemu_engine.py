@@ -63,6 +63,9 @@ def test_parameter_block_and_zipf_quantiles():
     p = guest_parameters("hotset:rate=1234,hot=0.1,share=0.8,bytes=16,seed=3", 32 * MIB)
     raw = p.pack()
     assert raw[:4] == b"NPQG" and p.rate == 1234 and p.write_bytes == 16
+    # version 2: field 12 says whether the guest catches up (clock-paced) or not (CPU-bound, default)
+    assert raw[4:8] == (2).to_bytes(4, "little") and raw[48:52] == bytes(4)
+    assert guest_parameters("uniform", 32 * MIB, catchup=True).pack()[48:52] == (1).to_bytes(4, "little")
     assert p.hot_pages == int(p.n_pages * 0.1) and abs(p.share / 2**32 - 0.8) < 1e-9
     assert np.gcd(p.perm_mul, p.n_pages) == 1
     # the quantile table follows numpy's Zipf law: same median and 90th percentile rank
@@ -104,13 +107,14 @@ def test_options_qemu_lacks_fail_before_anything_starts():
     assert s.parameters == {"max-bandwidth": 5_000_000, "downtime-limit": 50, "xbzrle-cache-size": 1 << 20}
 
 
-@pytest.mark.parametrize("version", ["7.2", "10.0"])
-def test_guest_writes_at_the_requested_rate(tmp_path, version):
-    """By its own counter and clock, over a window, within 10%; and the writes are real:
-    the pages it changed in its RAM file are as many as uniform writes should touch."""
+@pytest.mark.parametrize("version,catchup", [("7.2", False), ("10.0", False), ("10.0", True)])
+def test_guest_writes_at_the_requested_rate(tmp_path, version, catchup):
+    """By its own counter and clock, over a window, within 10%, both as the CPU-bound
+    writer (default) and clock-paced; and the writes are real: the pages it changed in
+    its RAM file are as many as uniform writes should touch."""
     qemu = require_qemu(version)
     size, rate = 16 * MIB, 20000
-    params = guest_parameters(f"uniform:rate={rate},seed=5", size)
+    params = guest_parameters(f"uniform:rate={rate},seed=5", size, catchup=catchup)
     (tmp_path / "p.bin").write_bytes(params.pack())
     vm = QemuVM(qemu, tmp_path, "source", size, tmp_path / "p.bin")
     try:
@@ -266,7 +270,7 @@ def test_ctrl_c_ends_both_qemus():
     require_qemu("10.0")
     proc = subprocess.Popen([sys.executable, "-m", "npqfile", "migrate", "--engine", "qemu", "--qemu", "10.0",
                              "--size", "32M", "--workload", "uniform:rate=1000", "--max-bandwidth", "2MB/s",
-                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+                             "--time-limit", "600", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
     qemus: list = []
     try:
         deadline = time.monotonic() + 60
@@ -281,6 +285,9 @@ def test_ctrl_c_ends_both_qemus():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+            for q in qemus:             # in their own session: a killed engine leaves them
+                if q.is_running():
+                    q.kill()
     assert proc.returncode == 130 and "interrupted" in err, err
     assert not [q.pid for q in qemus if q.is_running() and q.status() != psutil.STATUS_ZOMBIE]
 
@@ -309,6 +316,33 @@ def test_auto_converge_and_multifd_parameters_pass_through():
     assert s.capabilities == {"multifd": True}
     assert s.parameters["multifd-channels"] == 2 and s.parameters["multifd-compression"] == "zstd"
     assert s.parameters["zero-page-detection"] == "multifd"
+
+
+def test_qemu_throttle_slows_the_cpu_bound_guest_and_makes_it_converge():
+    """dirtyguest writes only while its vCPU runs (the simulator's writer): QEMU 10.0's
+    auto-converge throttle lowers its writes per guest-second, and a migration that is
+    cancelled without auto-converge completes with it.  Structural facts only: the
+    throttle was applied, the guest credited itself less running time than guest time,
+    and wrote at a lower rate than the unthrottled run."""
+    require_qemu("10.0")
+    before = _qemus_now()
+    common = ("migrate", "--engine", "qemu", "--qemu", "10.0", "--size", "16M", "--workload",
+              "uniform:rate=15000", "--max-bandwidth", "10MB/s", "--downtime-limit", "50", "--json", "--quiet")
+    plain = _npqfile(*common, "--max-iterations", "4")
+    assert plain.returncode == 2, plain.stdout + plain.stderr
+    free = json.loads(plain.stdout)
+    assert free["status"] == "cancelled" and free["npqfile"]["outcome"] == "max-iterations"
+    throttled = _npqfile(*common, "--time-limit", "60", "--auto-converge", "--cpu-throttle-initial", "60",
+                         "--cpu-throttle-increment", "20")
+    assert throttled.returncode == 0, throttled.stdout + throttled.stderr
+    ac = json.loads(throttled.stdout)
+    assert ac["status"] == "completed" and ac["npqfile"]["verification"]["ok"] is True
+    assert ac["cpu-throttle-percentage"] >= 60
+    wl_free, wl_ac = free["npqfile"]["workload"], ac["npqfile"]["workload"]
+    # unthrottled the guest runs (nearly) all the time; throttled, a large share is slept away
+    assert wl_ac["running-seconds"] < 0.8 * wl_ac["guest-seconds"], wl_ac
+    assert wl_ac["achieved-rate-pages"] < 0.8 * wl_free["achieved-rate-pages"], (wl_ac, wl_free)
+    assert _leftover_qemus(before) == []
 
 
 def test_collect_maps_query_migrate_to_the_simulators_statistics():

@@ -15,7 +15,10 @@ mod n`` instead of numpy's permutation; zipf draws ranks from a quantile table o
 page count as the simulator does), linear between points.  The guest writes the
 region from ``REGION_START`` (2 MiB, above the kernel and this block) to 1 MiB below the
 top of RAM (SeaBIOS keeps its tables there), so its page count is a little smaller than
-the simulator's.  Errors: ValueError naming the workload or size.
+the simulator's.  Like the simulator's writer the guest is CPU-bound by default: writes
+fall due only while its vCPU runs, so QEMU's auto-converge throttle slows it
+(``catchup=0``; ``catchup=1`` gives the clock-paced guest that catches up after every
+stall).  Errors: ValueError naming the workload or size.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ PAGE = 4096
 STATUS_ADDR = 0x8000
 STATUS_MAGIC = 0x5351504E          # "NPQS"
 PARAMS_MAGIC = 0x4751504E          # "NPQG"
-PARAMS_VERSION = 1
+PARAMS_VERSION = 2
 REGION_START = 2 << 20
 TOP_RESERVE = 1 << 20
 MIN_RAM = 8 << 20
@@ -41,8 +44,8 @@ KINDS = {"idle": 0, "uniform": 1, "hotset": 2, "sequential": 3, "zipf": 4}
 STATES = {0: "booting", 1: "running", 2: "failed"}
 ERRORS = {0: "", 1: "bad multiboot magic", 2: "no parameter block module", 3: "bad parameter block",
           4: "write region outside RAM or over the parameter block", 5: "no HPET"}
-_HEADER = struct.Struct("<15I")
-_STATUS = struct.Struct("<12I")
+_HEADER = struct.Struct("<16I")
+_STATUS = struct.Struct("<14I")
 
 
 @dataclass
@@ -58,6 +61,7 @@ class GuestParams:
     perm_mul: int = 1
     perm_add: int = 0
     cursor: int = 0
+    catchup: int = 0          # 0: CPU-bound writer (the simulator's), 1: clock-paced, catches up
     seed: int = 1
     table: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint32))
 
@@ -65,7 +69,7 @@ class GuestParams:
         """The parameter block's bytes."""
         head = _HEADER.pack(PARAMS_MAGIC, PARAMS_VERSION, self.kind, self.rate, self.write_bytes,
                             self.region_start, self.n_pages, self.hot_pages, self.share, self.perm_mul,
-                            self.perm_add, self.cursor, self.seed & 0xFFFFFFFF, self.seed >> 32,
+                            self.perm_add, self.cursor, self.catchup, self.seed & 0xFFFFFFFF, self.seed >> 32,
                             len(self.table))
         return head + self.table.astype("<u4").tobytes()
 
@@ -98,9 +102,11 @@ def zipf_table(a: float, bits: int = TABLE_BITS) -> np.ndarray:
     return np.minimum(ranks, 2 ** 31 - 1).astype(np.uint32)
 
 
-def guest_parameters(workload: str | Workload, ram_size: int, seed: int | None = None) -> GuestParams:
+def guest_parameters(workload: str | Workload, ram_size: int, seed: int | None = None,
+                     catchup: bool = False) -> GuestParams:
     """The parameter block for ``workload`` (a spec or a built Workload) in a guest of
-    ``ram_size`` bytes.  Raises ValueError for a callable workload (the guest runs only
+    ``ram_size`` bytes; ``catchup`` makes a clock-paced guest that catches up after being
+    descheduled instead of the CPU-bound writer the simulator models.  Raises ValueError for a callable workload (the guest runs only
     the built-in models), a rate over 2^32 - 1 pages/s or a guest too small."""
     wl = make_workload(workload, seed=seed) if not isinstance(workload, Workload) else workload
     if wl.kind not in KINDS:
@@ -110,7 +116,7 @@ def guest_parameters(workload: str | Workload, ram_size: int, seed: int | None =
         raise ValueError(f"workload rate {wl.rate:g} pages/s is too high for the QEMU guest")
     n = region_pages(ram_size)
     rng = np.random.default_rng(wl.seed)
-    p = GuestParams(KINDS[wl.kind], int(round(wl.rate)), wl.write_bytes, n,
+    p = GuestParams(KINDS[wl.kind], int(round(wl.rate)), wl.write_bytes, n, catchup=int(catchup),
                     seed=int(rng.integers(1, 2 ** 63)))
     p.perm_mul = int(rng.integers(1, max(n, 2)))
     while math.gcd(p.perm_mul, n) != 1:
@@ -130,7 +136,9 @@ def guest_parameters(workload: str | Workload, ram_size: int, seed: int | None =
 class GuestStatus:
     """``struct status`` as read: ``state`` ("booting", "running", "failed"), ``error``
     (text, "" when none), ``writes``, guest ``seconds`` since pacing began, the HPET
-    frequency, the write region."""
+    frequency, the write region, the PIT interrupts taken, the guest seconds credited
+    as running time (``running_seconds``: less than ``seconds`` when the CPU-bound guest
+    was descheduled, e.g. by QEMU's auto-converge throttle)."""
     state: str
     error: str
     writes: int
@@ -139,6 +147,13 @@ class GuestStatus:
     region_start: int
     n_pages: int
     timer_ticks: int
+    running_seconds: float = 0.0
+
+    @property
+    def running_share(self) -> float:
+        """The share of guest time credited as running time (1.0 unthrottled; CPU-bound
+        guests only: a clock-paced guest credits all of it)."""
+        return self.running_seconds / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def rate(self) -> float:
@@ -151,7 +166,7 @@ def read_status(ram: bytes | memoryview | np.ndarray) -> GuestStatus | None:
     before the guest wrote its magic.  A torn read (the guest mid-update) is retried."""
     for _ in range(1000):
         raw = bytes(ram[STATUS_ADDR:STATUS_ADDR + _STATUS.size])
-        magic, seq, state, error, wl, wh, tl, th, hz, start, n, ticks = _STATUS.unpack(raw)
+        magic, seq, state, error, wl, wh, tl, th, hz, start, n, ticks, rl, rh = _STATUS.unpack(raw)
         if magic != STATUS_MAGIC:
             return None
         again = _STATUS.unpack(bytes(ram[STATUS_ADDR:STATUS_ADDR + _STATUS.size]))[1]
@@ -162,4 +177,5 @@ def read_status(ram: bytes | memoryview | np.ndarray) -> GuestStatus | None:
     else:
         why = ERRORS.get(error, f"error {error}")
     return GuestStatus(STATES.get(state, f"state {state}"), why, wh << 32 | wl,
-                       (th << 32 | tl) / hz if hz else 0.0, hz, start, n, ticks)
+                       (th << 32 | tl) / hz if hz else 0.0, hz, start, n, ticks,
+                       (rh << 32 | rl) / hz if hz else 0.0)

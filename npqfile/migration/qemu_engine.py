@@ -515,6 +515,8 @@ class QemuMigration:
             info["writes"] = after.writes - before.writes
             info["guest-seconds"] = round(after.seconds - before.seconds, 3)
             info["achieved-rate-pages"] = round(info["writes"] / (after.seconds - before.seconds), 1)
+            # the guest seconds it credited as running (CPU-bound guest: less when throttled)
+            info["running-seconds"] = round(after.running_seconds - before.running_seconds, 3)
         self.st.workload = info
 
     def _verify(self, src: QemuVM, dst: QemuVM) -> None:

@@ -10,15 +10,24 @@
  * random bytes at a random offset (as RAMBlock.scribble).
  *
  * Pacing: the HPET main counter (QEMU_CLOCK_VIRTUAL: it follows host time while the
- * guest runs and stops while it is stopped) gives guest time; every PIT tick (5 ms,
- * npqfile's workload slice) the guest computes the writes due since it started
- * (rate x elapsed - writes done, at most MAX_BATCH at once, as the simulator's thread
- * does), makes them, publishes its counters and sleeps in HLT until the next tick.
+ * guest runs and stops while it is stopped) gives guest time.  Two modes (params.catchup):
+ *  - CPU-bound (catchup = 0, the simulator's writer and the default): writes fall due only
+ *    while the vCPU runs.  The PIT ticks every 1 ms; the time since the previous tick is
+ *    credited as running time up to two ticks (one tick of backlog); a longer gap means
+ *    the vCPU was descheduled (QEMU's auto-converge throttle sleeps it, cpu-throttle.c),
+ *    and the missed budget is dropped, so the throttle lowers the write rate as it
+ *    lowers a CPU-bound guest's.
+ *  - clock-paced (catchup = 1): every 5 ms PIT tick (npqfile's workload slice) the guest
+ *    makes the writes due since it started, catching up after any stall.
+ * Either way the writes due (rate x credited time - writes done, at most MAX_BATCH at
+ * once, as the simulator's thread does) are made, the counters published, and the guest
+ * sleeps in HLT until the next tick.
  *
  * Status block at guest-physical STATUS_ADDR (struct status): a sequence number (odd
  * while an update is in progress), the writes made, the HPET ticks elapsed since pacing
- * began, the HPET frequency, the region, and an error code.  The host reads it from the
- * memory-backend-file: achieved rate = writes / (ticks / hpet_hz).
+ * began, the HPET frequency, the region, an error code, the PIT interrupts taken and the
+ * HPET ticks credited as running time.  The host reads it from the memory-backend-file:
+ * achieved rate = writes / (ticks / hpet_hz).
  */
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -28,10 +37,11 @@ typedef unsigned short u16;
 #define STATUS_ADDR   0x8000u
 #define STATUS_MAGIC  0x5351504eu        /* "NPQS" */
 #define PARAMS_MAGIC  0x4751504eu        /* "NPQG" */
-#define PARAMS_VERSION 1u
+#define PARAMS_VERSION 2u
 #define PAGE          4096u
 #define MAX_BATCH     65536u             /* the simulator's MAX_BATCH */
-#define PIT_DIVISOR   5966u              /* 1193182 Hz / 5966 = 200 Hz: a 5 ms slice */
+#define PIT_PACED     5966u              /* 1193182 Hz / 5966 = 200 Hz: a 5 ms slice */
+#define PIT_CPU       1193u              /* 1193182 Hz / 1193 = 1000 Hz: 1 ms ticks */
 #define HPET_BASE     0xFED00000u
 
 enum kind { IDLE, UNIFORM, HOTSET, SEQUENTIAL, ZIPF };
@@ -45,6 +55,7 @@ struct params {                 /* written by npqfile/guest/params.py */
     u32 hot_pages, share;              /* hotset: hot set size; share of writes * 2^32 */
     u32 perm_mul, perm_add;            /* page = (k * perm_mul + perm_add) % n_pages */
     u32 cursor;                        /* sequential: first page */
+    u32 catchup;                       /* 0: CPU-bound (drop time not run), 1: clock-paced */
     u32 seed_lo, seed_hi;              /* xorshift64 state (never 0) */
     u32 table_len;                     /* zipf: quantile table entries that follow (2^16 + 1) */
     u32 table[];                       /* zipf: rank at quantile i / 2^16 */
@@ -54,6 +65,7 @@ struct status {
     u32 magic, seq, state, error;
     u32 writes_lo, writes_hi, ticks_lo, ticks_hi;
     u32 hpet_hz, region_start, n_pages, timer_ticks;
+    u32 run_lo, run_hi;                /* HPET ticks credited as running time */
 };
 
 extern volatile u32 timer_ticks;
@@ -106,7 +118,7 @@ static u32 next32(void)                    /* xorshift64, high half */
 
 static u32 below(u32 n) { return (u32)(((u64)next32() * n) >> 32); }
 
-static void publish(u64 writes, u64 ticks)
+static void publish(u64 writes, u64 ticks, u64 run)
 {
     status->seq++;                         /* odd: the host reads again */
     __asm__ volatile("" ::: "memory");
@@ -115,6 +127,8 @@ static void publish(u64 writes, u64 ticks)
     status->ticks_lo = (u32)ticks;
     status->ticks_hi = (u32)(ticks >> 32);
     status->timer_ticks = timer_ticks;
+    status->run_lo = (u32)run;
+    status->run_hi = (u32)(run >> 32);
     __asm__ volatile("" ::: "memory");
     status->seq++;
 }
@@ -136,7 +150,7 @@ static void set_gate(u32 vector, void (*handler)(void))
                 | ((u64)((off & 0xFFFF0000u) | 0x8E00u) << 32);   /* present, ring 0, 32-bit interrupt gate */
 }
 
-static void setup_interrupts(void)
+static void setup_interrupts(u32 divisor)
 {
     struct { u16 limit; u32 base; } __attribute__((packed)) idtr = { sizeof(idt) - 1, (u32)idt };
     for (u32 v = 0; v < 256; v++)
@@ -149,10 +163,10 @@ static void setup_interrupts(void)
     outb(0x21, 0x04); outb(0xA1, 0x02);
     outb(0x21, 0x01); outb(0xA1, 0x01);
     outb(0x21, 0xFE); outb(0xA1, 0xFF);
-    /* PIT channel 0, mode 2 (rate generator), the 5 ms slice */
+    /* PIT channel 0, mode 2 (rate generator): the tick */
     outb(0x43, 0x34);
-    outb(0x40, PIT_DIVISOR & 0xFF);
-    outb(0x40, PIT_DIVISOR >> 8);
+    outb(0x40, divisor & 0xFF);
+    outb(0x40, divisor >> 8);
 }
 
 static u32 hpet_start(void)
@@ -221,7 +235,7 @@ void guest_main(u32 magic, const struct mb_info *mbi)
     const struct mb_module *mod = (const struct mb_module *)mbi->mods_addr;
     const struct params *p = (const struct params *)mod->start;
     if (p->magic != PARAMS_MAGIC || p->version != PARAMS_VERSION || p->n_pages == 0
-        || p->write_bytes > PAGE || (p->kind == ZIPF && p->table_len < 65537u)
+        || p->write_bytes > PAGE || p->catchup > 1 || (p->kind == ZIPF && p->table_len < 65537u)
         || (p->kind == HOTSET && (p->hot_pages == 0 || p->hot_pages > p->n_pages)))
         fail(BAD_PARAMS);
     u64 region_end = (u64)p->region_start + (u64)p->n_pages * PAGE;
@@ -235,15 +249,19 @@ void guest_main(u32 magic, const struct mb_info *mbi)
         rng = 1;
     u32 cursor = p->cursor;
 
-    setup_interrupts();
+    setup_interrupts(p->catchup ? PIT_PACED : PIT_CPU);
     u32 hz = hpet_start();
     status->hpet_hz = hz;
-    u64 t0 = hpet_now(), writes = 0;
+    /* CPU-bound: a gap over two ticks (one of backlog) was not running time */
+    u64 max_gap = divmod64((u64)hz * 2 * PIT_CPU, 1193182u, 0);
+    u64 t0 = hpet_now(), writes = 0, run = 0, last = 0;
     status->state = RUNNING;
     for (;;) {
-        u64 ticks = hpet_now() - t0;
+        u64 ticks = hpet_now() - t0, gap = ticks - last;
+        last = ticks;
+        run += (!p->catchup && gap > max_gap) ? max_gap : gap;
         u32 frac;
-        u64 secs = divmod64(ticks, hz, &frac);           /* rate x elapsed, without overflow */
+        u64 secs = divmod64(run, hz, &frac);             /* rate x running time, without overflow */
         u64 target = secs * p->rate + divmod64((u64)frac * p->rate, hz, 0);
         if (p->kind != IDLE && target > writes) {
             u64 due = target - writes;
@@ -253,7 +271,7 @@ void guest_main(u32 magic, const struct mb_info *mbi)
                 write_page(p, pick(p, &cursor));
             writes += due;
         }
-        publish(writes, ticks);
+        publish(writes, ticks, run);
         __asm__ volatile("sti; hlt; cli");               /* sleep until the next PIT tick */
     }
 }

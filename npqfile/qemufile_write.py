@@ -192,7 +192,8 @@ class WriteSide:
             except (BlockingIOError, InterruptedError) as again:
                 exc = again
                 continue
-            return ret + done if isinstance(ret, int) and done else ret
+            # a negative return is an -errno: adding the bytes skipped would hide it
+            return ret + done if isinstance(ret, int) and ret >= 0 and done else ret
 
     def _wait_writable(self) -> None:
         fileno = getattr(self._channel, "fileno", None)

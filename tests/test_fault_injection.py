@@ -213,3 +213,26 @@ def test_socket_stall_timeout_names_the_peer_and_the_timeout():
     finally:
         writer.close()
         reader.close()
+
+
+def test_blocking_mode_keeps_the_stall_timeout():
+    """set_blocking(True) after set_stall_timeout: the timeout stays (socket.setblocking alone
+    drops it, and a stopped peer would block the migration forever again)."""
+    import socket as _socket
+
+    from npqfile.channels import SocketChannel
+    a, b = _socket.socketpair()
+    ch = SocketChannel(a, "r")
+    try:
+        ch.set_stall_timeout(0.2, "the source")
+        ch.set_blocking(False)
+        ch.set_blocking(True)
+        import threading
+        guard = threading.Timer(10, b.shutdown, (_socket.SHUT_RDWR,))   # without the timeout: EOF, not a hang
+        guard.start()
+        with pytest.raises(OSError, match=r"the source .* for 0\.2 s \(stall timeout\)"):
+            ch.readinto(memoryview(bytearray(16)), 0)
+        guard.cancel()
+    finally:
+        ch.close()
+        b.close()

@@ -573,3 +573,12 @@ def test_which_peers_send_a_verdict():
     with pytest.raises(ValueError, match="--peer must be one of"):
         peer_of("tcp:h:1", "libvirt")
     assert verdict_wait(30.0, 64 << 20) == 31.0      # the stall timeout plus hashing at 64 MiB/s
+
+
+def test_no_source_hashes_is_never_equal_ram():
+    """compare_hashes with nothing on the source side compared nothing: not "equal" (it
+    would let a run be reported verified, and release-ram release, on no evidence)."""
+    from npqfile.migration.verdict import compare_hashes
+    v = compare_hashes({}, {"ram": "ab"})
+    assert v["ok"] is False and v["done"] is False
+    assert compare_hashes({"ram": "ab"}, {"ram": "ab"})["ok"] is True

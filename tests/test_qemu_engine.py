@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -165,7 +166,7 @@ def test_engine_both_easy_converges_and_hopeless_does_not():
     assert hopeless.returncode == 2, hopeless.stdout + hopeless.stderr
     assert "simulator vs QEMU 10.0" in hopeless.stdout
     assert "simulator: cancelled (time-limit)" in hopeless.stdout
-    assert "QEMU 10.0.2: cancelled (time-limit)" in hopeless.stdout
+    assert re.search(r"QEMU 10\.0(\.\d+)?: cancelled \(time-limit\)", hopeless.stdout), hopeless.stdout
     assert _leftover_qemus(before) == []
 
 

@@ -859,3 +859,22 @@ def test_writev_claiming_more_than_it_was_given_is_a_channel_bug_not_a_short_wri
     assert f.fflush() == -errno.EIO
     assert "channel bug: writev returned 1000000000 for a write of 3 bytes" in str(f.error)
     assert "short write" not in str(f.error)
+
+
+def test_an_errno_returned_after_a_partial_retry_is_the_error_not_a_byte_count():
+    """A custom channel's writev raises BlockingIOError after 5 bytes, then returns -ENOSPC:
+    the stream records ENOSPC (adding the 5 bytes made it 0, recorded as a short write, EIO)."""
+    class Channel:
+        calls = 0
+
+        def writev(self, buffers, pos):
+            Channel.calls += 1
+            if Channel.calls == 1:
+                exc = BlockingIOError(errno.EAGAIN, "again")
+                exc.characters_written = 5
+                raise exc
+            return -errno.ENOSPC
+
+    f = QEMUFile(Channel())
+    f.put_buffer(b"0123456789")
+    assert f.fflush() == -errno.ENOSPC and f.get_error() == -errno.ENOSPC

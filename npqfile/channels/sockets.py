@@ -74,14 +74,18 @@ class SocketChannel(Closing):
         self._shared: _SharedSocket | None = _shared if _shared is not None else _SharedSocket(sock)
         self._sock = sock
         self._peer_name = "the peer"    # named in stall timeout errors
+        self._stall: float | None = None  # the stall timeout, which set_blocking must keep
 
     def fileno(self) -> int:
         """The socket's fd (-1 once the socket is closed)."""
         return self._sock.fileno()
 
     def set_blocking(self, flag: bool) -> None:
-        """Blocking or non-blocking mode — for both directions: they share one socket."""
+        """Blocking or non-blocking mode — for both directions: they share one socket.
+        Blocking mode keeps the stall timeout (``setblocking`` alone would drop it)."""
         self._sock.setblocking(flag)
+        if flag and self._stall is not None:
+            self._sock.settimeout(self._stall)
 
     def set_stall_timeout(self, seconds: float | None, peer: str = "the peer") -> None:
         """Fail a send or receive that makes no progress for ``seconds`` (None: wait
@@ -90,10 +94,11 @@ class SocketChannel(Closing):
         migration instead of blocking it forever; ``shutdown`` still wakes a blocked
         call at once."""
         self._sock.settimeout(seconds)
+        self._stall = seconds
         self._peer_name = peer
 
     def _stalled(self, what: str) -> OSError:
-        return OSError(errno.ETIMEDOUT, f"{self._peer_name} {what} for {self._sock.gettimeout():g} s (stall timeout)")
+        return OSError(errno.ETIMEDOUT, f"{self._peer_name} {what} for {self._stall or 0:g} s (stall timeout)")
 
     def shutdown(self, read: bool = True, write: bool = True) -> int:
         """shutdown(2) the connection in the given directions (both directions' channels see it).

@@ -191,11 +191,6 @@ class PostcopySource:
             for payload in discard_payloads(b.name, ranges):
                 w.write_command(MIG_CMD_POSTCOPY_RAM_DISCARD, payload)
                 discards += 1
-        if e.params.release_ram:
-            # ram_postcopy_migrated_memory_release: the destination has every clean page
-            f.fflush()
-            e._release_clean()
-            e.saver.release_ram = True              # from now on each page is released once sent
         # QEMU sends whole pages in postcopy (save_xbzrle_page: not in postcopy): without
         # its cache the saver never XBZRLE-encodes again, even when its search wraps
         e.saver.cache = None
@@ -207,6 +202,12 @@ class PostcopySource:
         if f.get_error():
             raise f.error
         self.active = True
+        if e.params.release_ram:
+            # ram_postcopy_migrated_memory_release, as in QEMU's postcopy_start only once the
+            # package (LISTEN, devices, RUN) is written: a switch that failed to go out must
+            # leave the source its RAM.  The destination now has every clean page.
+            e._release_clean()
+            e.saver.release_ram = True              # from now on each page is released once sent
         self._bytes0 = e._ram_counted()
         st.status = "postcopy-active"
         st.downtime = time.monotonic() - stop_t - excluded     # QEMU: stop to package sent

@@ -151,7 +151,7 @@ class PostcopyIncoming:
         summary, tps = struct.unpack(">QQ", data)
         if tps != TARGET_PAGE_SIZE:
             raise r.error(f"Postcopy needs matching target page sizes (s={tps} d={TARGET_PAGE_SIZE})")
-        if summary & ~TARGET_PAGE_SIZE:
+        if summary != TARGET_PAGE_SIZE:     # QEMU: remote_pagesize_summary != local (all ours are 4 KiB)
             raise r.error(f"Postcopy needs matching RAM page sizes (s={summary:#x} d={TARGET_PAGE_SIZE:#x})")
         self.uffd = Userfaultfd()       # UserfaultfdUnavailable says what would allow it
         self.state = "advise"

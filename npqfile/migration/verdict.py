@@ -93,7 +93,10 @@ def destination_failed(method: str, reason: str | None) -> dict:
 
 
 def compare_hashes(mine: dict[str, str], theirs: dict[str, str]) -> dict:
-    """The verification from the source's and the destination's per-block sha256."""
+    """The verification from the source's and the destination's per-block sha256.  No
+    source hashes compare nothing: that is never "equal" (``ok`` False, ``done`` False)."""
+    if not mine:
+        return {"method": "sha256", "ok": False, "done": False, "error": "no source hashes to compare"}
     bad = sorted(n for n in mine if theirs.get(n) != mine[n])
     return {"method": "sha256", "ok": not bad, "mismatched": bad}
 
@@ -115,9 +118,9 @@ def await_verdict(f: Any, st: MigrationStats, src_hashes: dict | None, *, wait: 
     ``control`` cancel during the wait makes it ``cancelled``.  ``src_hashes`` None:
     verification off (the destination's status still counts).  ``rp``: the return path
     to read (postcopy's, already read up to SHUT); default a new one from ``f``."""
-    if st.status == "cancelled" or f.get_error() == -errno.ETIMEDOUT:
-        return {}                   # a stalled peer has no reason to give either
     failed = st.status != "completed"
+    if st.status == "cancelled" or (failed and f.get_error() == -errno.ETIMEDOUT):
+        return {}                   # a stalled peer has no reason to give either
     timed_out = False
     try:
         if not failed:

@@ -55,6 +55,7 @@ COMPRESSED_CHUNK = 1 << 16         # compressed page data is read and inflated t
 # Buffered PAGE|CONTINUE records below this count go one by one: numpy's fixed cost per
 # call (~10 us) is worth paying only over many pages.
 PAGE_RUN_MIN_RECORDS = 16
+PAGE_RUN_MAX_RECORDS = 512   # bounds the numpy work per call (a 1 MiB read-ahead holds ~255)
 
 
 class _Dest:
@@ -196,8 +197,15 @@ class RAMLoader:
         ps = self.page_size
         rec = 8 + ps
         view = f.buffered()
-        n = len(view) // rec
+        n = min(len(view) // rec, PAGE_RUN_MAX_RECORDS)
         if n < PAGE_RUN_MIN_RECORDS or f.get_error():
+            return 0
+        # a stream of mixed records (ZERO pages between pages, EOS) would otherwise pay
+        # the numpy set-up below after every page: look at the run's two ends first
+        run_flags = RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE
+        last = (PAGE_RUN_MIN_RECORDS - 1) * rec
+        if (int.from_bytes(view[:8], "big") & (ps - 1) != run_flags
+                or int.from_bytes(view[last:last + 8], "big") & (ps - 1) != run_flags):
             return 0
         hdr = np.ndarray((n,), dtype=">u8", buffer=view, strides=(rec,))
         mask = np.uint64(ps - 1)

@@ -1,35 +1,29 @@
-"""The source side of a live migration: QEMU's ``migration.c`` composing the mechanisms.
+"""The source side of a live migration: QEMU's ``migration.c``, composing the mechanisms.
 
-Supports: :class:`MigrationParams` (``max_bandwidth``, ``downtime_limit``,
-``max_iterations``, ``time_limit`` with ``on_limit`` = cancel or force, zero-page
-detection, XBZRLE with a cache size, zlib page compression, ``release_ram``,
-``pause_before_switchover``, multifd, mapped-ram, auto-converge, postcopy) and
-:class:`MigrationEngine`, which sends the stream QEMU sends: header and configuration;
-the RAM's START, PART and END sections (``ram.RAMState``: QEMU's ``ram.c`` and its
-pre-copy loop); the ``timer`` and ``globalstate`` FULL sections of a ``-M none``
-machine, EOF, vmdesc.
+Supports :class:`MigrationEngine`, which sends the stream QEMU sends (header and
+configuration; the RAM's START, PART and END sections; the ``timer`` and
+``globalstate`` FULL sections of a ``-M none`` machine, EOF, vmdesc) from a GuestRAM a
+workload keeps dirtying, with the :class:`MigrationParams` of ``options.py``
+(re-exported here).  ``cancel()`` is ``migrate_cancel``: it shuts the QEMUFile down so a
+send blocked on a stalled peer wakes; the time limit cancels the same way while pages
+are still being sent.  Progress: ``on_progress`` after every window and sync,
+``query_migrate()`` from any thread.
 
-The engine is the composition (``migration_thread``): setup (``qemu_savevm_state_setup``)
--> ``RAMState.iterate`` (``migration_iteration_run``) -> completion
-(``migration_completion``: stop the guest, the pre-switchover pause, the last sync,
-``ram_save_complete``, the devices) or the switch to postcopy (``postcopy.py``) ->
-statistics.  The mechanisms are modules of their own and reach the run through public
-objects only: ``RAMState`` (bitmap, saver, sections, counters), ``multifd.py``,
-``throttle.py`` (auto-converge, fed at each sync), ``release_ram.py``, ``postcopy.py``
-(which also uses this engine's ``f``, ``writer``, ``params``, ``stats``, ``ram``, ``rs``,
-``hash_at_switchover`` / ``switchover_hashes`` and ``report_progress()``).  In pre-copy
-the engine releases no guest RAM: the source holds the only running copy until the
-destination's verdict (``release_ram`` decides; the session releases after the verdict).
-``cancel()`` shuts the QEMUFile down as ``migrate_cancel`` does, so a source blocked in
-``sendmsg`` on a stalled peer wakes; the time limit cancels the same way while pages
-are still being sent.  The statistics count RAM bytes as QEMU 7.2's
-``ram_counters.transferred`` does (``RAMState.transferred``), then keep only what the
-channel took: a failed run never reports more RAM bytes than stream bytes.
+Goals: QEMU's bytes, decisions and statistics (``stats``); a clear outcome when the
+migration cannot converge (``max-iterations`` / ``time-limit``: cancelled, or forced
+through stop-and-copy with ``on_limit="force"``); a failed run never reports more RAM
+bytes than stream bytes; in pre-copy no guest RAM is released here (the session
+releases after the destination's verdict, ``release_ram``).
 
-Goals: QEMU's bytes, QEMU's decisions, QEMU's statistics (see ``stats``); a clear outcome
-when the migration cannot converge (``max-iterations`` / ``time-limit``: cancelled, or
-forced through stop-and-copy with ``on_limit="force"``).  Plan: one method per phase,
-each a few calls into the mechanisms; cancel, time limit and progress live here.
+Plan: one short method per phase of ``migration_thread``: setup
+(``qemu_savevm_state_setup``) -> ``RAMState.iterate`` (``ram.py``: QEMU's ``ram.c`` and
+``migration_iteration_run``) -> completion (``migration_completion``: stop the guest,
+pre-switchover pause, ``ram_save_complete``, devices) or ``postcopy.py``'s switch ->
+statistics.  Each mechanism is its own module and reaches the run only through public
+objects: ``RAMState`` (bitmap, saver, sections, counters), ``multifd.py``,
+``throttle.py`` (fed at each sync), ``release_ram.py``, mapped-ram (the saver), and
+``postcopy.py``, which also uses this engine's ``f``, ``writer``, ``params``, ``stats``,
+``ram``, ``rs``, ``hash_at_switchover`` / ``switchover_hashes`` and ``report_progress()``.
 """
 
 from __future__ import annotations

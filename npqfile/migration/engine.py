@@ -59,7 +59,6 @@ def resident_bytes(ram: GuestRAM) -> int:
         return 0
 
 
-
 class MigrationEngine:
     """Migrates ``ram`` (dirtied by ``workload``) over the writable QEMUFile ``f``.
 

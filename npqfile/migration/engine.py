@@ -60,7 +60,8 @@ def resident_bytes(ram: GuestRAM) -> int:
 
 
 class MigrationEngine:
-    """Migrates ``ram`` (dirtied by ``workload``) over the writable QEMUFile ``f``.
+    """Migrates ``ram`` (dirtied by ``workload``) over the writable QEMUFile ``f`` (the
+    part of QEMU's ``MigrationState`` the simulator needs; its RAM side is ``rs``).
 
     ``run()`` returns the MigrationStats; I/O errors end the run with ``status="failed"``.
     ``cancel()`` (any thread) stops it like ``migrate_cancel``.  ``pre_switchover``: a

@@ -42,6 +42,7 @@ from npqfile.errors import FileError
 from npqfile.qemufile_offsets import FileOffsets
 from npqfile.qemufile_read import ReadSide
 from npqfile.qemufile_write import WriteSide, compress_bound
+from npqfile.qemufile_zerocopy import SpliceHeaders
 
 __all__ = [
     "QEMUFile",
@@ -89,18 +90,22 @@ class QEMUFile(WriteSide, ReadSide, FileOffsets):
     ``writev``, readable when it has ``readinto`` (exactly one of the two).
     ``io_buf_size`` and ``max_iov`` are QEMU's IO_BUF_SIZE and MAX_IOV_SIZE.
     ``read_ahead`` (readers only): the most bytes one channel read may take (default
-    ``io_buf_size``, QEMU's; loaders pass READ_AHEAD).
+    ``io_buf_size``, QEMU's; loaders pass READ_AHEAD).  ``zero_copy_send`` (writers; QEMU's
+    capability name): on a pipe channel, the pages of ``put_records(..., PageRun)`` go into
+    the pipe by reference (vmsplice) -- their bytes are read when the pipe's reader reads
+    them, so the memory must be guest RAM or otherwise unchanged or dirty-tracked until
+    then; see ``qemufile_zerocopy``.  Ignored on other channels.
     """
 
     __slots__ = (
         "_channel", "_writable", "_io_buf_size", "_max_iov", "_buf", "_bufmv",
         "_buf_index", "_buf_size", "_iov", "_tail", "_has_free",
         "_pos", "_bytes_xfer", "_xfer_limit", "_last_error", "_error", "_hooks",
-        "_closed", "_no_puts", "_xfer_adjust", "_last_obj", "_last_root", "released_bytes", "release_errors", "_eof", "__weakref__",
+        "_closed", "_no_puts", "_xfer_adjust", "_last_obj", "_last_root", "released_bytes", "release_errors", "_eof", "_splice", "__weakref__",
     )
 
     def __init__(self, channel: Any, *, io_buf_size: int = IO_BUF_SIZE, max_iov: int = MAX_IOV_SIZE,
-                 read_ahead: int | None = None):
+                 read_ahead: int | None = None, zero_copy_send: bool = False):
         can_write = callable(getattr(channel, "writev", None))
         can_read = callable(getattr(channel, "readinto", None))
         if can_write == can_read:
@@ -139,6 +144,10 @@ class QEMUFile(WriteSide, ReadSide, FileOffsets):
         self._last_root: Any = None  # resolving a root walks numpy bases, so cache one
         self.released_bytes = 0  # bytes of guest RAM released after successful writes
         self.release_errors = 0  # release calls that failed (reported, not fatal, as in QEMU)
+        # zero_copy_send on a pipe: RAM pages of the native page path go in by reference
+        self._splice: SpliceHeaders | None = None
+        if zero_copy_send and can_write and getattr(channel, "is_pipe", lambda: False)():
+            self._splice = SpliceHeaders(channel)
 
     # -- lifetime ---------------------------------------------------------------------
 
@@ -188,6 +197,9 @@ class QEMUFile(WriteSide, ReadSide, FileOffsets):
         self._iov.clear()
         self._buf_index = self._buf_size = 0  # gets fall to the checked path
         self._last_obj = self._last_root = None
+        if self._splice is not None:
+            self._splice.close()
+            self._splice = None
         return ret
 
     def shutdown(self) -> int:

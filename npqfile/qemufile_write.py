@@ -447,12 +447,19 @@ class WriteSide:
             iov[0::2, 1] = h
             iov[1::2, 0] = run.offsets[k:k + count] + np.uint64(pbase)
             iov[1::2, 1] = ps
+            splice = self._splice
             for c in range(0, 2 * count, 2 * cycle):
                 if self._last_error:
                     break
                 self._bytes_xfer += expect
+                send = writev_iov
+                if splice is not None:     # zero_copy_send: headers from memory that stays put
+                    at = splice.place(hdr[k * h:(k + cycle) * h], self._pos)
+                    if at is not None:
+                        iov[c:c + 2 * cycle:2, 0] = np.arange(at, at + cycle * h, h, dtype=np.uint64)
+                        send = self._channel.splice_iov
                 try:
-                    ret = writev_iov(iov[c:c + 2 * cycle], expect, self._pos)
+                    ret = send(iov[c:c + 2 * cycle], expect, self._pos)
                 except OSError as exc:
                     self._write_failed(exc, expect)
                     break

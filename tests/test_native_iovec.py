@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import socket
 import subprocess
@@ -204,3 +205,105 @@ def test_save_imports_neither_the_loader_nor_psutil():
             "print(sorted(m for m in ('npqfile.stream.loader', 'psutil') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- zero_copy_send: pages into a pipe by reference --------------------------------------
+
+needs_vmsplice = pytest.mark.skipif(not iovec.splice_available(), reason="no vmsplice here")
+
+
+@needs_vmsplice
+def test_zero_copy_send_into_a_pipe_carries_the_reference_bytes_across_many_ring_laps():
+    """64 MiB of records: the header ring (64 KiB, 128 cycles a half) is entered again 16
+    times while a slow reader (4 KiB reads) still has earlier data in the pipe."""
+    ram = _ram(16384, seed=7)
+    idx = np.arange(16384)
+    want = _reference_stream(ram, idx)
+    r, w = os.pipe()
+    got = bytearray()
+
+    def slow():
+        while chunk := os.read(r, 4096):
+            got.extend(chunk)
+    t = threading.Thread(target=slow, daemon=True)
+    t.start()
+    ch = FdChannel(w, "w")
+    f = QEMUFile(ch, zero_copy_send=True)
+    assert f._splice is not None
+    _records(f, ram, idx, True, 0)
+    assert f.close() == 0
+    t.join(60)
+    os.close(r)
+    assert bytes(got) == want
+
+
+@needs_vmsplice
+def test_zero_copy_send_headers_are_copies_the_caller_may_reuse():
+    """The pipe holds the pages by reference but never the caller's header buffer: headers
+    changed after ``put_records`` returned, before anything was read, do not reach the stream."""
+    ram = _ram(64, seed=8)
+    offsets = np.arange(64, dtype=np.int64) * PS
+    headers = (offsets | 0x28).astype(">u8")
+    want = b"".join(headers[i:i + 1].tobytes() + ram[i * PS:(i + 1) * PS].tobytes() for i in range(64))
+    r, w = os.pipe()
+    fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)   # 256 slots: 64 records (128) fit unread
+    f = QEMUFile(FdChannel(w, "w"), zero_copy_send=True)
+    f.put_records(headers, 8, PageRun(ram, offsets, PS))
+    headers[:] = 0xFFFFFFFFFFFFFFFF        # the caller reuses its buffer
+    got = bytearray()
+    t = _drain(r, got)
+    assert f.close() == 0
+    t.join(30)
+    os.close(r)
+    assert bytes(got) == want
+
+
+def test_the_header_ring_refuses_space_the_pipe_still_references():
+    from npqfile.qemufile_zerocopy import RING_BYTES, SpliceHeaders
+
+    class Pipe:
+        unread = 0
+
+        def pipe_unread(self):
+            return self.unread
+    pipe = Pipe()
+    ring = SpliceHeaders(pipe)
+    cycle = memoryview(bytes(256))
+    per_half = RING_BYTES // 2 // 256
+    written = 0
+    for _ in range(per_half):                       # fill half 0
+        assert ring.place(cycle, written) is not None
+        written += 1000
+    assert ring.place(cycle, written) is not None   # half 1: never used, free
+    for _ in range(per_half - 1):
+        written += 1000
+        assert ring.place(cycle, written) is not None
+    left_half0_at = per_half * 1000
+    pipe.unread = written - left_half0_at + 1       # one byte that used half 0 is unread
+    assert ring.place(cycle, written) is None       # so half 0 may not be reused yet
+    pipe.unread = written - left_half0_at
+    assert ring.place(cycle, written) is not None
+    ring.close()
+
+
+def test_zero_copy_send_is_ignored_on_channels_that_are_not_pipes(tmp_path):
+    ram = _ram(256, seed=9)
+    idx = np.arange(256)
+    f = QEMUFile(FileChannel(tmp_path / "s.bin", "w"), zero_copy_send=True)
+    assert f._splice is None
+    _records(f, ram, idx, True, 0)
+    assert f.close() == 0
+    assert (tmp_path / "s.bin").read_bytes() == _reference_stream(ram, idx)
+
+
+@needs_vmsplice
+def test_save_zero_copy_send_writes_the_same_stream(tmp_path):
+    img = tmp_path / "ram.img"
+    img.write_bytes(_ram(2048, seed=10).tobytes())
+    out = {}
+    for name, extra in (("copy", []), ("zc", ["--zero-copy-send"])):
+        dst = tmp_path / f"{name}.bin"
+        subprocess.run([sys.executable, "-m", "npqfile", "save", f"ram={img}", "-o", f"exec:cat > {dst}", *extra],
+                       cwd=ROOT, check=True, capture_output=True, timeout=120)
+        out[name] = dst.read_bytes()
+    assert out["copy"] == out["zc"] and len(out["zc"]) > 2048 * PS

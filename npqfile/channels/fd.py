@@ -12,16 +12,18 @@ Plan: the mode picks a reader or writer subclass, so only writers have `writev` 
 
 from __future__ import annotations
 
+import array
 import errno
 import fcntl
 import os
 import signal
 import stat
 import subprocess
+import termios
 from typing import Any, Sequence
 
 from .base import Closing, pick_direction, wait_writable, write_all
-from .iovec import write_iov
+from .iovec import splice_available, vmsplice_iov, write_iov
 
 
 class FdChannel(Closing):
@@ -79,6 +81,25 @@ class FdWriter(FdChannel):
         ``writev`` of the buffers they describe; returns ``total``; OSError on failure."""
         fd = self._fd
         return write_iov(fd, iov, total, lambda: wait_writable(fd))
+
+    def is_pipe(self) -> bool:
+        """Whether the fd is a pipe or FIFO: then ``splice_iov`` can be used."""
+        try:
+            return stat.S_ISFIFO(os.fstat(self._fd).st_mode) and splice_available()
+        except OSError:
+            return False
+
+    def splice_iov(self, iov: Any, total: int, pos: int) -> int:
+        """``writev_iov`` by reference (vmsplice, see `iovec.vmsplice_iov`): the memory must
+        stay unchanged until ``pipe_unread()`` shows the reader has taken it."""
+        fd = self._fd
+        return vmsplice_iov(fd, iov, total, lambda: wait_writable(fd))
+
+    def pipe_unread(self) -> int:
+        """Bytes written into the pipe that its reader has not read yet (FIONREAD)."""
+        buf = array.array("i", [0])
+        fcntl.ioctl(self._fd, termios.FIONREAD, buf, True)
+        return buf[0]
 
 
 class FileChannel(FdChannel):
@@ -293,6 +314,13 @@ class ExecWriter(ExecChannel, FdWriter):
         """Native iovecs to the command's stdin; a broken pipe is reported as by ``writev``."""
         try:
             return super().writev_iov(iov, total, pos)
+        except BrokenPipeError as exc:
+            raise self._broken(exc) from None
+
+    def splice_iov(self, iov: Any, total: int, pos: int) -> int:
+        """Native iovecs into the command's stdin by reference; errors as ``writev``'s."""
+        try:
+            return super().splice_iov(iov, total, pos)
         except BrokenPipeError as exc:
             raise self._broken(exc) from None
 

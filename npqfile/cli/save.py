@@ -52,6 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mapped-ram", action="store_true",
                    help="QEMU 9.0+ mapped-ram file layout (implies --qemu-version 10.0 unless given; "
                         "the destination needs the mapped-ram capability and file:)")
+    p.add_argument("--zero-copy-send", action="store_true",
+                   help="into a pipe (exec:, fd:, -), hand RAM pages to the kernel by reference "
+                        "(vmsplice) instead of copying them: the same bytes; QEMU's capability "
+                        "of that name does this for multifd sockets only")
 
 
 def _open_block(name: str, path: str) -> RAMBlock:
@@ -126,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         for name, path in images.items():
             ram.add(_open_block(name, path))
         uri = _output_uri(out)
-        with QEMUFile(open_channel(uri, "w")) as f:
+        with QEMUFile(open_channel(uri, "w"), zero_copy_send=args.zero_copy_send) as f:
             stats = save_snapshot(f, ram, machine=args.machine, send_configuration=not args.no_configuration,
                                   send_section_footer=not args.no_section_footer, send_vmdesc=not args.no_vmdesc,
                                   runstate=args.runstate, compress_level=args.compress_level,

@@ -28,25 +28,15 @@ from typing import Any
 import numpy as np
 
 from npqfile.migration.multifd_recv import CHANNEL_TIMEOUT, MultiFDRecv, accept_channels, peek_magic
+from npqfile.ram.bufferiszero import buffer_is_zero
 from npqfile.stream.multifd import MULTIFD_FLAG_SYNC, PageCodec, encode_init, encode_packet, page_count, \
     partition_zero_pages
 
 __all__ = ["CHANNEL_TIMEOUT", "AccountedFile", "MultiFDRecv", "MultiFDSend", "accept_channels", "check_params",
            "connect_channels", "multifd_connect", "multifd_inprocess", "multifd_stats", "peek_magic",
-           "save_pages_multifd", "start_send", "zero_mask"]
+           "save_pages_multifd", "start_send"]
 
 ZERO_PAGE_DETECTION = ("none", "legacy", "multifd")
-
-
-def zero_mask(block, idx: np.ndarray) -> np.ndarray:
-    """Which pages ``idx`` of ``block`` are all zero (numpy, GIL released for the scan)."""
-    if not idx.size:
-        return np.zeros(0, dtype=bool)
-    if idx[-1] - idx[0] + 1 == idx.size:
-        pages = block.pages[idx[0]:idx[-1] + 1]            # contiguous: a view, no copy
-    else:
-        pages = block.pages[idx]
-    return ~pages.reshape(idx.size, -1).view(np.uint64).any(axis=1)
 
 
 # -- the source ---------------------------------------------------------------------------
@@ -94,7 +84,7 @@ class _SendChannel:
     def _send_pages(self, block, offs: np.ndarray) -> None:
         o, ps = self.owner, self.owner.page_size
         if o.zero_page_detection == "multifd":
-            offs, normal = partition_zero_pages(offs, zero_mask(block, offs // ps))
+            offs, normal = partition_zero_pages(offs, buffer_is_zero(block.pages, offs // ps))
         else:
             normal = offs.size
         flat = memoryview(block.array)
@@ -312,7 +302,7 @@ def save_pages_multifd(mf: MultiFDSend, saver, block, idx: np.ndarray) -> int:
     main channel as ZERO records, the rest to the multifd channels.  Returns len(idx)."""
     n = idx.size
     if mf.zero_page_detection == "legacy":
-        zero = zero_mask(block, idx)
+        zero = buffer_is_zero(block.pages, idx)
         if zero.any():
             saver.save_pages(block, idx[zero])
             idx = idx[~zero]

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from npqfile.ram.bufferiszero import buffer_is_zero
 from npqfile.stream.multifd import (
     INIT_SIZE, MULTIFD_PACKET_SIZE, MultiFDError, PageCodec, decode_init, decode_packet, packet_len, page_count,
 )
@@ -132,7 +133,7 @@ class _RecvChannel:
             self.normal += normal.size
         if zero.size:
             # multifd_recv_zero_page_process: only pages that are not zero already
-            nz = zero[block.pages[zero].reshape(zero.size, -1).view(np.uint64).any(axis=1)]
+            nz = zero[~buffer_is_zero(block.pages, zero)]
             block.pages[nz] = 0
             self.zero += zero.size
 

@@ -43,6 +43,7 @@ import numpy as np
 from npqfile.channels import MemoryChannel
 from npqfile.errors import StreamError
 from npqfile.qemufile import QEMUFile
+from npqfile.ram.runs import mask_runs
 from npqfile.stream.constants import (
     MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PACKAGED, MIG_CMD_PING, MIG_CMD_POSTCOPY_ADVISE,
     MIG_CMD_POSTCOPY_LISTEN, MIG_CMD_POSTCOPY_RAM_DISCARD, MIG_CMD_POSTCOPY_RUN,
@@ -59,12 +60,6 @@ from npqfile.stream.savevm import SaveVMWriter
 
 BACKGROUND_CHUNK = 64        # background pages between looks at the request queue
 SHUT_TIMEOUT = 120.0         # seconds the source waits for the destination's SHUT
-
-
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """(first, count) of every run of True in ``mask``."""
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
-    return [(int(s), int(e - s)) for s, e in zip(edges[0::2], edges[1::2])]
 
 
 class PostcopySource:
@@ -187,8 +182,9 @@ class PostcopySource:
         w.switchover_start()                        # QEMU 10.0's postcopy_start sends it first
         discards = 0
         for b in e.ram.blocks:                      # pages dirtied since they were sent
-            ranges = [(s * b.page_size, n * b.page_size) for s, n in _runs(e._bitmap[b.name])]
-            for payload in discard_payloads(b.name, ranges):
+            runs = mask_runs(e._bitmap[b.name])
+            runs[:, 1] -= runs[:, 0]                # (first page, pages) -> bytes below
+            for payload in discard_payloads(b.name, runs * b.page_size):
                 w.write_command(MIG_CMD_POSTCOPY_RAM_DISCARD, payload)
                 discards += 1
         # QEMU sends whole pages in postcopy (save_xbzrle_page: not in postcopy): without

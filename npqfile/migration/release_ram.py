@@ -37,6 +37,7 @@ import numpy as np
 
 from npqfile.migration.stats import freed_bytes
 from npqfile.ram import GuestRAM
+from npqfile.ram.runs import mask_runs
 
 # The phases at which someone may ask whether sent pages may be released.
 PRECOPY = "precopy"            # pages sent while the source still runs the guest
@@ -97,12 +98,11 @@ def release_runs(block: Any, mask: np.ndarray) -> int:
     """Release the pages of ``block`` where ``mask`` is True, one release per run of
     adjacent pages (the block's own primitive: it frees every backing).  Returns the
     bytes released."""
-    if not mask.any():
+    runs = mask_runs(mask)
+    if not runs.size:
         return 0
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
-    starts, ends = edges[0::2], edges[1::2]
-    ranges = np.stack([starts * block.page_size, (ends - starts) * block.page_size], axis=1)
-    return int(block.release(ranges))
+    runs[:, 1] -= runs[:, 0]                    # [first, stop) pages -> (first, count)
+    return int(block.release(runs * block.page_size))
 
 
 def release_after_verdict(ram: GuestRAM, record: ReleaseRecord, *, status: str, verification: dict,

@@ -49,7 +49,7 @@ from npqfile.migration.bandwidth import RateWindows
 from npqfile.migration.destination import block_hashes
 from npqfile.migration.multifd import AccountedFile, multifd_stats, save_pages_multifd
 from npqfile.migration.postcopy import PostcopySource
-from npqfile.migration.release_ram import release_runs
+from npqfile.migration.release_ram import PRECOPY, may_release, release_runs
 from npqfile.migration.stats import IterationStats, MigrationStats, freed_bytes
 from npqfile.migration.throttle import AutoConverge
 from npqfile.migration.throttle import check_params as check_throttle_params
@@ -244,7 +244,7 @@ class MigrationEngine:
         p, st = self.params, self.stats
         self.saver = RAMSaver(self.f, self.ram, zero_page_detection=p.zero_page_detection,
                               xbzrle_cache_size=p.xbzrle_cache_size, compress_level=p.compress_level,
-                              mapped_ram=p.mapped_ram)
+                              mapped_ram=p.mapped_ram, release_ram=p.release_ram and may_release(PRECOPY)[0])
         self.saver.xbzrle_enabled = False          # QEMU: no XBZRLE during the bulk stage
         self.writer = SaveVMWriter(self.f, machine=p.machine, qemu_version=p.qemu_version,
                                    capabilities=("mapped-ram",) if p.mapped_ram else ())

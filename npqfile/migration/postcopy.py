@@ -42,17 +42,18 @@ import numpy as np
 
 from npqfile.channels import MemoryChannel
 from npqfile.errors import StreamError
+from npqfile.migration.release_ram import POSTCOPY, may_release
 from npqfile.qemufile import QEMUFile
 from npqfile.ram.runs import mask_runs
 from npqfile.stream.constants import (
     MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PACKAGED, MIG_CMD_PING, MIG_CMD_POSTCOPY_ADVISE,
-    MIG_CMD_POSTCOPY_LISTEN, MIG_CMD_POSTCOPY_RAM_DISCARD, MIG_CMD_POSTCOPY_RUN,
-    QEMU_VM_SECTION_END, QEMU_VM_SECTION_PART, TARGET_PAGE_SIZE,
+    MIG_CMD_POSTCOPY_LISTEN, MIG_CMD_POSTCOPY_RAM_DISCARD, MIG_CMD_POSTCOPY_RUN, MIG_RP_MSG_PONG,
+    MIG_RP_MSG_REQ_PAGES, MIG_RP_MSG_REQ_PAGES_ID, MIG_RP_MSG_SHUT, QEMU_VM_SECTION_END, QEMU_VM_SECTION_PART,
+    TARGET_PAGE_SIZE,
 )
 from npqfile.stream.devices import machine_devices
 from npqfile.stream.reader import shown
 from npqfile.stream.return_path import (
-    MIG_RP_MSG_PONG, MIG_RP_MSG_REQ_PAGES, MIG_RP_MSG_REQ_PAGES_ID, MIG_RP_MSG_SHUT,
     PING_BEFORE_PACKAGE, PING_IN_PACKAGE, PING_NPQFILE_SOURCE, ReturnPathParser, advise_payload,
     discard_payloads,
 )
@@ -203,7 +204,7 @@ class PostcopySource:
             # package (LISTEN, devices, RUN) is written: a switch that failed to go out must
             # leave the source its RAM.  The destination now has every clean page.
             e._release_clean()
-            e.saver.release_ram = True              # from now on each page is released once sent
+            e.saver.release_ram = may_release(POSTCOPY)[0]  # from now on each page is released once sent
         self._bytes0 = e._ram_counted()
         st.status = "postcopy-active"
         st.downtime = time.monotonic() - stop_t - excluded     # QEMU: stop to package sent

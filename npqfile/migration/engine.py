@@ -48,6 +48,7 @@ import numpy as np
 from npqfile.migration.bandwidth import RateWindows
 from npqfile.migration.destination import block_hashes
 from npqfile.migration.multifd import AccountedFile, multifd_stats, save_pages_multifd
+from npqfile.migration.options import check_migration_params
 from npqfile.migration.postcopy import PostcopySource
 from npqfile.migration.release_ram import PRECOPY, may_release, release_runs
 from npqfile.migration.stats import IterationStats, MigrationStats, freed_bytes
@@ -70,7 +71,6 @@ from npqfile.stream.constants import (
 from npqfile.stream.devices import machine_devices, ram_entry
 from npqfile.stream.ram_saver import RAMSaver
 from npqfile.stream.savevm import SaveVMWriter
-from npqfile.stream.versions import stream_version
 
 MAX_WAIT = 0.05            # ram_save_iterate: a PART section lasts at most 50 ms
 CHUNK = 1024               # pages per save_pages call between time checks (QEMU checks every 64)
@@ -114,14 +114,9 @@ class MigrationParams:
     postcopy_after: int | str | None = None    # postcopy: after N dirty syncs, or "auto" (see postcopy.py)
 
     def check(self) -> None:
-        """Raise ValueError naming the first bad parameter."""
-        version = stream_version(self.qemu_version)
-        if self.compress_level is not None:
-            version.check_compress_pages()
-        if self.mapped_ram:
-            version.check_mapped_ram()
-            if self.xbzrle_cache_size or self.compress_level is not None:
-                raise ValueError("mapped-ram cannot be combined with XBZRLE or page compression (QEMU refuses both)")
+        """Raise ValueError naming the first bad parameter (capability and multifd
+        combinations: ``options.check_migration_params``, QEMU's migrate_caps_check)."""
+        check_migration_params(self)
         if self.max_bandwidth < 0:
             raise ValueError(f"max_bandwidth must not be negative ({self.max_bandwidth})")
         if self.downtime_limit < 0:
@@ -132,15 +127,9 @@ class MigrationParams:
             raise ValueError(f"time_limit must be positive ({self.time_limit})")
         if self.on_limit not in ("cancel", "force"):
             raise ValueError(f"on_limit must be cancel or force, not {self.on_limit!r}")
-        if self.multifd_channels:
-            from npqfile.migration.multifd import check_params
-            check_params(self)
         pa = self.postcopy_after
         if pa is not None and pa != "auto" and (not isinstance(pa, int) or pa < 0):
             raise ValueError(f"postcopy_after must be a number of dirty syncs >= 0 or 'auto', not {pa!r}")
-        if pa is not None and (self.multifd_channels or self.mapped_ram):
-            # QEMU sends postcopy pages on the main channel only; mapped-ram is a file: layout
-            raise ValueError("postcopy cannot be combined with multifd channels or mapped-ram here")
         size = self.xbzrle_cache_size
         if size and (size < 4096 or size & (size - 1)):
             raise ValueError(f"xbzrle cache size {size} must be a power of two >= 4096")

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from npqfile.migration.options import migrate_params_check
 from npqfile.ram.bufferiszero import buffer_is_zero
 from npqfile.stream.multifd import (
     INIT_SIZE, MULTIFD_PACKET_SIZE, MultiFDError, PageCodec, decode_init, decode_packet, packet_len, page_count,
@@ -145,11 +146,9 @@ class MultiFDRecv:
 
     def __init__(self, ram, channels: int, *, compression: str = "none", page_size: int = 4096,
                  uuid: bytes | None = None):
-        if not 1 <= channels <= 255:
-            raise ValueError(f"multifd-channels must be 1..255, not {channels}")
+        migrate_params_check(multifd_channels=channels, multifd_compression=compression, multifd=True)
         self.n = channels
         self.compression = compression
-        PageCodec(compression)       # ValueError for an unknown method, before any thread
         self.page_size = page_size
         self.uuid = uuid
         self.blocks = {b.name: b for b in ram.blocks}

@@ -196,30 +196,6 @@ def test_discard_payloads_split_arrays_as_lists_and_refuse_negative_ranges():
         rpm.discard_payloads("ram", [(0, -PS)])
 
 
-def _stream_with_command(cmd: int, payload: bytes) -> bytes:
-    from npqfile.channels import MemoryChannel
-    from npqfile.qemufile import QEMUFile
-    from npqfile.ram import GuestRAM
-    from npqfile.stream.devices import RAM
-    from npqfile.stream.ram_saver import RAMSaver
-    from npqfile.stream.savevm import SaveVMWriter
-    ch = MemoryChannel()
-    f = QEMUFile(ch)
-    ram = GuestRAM()
-    try:
-        ram.add_block("ram", MIB)
-        w = SaveVMWriter(f)
-        w.write_header()
-        with w.section(RAM, 1):
-            RAMSaver(f, ram).save_setup()
-        w.write_command(cmd, payload)
-        w.write_eof()
-        f.fflush()
-    finally:
-        ram.close()
-    return ch.getvalue()
-
-
 def test_the_loader_names_the_stream_byte_of_a_bad_discard_payload():
     """The savevm loader uses the same parser; its error points at the bad byte in the
     stream (the old loader's own parser named only the record)."""
@@ -227,14 +203,15 @@ def test_the_loader_names_the_stream_byte_of_a_bad_discard_payload():
     from npqfile.qemufile import QEMUFile
     from npqfile.stream.constants import MIG_CMD_POSTCOPY_RAM_DISCARD
     from npqfile.stream.loader import load_stream
+    from test_postcopy import _stream      # a stream with RAM block 'ram' (1 MiB) and these commands
     bad = _payload(b"ram", b"\0" * 20)
-    data = _stream_with_command(MIG_CMD_POSTCOPY_RAM_DISCARD, bad)
+    data = _stream((MIG_CMD_POSTCOPY_RAM_DISCARD, bad))
     with pytest.raises(StreamError, match="CMD_POSTCOPY_RAM_DISCARD invalid length remaining 20") as e:
         load_stream(QEMUFile(MemoryReader(data)))
     payload_at = data.rindex(bad)
     assert e.value.offset == payload_at + 6
     good = _payload(b"ram", struct.pack(">QQ", 0, PS))
-    res = load_stream(QEMUFile(MemoryReader(_stream_with_command(MIG_CMD_POSTCOPY_RAM_DISCARD, good))))
+    res = load_stream(QEMUFile(MemoryReader(_stream((MIG_CMD_POSTCOPY_RAM_DISCARD, good)))))
     assert {"block": "ram", "ranges": 1}.items() <= res.commands[-1].items()
 
 

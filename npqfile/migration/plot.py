@@ -118,13 +118,17 @@ def _iterations_panel(stats: MigrationStats, ax1) -> None:
                   f"downtime {stats.downtime * 1000:.1f} ms")
 
 
-def _timeline_panel(stats: MigrationStats, ax3) -> None:
+def _timeline_panel(stats: MigrationStats, ax3, postcopy: bool = False) -> None:
+    """Source RSS and stream bytes over time; the downtime shaded (pre-copy) or the
+    switch to postcopy marked (``postcopy``)."""
     tl = stats.timeline
     if tl:
         ts = [t for t, _b, _r in tl]
         ax3.plot(ts, [r / MIB for _t, _b, r in tl], color="tab:green", label="source RSS")
         ax3.plot(ts, [b / MIB for _t, b, _r in tl], color="tab:gray", linestyle="--", label="stream bytes")
-        if stats.switchover_time and stats.downtime:
+        if postcopy and stats.switchover_time:
+            ax3.axvline(stats.switchover_time, color="tab:orange", label="switch to postcopy")
+        elif not postcopy and stats.switchover_time and stats.downtime:
             # the reported downtime from vm_stop; hashing for verification is left out
             ax3.axvspan(stats.switchover_time, stats.switchover_time + stats.downtime, color="tab:orange",
                         alpha=0.2, label=f"downtime ({stats.downtime * 1000:.0f} ms)")
@@ -225,19 +229,7 @@ def postcopy_figure(stats: MigrationStats):
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7))
     try:
-        tl = stats.timeline
-        if tl:
-            ts = [t for t, _b, _r in tl]
-            ax1.plot(ts, [r / MIB for _t, _b, r in tl], color="tab:green", label="source RSS")
-            ax1.plot(ts, [b / MIB for _t, b, _r in tl], color="tab:gray", linestyle="--", label="stream bytes")
-            if stats.switchover_time:
-                ax1.axvline(stats.switchover_time, color="tab:orange", label="switch to postcopy")
-            ax1.legend(loc="best")
-            ax1.set_ylim(bottom=0)
-        else:
-            ax1.text(0.5, 0.5, "no RSS samples", ha="center", va="center", transform=ax1.transAxes)
-        ax1.set_xlabel("time (s)")
-        ax1.set_ylabel("MiB")
+        _timeline_panel(stats, ax1, postcopy=True)
         ax1.set_title(f"postcopy {stats.status}: {stats.postcopy.get('postcopy-requests', 0)} page requests, "
                       f"downtime {stats.downtime * 1000:.1f} ms")
         dst = stats.destination.get("postcopy") or {}

@@ -27,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from npqfile.migration.multifd_recv import CHANNEL_TIMEOUT, MultiFDRecv, accept_channels, peek_magic
+from npqfile.migration.multifd_recv import (
+    CHANNEL_TIMEOUT, MultiFDRecv, accept_channels, close_channels, peek_magic,
+)
 from npqfile.migration.options import migrate_params_check, migration_channels_and_transport_compatible
 from npqfile.ram.bufferiszero import buffer_is_zero
 from npqfile.stream.multifd import MULTIFD_FLAG_SYNC, PageCodec, encode_init, encode_packet, page_count, \
@@ -207,19 +209,7 @@ class MultiFDSend:
         """Stop the threads and close the channels (``abort``: shut them down first, which
         also wakes a thread blocked in a write).  Returns nothing; never raises."""
         self.exiting = True
-        for c in self.chans:
-            if abort or self.error:
-                try:
-                    c.channel.shutdown(True, True)
-                except (OSError, AttributeError):
-                    pass
-            c.sem.release()
-        for c in self.chans:
-            c.thread.join(10)
-            try:
-                c.channel.close()
-            except OSError:
-                pass
+        close_channels(self.chans, shutdown=bool(abort or self.error), wake=lambda c: c.sem.release())
 
 
 class AccountedFile:

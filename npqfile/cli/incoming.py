@@ -38,7 +38,7 @@ from npqfile.migration.compression import DecompressingReader, parse_compress
 from npqfile.migration.destination import Destination
 from npqfile.migration.events import EventWriter, IncomingEvents
 from npqfile.migration.options import (
-    migrate_caps_check, migrate_params_check, migration_channels_and_transport_compatible,
+    MULTIFD_COMPRESSION, migrate_caps_check, migrate_params_check, migration_channels_and_transport_compatible,
 )
 from npqfile.migration.session import add_guest_block
 from npqfile.migration.verdict import STALL_TIMEOUT
@@ -73,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write live query-migrate events as JSON lines (the last line: the --json result)")
     p.add_argument("--multifd-channels", type=int, default=0, metavar="N",
                    help="accept QEMU 10.0 multifd: the main channel plus N multifd channels (tcp:/unix:)")
-    p.add_argument("--multifd-compression", default="none", choices=("none", "zlib", "zstd"),
+    p.add_argument("--multifd-compression", default="none", choices=MULTIFD_COMPRESSION,
                    help="the source's multifd-compression (default none)")
     p.add_argument("--no-hash", action="store_true",
                    help="skip the per-block sha256 (file:, exec:, fd: only: a tcp:/unix: source verifies with it)")

@@ -41,7 +41,9 @@ from npqfile.migration.compression import parse_compress
 from npqfile.migration.control import MigrationControl
 from npqfile.migration.engine import MigrationParams
 from npqfile.migration.events import EventWriter
-from npqfile.migration.options import check_migration_params, migration_channels_and_transport_compatible
+from npqfile.migration.options import (
+    MULTIFD_COMPRESSION, ZERO_PAGE_DETECTION, check_migration_params, migration_channels_and_transport_compatible,
+)
 from npqfile.migration.session import INITS, MigrationConfig, run_migration
 from npqfile.migration.stats import MigrationStats
 from npqfile.migration.sweep import (
@@ -99,12 +101,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--on-limit", choices=("cancel", "force"), default="cancel",
                    help="at a limit: cancel (like migrate_cancel) or force stop-and-copy")
     m.add_argument("--no-zero-detection", action="store_true", help="send zero pages as normal pages")
-    m.add_argument("--zero-page-detection", choices=("none", "legacy", "multifd"), default=None,
+    m.add_argument("--zero-page-detection", choices=ZERO_PAGE_DETECTION, default=None,
                    help="QEMU 9.0+'s parameter: none = --no-zero-detection; multifd (default) detects in "
                         "the multifd channels, legacy on the main channel")
     m.add_argument("--multifd-channels", type=int, default=0, metavar="N",
                    help="QEMU 10.0 multifd over N parallel sockets (tcp:/unix:/in-process; default 0: off)")
-    m.add_argument("--multifd-compression", choices=("none", "zlib", "zstd"), default="none",
+    m.add_argument("--multifd-compression", choices=MULTIFD_COMPRESSION, default="none",
                    help="per-packet compression in the multifd channels (default none)")
     m.add_argument("--xbzrle-cache", "--xbzrle-cache-size", dest="xbzrle_cache", default=None, metavar="SIZE",
                    help="enable XBZRLE with this cache size (QEMU's xbzrle-cache-size)")

@@ -550,6 +550,18 @@ class MigrationEngine:
             mask[zero] = True
             self.stats.released_bytes += release_runs(block, mask)
 
+    def _last_sync(self) -> float:
+        """The guest is stopped: the last dirty sync and its iteration record, then (with
+        ``hash_at_switchover``) the source's block hashes.  Returns the seconds spent
+        hashing (verification, not migration work: left out of the downtime)."""
+        self._sync()
+        self._new_iteration(self._dirty, final=True)
+        if not self.hash_at_switchover:
+            return 0.0
+        h0 = time.monotonic()
+        self.switchover_hashes = block_hashes(self.ram)
+        return time.monotonic() - h0
+
     def _multifd_sync(self) -> None:
         """multifd_ram_flush_and_sync at the end of each pass, in the setup and at
         completion: SYNC on every channel, then RAM_SAVE_FLAG_MULTIFD_FLUSH here."""
@@ -580,13 +592,7 @@ class MigrationEngine:
             if self._cancel.is_set():
                 raise OSError(errno.ECANCELED, "cancelled at pre-switchover")
         st.status = "device"
-        self._sync()
-        self._new_iteration(self._dirty, final=True)
-        excluded = 0.0
-        if self.hash_at_switchover:
-            h0 = time.monotonic()
-            self.switchover_hashes = block_hashes(self.ram)
-            excluded = time.monotonic() - h0        # verification, not migration work
+        excluded = self._last_sync()
         self.saver.last_stage = True
         self.saver.generation = st.dirty_sync_count
         f.set_rate_limit(0)                         # completion runs unthrottled

@@ -171,13 +171,7 @@ class PostcopySource:
         Sets engine.stats.status; raises OSError for an I/O failure before the package
         was sent (the engine then reports ``failed``: the destination never ran)."""
         e, st, f = self.e, self.e.stats, self.e.f
-        e._sync()                                   # ram_postcopy_send_discard_bitmap syncs first
-        e._new_iteration(e._dirty, final=True)
-        excluded = 0.0
-        if e.hash_at_switchover:
-            h0 = time.monotonic()
-            e.switchover_hashes = {b.name: b.sha256() for b in e.ram.blocks}
-            excluded = time.monotonic() - h0
+        excluded = e._last_sync()                   # ram_postcopy_send_discard_bitmap syncs first
         self._check_rp()
         w = e.writer
         w.switchover_start()                        # QEMU 10.0's postcopy_start sends it first

@@ -335,13 +335,8 @@ def results_table(results: Sequence[ReclaimResult]) -> Any:
 def plot_results(results: Sequence[ReclaimResult], path: str) -> None:
     """Write the image ``path`` (see :func:`results_figure`).  Raises OSError if the
     file cannot be written."""
-    import matplotlib.pyplot as plt
-
-    fig = results_figure(results)
-    try:
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
+    from npqfile.migration.plot import save_figure
+    save_figure(results_figure(results), path)
 
 
 def results_figure(results: Sequence[ReclaimResult]) -> Any:
@@ -350,16 +345,13 @@ def results_figure(results: Sequence[ReclaimResult]) -> Any:
     in that backing's panels (a few distinct colours, not two dozen lines in one
     plot).  Configurations that did not run are listed in their panel.  Returns the
     matplotlib Figure; the caller closes it."""
-    import matplotlib
+    from npqfile.migration.plot import new_figure, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     backings = list(dict.fromkeys(r.backing for r in results))
     colours = dict(zip(("none", *ADVICES), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    fig, axes = plt.subplots(2, len(backings), figsize=(3.6 * len(backings) + 1.5, 7), sharex=True,
-                             sharey=True, squeeze=False)
-    try:
+    with new_figure(2, len(backings), figsize=(3.6 * len(backings) + 1.5, 7), sharex=True, sharey=True,
+                    squeeze=False) as (fig, axes):
         for col, backing in enumerate(backings):
             top, bottom = axes[0][col], axes[1][col]
             skipped = []
@@ -386,8 +378,4 @@ def results_figure(results: Sequence[ReclaimResult]) -> Any:
         axes[1][0].set_ylabel("still held by the backing (MiB)")
         fig.suptitle("npqfile reclaim: streaming a RAM block through QEMUFile with release "
                      "(* = the primitive that frees the backing)")
-        fig.tight_layout()
-    except BaseException:
-        plt.close(fig)
-        raise
     return fig

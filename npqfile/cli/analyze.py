@@ -36,6 +36,8 @@ import numpy as np
 from npqfile.channels import FdChannel
 from npqfile.qemufile import READ_AHEAD, QEMUFile
 from npqfile.ram import residency
+from npqfile.ram.bufferiszero import buffer_is_zero
+from npqfile.ram.runs import mask_runs
 from npqfile.stream.device_tail import DEFAULT_DEVICE_TAIL_BYTES
 from npqfile.stream.loader import LoadResult, load_stream
 from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES
@@ -141,12 +143,11 @@ def extract(result: LoadResult, directory: str) -> list[str]:
                 written = _written_pages(block, start, len(pages))
                 if written is not None and not written.any():
                     continue   # memory the stream never wrote: zeros, a hole, nothing to scan
-                nonzero = np.bitwise_or.reduce(pages.view(np.uint64), axis=1) != 0
+                nonzero = ~buffer_is_zero(pages)
                 if written is not None:
                     nonzero &= written
                 # runs of non-zero pages are written; zero pages stay holes
-                edges = np.flatnonzero(np.diff(np.concatenate(([0], nonzero.view(np.int8), [0]))))
-                for a, b in zip(edges[::2].tolist(), edges[1::2].tolist()):
+                for a, b in mask_runs(nonzero).tolist():
                     os.pwrite(fd, pages[a:b], (start + a) * ps)
             os.ftruncate(fd, block.size)
         finally:

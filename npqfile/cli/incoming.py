@@ -37,6 +37,9 @@ from npqfile.channels import listen, open_channel
 from npqfile.migration.compression import DecompressingReader, parse_compress
 from npqfile.migration.destination import Destination
 from npqfile.migration.events import EventWriter, IncomingEvents
+from npqfile.migration.options import (
+    MULTIFD_COMPRESSION, migrate_caps_check, migrate_params_check, migration_channels_and_transport_compatible,
+)
 from npqfile.migration.session import add_guest_block
 from npqfile.migration.verdict import STALL_TIMEOUT
 from npqfile.migration.workloads import make_workload
@@ -70,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write live query-migrate events as JSON lines (the last line: the --json result)")
     p.add_argument("--multifd-channels", type=int, default=0, metavar="N",
                    help="accept QEMU 10.0 multifd: the main channel plus N multifd channels (tcp:/unix:)")
-    p.add_argument("--multifd-compression", default="none", choices=("none", "zlib", "zstd"),
+    p.add_argument("--multifd-compression", default="none", choices=MULTIFD_COMPRESSION,
                    help="the source's multifd-compression (default none)")
     p.add_argument("--no-hash", action="store_true",
                    help="skip the per-block sha256 (file:, exec:, fd: only: a tcp:/unix: source verifies with it)")
@@ -85,11 +88,8 @@ def _accept(uri: str, timeout: float | None, out: Any = None) -> Any:
 def _multifd_setup(args: argparse.Namespace, ram: GuestRAM):
     """The MultiFDRecv for ``--multifd-channels``; ValueError for a bad combination."""
     from npqfile.migration.multifd_recv import MultiFDRecv
-    if not args.uri.startswith(("tcp:", "unix:")):
-        raise ValueError(f"--multifd-channels needs a tcp: or unix: URI, not {args.uri!r}")
-    if args.compress != "none":
-        raise ValueError("--multifd-channels does not go with --compress (multifd compresses per packet: "
-                         "--multifd-compression)")
+    migration_channels_and_transport_compatible(args.uri, multifd=True, prefix="--")
+    migrate_caps_check(multifd=True, stream_compression=args.compress != "none", prefix="--")
     return MultiFDRecv(ram, args.multifd_channels, compression=args.multifd_compression)
 
 
@@ -123,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
     if args.no_hash and args.uri.startswith(("tcp:", "unix:")):
         raise ValueError("--no-hash: a tcp:/unix: source verifies the migration with the per-block sha256")
     check_timeout(args.stall_timeout, "--stall-timeout")
+    migrate_params_check(multifd_channels=args.multifd_channels, multifd_compression=args.multifd_compression,
+                         prefix="--")
     events = EventWriter.open(args.events) if args.events else None
     out = sys.stderr if args.events == "-" else sys.stdout      # stdout carries the event lines
     # the "listening on" status line goes to stderr whenever stdout carries JSON

@@ -41,6 +41,9 @@ from npqfile.migration.compression import parse_compress
 from npqfile.migration.control import MigrationControl
 from npqfile.migration.engine import MigrationParams
 from npqfile.migration.events import EventWriter
+from npqfile.migration.options import (
+    MULTIFD_COMPRESSION, ZERO_PAGE_DETECTION, check_migration_params, migration_channels_and_transport_compatible,
+)
 from npqfile.migration.session import INITS, MigrationConfig, run_migration
 from npqfile.migration.stats import MigrationStats
 from npqfile.migration.sweep import (
@@ -98,12 +101,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--on-limit", choices=("cancel", "force"), default="cancel",
                    help="at a limit: cancel (like migrate_cancel) or force stop-and-copy")
     m.add_argument("--no-zero-detection", action="store_true", help="send zero pages as normal pages")
-    m.add_argument("--zero-page-detection", choices=("none", "legacy", "multifd"), default=None,
+    m.add_argument("--zero-page-detection", choices=ZERO_PAGE_DETECTION, default=None,
                    help="QEMU 9.0+'s parameter: none = --no-zero-detection; multifd (default) detects in "
                         "the multifd channels, legacy on the main channel")
     m.add_argument("--multifd-channels", type=int, default=0, metavar="N",
                    help="QEMU 10.0 multifd over N parallel sockets (tcp:/unix:/in-process; default 0: off)")
-    m.add_argument("--multifd-compression", choices=("none", "zlib", "zstd"), default="none",
+    m.add_argument("--multifd-compression", choices=MULTIFD_COMPRESSION, default="none",
                    help="per-packet compression in the multifd channels (default none)")
     m.add_argument("--xbzrle-cache", "--xbzrle-cache-size", dest="xbzrle_cache", default=None, metavar="SIZE",
                    help="enable XBZRLE with this cache size (QEMU's xbzrle-cache-size)")
@@ -160,23 +163,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with --sweep each case writes FILE.N.NAME")
 
 
-def check_peer_version(args: argparse.Namespace) -> None:
-    """ValueError naming an option QEMU 7.2 lacks when ``--qemu-version 7.2`` says the
-    peer is 7.2 (multifd is QEMU 10.0's protocol here: MULTIFD_FLUSH, zero pages in
-    packets; zero-page-detection is 9.0+), or multifd options without multifd."""
-    if args.qemu_version is not None:
-        version = stream_version(args.qemu_version)
-        if args.multifd_channels and not version.multifd:
-            raise ValueError(f"--multifd-channels speaks QEMU 10.0's multifd (RAM_SAVE_FLAG_MULTIFD_FLUSH, 8.1+; "
-                             f"zero pages in packets, 9.0+), which QEMU {version.name} cannot load: drop it for a "
-                             f"{version.name} peer")
-        if args.zero_page_detection is not None and not version.zero_page_detection:
-            raise ValueError(f"--zero-page-detection is a QEMU 9.0+ parameter that QEMU {version.name} lacks: "
-                             f"use --no-zero-detection or nothing for a {version.name} peer")
-    if not args.multifd_channels and args.multifd_compression != "none":
-        raise ValueError("--multifd-compression needs --multifd-channels")
-
-
 def config_from_args(args: argparse.Namespace) -> MigrationConfig:
     """The MigrationConfig the command line describes.  ValueError for a bad value."""
     if args.seed < 0:
@@ -207,16 +193,12 @@ def config_from_args(args: argparse.Namespace) -> MigrationConfig:
         # multifd is QEMU 10.0's protocol here: it writes QEMU 10.0's stream unless told otherwise
         qemu_version=args.qemu_version or ("10.0" if args.mapped_ram or args.multifd_channels
                                            else DEFAULT_STREAM_VERSION.name))
-    if args.mapped_ram and not (args.to or "").startswith("file:"):
-        raise ValueError("--mapped-ram writes pages at fixed file offsets: it needs --to file:PATH")
-    if args.mapped_ram and args.compress != "none":
-        raise ValueError("--mapped-ram cannot be combined with --compress (pages sit uncompressed at fixed offsets)")
+    migration_channels_and_transport_compatible(args.to, mapped_ram=args.mapped_ram, prefix="--", where="--to")
     params.compress_level = parse_compress(args.compress).page_level   # checked against the version
-    check_peer_version(args)
-    if args.multifd_channels and args.compress != "none":
-        raise ValueError("--multifd-channels does not go with --compress (use --multifd-compression)")
-    if args.multifd_channels < 0:
-        raise ValueError(f"--multifd-channels must be 1..255 (0: off), got {args.multifd_channels}")
+    # the option combinations, under the options' names (QEMU's migrate_caps_check /
+    # migrate_params_check); a declared --qemu-version is the peer multifd must suit
+    check_migration_params(params, peer=args.qemu_version and stream_version(args.qemu_version), prefix="--",
+                           stream_compression=args.compress != "none", zero_page_detection=args.zero_page_detection)
     params.check()
     workload = args.workload if args.dirty_rate is None else with_rate(args.workload, args.dirty_rate)
     return MigrationConfig(size=parse_size(args.size), block=args.block, init=args.init, workload=workload,

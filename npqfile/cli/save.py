@@ -22,6 +22,7 @@ import os
 import sys
 
 from npqfile.channels import open_channel
+from npqfile.migration.options import migrate_caps_check, migration_channels_and_transport_compatible
 from npqfile.qemufile import QEMUFile
 from npqfile.ram import GuestRAM, RAMBlock
 from npqfile.stream.devices import RUNSTATES
@@ -97,15 +98,12 @@ def _version(args: argparse.Namespace):
     if name is None:
         name = "10.0" if args.mapped_ram else DEFAULT_STREAM_VERSION.name
     version = stream_version(name)
-    if args.compress_level is not None:
-        version.check_compress_pages()
+    migrate_caps_check(compress=args.compress_level is not None, mapped_ram=args.mapped_ram, version=version,
+                       prefix="--")
     if args.mapped_ram:
-        version.check_mapped_ram()
-        if args.compress_level is not None:
-            raise ValueError("--mapped-ram cannot be combined with --compress-level (QEMU refuses it)")
-        if args.output == "-" or args.output.startswith(URI_SCHEMES) and not args.output.startswith("file:"):
-            raise ValueError(f"--mapped-ram writes pages at fixed file offsets: -o must be a regular file, "
-                             f"not {args.output!r}")
+        out = args.output
+        uri = out if out == "-" or out.startswith(URI_SCHEMES) else f"file:{out}"
+        migration_channels_and_transport_compatible(uri, mapped_ram=True, prefix="--", where="-o")
     return version
 
 

@@ -216,6 +216,18 @@ class MigrationEngine:
         self.stats.status = "device"
         self.postcopy.run(stop_t)               # converged stays False: pre-copy did not
 
+    def switchover_sync(self) -> float:
+        """The guest is stopped: the last dirty sync (``rs.last_sync``), then, with
+        ``hash_at_switchover``, the source's block hashes.  Returns the seconds spent
+        hashing (verification, not migration work: left out of the downtime).  Shared by
+        pre-copy completion and the switch to postcopy."""
+        self.rs.last_sync()
+        if not self.hash_at_switchover:
+            return 0.0
+        h0 = time.monotonic()
+        self.switchover_hashes = block_hashes(self.ram)
+        return time.monotonic() - h0
+
     # -- completion -----------------------------------------------------------------------
     def _complete(self) -> None:
         """migration_completion: stop the guest, sync, send the rest in END, devices, EOF, vmdesc."""
@@ -231,12 +243,7 @@ class MigrationEngine:
             if self._cancel.is_set():
                 raise OSError(errno.ECANCELED, "cancelled at pre-switchover")
         st.status = "device"
-        rs.last_sync()
-        excluded = 0.0
-        if self.hash_at_switchover:
-            h0 = time.monotonic()
-            self.switchover_hashes = block_hashes(self.ram)
-            excluded = time.monotonic() - h0        # verification, not migration work
+        excluded = self.switchover_sync()
         f.set_rate_limit(0)                         # completion runs unthrottled
         self.writer.switchover_start()              # QEMU 10.0: MIG_CMD_SWITCHOVER_START
         rs.save_complete()

@@ -8,7 +8,7 @@ compression none / zlib / zstd; per-channel byte counts and QEMU's ``multifd-byt
 including greetings and headers, as QEMU 10.0 counts them), :func:`connect_channels`
 (the extra connections to a ``tcp:``/``unix:`` URI), and the small hooks the engine and
 session call: :class:`AccountedFile` (the rate limiter sees the channels' bytes),
-:func:`check_params`, :func:`save_pages_multifd` (``ram_save_target_page_multifd``),
+:func:`save_pages_multifd` (``ram_save_target_page_multifd``),
 :func:`multifd_stats`, :func:`multifd_inprocess`, :func:`multifd_connect`.  The
 destination's side is ``npqfile.migration.multifd_recv`` (re-exported here).
 
@@ -27,27 +27,17 @@ from typing import Any
 
 import numpy as np
 
-from npqfile.migration.multifd_recv import CHANNEL_TIMEOUT, MultiFDRecv, accept_channels, peek_magic
+from npqfile.migration.multifd_recv import (
+    CHANNEL_TIMEOUT, MultiFDRecv, accept_channels, close_channels, peek_magic,
+)
+from npqfile.migration.options import migrate_params_check, migration_channels_and_transport_compatible
+from npqfile.ram.bufferiszero import buffer_is_zero
 from npqfile.stream.multifd import MULTIFD_FLAG_SYNC, PageCodec, encode_init, encode_packet, page_count, \
     partition_zero_pages
 
-__all__ = ["CHANNEL_TIMEOUT", "AccountedFile", "MultiFDRecv", "MultiFDSend", "accept_channels", "check_params",
+__all__ = ["CHANNEL_TIMEOUT", "AccountedFile", "MultiFDRecv", "MultiFDSend", "accept_channels",
            "connect_channels", "multifd_connect", "multifd_inprocess", "multifd_stats", "peek_magic",
-           "save_pages_multifd", "start_send", "zero_mask"]
-
-ZERO_PAGE_DETECTION = ("none", "legacy", "multifd")
-
-
-def zero_mask(block, idx: np.ndarray) -> np.ndarray:
-    """Which pages ``idx`` of ``block`` are all zero (numpy, GIL released for the scan)."""
-    if not idx.size:
-        return np.zeros(0, dtype=bool)
-    if idx[-1] - idx[0] + 1 == idx.size:
-        pages = block.pages[idx[0]:idx[-1] + 1]            # contiguous: a view, no copy
-    else:
-        pages = block.pages[idx]
-    return ~pages.reshape(idx.size, -1).view(np.uint64).any(axis=1)
-
+           "save_pages_multifd", "start_send"]
 
 # -- the source ---------------------------------------------------------------------------
 class _SendChannel:
@@ -94,7 +84,7 @@ class _SendChannel:
     def _send_pages(self, block, offs: np.ndarray) -> None:
         o, ps = self.owner, self.owner.page_size
         if o.zero_page_detection == "multifd":
-            offs, normal = partition_zero_pages(offs, zero_mask(block, offs // ps))
+            offs, normal = partition_zero_pages(offs, buffer_is_zero(block.pages, offs // ps))
         else:
             normal = offs.size
         flat = memoryview(block.array)
@@ -118,11 +108,8 @@ class MultiFDSend:
 
     def __init__(self, channels: list, *, compression: str = "none", level: int | None = None,
                  zero_page_detection: str = "multifd", page_size: int = 4096, uuid: bytes = bytes(16)):
-        if zero_page_detection not in ZERO_PAGE_DETECTION:
-            raise ValueError(f"zero-page-detection must be one of {', '.join(ZERO_PAGE_DETECTION)}, "
-                             f"not {zero_page_detection!r}")
-        if not 1 <= len(channels) <= 255:
-            raise ValueError(f"multifd-channels must be 1..255, not {len(channels)}")
+        migrate_params_check(multifd_channels=len(channels), multifd_compression=compression,
+                             zero_page_detection=zero_page_detection, multifd=True)
         self.page_size = page_size
         self.count = page_count(page_size)
         self.zero_page_detection = zero_page_detection
@@ -222,19 +209,7 @@ class MultiFDSend:
         """Stop the threads and close the channels (``abort``: shut them down first, which
         also wakes a thread blocked in a write).  Returns nothing; never raises."""
         self.exiting = True
-        for c in self.chans:
-            if abort or self.error:
-                try:
-                    c.channel.shutdown(True, True)
-                except (OSError, AttributeError):
-                    pass
-            c.sem.release()
-        for c in self.chans:
-            c.thread.join(10)
-            try:
-                c.channel.close()
-            except OSError:
-                pass
+        close_channels(self.chans, shutdown=bool(abort or self.error), wake=lambda c: c.sem.release())
 
 
 class AccountedFile:
@@ -284,24 +259,6 @@ def connect_channels(uri: str, n: int) -> list:
 
 
 # -- hooks for the engine -------------------------------------------------------------------
-def check_params(params) -> None:
-    """ValueError for a MigrationParams multifd cannot run with (QEMU's
-    ``migrate_caps_check`` refuses xbzrle and compress with multifd too)."""
-    n = params.multifd_channels
-    if not 0 <= n <= 255:
-        raise ValueError(f"multifd-channels must be 1..255, not {n}")
-    PageCodec(params.multifd_compression)
-    if params.multifd_zero_page not in ZERO_PAGE_DETECTION:
-        raise ValueError(f"zero-page-detection must be one of {', '.join(ZERO_PAGE_DETECTION)}, "
-                         f"not {params.multifd_zero_page!r}")
-    if n and params.xbzrle_cache_size:
-        raise ValueError("multifd is not compatible with xbzrle")
-    if n and params.compress_level is not None:
-        raise ValueError("multifd is not compatible with compress (use --multifd-compression)")
-    if n and params.release_ram:
-        raise ValueError("multifd with release-ram is not supported here")
-
-
 def start_send(channels: list, params) -> MultiFDSend:
     """A MultiFDSend over ``channels`` configured from a MigrationParams."""
     return MultiFDSend(channels, compression=params.multifd_compression, zero_page_detection=params.multifd_zero_page)
@@ -312,7 +269,7 @@ def save_pages_multifd(mf: MultiFDSend, saver, block, idx: np.ndarray) -> int:
     main channel as ZERO records, the rest to the multifd channels.  Returns len(idx)."""
     n = idx.size
     if mf.zero_page_detection == "legacy":
-        zero = zero_mask(block, idx)
+        zero = buffer_is_zero(block.pages, idx)
         if zero.any():
             saver.save_pages(block, idx[zero])
             idx = idx[~zero]
@@ -357,6 +314,5 @@ def multifd_inprocess(dest_ram, params, main=None) -> tuple[MultiFDSend, MultiFD
 def multifd_connect(uri: str, params) -> MultiFDSend:
     """The sender of ``params.multifd_channels`` new connections to ``uri`` (tcp:/unix:
     only: QEMU's multifd needs a socket per channel).  ValueError for another URI."""
-    if not uri.startswith(("tcp:", "unix:")):
-        raise ValueError(f"multifd needs a tcp: or unix: destination, not {uri!r}")
+    migration_channels_and_transport_compatible(uri, multifd=True)
     return start_send(connect_channels(uri, params.multifd_channels), params)

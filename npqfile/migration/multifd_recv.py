@@ -7,7 +7,8 @@ SYNC packet, then releases them, so a page re-sent in a later round never lands 
 an older copy; a source that syncs per section, QEMU 7.2, is recognised at its first
 RAM EOS) and :func:`accept_channels` (the accept loop: channels told apart by their
 first four bytes as QEMU does, ``QEVM`` = main, anything else must be a multifd
-greeting; a channel that does not open in time is an error naming the missing ids).
+greeting; a channel that does not open in time is an error naming the missing ids), and
+:func:`close_channels` (ending channel threads, for the source's channels too).
 
 Goals: a bad packet, a channel that ends early or never opens fails the migration with
 the channel, its byte offset and the reason, never a hang and never a write outside a
@@ -25,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from npqfile.migration.options import migrate_params_check
+from npqfile.ram.bufferiszero import buffer_is_zero
 from npqfile.stream.multifd import (
     INIT_SIZE, MULTIFD_PACKET_SIZE, MultiFDError, PageCodec, decode_init, decode_packet, packet_len, page_count,
 )
@@ -132,9 +135,30 @@ class _RecvChannel:
             self.normal += normal.size
         if zero.size:
             # multifd_recv_zero_page_process: only pages that are not zero already
-            nz = zero[block.pages[zero].reshape(zero.size, -1).view(np.uint64).any(axis=1)]
+            nz = zero[~buffer_is_zero(block.pages, zero)]
             block.pages[nz] = 0
             self.zero += zero.size
+
+
+def close_channels(chans: list, *, shutdown: bool, wake: Any = None) -> None:
+    """End multifd channel threads (either side's): shut each ``c.channel`` down first
+    when ``shutdown`` (that wakes a thread blocked in I/O), call ``wake(c)`` (a thread
+    waiting for work), then join each thread (10 s at most) and close its channel.
+    Returns None; never raises for a channel that is already closed."""
+    for c in chans:
+        if shutdown:
+            try:
+                c.channel.shutdown(True, True)
+            except (OSError, AttributeError):
+                pass
+        if wake is not None:
+            wake(c)
+    for c in chans:
+        c.thread.join(10)
+        try:
+            c.channel.close()
+        except OSError:
+            pass
 
 
 class MultiFDRecv:
@@ -144,11 +168,9 @@ class MultiFDRecv:
 
     def __init__(self, ram, channels: int, *, compression: str = "none", page_size: int = 4096,
                  uuid: bytes | None = None):
-        if not 1 <= channels <= 255:
-            raise ValueError(f"multifd-channels must be 1..255, not {channels}")
+        migrate_params_check(multifd_channels=channels, multifd_compression=compression, multifd=True)
         self.n = channels
         self.compression = compression
-        PageCodec(compression)       # ValueError for an unknown method, before any thread
         self.page_size = page_size
         self.uuid = uuid
         self.blocks = {b.name: b for b in ram.blocks}
@@ -259,17 +281,7 @@ class MultiFDRecv:
         with self._cond:
             self.exiting = True
             self._cond.notify_all()
-        for c in self.chans.values():
-            try:
-                c.channel.shutdown(True, True)
-            except (OSError, AttributeError):
-                pass
-        for c in self.chans.values():
-            c.thread.join(10)
-            try:
-                c.channel.close()
-            except OSError:
-                pass
+        close_channels(list(self.chans.values()), shutdown=True)
 
     def stats(self) -> dict:
         """Per-channel packets, pages and bytes received."""

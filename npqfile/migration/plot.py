@@ -15,14 +15,18 @@ destination's page-fault latency CDF.
 (line) per case, the case labels wrapped and spaced so they never overlap;
 :func:`check_plot_path(path)` to fail before a long run rather than after it.
 Goals: the figure guestperf users look at, in one call.  Plan: ``*_figure`` functions
-build the figure (tests inspect it), ``plot_*`` save and close it.  Errors: OSError if
-the file cannot be written, ValueError for a format matplotlib cannot write.
+build the figure (tests inspect it) inside :func:`new_figure` (closed if drawing
+fails), ``plot_*`` save and close it (:func:`save_figure`; ``reclaim`` uses both too).
+Errors: OSError if the file cannot be written, ValueError for a format matplotlib
+cannot write.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from npqfile.migration.stats import MigrationStats
@@ -58,44 +62,56 @@ def check_plot_path(path: str | os.PathLike) -> None:
 
 def _formats() -> set[str]:
     """The file formats matplotlib can save."""
-    plt = _pyplot()
+    plt = pyplot()
     return set(plt.gcf().canvas.get_supported_filetypes()) | {"png"}
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
-def _save(fig, path: str | os.PathLike) -> None:
-    plt = _pyplot()
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Write ``fig`` to the image ``path`` and close it, written or not.  Raises OSError
+    when it cannot be written."""
+    plt = pyplot()
     try:
         fig.savefig(os.fspath(path), dpi=100)
     finally:
         plt.close(fig)
 
 
-def plot_migration(stats: MigrationStats, path: str | os.PathLike) -> None:
-    """Draw ``stats`` into the image ``path``.  Raises OSError when it cannot be written."""
-    _save(migration_figure(stats), path)
-
-
-def migration_figure(stats: MigrationStats):
-    """The matplotlib Figure of ``stats`` (see the module docstring); the caller closes it."""
-    plt = _pyplot()
-    throttle = bool(stats.params.get("auto_converge"))
-    fig, axes = plt.subplots(3 if throttle else 2, 1, figsize=(8, 9.5 if throttle else 7))
+@contextmanager
+def new_figure(*args: Any, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
+    """``plt.subplots(*args, **kwargs)`` for a ``*_figure`` function: yields (figure,
+    axes) to draw on, lays the figure out when drawing ends, and closes it if drawing
+    raised (the caller of a ``*_figure`` owns only a figure it received)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(*args, **kwargs)
     try:
-        _iterations_panel(stats, axes[0])
-        _timeline_panel(stats, axes[1])
-        if throttle:
-            _throttle_panel(stats, axes[2])
+        yield fig, axes
         fig.tight_layout()
     except BaseException:
         plt.close(fig)
         raise
+
+
+def plot_migration(stats: MigrationStats, path: str | os.PathLike) -> None:
+    """Draw ``stats`` into the image ``path``.  Raises OSError when it cannot be written."""
+    save_figure(migration_figure(stats), path)
+
+
+def migration_figure(stats: MigrationStats):
+    """The matplotlib Figure of ``stats`` (see the module docstring); the caller closes it."""
+    throttle = bool(stats.params.get("auto_converge"))
+    with new_figure(3 if throttle else 2, 1, figsize=(8, 9.5 if throttle else 7)) as (fig, axes):
+        _iterations_panel(stats, axes[0])
+        _timeline_panel(stats, axes[1])
+        if throttle:
+            _throttle_panel(stats, axes[2])
     return fig
 
 
@@ -118,13 +134,17 @@ def _iterations_panel(stats: MigrationStats, ax1) -> None:
                   f"downtime {stats.downtime * 1000:.1f} ms")
 
 
-def _timeline_panel(stats: MigrationStats, ax3) -> None:
+def _timeline_panel(stats: MigrationStats, ax3, postcopy: bool = False) -> None:
+    """Source RSS and stream bytes over time; the downtime shaded (pre-copy) or the
+    switch to postcopy marked (``postcopy``)."""
     tl = stats.timeline
     if tl:
         ts = [t for t, _b, _r in tl]
         ax3.plot(ts, [r / MIB for _t, _b, r in tl], color="tab:green", label="source RSS")
         ax3.plot(ts, [b / MIB for _t, b, _r in tl], color="tab:gray", linestyle="--", label="stream bytes")
-        if stats.switchover_time and stats.downtime:
+        if postcopy and stats.switchover_time:
+            ax3.axvline(stats.switchover_time, color="tab:orange", label="switch to postcopy")
+        elif not postcopy and stats.switchover_time and stats.downtime:
             # the reported downtime from vm_stop; hashing for verification is left out
             ax3.axvspan(stats.switchover_time, stats.switchover_time + stats.downtime, color="tab:orange",
                         alpha=0.2, label=f"downtime ({stats.downtime * 1000:.0f} ms)")
@@ -152,7 +172,7 @@ def _throttle_panel(stats: MigrationStats, ax) -> None:
 def plot_sweep(rows: list[dict[str, Any]], names: list[str], path: str | os.PathLike) -> None:
     """Draw a sweep's rows (``run_sweep``) into the image ``path``; see
     :func:`sweep_figure`.  Raises OSError when it cannot be written."""
-    _save(sweep_figure(rows, names), path)
+    save_figure(sweep_figure(rows, names), path)
 
 
 def _wrap(text: str, width: int = 18) -> str:
@@ -179,13 +199,11 @@ def sweep_figure(rows: list[dict[str, Any]], names: list[str]):
     wrapped, each case as wide as its label, so neighbours never overlap) for the total time, the downtime
     as a line on the right axis; cases that did not converge are hatched.  The caller
     closes it."""
-    plt = _pyplot()
     labels = ["\n".join(_wrap(f"{n}={row[n]}") for n in names) for row in rows]
     # each case gets the width of its widest label line (about 0.08 in per character at
     # 8 pt) plus a gap, so the labels sit side by side without touching
     widest = max((len(line) for label in labels for line in label.split("\n")), default=1)
-    fig, ax1 = plt.subplots(figsize=(max(6.0, len(rows) * (0.08 * widest + 0.3) + 2.5), 6))
-    try:
+    with new_figure(figsize=(max(6.0, len(rows) * (0.08 * widest + 0.3) + 2.5), 6)) as (fig, ax1):
         xs = list(range(len(rows)))
         bars = ax1.bar(xs, [row.get("total-time", 0) for row in rows], color="tab:blue", label="total time")
         for bar, row in zip(bars, rows):
@@ -199,10 +217,6 @@ def sweep_figure(rows: list[dict[str, Any]], names: list[str]):
         ax2.set_ylim(bottom=0)
         ax2.set_ylabel("downtime (ms)", color="tab:red")
         ax1.set_title(f"sweep over {', '.join(names)} (hatched: not converged)")
-        fig.tight_layout()
-    except BaseException:
-        plt.close(fig)
-        raise
     return fig
 
 
@@ -215,29 +229,15 @@ def postcopy_plot_path(path: str | os.PathLike) -> str:
 def plot_postcopy(stats: MigrationStats, path: str | os.PathLike) -> None:
     """Draw :func:`postcopy_figure` into the image ``path``.  Raises OSError when it
     cannot be written."""
-    _save(postcopy_figure(stats), path)
+    save_figure(postcopy_figure(stats), path)
 
 
 def postcopy_figure(stats: MigrationStats):
     """Postcopy: the source's RSS over time (release-ram frees each page once sent, so it
     falls after the switch) and the destination's page-fault latency distribution (CDF,
     p50/p90/p99 marked; from ``stats.destination["postcopy"]``).  The caller closes it."""
-    plt = _pyplot()
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7))
-    try:
-        tl = stats.timeline
-        if tl:
-            ts = [t for t, _b, _r in tl]
-            ax1.plot(ts, [r / MIB for _t, _b, r in tl], color="tab:green", label="source RSS")
-            ax1.plot(ts, [b / MIB for _t, b, _r in tl], color="tab:gray", linestyle="--", label="stream bytes")
-            if stats.switchover_time:
-                ax1.axvline(stats.switchover_time, color="tab:orange", label="switch to postcopy")
-            ax1.legend(loc="best")
-            ax1.set_ylim(bottom=0)
-        else:
-            ax1.text(0.5, 0.5, "no RSS samples", ha="center", va="center", transform=ax1.transAxes)
-        ax1.set_xlabel("time (s)")
-        ax1.set_ylabel("MiB")
+    with new_figure(2, 1, figsize=(8, 7)) as (fig, (ax1, ax2)):
+        _timeline_panel(stats, ax1, postcopy=True)
         ax1.set_title(f"postcopy {stats.status}: {stats.postcopy.get('postcopy-requests', 0)} page requests, "
                       f"downtime {stats.downtime * 1000:.1f} ms")
         dst = stats.destination.get("postcopy") or {}
@@ -258,8 +258,4 @@ def postcopy_figure(stats: MigrationStats):
                      ha="center", va="center", transform=ax2.transAxes)
         ax2.set_xlabel("fault latency (ms): fault to page placed")
         ax2.set_ylabel("fraction of faults")
-        fig.tight_layout()
-    except BaseException:
-        plt.close(fig)
-        raise
     return fig

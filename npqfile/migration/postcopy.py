@@ -45,16 +45,18 @@ import numpy as np
 
 from npqfile.channels import MemoryChannel
 from npqfile.errors import StreamError
+from npqfile.migration.release_ram import POSTCOPY, may_release
 from npqfile.qemufile import QEMUFile
+from npqfile.ram.runs import mask_runs
 from npqfile.stream.constants import (
     MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PACKAGED, MIG_CMD_PING, MIG_CMD_POSTCOPY_ADVISE,
-    MIG_CMD_POSTCOPY_LISTEN, MIG_CMD_POSTCOPY_RAM_DISCARD, MIG_CMD_POSTCOPY_RUN,
-    QEMU_VM_SECTION_END, QEMU_VM_SECTION_PART, TARGET_PAGE_SIZE,
+    MIG_CMD_POSTCOPY_LISTEN, MIG_CMD_POSTCOPY_RAM_DISCARD, MIG_CMD_POSTCOPY_RUN, MIG_RP_MSG_PONG,
+    MIG_RP_MSG_REQ_PAGES, MIG_RP_MSG_REQ_PAGES_ID, MIG_RP_MSG_SHUT, QEMU_VM_SECTION_END, QEMU_VM_SECTION_PART,
+    TARGET_PAGE_SIZE,
 )
 from npqfile.stream.devices import machine_devices
 from npqfile.stream.reader import shown
 from npqfile.stream.return_path import (
-    MIG_RP_MSG_PONG, MIG_RP_MSG_REQ_PAGES, MIG_RP_MSG_REQ_PAGES_ID, MIG_RP_MSG_SHUT,
     PING_BEFORE_PACKAGE, PING_IN_PACKAGE, PING_NPQFILE_SOURCE, ReturnPathParser, advise_payload,
     discard_payloads,
 )
@@ -62,12 +64,6 @@ from npqfile.stream.savevm import SaveVMWriter
 
 BACKGROUND_CHUNK = 64        # background pages between looks at the request queue
 SHUT_TIMEOUT = 120.0         # seconds the source waits for the destination's SHUT
-
-
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """(first, count) of every run of True in ``mask``."""
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
-    return [(int(s), int(e - s)) for s, e in zip(edges[0::2], edges[1::2])]
 
 
 class PostcopySource:
@@ -193,19 +189,15 @@ class PostcopySource:
         Sets engine.stats.status; raises OSError for an I/O failure before the package
         was sent (the engine then reports ``failed``: the destination never ran)."""
         e, st, f, rs = self.e, self.e.stats, self.e.f, self.e.rs
-        rs.last_sync()                              # ram_postcopy_send_discard_bitmap syncs first
-        excluded = 0.0
-        if e.hash_at_switchover:
-            h0 = time.monotonic()
-            e.switchover_hashes = {b.name: b.sha256() for b in e.ram.blocks}
-            excluded = time.monotonic() - h0
+        excluded = e.switchover_sync()              # ram_postcopy_send_discard_bitmap syncs first
         self._check_rp()
         w = e.writer
         w.switchover_start()                        # QEMU 10.0's postcopy_start sends it first
         discards = 0
         for b in e.ram.blocks:                      # pages dirtied since they were sent
-            ranges = [(s * b.page_size, n * b.page_size) for s, n in _runs(rs.bitmap[b.name])]
-            for payload in discard_payloads(b.name, ranges):
+            runs = mask_runs(rs.bitmap[b.name])
+            runs[:, 1] -= runs[:, 0]                # (first page, pages) -> bytes below
+            for payload in discard_payloads(b.name, runs * b.page_size):
                 w.write_command(MIG_CMD_POSTCOPY_RAM_DISCARD, payload)
                 discards += 1
         # QEMU sends whole pages in postcopy (save_xbzrle_page: not in postcopy): without
@@ -224,7 +216,7 @@ class PostcopySource:
             # package (LISTEN, devices, RUN) is written: a switch that failed to go out must
             # leave the source its RAM.  The destination now has every clean page.
             rs.release_clean()
-            rs.saver.release_ram = True             # from now on each page is released once sent
+            rs.saver.release_ram = may_release(POSTCOPY)[0]  # from now on each page is released once sent
         self._bytes0 = rs.transferred()
         st.status = "postcopy-active"
         st.downtime = time.monotonic() - stop_t - excluded     # QEMU: stop to package sent

@@ -52,7 +52,7 @@ from npqfile.stream.constants import (
 )
 from npqfile.stream.reader import shown
 from npqfile.stream.return_path import (
-    PING_NPQFILE_SOURCE, parse_discard, rp_pong, rp_req_pages, rp_shut,
+    DiscardError, PING_NPQFILE_SOURCE, parse_discard, rp_pong, rp_req_pages, rp_shut,
 )
 
 VERIFY_MAGIC = b"NPQV"       # npqfile's verification message (see destination.py)
@@ -167,21 +167,21 @@ class PostcopyIncoming:
         return dest.block
 
     def _discard(self, data: bytes, loader: Any) -> None:
+        """loadvm_postcopy_ram_handle_discard + ram_discard_range: drop the ranges the
+        source re-sends (``data`` was just read: it ends at the reader's offset)."""
         r = loader.r
         if self.state not in ("advise", "discard"):
             raise r.error(f"CMD_POSTCOPY_RAM_DISCARD in wrong postcopy state ({self.state})")
+        payload_at = r.offset - len(data)
         try:
-            name, ranges = parse_discard(data)
-        except ValueError as exc:
-            raise r.error(str(exc)) from None
-        block = self._block(name, loader)
-        for start, length in ranges:
-            if start % block.page_size or length % block.page_size or start + length > block.size:
-                raise r.error(f"ram_discard_range: range {start:#x}+{length:#x} is not whole pages inside "
-                              f"block '{shown(name)}' ({block.size:#x} bytes)")
-        if ranges:
-            block.release(ranges)
-        self.discarded_pages += sum(n for _s, n in ranges) // block.page_size
+            d = parse_discard(data)
+            block = self._block(d.block, loader)
+            d.check(block.size, block.page_size)
+        except DiscardError as exc:
+            raise r.error(str(exc), payload_at + exc.offset) from None
+        if d.ranges:
+            block.release(d.array)
+        self.discarded_pages += d.pages(block.page_size)
         self.state = "discard"
 
     def _listen(self, loader: Any) -> None:

@@ -135,11 +135,10 @@ def qemu_settings(cfg: Any, qemu: QemuBinary) -> QemuSettings:
         params["multifd-channels"] = int(channels)
         if getattr(p, "multifd_compression", "none") != "none":
             params["multifd-compression"] = p.multifd_compression
-        zero = getattr(p, "multifd_zero_page", "multifd")
+        # (the combination itself was checked by MigrationParams.check: options.py)
         if major >= (9, 0) and p.zero_page_detection:
-            params["zero-page-detection"] = zero
-        elif zero == "multifd" and major < (9, 0):
-            pass        # QEMU before 9.0 detects zero pages on the main channel (legacy) only
+            params["zero-page-detection"] = getattr(p, "multifd_zero_page", "multifd")
+        # before 9.0 QEMU detects zero pages on the main channel (legacy) only: nothing to set
     uri = None
     if cfg.to not in (None, "inprocess"):
         if not cfg.to.startswith(("tcp:", "unix:")):

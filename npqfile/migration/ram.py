@@ -56,7 +56,7 @@ import numpy as np
 
 from npqfile.migration.bandwidth import RateWindows
 from npqfile.migration.multifd import save_pages_multifd
-from npqfile.migration.release_ram import release_runs
+from npqfile.migration.release_ram import PRECOPY, may_release, release_runs
 from npqfile.migration.stats import IterationStats, MigrationStats
 from npqfile.migration.throttle import AutoConverge
 from npqfile.migration.workloads import Workload
@@ -99,7 +99,8 @@ class RAMState:
         self.t0, self.throttle, self.multifd, self.progress = t0, throttle, multifd, progress
         self.saver = RAMSaver(f, ram, zero_page_detection=params.zero_page_detection,
                               xbzrle_cache_size=params.xbzrle_cache_size, compress_level=params.compress_level,
-                              mapped_ram=params.mapped_ram)
+                              mapped_ram=params.mapped_ram,
+                              release_ram=params.release_ram and may_release(PRECOPY)[0])
         self.saver.xbzrle_enabled = False          # QEMU: no XBZRLE during the bulk stage
         self.blocks = ram.blocks
         self.bitmap = {b.name: np.zeros(b.n_pages, dtype=bool) for b in self.blocks}

@@ -6,8 +6,8 @@ released at this point of the migration, and why), :func:`check_release_ram` (re
 (pre-copy: release all guest RAM once the destination's verdict says it holds RAM equal
 to the source's at switchover, else release nothing and say why), :func:`release_runs`
 (release runs of pages of one block, one call per run: the primitive the rule's users
-share) and :class:`ReleaseRecord` (what was released, when and why: the ``release-ram``
-object of the statistics).
+share) and :class:`ReleaseRecord` (when and why: the ``release-ram`` object of the
+statistics, whose byte counts are the statistics' own release counters).
 
 Goals: release-ram must never lose the only copy of guest RAM.  A page a local socket
 accepted is not a page the destination holds, and a page the destination holds is lost
@@ -22,8 +22,9 @@ come (``file:``, ``exec:``, ``fd:``, ``null:``, a QEMU peer, ``--no-verify``)
 ``release-ram`` is refused before anything is sent.  After a failed or cancelled
 migration nothing has been released.
 
-Plan: the rule is a pure function of the phase and the verdict; the engine and session
-(and postcopy, whose rule is "released once sent") call it instead of deciding
+Plan: the rule is a pure function of the phase and the verdict; the engine (``PRECOPY``:
+its saver releases nothing while the guest runs here), postcopy (``POSTCOPY``: each
+page once sent) and the session (``AFTER_VERDICT``) call it instead of deciding
 themselves.
 """
 
@@ -35,8 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from npqfile.migration.stats import freed_bytes
+from npqfile.migration.stats import MigrationStats, freed_bytes
 from npqfile.ram import GuestRAM
+from npqfile.ram.runs import mask_runs
 
 # The phases at which someone may ask whether sent pages may be released.
 PRECOPY = "precopy"            # pages sent while the source still runs the guest
@@ -75,21 +77,21 @@ def check_release_ram(release_ram: bool, *, verdict_possible: bool, why_not: str
 
 @dataclass
 class ReleaseRecord:
-    """What release-ram did in one migration (the ``release-ram`` statistics object;
-    freed and advised bytes as the statistics' ``released-bytes`` and
-    ``release-advised-bytes`` count them)."""
+    """What release-ram decided in one migration: when and why (the ``release-ram``
+    object of the statistics).  How much was released is not kept here: the statistics'
+    counters (``released_bytes``, ``release_freed_bytes``, ``release_unmeasured_bytes``)
+    are the one account of it, and release-ram is the only thing that adds to them, so
+    :meth:`as_dict` reads them from there."""
     enabled: bool = False
-    advised_bytes: int = 0         # bytes handed to the release primitive (madvise/fallocate)
-    freed_bytes: int = 0           # of those, bytes that held memory and were freed
-    unmeasured_bytes: int = 0      # advised where residency could not be read (not in freed)
     when: str | None = None        # the phase it happened in (None: nothing was released)
     time: float | None = None      # seconds since the migration started
     reason: str = "release-ram is off"
 
-    def as_dict(self) -> dict[str, Any]:
-        # the names of the statistics' released-bytes / release-advised-bytes
-        return {"enabled": self.enabled, "released-bytes": self.freed_bytes,
-                "release-advised-bytes": self.advised_bytes, "when": self.when,
+    def as_dict(self, st: MigrationStats) -> dict[str, Any]:
+        """The ``release-ram`` object, its byte counts from ``st`` (under the names of the
+        statistics' released-bytes / release-advised-bytes)."""
+        return {"enabled": self.enabled, "released-bytes": st.release_freed_bytes,
+                "release-advised-bytes": st.released_bytes, "when": self.when,
                 "time-ms": None if self.time is None else round(self.time * 1000, 3), "reason": self.reason}
 
 
@@ -97,32 +99,33 @@ def release_runs(block: Any, mask: np.ndarray) -> int:
     """Release the pages of ``block`` where ``mask`` is True, one release per run of
     adjacent pages (the block's own primitive: it frees every backing).  Returns the
     bytes released."""
-    if not mask.any():
+    runs = mask_runs(mask)
+    if not runs.size:
         return 0
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
-    starts, ends = edges[0::2], edges[1::2]
-    ranges = np.stack([starts * block.page_size, (ends - starts) * block.page_size], axis=1)
-    return int(block.release(ranges))
+    runs[:, 1] -= runs[:, 0]                    # [first, stop) pages -> (first, count)
+    return int(block.release(runs * block.page_size))
 
 
-def release_after_verdict(ram: GuestRAM, record: ReleaseRecord, *, status: str, verification: dict,
-                          t0: float) -> ReleaseRecord:
-    """Pre-copy's release point: if the migration ``status`` is completed and the
-    destination's ``verification`` allows it (:func:`may_release`), release every page
-    of ``ram`` (the guest is stopped and the destination holds all of it) and record it;
-    otherwise release nothing and record why.  ``t0``: the migration's start
-    (time.monotonic()).  Returns ``record``."""
+def release_after_verdict(ram: GuestRAM, record: ReleaseRecord, st: MigrationStats, t0: float) -> bool:
+    """Pre-copy's release point: if the migration (``st.status``) completed and the
+    destination's verdict (``st.verification``) allows it (:func:`may_release`), release
+    every page of ``ram`` (the guest is stopped and the destination holds all of it),
+    add the bytes to ``st``'s release counters and record when; otherwise release
+    nothing and record why.  ``t0``: the migration's start (time.monotonic()).  Returns
+    True when it released."""
     if not record.enabled:
-        return record
-    if status != "completed":
-        record.reason = f"a {status} migration releases nothing: the source keeps its RAM"
-        return record
-    allowed, record.reason = may_release(AFTER_VERDICT, verification)
-    if allowed:
-        freed0, unmeasured0 = freed_bytes(ram)
-        for b in ram.blocks:
-            record.advised_bytes += release_runs(b, np.ones(b.n_pages, dtype=bool))
-        freed, unmeasured = freed_bytes(ram)
-        record.freed_bytes, record.unmeasured_bytes = freed - freed0, unmeasured - unmeasured0
-        record.when, record.time = AFTER_VERDICT, time.monotonic() - t0
-    return record
+        return False
+    if st.status != "completed":
+        record.reason = f"a {st.status} migration releases nothing: the source keeps its RAM"
+        return False
+    allowed, record.reason = may_release(AFTER_VERDICT, st.verification)
+    if not allowed:
+        return False
+    freed0, unmeasured0 = freed_bytes(ram)
+    for b in ram.blocks:
+        st.released_bytes += release_runs(b, np.ones(b.n_pages, dtype=bool))
+    freed, unmeasured = freed_bytes(ram)
+    st.release_freed_bytes += freed - freed0
+    st.release_unmeasured_bytes += unmeasured - unmeasured0
+    record.when, record.time = AFTER_VERDICT, time.monotonic() - t0
+    return True

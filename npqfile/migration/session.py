@@ -335,20 +335,12 @@ def _release(st: MigrationStats, ram: GuestRAM, params: MigrationParams, t0: flo
     a verdict of equal RAM, else nothing.  Records what and why.  Returns None."""
     record = ReleaseRecord(enabled=params.release_ram)
     if params.release_ram and postcopied:
-        record.reason = may_release(POSTCOPY)[1]
-        record.when, record.advised_bytes = POSTCOPY, st.released_bytes
-        record.freed_bytes, record.unmeasured_bytes = st.release_freed_bytes, st.release_unmeasured_bytes
-        st.release = record.as_dict()
-        return
-    st.release = release_after_verdict(ram, record, status=st.status, verification=st.verification,
-                                       t0=t0).as_dict()
-    if record.advised_bytes:
-        st.released_bytes += record.advised_bytes
-        st.release_freed_bytes += record.freed_bytes
-        st.release_unmeasured_bytes += record.unmeasured_bytes
+        record.when, record.reason = POSTCOPY, may_release(POSTCOPY)[1]
+    elif release_after_verdict(ram, record, st, t0):
         st.rss_after = resident_bytes(ram)
         if params.sample_rss:
             st.timeline.append((time.monotonic() - t0, st.stream_bytes, st.rss_after))
+    st.release = record.as_dict(st)
 
 
 def _verify_file(path: str, ram: GuestRAM, src_hashes: dict | None, comp, sizes: bool = False) -> dict:

@@ -1,7 +1,8 @@
 """The numbers of QEMU's migration stream, under QEMU's names.
 
 Supports: the savevm container (``migration/savevm.c``: file magic and version, section
-types, the footer byte, the ``0x08`` commands with their fixed lengths) and the RAM
+types, the footer byte, the ``0x08`` commands with their fixed lengths; the return
+path's ``MIG_RP_MSG_*`` messages, ``migration/migration.c``) and the RAM
 section v4 (``migration/ram.c``: ``RAM_SAVE_FLAG_*``, XBZRLE's encoding byte, the
 compressed-page bound).  Goal: one place to look a byte up; no logic lives here.
 """
@@ -58,6 +59,31 @@ MIG_CMD_ARGS: dict[int, tuple[str, int]] = {
     MIG_CMD_SWITCHOVER_START: ("SWITCHOVER_START", 0),
 }
 MAX_VM_CMD_PACKAGED_SIZE = 1 << 24        # savevm.c: a bigger PACKAGED blob is rejected
+MAX_DISCARDS_PER_COMMAND = 12             # savevm.c: ranges in one POSTCOPY_RAM_DISCARD
+POSTCOPY_DISCARD_VERSION = 0
+
+# --- return path (migration.c): enum mig_rp_message_type ------------------------------
+MIG_RP_MSG_INVALID = 0
+MIG_RP_MSG_SHUT = 1
+MIG_RP_MSG_PONG = 2
+MIG_RP_MSG_REQ_PAGES_ID = 3
+MIG_RP_MSG_REQ_PAGES = 4
+MIG_RP_MSG_RECV_BITMAP = 5
+MIG_RP_MSG_RESUME_ACK = 6
+MIG_RP_MSG_SWITCHOVER_ACK = 7
+MIG_RP_MSG_MAX = 8
+
+# rp_cmd_args: name and payload length (-1: variable)
+RP_CMD_ARGS: dict[int, tuple[str, int]] = {
+    MIG_RP_MSG_SHUT: ("SHUT", 4),
+    MIG_RP_MSG_PONG: ("PONG", 4),
+    MIG_RP_MSG_REQ_PAGES_ID: ("REQ_PAGES_ID", -1),
+    MIG_RP_MSG_REQ_PAGES: ("REQ_PAGES", 12),
+    MIG_RP_MSG_RECV_BITMAP: ("RECV_BITMAP", -1),
+    MIG_RP_MSG_RESUME_ACK: ("RESUME_ACK", 4),
+    MIG_RP_MSG_SWITCHOVER_ACK: ("SWITCHOVER_ACK", 0),
+}
+RP_MAX_LEN = 512                          # source_return_path_thread's buffer: a longer message is refused
 
 # --- RAM section (ram.c) --------------------------------------------------------------
 RAM_SECTION_IDSTR = "ram"

@@ -45,6 +45,7 @@ from npqfile.stream.ram_hash import LoadHasher
 from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES, RAMLoader
 from npqfile.stream.ram_stats import RAMStats
 from npqfile.stream.reader import StreamReader, shown, wire_name
+from npqfile.stream.return_path import DiscardError, parse_discard
 from npqfile.stream.vmdesc import WalkBudget, check_page_size, device_index, parse_vmdesc, walk_vmsd
 
 MAX_MACHINE_NAME = 4096          # configuration name length we accept (QEMU allocates whatever is sent)
@@ -352,15 +353,14 @@ class _Loader:
         return cmd == MIG_CMD_POSTCOPY_RUN
 
     def _discard(self, data: bytes) -> dict:
-        """POSTCOPY_RAM_DISCARD: u8 version 0, counted name, u8 0, then (be64 start, be64 len) pairs."""
+        """POSTCOPY_RAM_DISCARD (just read: ``data`` ends at the reader's offset), parsed by
+        the one parser (return_path.parse_discard); errors name the stream byte."""
         r = self.r
-        if len(data) < 3 or data[0] != 0:
-            raise r.error(f"POSTCOPY_RAM_DISCARD: bad header (version {data[:1].hex() or 'missing'})")
-        nlen = data[1]
-        rest = len(data) - 2 - nlen - 1
-        if rest < 0 or data[2 + nlen] != 0 or rest % 16:
-            raise r.error(f"POSTCOPY_RAM_DISCARD payload of {len(data)} bytes is malformed")
-        return {"block": wire_name(data[2:2 + nlen]), "ranges": rest // 16}
+        try:
+            d = parse_discard(data)
+        except DiscardError as exc:
+            raise r.error(str(exc), r.offset - len(data) + exc.offset) from None
+        return {"block": d.block, "ranges": len(d.ranges)}
 
     def _packaged(self, length: int, depth: int) -> None:
         """PACKAGED: the next ``length`` bytes are a stream of sections ending in EOF."""

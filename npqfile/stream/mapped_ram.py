@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from npqfile.errors import StreamError
+from npqfile.ram.runs import mask_runs
 from npqfile.stream.reader import shown
 
 MAPPED_RAM_HDR_VERSION = 1
@@ -90,12 +91,6 @@ def bitmap_bytes(present: np.ndarray) -> bytes:
     packed = np.packbits(present.astype(bool), bitorder="little")
     out[:packed.size] = packed
     return out.tobytes()
-
-
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """[start, end) of each run of True in the bool array ``mask``."""
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
-    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
 
 # -- save side ------------------------------------------------------------------------
@@ -212,7 +207,7 @@ def load_block(r, view, name: str, length: int, page_size: int) -> tuple[int, in
         raise bad(f"bitmap bit {first} is set but the block has only {n_pages} pages",
                   hdr.bitmap_offset + first // 8)
     present = bits[:n_pages].astype(bool)
-    for a, b in _runs(present):
+    for a, b in mask_runs(present).tolist():
         for start in range(a * page_size, b * page_size, MAPPED_RAM_LOAD_BUF_SIZE):
             end = min(start + MAPPED_RAM_LOAD_BUF_SIZE, b * page_size)
             got = f.get_buffer_at(view[start:end], hdr.pages_offset + start)

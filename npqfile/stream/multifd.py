@@ -199,22 +199,33 @@ def decode_packet(buf, *, blocks: dict[str, int], compression: int, page_size: i
 
 
 def partition_zero_pages(offsets: np.ndarray, is_zero: np.ndarray) -> tuple[np.ndarray, int]:
-    """``multifd_send_zero_page_detect``'s in-place partition: walk from the left, swap
-    each zero page with the last unexamined one.  Returns (offsets in QEMU's wire
-    order, number of normal pages) -- the same order QEMU's packets show."""
-    offs = offsets.copy()
-    zero = is_zero.copy()
-    if not zero.any():
-        return offs, offs.size
-    i, j = 0, offs.size - 1
-    while i <= j:
-        if not zero[i]:
-            i += 1
-            continue
-        offs[i], offs[j] = offs[j], offs[i]
-        zero[i], zero[j] = zero[j], zero[i]
-        j -= 1
-    return offs, i
+    """``multifd_send_zero_page_detect``'s in-place partition, vectorised.  QEMU walks ``i``
+    from the left and swaps each zero page with the last unexamined one (``j``, moving
+    left).  Returns (offsets in QEMU's wire order, number of normal pages ``k``) -- the
+    order QEMU's packets show; the inputs are not modified.
+
+    The same order without the walk: a normal page before ``k`` never moves; the zero
+    pages before ``k`` (``H``, left to right) take the normal pages from ``k`` on in
+    right-to-left order; and position ``n - 1 - m`` (from ``k`` on) receives the zero page
+    ``i`` held at the m-th swap: first the first zero page, then after each swap the page
+    swapped in if it was zero, else the next of ``H`` (``k`` itself once ``H`` is used up)."""
+    offs = np.array(offsets, copy=True)
+    zero = np.asarray(is_zero, dtype=bool)
+    n = offs.size
+    k = n - int(np.count_nonzero(zero))
+    if k == n:
+        return offs, n
+    tail, tail_zero = offs[k:][::-1], zero[k:][::-1]     # what j meets, in its order
+    head_zero = np.flatnonzero(zero[:k])
+    out = offs.copy()
+    out[head_zero] = tail[~tail_zero]
+    holders = np.append(head_zero, k)                   # where i stands at each swap
+    after = np.cumsum(~tail_zero[:-1])                  # normal pages j has met so far
+    held = np.empty(n - k, dtype=offs.dtype)
+    held[0] = offs[holders[0]]
+    held[1:] = np.where(tail_zero[:-1], tail[:-1], offs[holders[after]])
+    out[k:] = held[::-1]
+    return out, k
 
 
 # -- page codecs ------------------------------------------------------------------------------

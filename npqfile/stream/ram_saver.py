@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from npqfile.buffers import PageRun
+from npqfile.ram.bufferiszero import buffer_is_zero
 from npqfile.stream.constants import (
     ENCODING_FLAG_XBZRLE, RAM_SAVE_FLAG_COMPRESS_PAGE, RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS,
     RAM_SAVE_FLAG_MEM_SIZE, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_ZERO,
@@ -163,24 +164,11 @@ class RAMSaver:
         return done
 
     def _zero_mask(self, block, chunk: np.ndarray) -> np.ndarray:
-        """Bool array: which pages of ``chunk`` are all zero (all False when detection is off)."""
+        """Bool array: which pages of ``chunk`` are all zero (all False when detection is
+        off); the scan is QEMU's buffer_is_zero (npqfile.ram.bufferiszero)."""
         if not self.zero_page_detection:
             return np.zeros(chunk.size, dtype=bool)
-        first, last = int(chunk[0]), int(chunk[-1])
-        if last - first + 1 == chunk.size and (chunk.size < 2 or np.all(np.diff(chunk) == 1)):
-            pages = block.pages[first:last + 1]      # a view: no copy
-        else:
-            pages = block.pages[chunk]               # scattered (dirty) pages: a gathered copy
-        words = pages.reshape(chunk.size, -1).view(np.uint64)
-        # Like QEMU's buffer_is_zero, stop at the first non-zero word: a page whose first
-        # word is not zero is not read further (random RAM costs one cache line a page).
-        zero = words[:, 0] == 0
-        maybe = np.flatnonzero(zero)
-        if maybe.size == chunk.size:
-            return np.bitwise_or.reduce(words, axis=1) == 0
-        if maybe.size:
-            zero[maybe] = np.bitwise_or.reduce(words[maybe], axis=1) == 0
-        return zero
+        return buffer_is_zero(block.pages, chunk)
 
     def _put_idstr(self, block) -> int:
         """After a non-CONTINUE header: the block's counted idstr; it becomes last_sent_block."""

@@ -16,45 +16,35 @@ Supports, under QEMU's names (``migration/migration.c``: ``enum mig_rp_message_t
 - postcopy commands: ``POSTCOPY_ADVISE`` (be64 ram_pagesize_summary, be64 target page
   size), ``POSTCOPY_RAM_DISCARD`` (u8 version 0, u8 name length, name, NUL, then at most
   12 pairs of be64 start, be64 length in bytes a message: :func:`discard_payloads`
-  splits longer lists as ``postcopy_discard_send_range`` does), ``PING`` values.
+  splits longer lists as ``postcopy_discard_send_range`` does; :func:`parse_discard` is
+  the one parser of it, for the savevm loader and the postcopy destination alike, with
+  :meth:`Discard.check` for ``ram_discard_range``'s bounds: errors are
+  :class:`DiscardError` naming the payload byte), ``PING`` values.  The numbers
+  (``MIG_RP_MSG_*``, ``RP_CMD_ARGS``...) live in ``npqfile.stream.constants`` beside the
+  ``MIG_CMD_*`` ones and are re-exported here.
 
 Goals: one place where these bytes are made and checked, so that both sides (and the
-hostile-input tests) share them.  Plan: small functions returning ``bytes``; the parser
-keeps a bytearray and an offset, nothing else.
+hostile-input tests) share them.  Plan: small functions returning ``bytes``; the
+return-path parser keeps a bytearray and an offset, nothing else; a discard payload's
+ranges are read and checked as one numpy array (a 64 KiB payload holds 4,000 ranges).
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from npqfile.errors import StreamError
-from npqfile.stream.reader import wire_name
-
-# enum mig_rp_message_type
-MIG_RP_MSG_INVALID = 0
-MIG_RP_MSG_SHUT = 1
-MIG_RP_MSG_PONG = 2
-MIG_RP_MSG_REQ_PAGES_ID = 3
-MIG_RP_MSG_REQ_PAGES = 4
-MIG_RP_MSG_RECV_BITMAP = 5
-MIG_RP_MSG_RESUME_ACK = 6
-MIG_RP_MSG_SWITCHOVER_ACK = 7
-MIG_RP_MSG_MAX = 8
-
-# rp_cmd_args: name and payload length (-1: variable)
-RP_CMD_ARGS: dict[int, tuple[str, int]] = {
-    MIG_RP_MSG_SHUT: ("SHUT", 4),
-    MIG_RP_MSG_PONG: ("PONG", 4),
-    MIG_RP_MSG_REQ_PAGES_ID: ("REQ_PAGES_ID", -1),
-    MIG_RP_MSG_REQ_PAGES: ("REQ_PAGES", 12),
-    MIG_RP_MSG_RECV_BITMAP: ("RECV_BITMAP", -1),
-    MIG_RP_MSG_RESUME_ACK: ("RESUME_ACK", 4),
-    MIG_RP_MSG_SWITCHOVER_ACK: ("SWITCHOVER_ACK", 0),
-}
-RP_MAX_LEN = 512                 # source_return_path_thread's buffer: a longer message is refused
-MAX_DISCARDS_PER_COMMAND = 12    # savevm.c: ranges in one POSTCOPY_RAM_DISCARD
-POSTCOPY_DISCARD_VERSION = 0
+# The numbers live with the other MIG_* constants; re-exported here for this module's users.
+from npqfile.stream.constants import (  # noqa: F401
+    MAX_DISCARDS_PER_COMMAND, MIG_RP_MSG_INVALID, MIG_RP_MSG_MAX, MIG_RP_MSG_PONG, MIG_RP_MSG_RECV_BITMAP,
+    MIG_RP_MSG_REQ_PAGES, MIG_RP_MSG_REQ_PAGES_ID, MIG_RP_MSG_RESUME_ACK, MIG_RP_MSG_SHUT,
+    MIG_RP_MSG_SWITCHOVER_ACK, POSTCOPY_DISCARD_VERSION, RP_CMD_ARGS, RP_MAX_LEN,
+)
+from npqfile.stream.reader import shown, wire_name
 
 # PING values.  QEMU pings 1 after OPEN_RETURN_PATH, 2 before the package, 3 inside it
 # (debugging aids: the destination only answers PONG).  An npqfile source pings this
@@ -170,31 +160,78 @@ def advise_payload(pagesize_summary: int, target_page_size: int) -> bytes:
     return struct.pack(">QQ", pagesize_summary, target_page_size)
 
 
-def discard_payloads(block: str, ranges: list[tuple[int, int]]) -> list[bytes]:
-    """POSTCOPY_RAM_DISCARD payloads for ``ranges`` of (start, length) bytes in ``block``,
-    at most MAX_DISCARDS_PER_COMMAND ranges each.  ValueError for a bad block name."""
+def discard_payloads(block: str, ranges: Any) -> list[bytes]:
+    """POSTCOPY_RAM_DISCARD payloads for ``ranges`` of (start, length) bytes in ``block``
+    (pairs or an (N, 2) integer array), at most MAX_DISCARDS_PER_COMMAND ranges each, as
+    ``postcopy_discard_send_range`` splits them.  Returns [] for no ranges.  ValueError
+    for a bad block name or a range QEMU's be64 fields cannot carry."""
     name = block.encode()
     if not 0 < len(name) <= 255:
         raise ValueError(f"block name of {len(name)} bytes cannot be sent in POSTCOPY_RAM_DISCARD")
+    pairs = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
+    if (pairs < 0).any():
+        raise ValueError(f"a negative discard range for block '{shown(block)}'")
+    body = pairs.astype(">u8").tobytes()          # be64 start, be64 length, pair after pair
     head = bytes([POSTCOPY_DISCARD_VERSION, len(name)]) + name + b"\0"
-    out = []
-    for i in range(0, len(ranges), MAX_DISCARDS_PER_COMMAND):
-        chunk = ranges[i:i + MAX_DISCARDS_PER_COMMAND]
-        out.append(head + b"".join(struct.pack(">QQ", int(s), int(n)) for s, n in chunk))
-    return out
+    step = 16 * MAX_DISCARDS_PER_COMMAND
+    return [head + body[i:i + step] for i in range(0, len(body), step)]
 
 
-def parse_discard(data: bytes) -> tuple[str, list[tuple[int, int]]]:
-    """loadvm_postcopy_ram_handle_discard's parsing: returns (block name, [(start, length)]).
-    Raises ValueError with QEMU's reason for a malformed payload."""
+class DiscardError(ValueError):
+    """A POSTCOPY_RAM_DISCARD payload QEMU would refuse; ``offset``: the payload byte
+    where it goes wrong (the caller adds where the payload starts in the stream)."""
+
+    def __init__(self, reason: str, offset: int):
+        super().__init__(f"{reason} (payload byte {offset})")
+        self.offset = offset
+
+
+class Discard(NamedTuple):
+    """A parsed POSTCOPY_RAM_DISCARD: ``block`` (printable name), ``ranges`` as
+    [(start, length)] in bytes, ``array`` the same as an (N, 2) uint64 array, ``offset``
+    the payload byte of the first range."""
+    block: str
+    ranges: list[tuple[int, int]]
+    array: np.ndarray
+    offset: int
+
+    def check(self, size: int, page_size: int) -> None:
+        """ram_discard_range's bounds for a block of ``size`` bytes: every range whole
+        ``page_size`` pages inside it (no wrap-around: ``length`` is compared with what
+        is left after ``start``).  Returns None; DiscardError naming the first bad range
+        and its payload byte."""
+        if not self.array.size:
+            return
+        start, length = self.array[:, 0], self.array[:, 1]
+        ps, end = np.uint64(page_size), np.uint64(size)
+        bad = np.flatnonzero((start % ps != 0) | (length % ps != 0) | (start > end) | (length > end - start))
+        if bad.size:
+            i = int(bad[0])
+            raise DiscardError(f"ram_discard_range: range {int(start[i]):#x}+{int(length[i]):#x} is not whole "
+                               f"pages inside block '{shown(self.block)}' ({size:#x} bytes)", self.offset + 16 * i)
+
+    def pages(self, page_size: int) -> int:
+        """Pages the ranges cover (after :meth:`check`: whole pages, no overflow)."""
+        return int((self.array[:, 1] // np.uint64(page_size)).sum()) if self.array.size else 0
+
+
+def parse_discard(data: bytes) -> Discard:
+    """loadvm_postcopy_ram_handle_discard's parsing: the one parser of this payload (the
+    savevm loader and the postcopy destination both call it).  Returns a :class:`Discard`
+    (``[0]`` the block name, ``[1]`` the (start, length) pairs).  Raises DiscardError (a
+    ValueError) with QEMU's reason and the payload byte for a malformed payload; the
+    ranges' bounds are checked against the block by :meth:`Discard.check`."""
     if len(data) < 3:
-        raise ValueError(f"CMD_POSTCOPY_RAM_DISCARD invalid length ({len(data)})")
+        raise DiscardError(f"CMD_POSTCOPY_RAM_DISCARD invalid length ({len(data)})", 0)
     if data[0] != POSTCOPY_DISCARD_VERSION:
-        raise ValueError(f"CMD_POSTCOPY_RAM_DISCARD invalid version ({data[0]})")
+        raise DiscardError(f"CMD_POSTCOPY_RAM_DISCARD invalid version ({data[0]})", 0)
     nlen = data[1]
     if len(data) < 3 + nlen or data[2 + nlen] != 0:
-        raise ValueError("CMD_POSTCOPY_RAM_DISCARD missing nil")
-    rest = data[3 + nlen:]
-    if len(rest) % 16:
-        raise ValueError(f"CMD_POSTCOPY_RAM_DISCARD invalid length remaining {len(rest)}")
-    return wire_name(data[2:2 + nlen]), [struct.unpack_from(">QQ", rest, i) for i in range(0, len(rest), 16)]
+        raise DiscardError("CMD_POSTCOPY_RAM_DISCARD missing nil", min(2 + nlen, len(data)))
+    at = 3 + nlen
+    rest = len(data) - at
+    if rest % 16:
+        raise DiscardError(f"CMD_POSTCOPY_RAM_DISCARD invalid length remaining {rest}", at)
+    array = np.frombuffer(data, dtype=">u8", offset=at).reshape(-1, 2).astype(np.uint64)
+    ranges = list(zip(array[:, 0].tolist(), array[:, 1].tolist()))
+    return Discard(wire_name(data[2:at - 1]), ranges, array, at)

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 from conftest import QEMU_VERSIONS, require
+from proc_support import read_line
 
 from npqfile.errors import StreamError
 from npqfile.migration import MigrationConfig, MigrationParams, postcopy_ram, run_migration
@@ -326,7 +327,7 @@ def _incoming(sock: str, *extra: str) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "npqfile", "incoming", f"unix:{sock}", "--ram", "16M", "--json",
                              "--timeout", "60", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    line = proc.stderr.readline()          # --json: status lines on stderr
+    line = read_line(proc, proc.stderr, what="listening line")   # --json: status lines on stderr
     if not line.startswith("listening on"):
         proc.kill()
         raise AssertionError(f"incoming did not start: {line!r} {proc.stderr.read()}")

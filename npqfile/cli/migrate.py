@@ -456,8 +456,9 @@ def _run_cancellable(cfg: MigrationConfig, control: MigrationControl, **kw) -> t
     def on_sigint(signum, frame) -> None:
         hit.append(signum)
         signal.signal(signal.SIGINT, previous)     # a second Ctrl-C aborts
-        print("interrupted: cancelling the migration (Ctrl-C again to abort)", file=sys.stderr, flush=True)
-        control.cancel()
+        refused = control.cancel()
+        print(f"interrupted: {refused or 'cancelling the migration'} (Ctrl-C again to abort)",
+              file=sys.stderr, flush=True)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:

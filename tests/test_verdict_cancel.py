@@ -17,7 +17,7 @@ import signal
 import threading
 
 import pytest
-from test_postcopy import _incoming, require_uffd
+from test_postcopy import require_uffd
 
 import npqfile.migration.destination as destination_mod
 import npqfile.migration.session as session_mod
@@ -150,26 +150,65 @@ def test_ctrl_c_after_an_inprocess_postcopy_completed_stays_completed_not_verifi
     assert "migration cancelled" not in err and "Traceback" not in err
 
 
-def test_cancel_during_a_remote_postcopy_verdict_wait_keeps_completed(tmp_path):
-    # --to unix: to an npqfile incoming: the verdict follows SHUT on the return path
+def test_cancel_during_a_remote_postcopy_verdict_wait_keeps_completed(tmp_path, monkeypatch):
+    # --to unix: to an npqfile destination (here a thread of this process): the verdict
+    # follows SHUT on the return path; this destination holds it back until released
     require_uffd()
-    sock = str(tmp_path / "m.sock")
-    proc = _incoming(sock)
+    from npqfile.channels.uri import listen
+    from npqfile.migration.destination import VERIFY_MAGIC, Destination
+    shut_sent, gate = threading.Event(), threading.Event()
+    real_send = postcopy_ram.PostcopyIncoming.send
+
+    def send_verdict_late(pc, message):
+        if message.startswith(VERIFY_MAGIC):
+            shut_sent.set()
+            gate.wait(HANG)
+        real_send(pc, message)
+    monkeypatch.setattr(postcopy_ram.PostcopyIncoming, "send", send_verdict_late)
+    uri = f"unix:{tmp_path / 'm.sock'}"
+    listener = listen(uri)
+    results: list = []
+
+    def incoming() -> None:
+        channel = listener.accept(HANG)
+        results.append(Destination(None).receive(channel))
+    t = threading.Thread(target=incoming, daemon=True)
+    t.start()
     try:
         with MigrationControl() as control:
             def cancel_at_wait(info: dict) -> None:
                 if info["status"] == "wait-verdict":
+                    assert shut_sent.wait(HANG)       # SHUT is in, the verdict held back
                     control.cancel()
-            cfg = MigrationConfig(size=16 * MIB, init="random", workload="idle", to=f"unix:{sock}",
+            cfg = MigrationConfig(size=16 * MIB, init="random", workload="idle", to=uri,
                                   params=MigrationParams(postcopy_after=0, time_limit=30.0))
             st = run_migration(cfg, on_progress=cancel_at_wait, control=control)
-        assert control.cancelled
+        assert control.cancelled and not gate.is_set()
         assert st.status == "completed" and st.outcome == "postcopy", st.outcome
         assert st.completion == "not-verified" and st.verification["done"] is False
+        assert "migrate_cancel cannot undo it" in st.verification["error"]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+        gate.set()
+        t.join(HANG)
+        listener.close()
+    assert results and results[0].status == "completed"
+
+
+def test_cancel_in_postcopy_active_is_refused_as_qemu_10_does():
+    # QEMU 10.0: "Postcopy migration in progress, cannot cancel." -- the run goes on and
+    # ends completed (the Ctrl-C then only cuts the verdict wait short if it is not in yet)
+    require_uffd()
+    refusals: list = []
+    with MigrationControl() as control:
+        def cancel_in_postcopy(info: dict) -> None:
+            if info["status"] == "postcopy-active" and not refusals:
+                refusals.append(control.cancel())
+        cfg = MigrationConfig(size=16 * MIB, init="random", workload="uniform:rate=2000",
+                              params=MigrationParams(postcopy_after=0, time_limit=30.0))
+        st = run_migration(cfg, on_progress=cancel_in_postcopy, control=control)
+    assert refusals == ["Postcopy migration in progress, cannot cancel."]
+    assert st.status == "completed" and st.outcome == "postcopy", st.outcome
+    assert st.completion in ("verified", "not-verified") and st.verification.get("ok") is not False
 
 
 @pytest.mark.parametrize("switched", [False, True])

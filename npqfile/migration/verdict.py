@@ -160,7 +160,9 @@ def await_verdict(f: Any, st: MigrationStats, src_hashes: dict | None, *, wait: 
             fd = rp.channel.fileno()
             fds = [fd] + ([control.wait_fd()] if control is not None else [])
             ready = select.select(fds, [], [], FAILED_REPLY_WAIT if failed else wait)[0]
-            if control is not None and control.cancelled:
+            # a verdict already there wins over a cancel (QEMU: SHUT received, the run is
+            # completed, migrate_cancel no longer applies); otherwise the cancel ends the wait
+            if control is not None and control.cancelled and fd not in ready:
                 return {} if failed else cancelled_wait(st, switched)
             timed_out = fd not in ready
             msg = None if timed_out else read_verification(rp)

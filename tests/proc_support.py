@@ -67,11 +67,14 @@ def _decoded(stream: IO[Any], data: bytes) -> Any:
 def fail(proc: subprocess.Popen, why: str) -> None:
     """Kill ``proc``, collect its remaining stderr and fail the test with both."""
     proc.kill()
+    partial = proc.__dict__.get("_read_line_partial", {})
+    taken = bytes(partial.get(proc.stderr.fileno(), b"")) if proc.stderr is not None else b""
     try:
         _out, err = proc.communicate(timeout=LINE_TIMEOUT)
     except (subprocess.TimeoutExpired, ValueError):
         err = None
-    if isinstance(err, bytes):
-        err = err.decode(errors="replace")
+    if isinstance(err, str):
+        err = err.encode()
+    err = (taken + (err or b"")).decode(errors="replace")       # what read_line took included
     pytest.fail(f"{why} from {' '.join(map(str, proc.args)) if isinstance(proc.args, list) else proc.args}; "
                 f"stderr: {err!r}")

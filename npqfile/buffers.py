@@ -3,8 +3,9 @@
 Supports: ``flat_bytes`` (any C-contiguous buffer as a 1-D unsigned-byte memoryview,
 no copy), ``nbytes`` (its size), ``root_of`` (the object that owns the memory behind a
 view: an mmap for guest RAM, found through memoryview.obj and ndarray.base),
-``address_of`` (the address of a view's first byte) and ``span_of`` (one view over a run
-of memory inside a root).
+``address_of`` (the address of a view's first byte), ``span_of`` (one view over a run
+of memory inside a root) and ``PageRun`` (pages of one buffer at given offsets, as a
+sequence of views that native iovec writes can address without making them).
 
 Goals: QEMU compares iovec pointers to coalesce adjacent buffers and passes raw ranges
 to madvise; Python has no pointers, so these answer the same questions for memoryviews
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["flat_bytes", "nbytes", "root_of", "address_of", "span_of", "flat_or_none"]
+__all__ = ["flat_bytes", "nbytes", "root_of", "address_of", "span_of", "flat_or_none", "PageRun"]
 
 
 def nbytes(buf: Any) -> int:
@@ -82,3 +83,45 @@ def span_of(root: Any, start: int, length: int) -> memoryview:
     whole = flat_bytes(root)
     base = address_of(whole)
     return whole[start - base:start - base + length]
+
+
+class PageRun:
+    """Pages of one buffer as a sequence: item ``k`` is ``memory[offsets[k]:offsets[k] + page_size]``
+    (a memoryview), a slice is a list of them.  ``QEMUFile.put_records`` takes it in place of
+    a list of page views; on a channel with native iovecs its whole flush cycles then go out
+    without a Python object per page (the addresses are ``base + offsets``).
+
+    ``memory`` is any C-contiguous buffer (guest RAM: a block's mmap or numpy view of it);
+    ``offsets`` byte offsets into it.  ValueError when a page would reach outside ``memory``
+    or ``page_size`` is not positive: nothing outside the buffer is ever addressed."""
+
+    __slots__ = ("memory", "offsets", "page_size", "_flat")
+
+    def __init__(self, memory: Any, offsets: Any, page_size: int) -> None:
+        flat = flat_bytes(memory)
+        offs = np.asarray(offsets)
+        if offs.ndim != 1 or offs.size and offs.dtype.kind not in "iu":
+            raise ValueError("PageRun offsets must be a 1-d array of integers")
+        if page_size <= 0:
+            raise ValueError(f"page_size must be positive, not {page_size}")
+        if offs.size and (int(offs.min()) < 0 or int(offs.max()) + page_size > flat.nbytes):
+            raise ValueError(f"PageRun pages reach outside the {flat.nbytes}-byte buffer "
+                             f"(offsets {int(offs.min())}..{int(offs.max())}, page size {page_size})")
+        self.memory = memory
+        self.offsets = offs.astype(np.uint64, copy=False)
+        self.page_size = page_size
+        self._flat = flat
+
+    def __len__(self) -> int:
+        return self.offsets.size
+
+    def __getitem__(self, k: Any) -> Any:
+        flat, ps = self._flat, self.page_size
+        if isinstance(k, slice):
+            return [flat[o:o + ps] for o in self.offsets[k].tolist()]
+        o = int(self.offsets[k])
+        return flat[o:o + ps]
+
+    def address(self) -> int:
+        """Address of ``memory``'s first byte (valid while the caller keeps ``memory`` mapped)."""
+        return address_of(self._flat)

@@ -21,6 +21,7 @@ import subprocess
 from typing import Any, Sequence
 
 from .base import Closing, pick_direction, wait_writable, write_all
+from .iovec import write_iov
 
 
 class FdChannel(Closing):
@@ -73,6 +74,12 @@ class FdWriter(FdChannel):
         fd = self._fd
         return write_all(buffers, lambda batch, _offset: os.writev(fd, batch), lambda: wait_writable(fd))
 
+    def writev_iov(self, iov: Any, total: int, pos: int) -> int:
+        """``writev`` of native iovecs (see `iovec.write_iov`): the same bytes and syscalls as
+        ``writev`` of the buffers they describe; returns ``total``; OSError on failure."""
+        fd = self._fd
+        return write_iov(fd, iov, total, lambda: wait_writable(fd))
+
 
 class FileChannel(FdChannel):
     """A regular file: mode "w" creates/truncates it (0666 & ~umask), mode "r" opens it read-only.
@@ -112,6 +119,11 @@ class FileWriter(FileChannel, FdWriter):
         fd = self._fd
         return write_all(buffers, lambda batch, offset: os.pwritev(fd, batch, offset),
                          lambda: wait_writable(fd), pos)
+
+    def writev_iov(self, iov: Any, total: int, pos: int) -> int:
+        """Native iovecs at file offset ``pos`` (positional files) or the fd's position."""
+        fd = self._fd
+        return write_iov(fd, iov, total, lambda: wait_writable(fd), pos if self.positional else None)
 
 
 # Signals a reader's command may die of because WE closed its stdout early: not a command failure.
@@ -275,4 +287,14 @@ class ExecWriter(ExecChannel, FdWriter):
         try:
             return super().writev(buffers, pos)
         except BrokenPipeError as exc:
-            raise BrokenPipeError(exc.errno, f"exec:{self.cmd}: {exc.strerror}: {self._exit_status_now()}") from None
+            raise self._broken(exc) from None
+
+    def writev_iov(self, iov: Any, total: int, pos: int) -> int:
+        """Native iovecs to the command's stdin; a broken pipe is reported as by ``writev``."""
+        try:
+            return super().writev_iov(iov, total, pos)
+        except BrokenPipeError as exc:
+            raise self._broken(exc) from None
+
+    def _broken(self, exc: BrokenPipeError) -> BrokenPipeError:
+        return BrokenPipeError(exc.errno, f"exec:{self.cmd}: {exc.strerror}: {self._exit_status_now()}")

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import stat
 import threading
 from typing import Any, Sequence
 
 from .base import Closing, pick_direction, wait_writable, write_all
+from .iovec import write_iov
 
 # sizeof(sockaddr_un.sun_path) on Linux is 108, one byte of it the terminating NUL.
 UNIX_PATH_MAX = 107
@@ -153,6 +155,18 @@ class SocketWriter(SocketChannel):
                              lambda: wait_writable(sock.fileno()))
         except TimeoutError:
             raise self._stalled("accepted no data") from None
+
+    def writev_iov(self, iov: Any, total: int, pos: int) -> int:
+        """``writev`` of native iovecs (see `iovec.write_iov`) on the socket: the bytes and
+        calls of ``writev``.  With a stall timeout the socket is non-blocking underneath;
+        EAGAIN then waits at most that long for room (ETIMEDOUT naming the peer)."""
+        fd = self._sock.fileno()
+
+        def wait() -> None:
+            if not select.select([], [fd], [], self._stall)[1]:
+                raise self._stalled("accepted no data")
+
+        return write_iov(fd, iov, total, wait)
 
 
 def _sendmsg(sock: socket.socket, batch: list) -> int:

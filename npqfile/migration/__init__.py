@@ -7,7 +7,9 @@ workloads (``make_workload``: idle, uniform, hotset, sequential, zipf, callables
 ``query-migrate``-style statistics (``MigrationStats``), whole runs with verification
 (``MigrationConfig``, ``run_migration``), parameter sweeps (``run_sweep``) and plots
 (``plot_migration``, imported lazily: it needs matplotlib).
-Plan: one concept per module -- ``engine``, ``bandwidth``, ``destination``,
+Plan: one concept per module -- ``engine`` (the composition, QEMU's migration.c),
+``ram`` (``RAMState``: the RAM-saving side and the pre-copy loop, QEMU's ram.c),
+``options`` (``MigrationParams``, QEMU's options.c), ``bandwidth``, ``destination``,
 ``workloads``, ``compression``, ``stats``, ``session``, ``sweep``, ``plot``; the
 lifecycle: ``verdict`` (who confirms the guest arrived), ``release_ram`` (when the
 source may release its RAM), ``control`` (cancelling a run: ``MigrationControl``).

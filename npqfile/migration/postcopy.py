@@ -26,8 +26,11 @@ the status is ``postcopy-paused`` (QEMU's; npqfile has no recovery, so the pause
 final) and the outcome says so; a destination that reports an error (SHUT 1) gives
 ``failed``; before the package, errors give ``failed``.  Never ``completed``.
 
-Plan: protocol bytes live in ``npqfile.stream.return_path`` (pure); the engine's bitmap,
-saver and sections are used as they are, so pre-copy is unchanged.
+Plan: protocol bytes live in ``npqfile.stream.return_path`` (pure); the RAM side is the
+engine's ``rs`` (``npqfile.migration.ram.RAMState``: bitmap, dirty count, saver, sections,
+counters), used through its public methods as pre-copy uses them, so pre-copy is
+unchanged; of the engine itself only its public ``f``, ``writer``, ``params``, ``stats``,
+``ram``, ``hash_at_switchover`` / ``switchover_hashes`` and ``report_progress()``.
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ class PostcopySource:
         self._rp_done = threading.Event()
         self.active = False           # the package (with RUN) has been sent
         self._bytes0 = 0              # RAM bytes counted when postcopy began
+        self._last_sync_dirty: int | None = None
 
     # -- setup: return path and advise ------------------------------------------------------
     def setup(self) -> None:
@@ -170,13 +174,26 @@ class PostcopySource:
                 self._queue.append((block, first, count))
 
     # -- postcopy_start and the background phase ---------------------------------------------
+    def due(self, synced: bool) -> bool:
+        """migrate-start-postcopy as guestperf issues it: once dirty-sync-count exceeds
+        ``postcopy_after``; with ``auto``, at the first sync whose dirty pages did not
+        shrink since the previous sync (pre-copy stopped making progress).  Returns
+        whether to switch now (the pre-copy loop asks after each look at the bitmap)."""
+        e = self.e
+        pa = e.params.postcopy_after
+        if pa != "auto":
+            return e.stats.dirty_sync_count > pa
+        if not synced:
+            return False
+        last, self._last_sync_dirty = self._last_sync_dirty, e.rs.dirty
+        return last is not None and e.rs.dirty >= last
+
     def run(self, stop_t: float) -> None:
         """Switch to postcopy (the guest was stopped at ``stop_t``) and send the rest.
         Sets engine.stats.status; raises OSError for an I/O failure before the package
         was sent (the engine then reports ``failed``: the destination never ran)."""
-        e, st, f = self.e, self.e.stats, self.e.f
-        e._sync()                                   # ram_postcopy_send_discard_bitmap syncs first
-        e._new_iteration(e._dirty, final=True)
+        e, st, f, rs = self.e, self.e.stats, self.e.f, self.e.rs
+        rs.last_sync()                              # ram_postcopy_send_discard_bitmap syncs first
         excluded = 0.0
         if e.hash_at_switchover:
             h0 = time.monotonic()
@@ -187,15 +204,15 @@ class PostcopySource:
         w.switchover_start()                        # QEMU 10.0's postcopy_start sends it first
         discards = 0
         for b in e.ram.blocks:                      # pages dirtied since they were sent
-            ranges = [(s * b.page_size, n * b.page_size) for s, n in _runs(e._bitmap[b.name])]
+            ranges = [(s * b.page_size, n * b.page_size) for s, n in _runs(rs.bitmap[b.name])]
             for payload in discard_payloads(b.name, ranges):
                 w.write_command(MIG_CMD_POSTCOPY_RAM_DISCARD, payload)
                 discards += 1
         # QEMU sends whole pages in postcopy (save_xbzrle_page: not in postcopy): without
         # its cache the saver never XBZRLE-encodes again, even when its search wraps
-        e.saver.cache = None
-        e.saver.xbzrle_enabled = False
-        e.saver.compress_level = None
+        rs.saver.cache = None
+        rs.saver.xbzrle_enabled = False
+        rs.saver.compress_level = None
         w.write_command(MIG_CMD_PING, struct.pack(">I", PING_BEFORE_PACKAGE))
         self._send_package()
         f.fflush()
@@ -206,14 +223,13 @@ class PostcopySource:
             # ram_postcopy_migrated_memory_release, as in QEMU's postcopy_start only once the
             # package (LISTEN, devices, RUN) is written: a switch that failed to go out must
             # leave the source its RAM.  The destination now has every clean page.
-            e._release_clean()
-            e.saver.release_ram = True              # from now on each page is released once sent
-        self._bytes0 = e._ram_counted()
+            rs.release_clean()
+            rs.saver.release_ram = True             # from now on each page is released once sent
+        self._bytes0 = rs.transferred()
         st.status = "postcopy-active"
         st.downtime = time.monotonic() - stop_t - excluded     # QEMU: stop to package sent
         st.postcopy = {"discard-messages": discards, "switch-sync": st.dirty_sync_count}
-        e._sample_rss()
-        e._progress()
+        e.report_progress()
         f.set_rate_limit(0)                         # max-postcopy-bandwidth 0: unlimited
         try:
             self._background()
@@ -223,10 +239,10 @@ class PostcopySource:
         if self.rp_error is not None:
             self._pause(f"error: {self.rp_error}")
             return
-        if self.shut is not None and e._dirty:
+        if self.shut is not None and rs.dirty:
             # the destination gave up (SHUT 1: RP: Sibling indicated error) with pages unsent
             st.status = "failed"
-            st.outcome = (f"error: the destination ended the migration (SHUT {self.shut}) with {e._dirty} pages "
+            st.outcome = (f"error: the destination ended the migration (SHUT {self.shut}) with {rs.dirty} pages "
                           f"not sent; the guest is split between source and destination")
             e.f.shutdown()
             return
@@ -257,28 +273,27 @@ class PostcopySource:
 
     def _background(self) -> None:
         """Requested pages first, then background pages, in PART sections of <= 50 ms."""
-        from npqfile.migration.engine import MAX_WAIT
-        e, f = self.e, self.e.f
-        while e._dirty and self.rp_error is None and self.shut is None and not e._cancel.is_set():
+        from npqfile.migration.ram import MAX_WAIT
+        e, f, rs = self.e, self.e.f, self.e.rs
+        while rs.dirty and self.rp_error is None and self.shut is None and not rs.cancel.is_set():
             deadline = time.monotonic() + MAX_WAIT
-            with e._ram_section(QEMU_VM_SECTION_PART):
-                while e._dirty and self.rp_error is None and time.monotonic() < deadline:
+            with rs.ram_section(QEMU_VM_SECTION_PART):
+                while rs.dirty and self.rp_error is None and time.monotonic() < deadline:
                     if self._serve_requests():
                         f.fflush()                  # a faulting guest waits for these
-                    e._send_some(BACKGROUND_CHUNK, False)
+                    rs.find_and_save(BACKGROUND_CHUNK, False)
                     if f.get_error():
                         raise f.error
-                e.saver.write_eos()
+                rs.write_eos()
             st = e.stats
             st.part_sections += 1
-            e._sample_rss()
-            e._progress()
-        if e._cancel.is_set():
+            e.report_progress()
+        if rs.cancel.is_set():
             raise OSError("migrate_cancel during postcopy")
 
     def _serve_requests(self) -> int:
         """Send the still-dirty pages of every queued request; returns pages sent."""
-        e = self.e
+        rs = self.e.rs
         sent = 0
         while True:
             with self._lock:
@@ -286,30 +301,24 @@ class PostcopySource:
                     return sent
                 block, first, count = self._queue.popleft()
                 self._queued[block.name][first:first + count] = False
-            bm = e._bitmap[block.name]
-            idx = np.flatnonzero(bm[first:first + count]) + first
+            idx = np.flatnonzero(rs.bitmap[block.name][first:first + count]) + first
             if not idx.size:
                 continue                            # already sent in the background
-            n = e.saver.save_pages(block, idx)
-            if e.saver.release_ram:
-                e._release_zero(block, idx[:n][e.saver.sent_zero])
-            bm[idx[:n]] = False
-            e._dirty -= n
+            n = rs.save_pages(block, idx)           # released once sent under release-ram
             sent += n
             self.pages_requested += n
 
     def _finish(self) -> None:
         """qemu_savevm_state_complete_postcopy, then wait for SHUT."""
-        e, st, f = self.e, self.e.stats, self.e.f
-        with e._ram_section(QEMU_VM_SECTION_END):
-            e.saver.write_eos()
-            e._uncounted += 8
+        e, st, f, rs = self.e, self.e.stats, self.e.f, self.e.rs
+        with rs.ram_section(QEMU_VM_SECTION_END):
+            rs.write_eos(counted=False)             # not in ram_counters.transferred
         e.writer.write_eof()
         f.fflush()
         if f.get_error():
             self._pause(f"error: {f.error}")
             return
-        e._close_iteration()
+        rs.close_iteration()
         if not self._rp_done.wait(SHUT_TIMEOUT):
             self._pause(f"error: no SHUT from the destination within {SHUT_TIMEOUT:g} s")
             return
@@ -343,7 +352,7 @@ class PostcopySource:
     def summary(self) -> dict[str, Any]:
         """The source's postcopy statistics."""
         return {"postcopy-requests": self.requests,
-                "postcopy-bytes": self.e._ram_counted() - self._bytes0 if self.active else 0,
+                "postcopy-bytes": self.e.rs.transferred() - self._bytes0 if self.active else 0,
                 "pages-requested-sent": self.pages_requested,
                 "pongs": self.pongs, "shut": self.shut, "return-path-error": self.rp_error}
 

@@ -38,9 +38,9 @@ import mmap
 import os
 import re
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
-import psutil
 
 HOST_PAGE_SIZE: int = mmap.PAGESIZE
 
@@ -135,7 +135,8 @@ def smaps_fields(start: int, end: int) -> dict[str, int]:
 
 
 @lru_cache(maxsize=1)
-def _process() -> psutil.Process:
+def _process() -> Any:
+    import psutil   # here, not at import: 10 ms that `npqfile save` and `incoming` never need
     return psutil.Process()
 
 

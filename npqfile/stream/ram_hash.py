@@ -4,7 +4,8 @@ Supports: ``LoadHasher``, which the RAM loader feeds with the ranges of each blo
 finished writing in address order; a thread hashes them (hashlib releases the GIL for
 large updates, so this runs on the other core while the loader waits on its channel);
 ``digests(ram)`` returns each block's sha256 hex digest -- always the digest of the
-block's final bytes, exactly ``RAMBlock.sha256()``.
+block's final bytes, exactly ``RAMBlock.sha256()``.  The thread runs SCHED_IDLE: it uses
+spare CPU only, and whatever it has not hashed when the stream ends is hashed then.
 
 Goals: ``npqfile incoming`` reports (and a tcp:/unix: migration verifies with) the hash
 of every block; hashing 1 GiB after loading costs about as much as loading it.  A
@@ -24,6 +25,7 @@ range only after writing it, so a range queued and not stale is final when it is
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import threading
 from typing import Any
@@ -52,6 +54,9 @@ class LoadHasher:
         self.blocks: dict[str, BlockHash] = {}
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._tid: int | None = None
+        self._takeover = False          # set by _stop: the thread hands back what it takes
+        self._handed_back: list = []
 
     def track(self, name: str, view: memoryview) -> BlockHash:
         """Start the running hash of block ``name`` whose bytes are ``view``; returns it."""
@@ -71,19 +76,54 @@ class LoadHasher:
         bh.next = end
 
     def _run(self) -> None:
+        # Scavenge: hash only with CPU nobody else wants (SCHED_IDLE, this thread only).  With
+        # a spare core the hash keeps up with the loader; on a busy one (source, destination
+        # and hash on 2 cores) it no longer slows the migration: ``_stop`` takes the rest over.
+        self._tid = threading.get_native_id()
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError):
+            pass
         while True:
             item = self._queue.get()
             if item is None:
+                return
+            if self._takeover:       # the loader hashes this range and the rest itself
+                self._handed_back.append(item)
                 return
             bh, start, end = item
             if not bh.stale:
                 bh.sha.update(bh.view[start:end])
 
     def _stop(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        """Stop the thread and hash here, at this thread's priority, whatever it has not
+        taken yet: a starved idle thread must not make the verdict wait.  The thread
+        finishes the range it is hashing and hands back the next one it takes, so every
+        range is hashed once and in order."""
+        if self._thread is None:
+            return
+        self._takeover = True
+        try:    # let it finish its current range at normal priority (allowed for root)
+            os.sched_setscheduler(self._tid, os.SCHED_OTHER, os.sched_param(0))
+        except (AttributeError, OSError, TypeError):
+            pass
+        self._queue.put(None)
+        self._thread.join()
+        self._thread = None
+        pending = self._handed_back
+        while True:
+            try:
+                pending.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        self._handed_back = []
+        self._takeover = False
+        for item in pending:
+            if item is None:
+                continue
+            bh, start, end = item
+            if not bh.stale:
+                bh.sha.update(bh.view[start:end])
 
     def digests(self, ram: Any) -> dict[str, str]:
         """The sha256 hex digest of every block of ``ram`` by name, from the running hash

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from npqfile.buffers import PageRun
 from npqfile.stream.constants import (
     ENCODING_FLAG_XBZRLE, RAM_SAVE_FLAG_COMPRESS_PAGE, RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS,
     RAM_SAVE_FLAG_MEM_SIZE, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_ZERO,
@@ -36,7 +37,9 @@ from npqfile.stream.mapped_ram import MappedRamWriter
 from npqfile.stream.ram_stats import RAMStats
 from npqfile.stream.xbzrle import PageCache, encode_page
 
-BATCH_PAGES = 256   # 1 MiB of 4 KiB pages per zero-detection batch: fits L2, amortises numpy calls
+# 8 MiB of 4 KiB pages per zero-detection batch: amortises the numpy calls (measured here,
+# 256-page batches cost a save of all-zero RAM 25% more CPU than 2048)
+BATCH_PAGES = 2048
 
 
 class RAMSaver:
@@ -226,7 +229,7 @@ class RAMSaver:
                 recs[:, :8] = headers[a:b].view(np.uint8).reshape(-1, 8)
                 f.put_bytes(recs)
             else:
-                f.put_records(headers[a:b], 8, [flat[o:o + ps] for o in offsets[a:b].tolist()], may_free)
+                f.put_records(headers[a:b], 8, PageRun(flat, offsets[a:b], ps), may_free)
         sent = n - first
         nz = int(np.count_nonzero(zero[first:n]))
         st.zero_pages += nz

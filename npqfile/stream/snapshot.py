@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,12 +25,14 @@ from npqfile.qemufile import READ_AHEAD, QEMUFile
 from npqfile.ram import GuestRAM
 from npqfile.stream.constants import QEMU_VM_SECTION_END, QEMU_VM_SECTION_PART, QEMU_VM_SECTION_START
 from npqfile.stream.devices import machine_devices, ram_entry
-from npqfile.stream.loader import LoadResult, load_stream
 from npqfile.stream.ram_saver import RAMSaver
 from npqfile.stream.ram_stats import RAMStats
 from npqfile.stream.savevm import SaveVMWriter
 from npqfile.stream.versions import QemuStreamVersion, stream_version
 from npqfile.stream.vmdesc import find_vmdesc
+
+if TYPE_CHECKING:
+    from npqfile.stream.loader import LoadResult
 
 PASS_PAGES = 1 << 18   # page indices handed to save_pages per call (1 GiB of 4 KiB pages)
 
@@ -94,6 +97,7 @@ def save_snapshot(f: QEMUFile, ram: GuestRAM, *, machine: str = "none", send_con
 
 
 def _load(f: QEMUFile, **kwargs) -> LoadResult:
+    from npqfile.stream.loader import load_stream   # here: `save` never pays for the loader
     try:
         return load_stream(f, **kwargs)
     finally:

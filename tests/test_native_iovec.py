@@ -1,0 +1,206 @@
+"""Native iovec writes (issue 12): ``put_records`` of a ``PageRun`` on a channel with
+``writev_iov`` must make exactly the writev calls -- same iovecs, same bytes, same flush
+points -- that the per-page views make, over every OS channel, with short writes, EAGAIN,
+stall timeouts and broken pipes handled as ``writev`` handles them.  Timings are never tested."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from npqfile.buffers import PageRun
+from npqfile.channels import ExecChannel, FdChannel, FileChannel, MemoryChannel, SocketChannel, iovec
+from npqfile.qemufile import QEMUFile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PS = 4096
+
+pytestmark = pytest.mark.skipif(not iovec.available(), reason="no native iovec writes on this platform")
+
+
+class Recorder:
+    """A write channel that records every call: ('views' | 'iov', [iovec lengths], bytes)."""
+
+    def __init__(self, native: bool):
+        self.calls: list[tuple[str, list[int], bytes]] = []
+        if native:
+            self.writev_iov = self._writev_iov
+
+    def writev(self, buffers, pos):
+        mvs = [memoryview(b).cast("B") for b in buffers]
+        self.calls.append(("views", [m.nbytes for m in mvs], b"".join(bytes(m) for m in mvs)))
+        return sum(m.nbytes for m in mvs)
+
+    def _writev_iov(self, iov, total, pos):
+        lens = [int(n) for n in iov[:, 1]]
+        data = b"".join(ctypes.string_at(int(a), int(n)) for a, n in iov)
+        assert sum(lens) == total
+        self.calls.append(("iov", lens, data))
+        return total
+
+    def close(self):
+        return 0
+
+
+def _ram(pages: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, pages * PS, dtype=np.uint8)
+
+
+def _records(f: QEMUFile, ram: np.ndarray, idx: np.ndarray, as_run: bool, lead: int) -> None:
+    for i in range(lead):                 # bytes already queued: the cycles start mid-queue
+        f.put_byte(i)
+    offsets = idx.astype(np.int64) * PS
+    headers = (offsets | 0x28).astype(">u8")
+    pages = PageRun(ram, offsets, PS) if as_run else [memoryview(ram)[o:o + PS] for o in offsets.tolist()]
+    f.put_records(headers, 8, pages)
+    f.put_be64(0x10)
+    f.fflush()
+
+
+@pytest.mark.parametrize("max_iov,io_buf", [(64, 32768), (8, 32768), (64, 64), (7, 32768)])
+@pytest.mark.parametrize("lead", [0, 1, 5])
+def test_native_cycles_make_the_same_writev_calls(max_iov, io_buf, lead):
+    ram = _ram(300)
+    idx = np.r_[np.arange(0, 150), np.arange(299, 150, -1)]     # ascending, then scattered
+    seen = []
+    for native, as_run in ((False, False), (True, True)):
+        ch = Recorder(native)
+        _records(QEMUFile(ch, io_buf_size=io_buf, max_iov=max_iov), ram, idx, as_run, lead)
+        seen.append(ch.calls)
+    reference, native_calls = seen
+    assert [(lens, data) for _, lens, data in native_calls] == [(lens, data) for _, lens, data in reference]
+    if max_iov % 2 == 0 and io_buf > 64:
+        assert any(kind == "iov" for kind, _, _ in native_calls)   # the native path was taken
+
+
+def test_page_run_is_the_list_of_page_views_and_refuses_pages_outside_memory():
+    ram = _ram(4)
+    run = PageRun(ram, [3 * PS, 0, PS], PS)
+    assert len(run) == 3
+    assert bytes(run[0]) == ram[3 * PS:].tobytes()
+    assert [bytes(p) for p in run[1:]] == [ram[:PS].tobytes(), ram[PS:2 * PS].tobytes()]
+    with pytest.raises(ValueError, match="outside the 16384-byte buffer"):
+        PageRun(ram, [3 * PS + 1], PS)
+    with pytest.raises(ValueError, match="outside"):
+        PageRun(ram, [-PS], PS)
+    with pytest.raises(ValueError, match="page_size"):
+        PageRun(ram, [0], 0)
+    with pytest.raises(ValueError, match="integers"):
+        PageRun(ram, [0.5], PS)
+
+
+def _reference_stream(ram: np.ndarray, idx: np.ndarray) -> bytes:
+    ch = MemoryChannel()
+    _records(QEMUFile(ch), ram, idx, False, 0)
+    return ch.getvalue()
+
+
+def _drain(fd_or_sock, out: bytearray) -> threading.Thread:
+    def run():
+        while True:
+            chunk = fd_or_sock.recv(1 << 16) if isinstance(fd_or_sock, socket.socket) else os.read(fd_or_sock, 1 << 16)
+            if not chunk:
+                return
+            out.extend(chunk)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("kind", ["pipe", "file", "socket", "socket-stall"])
+def test_native_writes_over_real_channels_carry_the_reference_bytes(kind, tmp_path):
+    ram = _ram(512, seed=2)
+    idx = np.arange(512)[::-1].copy()
+    want = _reference_stream(ram, idx)
+    got = bytearray()
+    if kind == "pipe":
+        r, w = os.pipe()
+        t = _drain(r, got)
+        ch = FdChannel(w, "w")
+    elif kind == "file":
+        path = tmp_path / "s.bin"
+        ch = FileChannel(path, "w")
+        assert ch.positional
+    else:
+        a, b = socket.socketpair()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)   # many short writes / EAGAINs
+        t = _drain(b, got)
+        ch = SocketChannel(a, "w")
+        if kind == "socket-stall":
+            ch.set_stall_timeout(60)          # a non-blocking fd underneath: EAGAIN is waited on
+    f = QEMUFile(ch)
+    _records(f, ram, idx, True, 0)
+    assert f.close() == 0
+    if kind == "file":
+        got = bytearray((tmp_path / "s.bin").read_bytes())
+    else:                                 # the close ended the stream: the reader sees EOF
+        t.join(30)
+        assert not t.is_alive()
+        os.close(r) if kind == "pipe" else b.close()
+    assert bytes(got) == want
+
+
+def test_write_iov_resumes_partial_writes_inside_an_iovec():
+    """A non-blocking socket with a tiny buffer: the kernel takes part of an iovec, the rest
+    is re-based in place and written after EAGAIN waits."""
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    a.setblocking(False)
+    got = bytearray()
+    t = _drain(b, got)
+    data = np.random.default_rng(5).integers(0, 256, 3 << 20, dtype=np.uint8)
+    sizes = [1, 7, 4096, 100000, 3, 65536] * 8
+    iov = iovec.iovec_array(len(sizes))
+    base, off = data.ctypes.data, 0
+    for i, n in enumerate(sizes):
+        iov[i] = (base + off, n)
+        off += n
+    fd = a.fileno()
+    assert iovec.write_iov(fd, iov, off, lambda: __import__("select").select([], [fd], [])) == off
+    a.close()
+    t.join(30)
+    b.close()
+    assert bytes(got) == data[:off].tobytes()
+
+
+def test_a_stalled_socket_peer_fails_a_native_write_with_the_stall_timeout():
+    a, b = socket.socketpair()
+    try:
+        ch = SocketChannel(a, "w")
+        ch.set_stall_timeout(0.2, "the destination")
+        f = QEMUFile(ch)
+        ram = _ram(2048)                 # 8 MiB: more than the socket buffers hold
+        _records(f, ram, np.arange(2048), True, 0)
+        assert f.get_error() == -errno.ETIMEDOUT
+        assert "the destination accepted no data for 0.2 s" in str(f.error)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_broken_exec_pipe_names_the_command_and_the_offset():
+    ch = ExecChannel("exit 3", "w")
+    f = QEMUFile(ch)
+    ram = _ram(1024)
+    _records(f, ram, np.arange(1024), True, 0)
+    assert f.get_error() == -errno.EPIPE
+    assert "exec:exit 3: Broken pipe: command exited with status 3" in str(f.error)
+    assert "stream offset" in str(f.error)
+    f.close()
+
+
+def test_save_imports_neither_the_loader_nor_psutil():
+    """``npqfile save`` runs without the loader (its own ~10 ms) and psutil (~10 ms): both
+    were imported inside the command's time before."""
+    code = ("import sys, npqfile.cli.save\n"
+            "print(sorted(m for m in ('npqfile.stream.loader', 'psutil') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -42,8 +42,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -166,10 +166,29 @@ def _timed_npqfile(args: list[str]) -> tuple[float, float, int]:
     return inner, wall, usage.ru_maxrss
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _listen_port(q: "Qemu") -> int:
+    """The port a QEMU ``migrate-incoming tcp:127.0.0.1:0`` listens on (query-migrate's
+    socket-address): the listener binds first, so no other process can take the port
+    between choosing it and listening on it."""
+    return int(q.cmd("query-migrate")["socket-address"][0]["port"])
+
+
+def _listening_uri(proc: subprocess.Popen, timeout: float = 30.0) -> str:
+    """The URI an ``npqfile incoming tcp:127.0.0.1:0`` prints ("listening on URI") on
+    stdout, read with a deadline; RuntimeError with its stderr when it does not."""
+    line, deadline = b"", time.monotonic() + timeout
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
+            break
+        byte = os.read(proc.stdout.fileno(), 1)
+        if not byte:
+            break
+        line += byte
+    if not line.startswith(b"listening on "):
+        proc.kill()
+        raise RuntimeError(f"npqfile incoming did not listen: {line!r} {proc.communicate()[1].decode(errors='replace')}")
+    return line.decode().split("listening on ", 1)[1].strip()
 
 
 class Bench:
@@ -241,7 +260,6 @@ class Bench:
                                *([] if hashed else ["--no-hash"])])
 
     def qemu_live(self, qb: QemuBinary, channels: int = 0) -> float:
-        port = _free_port()
         dst = Qemu(qb, self.dir, self.size, mem_path=None, incoming=True)
         src = None
         try:
@@ -252,8 +270,8 @@ class Bench:
             if channels:
                 for q in (src, dst):
                     q.cmd("migrate-set-parameters", **{"multifd-channels": channels})
-            dst.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
-            src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+            dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+            src.cmd("migrate", uri=f"tcp:127.0.0.1:{_listen_port(dst)}")
             st = src.wait()
             dst.wait()
             return st["total-time"] / 1000.0
@@ -263,17 +281,11 @@ class Bench:
                     q.close()
 
     def npq_live(self, channels: int = 0) -> float:
-        port = _free_port()
-        uri = f"tcp:127.0.0.1:{port}"
         extra = ["--multifd-channels", str(channels)] if channels else []
-        dst = subprocess.Popen(NPQFILE + ["incoming", uri, "--ram", str(self.size), "--timeout", "120", *extra],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        dst = subprocess.Popen(NPQFILE + ["incoming", "tcp:127.0.0.1:0", "--ram", str(self.size), "--timeout", "120",
+                                          *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            deadline = time.monotonic() + 30
-            while not _listening(port):   # not a probe connection: incoming accepts only one
-                if dst.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"npqfile incoming did not listen: {dst.stderr.read().decode(errors='replace')}")
-                time.sleep(0.02)
+            uri = _listening_uri(dst)     # not a probe connection: incoming accepts only one
             res = subprocess.run(NPQFILE + ["migrate", "--to", uri, "--size", str(self.size), "--init", "random",
                                             "--workload", "idle", "--quiet", "--json", *extra],
                                  cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -290,11 +302,6 @@ class Bench:
     def supports_multifd(self) -> bool:
         res = subprocess.run(NPQFILE + ["migrate", "--help"], cwd=ROOT, capture_output=True, text=True)
         return "--multifd-channels" in res.stdout
-
-
-def _listening(port: int) -> bool:
-    with open("/proc/net/tcp") as fh:
-        return any(f":{port:04X} " in line and line.split()[3] == "0A" for line in fh)
 
 
 def main() -> int:

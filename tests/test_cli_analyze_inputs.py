@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from conftest import require
+from proc_support import read_line
 from npqfile.cli import main
 from test_stream_hostile import _live_pc_like_stream
 from test_stream_support import PAGE, header, make_ram, minimal_stream, part, pattern_pages, ram_start, snapshot_bytes
@@ -74,7 +75,7 @@ def test_a_closed_standard_output_ends_the_report_quietly(tmp_path):
     stream = tmp_path / "many-parts.stream"
     stream.write_bytes(header() + ram_start({"ram": 4 * PAGE}) + part(b"") * 5000 + b"\x00")
     proc = _analyze(stream, stdin=subprocess.DEVNULL)
-    first = proc.stdout.readline()
+    first = read_line(proc, proc.stdout, what="first report line")
     proc.stdout.close()                   # | head -1
     code, _, err = _finish(proc)
     assert first.startswith(b"stream   ")

@@ -19,6 +19,7 @@ from npqfile.migration.workloads import make_workload
 from npqfile.ram import GuestRAM
 from npqfile.stream.devices import none_machine_devices
 from npqfile.stream.vmdesc import encode_vmdesc
+from proc_support import read_line
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -133,7 +134,7 @@ def test_sweep_runs_every_case(capsys):
 def _start_incoming(uri: str, *extra: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "npqfile", "incoming", uri, "--json", "--timeout", "60", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
-    line = proc.stderr.readline()          # with --json, status lines go to stderr
+    line = read_line(proc, proc.stderr, what="listening line")   # with --json, status lines go to stderr
     if not line.startswith("listening on "):
         proc.kill()
         raise AssertionError(f"incoming did not start: {line!r} {proc.stderr.read()}")
@@ -413,7 +414,7 @@ def test_ctrl_c_cancels_and_prints_the_cancelled_runs_summary(as_json):
                              *(["--json"] if as_json else ["--quiet"])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
     try:
-        line = proc.stderr.readline()
+        line = read_line(proc, proc.stderr, what="pre-switchover line")
         assert line.startswith("pre-switchover: guest stopped"), line
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from npqfile.cli import main
 from npqfile.migration.events import STATES, EventWriter, read_events
+from proc_support import read_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,7 +144,7 @@ def test_incoming_over_tcp_with_events_on_stdout_keeps_stdout_json_lines(tmp_pat
                              "--timeout", "60", "--events", "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=ROOT)
     try:
-        line = dest.stderr.readline()                   # "listening on" moves to stderr with the report
+        line = read_line(dest, dest.stderr)             # "listening on" moves to stderr with the report
         assert line.startswith("listening on tcp:127.0.0.1:"), line
         src = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--quiet", "--size", "2M", "--workload",
                               "idle", "--to", line.split()[-1]], capture_output=True, text=True, cwd=ROOT, timeout=120)

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from conftest import require
+from proc_support import fail, read_line
 
 from npqfile.migration.engine import MigrationParams
 from npqfile.migration.session import MigrationConfig, fill_guest, run_migration
@@ -47,17 +46,12 @@ def start_incoming(*extra: str, ram: int = SIZE, stall: float = STALL) -> tuple[
     proc = subprocess.Popen([sys.executable, "-m", "npqfile", "incoming", "tcp:127.0.0.1:0", "--json",
                              "--ram", str(ram), "--timeout", "60", "--stall-timeout", str(stall), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
-    deadline = time.monotonic() + HANG
-    while time.monotonic() < deadline:
-        ready = select.select([proc.stdout, proc.stderr], [], [], 1.0)[0]
-        for stream in ready:
-            line = stream.readline()
-            if line.startswith("listening on "):
-                return proc, line.split("listening on ", 1)[1].strip()
-            if not line and proc.poll() is not None:
-                raise AssertionError(f"incoming exited: {proc.stderr.read()}")
-    proc.kill()
-    raise AssertionError("incoming did not start listening")
+    while True:
+        line = read_line(proc, proc.stdout, proc.stderr, timeout=HANG, what="'listening on' line")
+        if line.startswith("listening on "):
+            return proc, line.split("listening on ", 1)[1].strip()
+        if not line:
+            fail(proc, "incoming exited before it listened")
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str, str]:

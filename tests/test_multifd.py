@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import require
+from proc_support import read_line
 from npqfile.channels import Listener, SocketChannel
 from npqfile.migration.engine import MigrationParams
 from npqfile.migration.multifd import MultiFDSend
@@ -281,7 +282,7 @@ def test_cli_migrate_to_npqfile_incoming_over_unix_with_multifd(tmp_path):
                             "--multifd-channels", "4", "--multifd-compression", "zlib", "--timeout", "30"],
                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert dst.stderr.readline().startswith("listening on")   # --json: status lines on stderr
+        assert read_line(dst, dst.stderr).startswith("listening on")   # --json: status lines on stderr
         src = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--size", "16M", "--to", f"unix:{sock}",
                               "--multifd-channels", "4", "--multifd-compression", "zlib", "--json", "--quiet",
                               "--workload", "hotset:rate=3000"], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -329,7 +330,7 @@ def test_incoming_without_multifd_names_a_multifd_connection(tmp_path):
     dst = subprocess.Popen([sys.executable, "-m", "npqfile", "incoming", f"unix:{sock}", "--ram", "1M",
                             "--timeout", "30"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        dst.stdout.readline()
+        assert read_line(dst, dst.stdout).startswith("listening on")
         s = socket.socket(socket.AF_UNIX)
         s.connect(str(sock))
         s.sendall(encode_init(0))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +18,18 @@ import pytest
 
 from npqfile.migration.session import fill_guest
 from npqfile.ram import GuestRAM
+from proc_support import read_line
 from qemu_support import QemuVM
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 16 << 20
+
+
+def _listen_uri(tmp_path: Path) -> str:
+    """Where QEMU's -incoming listens: a unix socket in the test's own directory.  A TCP
+    port found free by binding port 0 and closing it is a race (anyone may take it
+    before QEMU binds it); a path nobody else uses is not."""
+    return f"unix:{tmp_path / 'mig.sock'}"
 
 
 def _multifd(vm: QemuVM, channels: int, compression: str, zero: str | None) -> None:
@@ -49,7 +56,7 @@ def test_qemu_source_to_npqfile_incoming(tmp_path, version, channels, compressio
                                 "--multifd-compression", compression],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            port = dst.stderr.readline().strip().rsplit(":", 1)[1]   # --json: status lines on stderr
+            port = read_line(dst, dst.stderr).strip().rsplit(":", 1)[1]   # --json: status lines on stderr
             _multifd(vm, channels, compression, zero)
             vm.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
             st = vm.wait_migration()
@@ -76,14 +83,12 @@ def test_npqfile_source_to_qemu_10(tmp_path, channels, compression, zero):
     ram_file = tmp_path / "dst.ram"
     with open(ram_file, "wb") as fh:
         fh.truncate(SIZE)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    uri = _listen_uri(tmp_path)
     with QemuVM(tmp_path, ram_file, version="10.0", size=SIZE, incoming=True) as vm:
         _multifd(vm, channels, compression, zero)
-        vm.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        vm.cmd("migrate-incoming", uri=uri)
         src = subprocess.run([sys.executable, "-m", "npqfile", "migrate", "--size", "16M",
-                              "--to", f"tcp:127.0.0.1:{port}", "--peer", "qemu", "--multifd-channels", str(channels),
+                              "--to", uri, "--peer", "qemu", "--multifd-channels", str(channels),
                               "--multifd-compression", compression, "--zero-page-detection", zero,
                               "--init", "mixed", "--workload", "idle", "--json", "--quiet"],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -109,19 +114,17 @@ def test_npqfile_live_migration_with_a_dirtying_guest_into_qemu_10(tmp_path):
     ram_file = tmp_path / "dst.ram"
     with open(ram_file, "wb") as fh:
         fh.truncate(SIZE)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    uri = _listen_uri(tmp_path)
     src = GuestRAM()
     try:
         src.add_block("ram", SIZE)
         fill_guest(src, "mixed", 3)
         with QemuVM(tmp_path, ram_file, version="10.0", size=SIZE, incoming=True) as vm:
             _multifd(vm, 3, "zstd", "multifd")
-            vm.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+            vm.cmd("migrate-incoming", uri=uri)
             params = MigrationParams(multifd_channels=3, multifd_compression="zstd", time_limit=60,
                                      max_bandwidth=40 << 20)       # several passes while the guest writes
-            st = run_migration(MigrationConfig(size=SIZE, to=f"tcp:127.0.0.1:{port}", params=params, peer="qemu",
+            st = run_migration(MigrationConfig(size=SIZE, to=uri, params=params, peer="qemu",
                                                workload="hotset:rate=4000,hot=0.2,bytes=64"), ram=src)
             assert st.status == "completed" and st.completion == "not-verified", st.outcome
             vm.wait_migration()

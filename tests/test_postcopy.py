@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 from conftest import QEMU_VERSIONS, require
+from proc_support import read_line
 
 from npqfile.errors import StreamError
 from npqfile.migration import MigrationConfig, MigrationParams, postcopy_ram, run_migration
@@ -326,7 +327,7 @@ def _incoming(sock: str, *extra: str) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "npqfile", "incoming", f"unix:{sock}", "--ram", "16M", "--json",
                              "--timeout", "60", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    line = proc.stderr.readline()          # --json: status lines on stderr
+    line = read_line(proc, proc.stderr, what="listening line")   # --json: status lines on stderr
     if not line.startswith("listening on"):
         proc.kill()
         raise AssertionError(f"incoming did not start: {line!r} {proc.stderr.read()}")
@@ -599,5 +600,57 @@ def test_a_switch_to_postcopy_that_fails_to_go_out_releases_nothing(monkeypatch)
         # RAM, nothing released (a released page of random contents reads back as zeros)
         zero_pages = int((~ram.blocks[0].pages.any(axis=1)).sum())
         assert st.released_bytes == 0 and zero_pages == 0
+    finally:
+        ram.close()
+
+
+# -- the return path: where npqfile differs from QEMU -----------------------------------------------
+def test_a_postcopy_source_waits_for_shut_only_so_long(monkeypatch):
+    """QEMU's source joins its return-path thread for SHUT without a time limit; npqfile's
+    gives up after SHUT_TIMEOUT (shortened here) and reports postcopy-paused: the guest
+    runs on a destination that never confirmed it has every page."""
+    require_uffd()
+    import select as select_mod
+
+    from npqfile.migration import postcopy as pc
+    monkeypatch.setattr(pc, "SHUT_TIMEOUT", 0.5)
+    real_finish = postcopy_ram.PostcopyIncoming.finish
+
+    def finish_after_the_source_hangs_up(self, ok, verdict):
+        fd = self.main.channel.fileno()          # a destination that holds SHUT back...
+        while True:                              # ...until the source closes the stream
+            select_mod.select([fd], [], [])
+            try:
+                if not os.read(fd, 1 << 16):
+                    break
+            except BlockingIOError:
+                pass
+        real_finish(self, ok, verdict)
+    monkeypatch.setattr(postcopy_ram.PostcopyIncoming, "finish", finish_after_the_source_hangs_up)
+    cfg = _cfg(postcopy_after=0)
+    cfg.workload = "idle"
+    st = run_migration(cfg)
+    assert st.status == "postcopy-paused", st.outcome
+    assert "no SHUT from the destination within 0.5 s" in st.outcome and "guest is split" in st.outcome
+    assert st.verification.get("ok") is not True
+
+
+def test_open_return_path_in_a_replayed_stream_is_a_warning_without_a_guest(tmp_path):
+    """QEMU fails a stream whose OPEN_RETURN_PATH meets a channel without a return path
+    (CMD_OPEN_RETURN_PATH failed); npqfile loads a saved postcopy stream (a file, a
+    command) when no guest is to run, with a warning, its PINGs unanswered.  A destination
+    that would run the guest still fails."""
+    from npqfile.channels import open_channel
+    from npqfile.migration.destination import Destination
+    path = tmp_path / "pc.stream"
+    path.write_bytes(_stream((1, b""), (2, b"\0\0\0\1")))
+    ram = GuestRAM()
+    try:
+        ram.add_block("ram", 1 * MIB)
+        res = Destination(ram).receive(open_channel(f"file:{path}", "r"), reply=False)
+        assert res.status == "completed", res.error
+        assert any("OPEN_RETURN_PATH on a channel without one" in w for w in res.warnings), res.warnings
+        res = Destination(ram, guest=make_workload("idle")).receive(open_channel(f"file:{path}", "r"), reply=False)
+        assert res.status == "failed" and "Unable to open return-path for postcopy" in res.error, res.error
     finally:
         ram.close()

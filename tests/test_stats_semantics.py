@@ -40,7 +40,13 @@ def test_idle_guest_with_xbzrle_has_no_cache_misses_and_keeps_compressing_until_
 
 def test_dirty_pages_rate_counts_only_newly_set_bits():
     # pages written while still waiting to be sent are already set in the migration
-    # bitmap: QEMU's sync adds nothing for them to num_dirty_pages_period
+    # bitmap: QEMU's sync adds nothing for them to num_dirty_pages_period.  (Written pages
+    # that were sent before the next sync are newly set again: QEMU counts and re-sends
+    # them.)  So the sync must come while they wait, whatever the machine's load: they are
+    # written at the first window's end (<= 4 MB of 16 MiB sent, 40 MB/s) and are the last
+    # pages sent, and the sync comes once remaining < window bandwidth x downtime-limit.
+    # With QEMU's largest downtime-limit (2000 s) that is the first window that sent at
+    # more than 8.4 KB/s, not (as with 0.5 s) one that happened to reach 24 MB/s.
     ram = GuestRAM()
     ram.add_block("ram", 16 * MIB)
     fill_guest(ram, "random", 1)
@@ -52,7 +58,7 @@ def test_dirty_pages_rate_counts_only_newly_set_bits():
             done.append(True)
             ram.block("ram").touch(pending)
 
-    params = MigrationParams(max_bandwidth=40e6, downtime_limit=0.5)
+    params = MigrationParams(max_bandwidth=40e6, downtime_limit=2000.0)
     try:
         st = run_migration(MigrationConfig(size=16 * MIB, workload="idle", params=params), ram=ram,
                            on_progress=write_pending_pages)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -430,22 +431,38 @@ def _pause_hook(delay: float, control: MigrationControl):
 def _run_cancellable(cfg: MigrationConfig, control: MigrationControl, **kw) -> tuple[MigrationStats, bool]:
     """run_migration with Ctrl-C mapped to migrate_cancel: the first SIGINT cancels the
     run (which then ends with its statistics), a second one raises KeyboardInterrupt.
-    Returns (statistics, whether SIGINT cancelled the run)."""
+    Returns (statistics, whether SIGINT cancelled the run).
+
+    The handler only writes a byte to a pipe (async-signal-safe); a watcher thread does
+    the cancel and the message.  Cancelling sets threading Events that the main thread
+    may be waiting on, and prints: done in the handler, which runs in the main thread
+    between two bytecodes, that could take a lock the main thread already holds."""
     if threading.current_thread() is not threading.main_thread():
         return run_migration(cfg, control=control, **kw), False
     hit = []
+    rfd, wfd = os.pipe()
 
     def on_sigint(signum, frame) -> None:
         hit.append(signum)
         signal.signal(signal.SIGINT, previous)     # a second Ctrl-C aborts
-        print("interrupted: cancelling the migration (Ctrl-C again to abort)", file=sys.stderr, flush=True)
-        control.cancel()
+        os.write(wfd, b"x")
 
+    def watcher() -> None:
+        while os.read(rfd, 1):                      # b"": the run is over
+            refused = control.cancel()
+            print(f"interrupted: {refused or 'cancelling the migration'} (Ctrl-C again to abort)",
+                  file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=watcher, name="sigint-cancel", daemon=True)
+    thread.start()
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         st = run_migration(cfg, control=control, **kw)
     finally:
         signal.signal(signal.SIGINT, previous)
+        os.close(wfd)                               # the watcher handles a pending byte, then ends
+        thread.join()
+        os.close(rfd)
     return st, bool(hit)
 
 
@@ -465,7 +482,6 @@ def check_outputs(args: argparse.Namespace, cfg: MigrationConfig) -> None:
         check_plot_path(args.plot)
     to = cfg.to or ""
     if to.startswith("file:"):
-        import os
         if not to[5:]:
             raise ValueError("--to file: needs a path (file:PATH)")
         folder = os.path.dirname(os.path.abspath(to[5:]))

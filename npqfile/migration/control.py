@@ -24,6 +24,7 @@ class MigrationControl:
     def __init__(self) -> None:
         self._cancelled = threading.Event()
         self._engine: Any = None
+        self._ended: str | None = None      # after the run: why a cancel changes nothing
         self._lock = threading.Lock()
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._wfd, False)
@@ -36,22 +37,28 @@ class MigrationControl:
         """The session's running engine (None when it has finished); a cancel that came
         earlier is passed on at once.  Returns None."""
         with self._lock:
+            if engine is None and self._engine is not None:
+                # the run has ended: what a cancel would now say (the engine's cancel
+                # does nothing to a finished run)
+                self._ended = self._engine.cancel()
             self._engine = engine
         if engine is not None and self.cancelled:
             engine.cancel()
 
-    def cancel(self) -> None:
+    def cancel(self) -> str | None:
         """migrate_cancel: stop the run at whatever it is doing.  Safe from a signal
         handler (no lock is taken: the engine's cancel only sets a flag and shuts the
-        file down).  Returns None."""
+        file down).  Returns None, or the engine's reason for not cancelling (postcopy
+        in progress, or a run that already ended); a wait for the verdict ends either
+        way (``verdict.cancelled_wait`` says what that means)."""
         self._cancelled.set()
         engine = self._engine
-        if engine is not None:
-            engine.cancel()
+        refused = engine.cancel() if engine is not None else self._ended
         try:
             os.write(self._wfd, b"x")        # wake a select() on wait_fd()
         except (BlockingIOError, OSError):
             pass                             # already woken, or closed
+        return refused
 
     def wait(self, timeout: float | None) -> bool:
         """Wait up to ``timeout`` seconds (None: forever) for a cancel; returns whether

@@ -97,10 +97,20 @@ class MigrationEngine:
         self.postcopy = PostcopySource(self) if self.params.postcopy_after is not None else None
 
     # -- control from other threads -----------------------------------------------------
-    def cancel(self) -> None:
+    def cancel(self) -> str | None:
         """migrate_cancel: the run ends as ``cancelled``.  Like QEMU, shut the QEMUFile down
         (qemu_file_shutdown) so a send blocked on a stalled peer wakes at once; any
-        thread, or a signal handler.  Returns None."""
+        thread, or a signal handler.  Returns None, or why nothing was done: a run no
+        longer running (migration_cancel leaves completed/failed alone), or postcopy
+        once the package was sent (QEMU 10.0's qmp_migrate_cancel refuses it: the guest
+        runs on the destination)."""
+        status, switched = self.stats.status, self.postcopy is not None and self.postcopy.active
+        if status == "completed" and not switched:
+            return None     # pre-copy: what remains is the session's wait for the verdict, which ends
+        if status in ("completed", "failed", "cancelled", "postcopy-paused"):
+            return f"the migration is {status}: nothing to cancel"
+        if switched:
+            return "Postcopy migration in progress, cannot cancel."
         self._cancel.set()
         self._continue.set()                        # leave a pre-switchover pause
         self.f.shutdown()

@@ -58,6 +58,7 @@ from npqfile.migration.verdict import (
     NPQFILE,
     STALL_TIMEOUT,
     await_verdict,
+    cancelled_wait,
     compare_hashes,
     destination_failed,
     peer_of,
@@ -262,7 +263,8 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None, c
                 on_progress(engine.progress_info("wait-verdict"))
         if peer.remote and peer.kind == NPQFILE:
             st.verification = await_verdict(f, st, src_hashes, wait=verdict_wait(cfg.stall_timeout, ram.total_size),
-                                            control=control, rp=postcopy.return_path if postcopy else None)
+                                            control=control, rp=postcopy.return_path if postcopy else None,
+                                            switched=postcopy is not None and postcopy.active)
         elif peer.remote and st.status == "completed":
             st.verification = {"method": None, "ok": None,
                                "note": "the destination is QEMU (--peer qemu): no verdict"}
@@ -280,7 +282,7 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None, c
                               "bytes-in": channel.bytes_in, "bytes-out": channel.bytes_out}
         if dest is not None:
             _inprocess_verdict(st, dest, ram, dest_ram, cfg.verify, src_hashes,
-                               postcopy is not None and postcopy.active)
+                               postcopy is not None and postcopy.active, control)
         elif to.startswith("file:") and st.status == "completed" and cfg.verify:
             st.verification = _verify_file(to[5:], ram, src_hashes, comp, params.mapped_ram)
         elif not peer.remote and st.status == "completed":
@@ -302,17 +304,25 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None, c
         if postcopy is not None:
             postcopy.close()            # its return-path thread and socket reference too
         if dest is not None:
-            dest.join(VERIFY_TIMEOUT)
-        if dest_ram is not None:
+            dest.join(VERIFY_TIMEOUT, control.wait_fd() if control is not None else None)
+        if dest_ram is not None and not (dest is not None and dest.running):
+            # a cancel does not wait for a destination still busy with its last bytes (its
+            # input is closed, it ends on its own): its RAM is left to it, never unmapped under it
             dest_ram.close()
 
 
 def _inprocess_verdict(st: MigrationStats, dest: Destination, ram: GuestRAM, dest_ram: GuestRAM,
-                       verify: bool, src_hashes: dict | None, postcopied: bool) -> None:
+                       verify: bool, src_hashes: dict | None, postcopied: bool,
+                       control: MigrationControl | None = None) -> None:
     """The in-process destination's verdict: its thread's result, then the comparison
     (after postcopy, of the RAM as it was received: the destination's guest changed it
-    since).  A destination that failed fails a completed run.  Returns None (fills ``st``)."""
-    res = dest.join(VERIFY_TIMEOUT)
+    since).  A destination that failed fails a completed run; a ``control`` cancel
+    (Ctrl-C) ends the wait at once (``cancelled_wait``).  Returns None (fills ``st``)."""
+    res = dest.join(VERIFY_TIMEOUT, control.wait_fd() if control is not None else None)
+    if res is None:                 # Ctrl-C while the destination was still at work
+        if st.status == "completed":
+            st.verification = cancelled_wait(st, postcopied)
+        return
     st.destination = res.as_dict()
     if st.status == "cancelled":
         return

@@ -15,8 +15,11 @@ its last byte: a socket that accepted the bytes is not a destination that holds 
 guest.  Only a peer known to send no verdict (``--peer qemu``, ``file:`` snapshots
 aside: they are loaded back; ``exec:``, ``fd:``, ``null:``) ends "completed, not
 verified".  The wait is bounded: the stall timeout plus the time the destination
-needs to hash the RAM at a slow rate, and a ``MigrationControl`` cancel ends it at once.
-Plan: pure decisions (``peer_of``, ``verdict_wait``) apart from the one I/O function.
+needs to hash the RAM at a slow rate, and a ``MigrationControl`` cancel (Ctrl-C) ends it at
+once, for an in-process destination too (:func:`cancelled_wait` says what the cancel means:
+``cancelled`` in pre-copy, "not verified" once postcopy has switched; never a release).
+Plan: pure decisions (``peer_of``, ``verdict_wait``, ``cancelled_wait``) apart from the
+one I/O function.
 """
 
 from __future__ import annotations
@@ -108,14 +111,36 @@ def _no_verdict(st: MigrationStats, why: str) -> dict:
     return {"method": "sha256", "ok": False, "done": False, "error": why}
 
 
+def cancelled_wait(st: MigrationStats, switched: bool) -> dict:
+    """A ``migrate_cancel`` (Ctrl-C) that ended the wait for a completed run's verdict;
+    returns the verification and updates ``st``.
+
+    Pre-copy (``switched`` False): the source still holds the guest and its RAM, as QEMU's
+    source does while ``migration_completion`` awaits the return path's SHUT (state still
+    ``device``, so ``migration_cancel`` moves it to ``cancelling``): the run is
+    ``cancelled``.  After postcopy switched (the package with RUN was sent) the guest runs
+    on the destination: QEMU 10.0 refuses ``migrate_cancel`` in postcopy ("Postcopy
+    migration in progress, cannot cancel.") and ``migration_cancel`` changes nothing once
+    the migration is no longer running (``completed``).  The status stays QEMU's; the
+    verification says it was not obtained (completion ``not-verified``)."""
+    if not switched:
+        st.status, st.converged = "cancelled", False
+        st.outcome = "cancelled while waiting for the destination's verdict"
+        return {}
+    return {"method": "sha256", "ok": None, "done": False,
+            "error": "interrupted before the destination's verdict; the postcopy migration had already "
+                     f"{st.status} (the guest runs on the destination: migrate_cancel cannot undo it)"}
+
+
 def await_verdict(f: Any, st: MigrationStats, src_hashes: dict | None, *, wait: float,
-                  control: Any = None, rp: Any = None) -> dict:
+                  control: Any = None, rp: Any = None, switched: bool = False) -> dict:
     """Half-close the source's side of the connection of the QEMUFile ``f``, then read
     the npqfile destination's verdict on the return path for up to ``wait`` seconds
     (after a failed run only FAILED_REPLY_WAIT, for its reason; after a stall not at all).  Returns the
     verification dict and updates ``st``: no verdict in time, a closed connection, a
     broken return path or a failed destination make a completed run ``failed``; a
-    ``control`` cancel during the wait makes it ``cancelled``.  ``src_hashes`` None:
+    ``control`` cancel during the wait ends it at once (``cancelled_wait``: ``cancelled``,
+    or after postcopy ``switched`` not verified).  ``src_hashes`` None:
     verification off (the destination's status still counts).  ``rp``: the return path
     to read (postcopy's, already read up to SHUT); default a new one from ``f``."""
     failed = st.status != "completed"
@@ -135,11 +160,10 @@ def await_verdict(f: Any, st: MigrationStats, src_hashes: dict | None, *, wait: 
             fd = rp.channel.fileno()
             fds = [fd] + ([control.wait_fd()] if control is not None else [])
             ready = select.select(fds, [], [], FAILED_REPLY_WAIT if failed else wait)[0]
-            if control is not None and control.cancelled:
-                if not failed:
-                    st.status, st.converged = "cancelled", False
-                    st.outcome = "cancelled while waiting for the destination's verdict"
-                return {}
+            # a verdict already there wins over a cancel (QEMU: SHUT received, the run is
+            # completed, migrate_cancel no longer applies); otherwise the cancel ends the wait
+            if control is not None and control.cancelled and fd not in ready:
+                return {} if failed else cancelled_wait(st, switched)
             timed_out = fd not in ready
             msg = None if timed_out else read_verification(rp)
         finally:

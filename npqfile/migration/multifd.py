@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from npqfile.buffers import PageRun, address_of
+from npqfile.channels import iovec
 from npqfile.migration.multifd_recv import (
     CHANNEL_TIMEOUT, MultiFDRecv, accept_channels, close_channels, peek_magic,
 )
@@ -52,6 +54,8 @@ class _SendChannel:
         self.normal = 0
         self.zero = 0
         self.thread = threading.Thread(target=self._run, name=f"mig/src/send_{cid}", daemon=True)
+        # a socket channel takes native iovecs: a packet's pages need no Python object each
+        self.native = getattr(channel, "writev_iov", None) if iovec.available() else None
 
     def _write(self, buffers: list) -> None:
         n = self.channel.writev(buffers, self.bytes)
@@ -87,15 +91,23 @@ class _SendChannel:
             offs, normal = partition_zero_pages(offs, buffer_is_zero(block.pages, offs // ps))
         else:
             normal = offs.size
-        flat = memoryview(block.array)
-        pages = [flat[p:p + ps] for p in offs[:normal].tolist()]
-        data = pages
+        run = PageRun(block.array, offs[:normal], ps)
         if self.codec.flag and normal:
-            data = [self.codec.compress(pages)]
-        size = sum(len(d) for d in data)
+            data = [self.codec.compress(run[:])]
+            size = len(data[0])
+        else:
+            data, size = run, normal * ps
         head = encode_packet(flags=self.codec.flag, packet_num=next(o._packet_num), ramblock=block.name,
                              offsets=offs, normal_pages=normal, next_packet_size=size, page_size=ps)
-        self._write([head, *data])
+        if data is run and self.native is not None:
+            # the packet as one writev of native iovecs: header, then each page in place
+            iov = iovec.iovec_array(1 + normal)
+            iov[0] = (address_of(memoryview(head)), len(head))
+            iov[1:, 0] = run.offsets + np.uint64(run.address())
+            iov[1:, 1] = ps
+            self.bytes += self.native(iov, len(head) + size, self.bytes)
+        else:
+            self._write([head, *(run[:] if data is run else data)])
         self.packets += 1
         self.normal += normal
         self.zero += offs.size - normal

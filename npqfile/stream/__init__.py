@@ -9,19 +9,9 @@ machine; the vmdesc JSON; QEMU 10.0's stream and mapped-ram files (``versions``,
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
-# Re-exported lazily (PEP 562): `npqfile save` needs the writer, not the loader, and the
-# loader's import alone costs ~10 ms inside the command's time.
-_EXPORTS = {
-    "LoadResult": "loader", "SectionInfo": "loader", "load_stream": "loader",
-    "DEFAULT_MAX_RAM_BYTES": "ram_loader", "RAMLoader": "ram_loader", "RAMSaver": "ram_saver",
-    "RAMStats": "ram_stats", "SaveStateEntry": "savevm", "SaveVMWriter": "savevm",
-    "load_file": "snapshot", "load_uri": "snapshot", "save_snapshot": "snapshot",
-    "QEMU_STREAM_VERSIONS": "versions", "QemuStreamVersion": "versions", "stream_version": "versions",
-    "find_vmdesc": "vmdesc",
-}
+from npqfile.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from npqfile.stream.loader import LoadResult, SectionInfo, load_stream
@@ -33,15 +23,15 @@ if TYPE_CHECKING:
     from npqfile.stream.versions import QEMU_STREAM_VERSIONS, QemuStreamVersion, stream_version
     from npqfile.stream.vmdesc import find_vmdesc
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'npqfile.stream' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"npqfile.stream.{module}"), name)
-    globals()[name] = value
-    return value
-
+# `npqfile save` needs the writer, not the loader (whose import alone is ~10 ms of its time)
+__getattr__ = lazy_exports(__name__, {
+    "LoadResult": "loader", "SectionInfo": "loader", "load_stream": "loader",
+    "DEFAULT_MAX_RAM_BYTES": "ram_loader", "RAMLoader": "ram_loader", "RAMSaver": "ram_saver",
+    "RAMStats": "ram_stats", "SaveStateEntry": "savevm", "SaveVMWriter": "savevm",
+    "load_file": "snapshot", "load_uri": "snapshot", "save_snapshot": "snapshot",
+    "QEMU_STREAM_VERSIONS": "versions", "QemuStreamVersion": "versions", "stream_version": "versions",
+    "find_vmdesc": "vmdesc",
+})
 
 __all__ = [
     "LoadResult", "SectionInfo", "load_stream", "DEFAULT_MAX_RAM_BYTES", "RAMLoader", "RAMSaver",

@@ -12,8 +12,16 @@ The package is layered like QEMU's migration code:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from npqfile.errors import FileError, StreamError
-from npqfile.qemufile import QEMUFile
+from npqfile.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from npqfile.qemufile import QEMUFile
+
+# QEMUFile (and numpy with it) on first use: the command line sets up the process first
+__getattr__ = lazy_exports(__name__, {"QEMUFile": "qemufile"})
 
 __all__ = ["QEMUFile", "FileError", "StreamError"]
 __version__ = "0.1.0"

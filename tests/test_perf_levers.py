@@ -230,3 +230,17 @@ def test_zero_pages_found_by_first_word_then_whole_page(mix):
         assert np.array_equal(mask, kinds[chunk] == 0)
     finally:
         ram.close()
+
+
+def test_the_command_line_starts_no_openblas_workers_and_the_package_defers_numpy():
+    """``import npqfile`` does not import numpy; ``npqfile.cli`` keeps OpenBLAS to one thread
+    before numpy loads (its spinning workers cost each command ~0.17 s of CPU here)."""
+    code = ("import os, sys\n"
+            "os.environ.pop('OPENBLAS_NUM_THREADS', None)\n"
+            "import npqfile\n"
+            "early = 'numpy' in sys.modules\n"
+            "import npqfile.cli, numpy\n"
+            "print(early, os.environ.get('OPENBLAS_NUM_THREADS'), len(os.listdir('/proc/self/task')))")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split() == ["False", "1", "1"]

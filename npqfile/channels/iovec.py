@@ -2,7 +2,9 @@
 
 Supports: `available()`, `iovec_array(count)` (a C-contiguous ``(count, 2)`` uint64 array laid out
 as ``struct iovec``) and `write_iov(fd, iov, total, wait, pos=None)`, the native twin of
-`base.write_all`: every byte or OSError, partial writes resumed, EINTR retried, EAGAIN waited on.
+`base.write_all`: every byte or OSError, partial writes resumed, EINTR retried, EAGAIN waited on;
+`read_iov`, its reading twin (readv straight into guest RAM); `vmsplice_iov` (pages into a pipe by
+reference, see ``npqfile.qemufile_zerocopy``).
 
 Goals: the RAM section's bulk path (``QEMUFile.put_records`` of a `npqfile.buffers.PageRun`) hands
 the kernel exactly the iovecs the buffer-object path would -- the same ``writev`` calls, so QEMU's
@@ -29,7 +31,7 @@ import numpy as np
 
 from .base import IOV_MAX
 
-__all__ = ["available", "iovec_array", "splice_available", "vmsplice_iov", "write_iov"]
+__all__ = ["available", "iovec_array", "read_iov", "splice_available", "vmsplice_iov", "write_iov"]
 
 _IOVEC_BYTES = 16   # struct iovec on LP64: void *iov_base; size_t iov_len
 
@@ -39,11 +41,12 @@ def _libc_calls() -> dict[str, Callable[..., int]] | None:
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        calls = {"writev": libc.writev, "pwritev": libc.pwritev}
+        calls = {"writev": libc.writev, "pwritev": libc.pwritev, "readv": libc.readv}
     except (OSError, AttributeError):
         return None
     calls["writev"].argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     calls["pwritev"].argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
+    calls["readv"].argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     vmsplice = getattr(libc, "vmsplice", None)
     if vmsplice is not None:
         vmsplice.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
@@ -82,6 +85,16 @@ def write_iov(fd: int, iov: np.ndarray, total: int, wait: Callable[[], None], po
     return _iov_loop(lambda ptr, n, done: pwritev(fd, ptr, n, pos + done), iov, total, wait)
 
 
+def read_iov(fd: int, iov: np.ndarray, total: int, wait: Callable[[], None]) -> int:
+    """Fill every buffer the iovecs ``iov`` describe (``total`` bytes) from ``fd``, in order:
+    readv(2) straight into the caller's memory (multifd's pages into guest RAM).  Returns
+    ``total``, or the bytes read before the end of the stream (fewer: the caller reports
+    the truncation).  Short reads re-base ``iov`` in place; EINTR retries; EAGAIN calls
+    ``wait()``; OSError for a failed call."""
+    readv = _calls()["readv"]
+    return _iov_loop(lambda ptr, n, done: readv(fd, ptr, n), iov, total, wait, eof_ok=True)
+
+
 def splice_available() -> bool:
     """Whether ``vmsplice_iov`` works here."""
     return _CALLS is not None and "vmsplice" in _CALLS
@@ -107,9 +120,10 @@ def _calls() -> dict[str, Callable[..., int]]:
 
 
 def _iov_loop(call: Callable[[int, int, int], int], iov: np.ndarray, total: int,
-              wait: Callable[[], None]) -> int:
+              wait: Callable[[], None], eof_ok: bool = False) -> int:
     """``call(address of the first iovec, count, bytes done so far) -> bytes or -1`` until
-    ``total`` bytes are written; see ``write_iov``."""
+    ``total`` bytes are moved; see ``write_iov``.  A call that moves nothing is EIO, or
+    with ``eof_ok`` (reads) the end of the stream: the count so far is returned."""
     if iov.dtype != np.uint64 or iov.ndim != 2 or iov.shape[1] != 2 or not iov.flags.c_contiguous:
         raise ValueError("iov must be a C-contiguous (n, 2) uint64 array")
     count = iov.shape[0]
@@ -130,6 +144,8 @@ def _iov_loop(call: Callable[[int, int, int], int], iov: np.ndarray, total: int,
                 continue
             raise OSError(err, os.strerror(err))
         if ret == 0:
+            if eof_ok:
+                return done
             raise OSError(errno.EIO, f"write made no progress after {done} of {total} bytes")
         done += ret
         if done >= total:

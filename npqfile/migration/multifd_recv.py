@@ -19,6 +19,7 @@ are in ``npqfile.migration.multifd``; the wire format in ``npqfile.stream.multif
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from npqfile.channels import iovec
 from npqfile.migration.options import migrate_params_check
 from npqfile.ram.bufferiszero import buffer_is_zero
 from npqfile.stream.multifd import (
@@ -49,6 +51,7 @@ class _RecvChannel:
         # a socket object on the channel's fd (detached at the end): recvmsg_into fills a
         # packet's pages, scattered over guest RAM, with one call
         self.sock = socket.socket(fileno=fd) if fd >= 0 else None
+        self.native = self.sock is not None and iovec.available()
         self.thread = threading.Thread(target=self._run, name=f"mig/dst/recv_{cid}", daemon=True)
 
     def _readv(self, views: list, what: str) -> None:
@@ -70,6 +73,15 @@ class _RecvChannel:
                 views = views[1:]
             if n:
                 views[0] = views[0][n:]
+        self.offset += got
+
+    def _read_iov(self, iov: np.ndarray, total: int, what: str) -> None:
+        """``_readv`` of native iovecs (on a socket): every byte or MultiFDError."""
+        fd = self.sock.fileno()
+        got = iovec.read_iov(fd, iov, total, lambda: select.select([fd], [], []))
+        if got < total:
+            raise MultiFDError(f"channel closed after {got} of the {total} bytes of {what}",
+                               self.offset + got, self.where)
         self.offset += got
 
     def _read(self, buf: memoryview, what: str, eof_ok: bool = False) -> bool:
@@ -121,7 +133,14 @@ class _RecvChannel:
         normal, zero = idx[:pkt.normal_pages], idx[pkt.normal_pages:]
         if normal.size:
             at = self.offset
-            if comp is None:
+            if comp is None and self.native:
+                # readv of native iovecs: the kernel fills each page in place in guest RAM
+                # (decode_packet checked every offset against the block)
+                iov = iovec.iovec_array(normal.size)
+                iov[:, 0] = normal.astype(np.uint64) * np.uint64(ps) + np.uint64(block.address)
+                iov[:, 1] = ps
+                self._read_iov(iov, normal.size * ps, "page data")
+            elif comp is None:
                 flat = memoryview(block.array)
                 self._readv([flat[p * ps:(p + 1) * ps] for p in normal.tolist()], "page data")
             else:

@@ -145,6 +145,7 @@ def _unlimited(q: Qemu, caps: dict | None = None) -> None:
 
 DRIVER = ("import sys, time\n"
           "import npqfile.cli as cli\n"        # interpreter and numpy start-up: not timed
+          "import numpy\n"                     # (after the CLI set up the process for it)
           "t = time.perf_counter()\n"
           "rc = cli.main(sys.argv[1:])\n"
           "sys.stderr.write(f'\\nNPQ_ELAPSED={time.perf_counter() - t}\\n')\n"

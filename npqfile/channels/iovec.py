@@ -22,7 +22,6 @@ itself is modified when the kernel writes part of it (the rest is re-based in pl
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 from typing import Callable
@@ -40,7 +39,8 @@ def _libc_calls() -> dict[str, Callable[..., int]] | None:
     if ctypes.sizeof(ctypes.c_void_p) != 8:
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        # the process's own symbols include libc's (find_library would run ldconfig)
+        libc = ctypes.CDLL(None, use_errno=True)
         calls = {"writev": libc.writev, "pwritev": libc.pwritev, "readv": libc.readv}
     except (OSError, AttributeError):
         return None

@@ -168,6 +168,49 @@ def test_hashes_computed_while_loading_are_the_blocks_final_hashes(order):
         ram.close()
 
 
+def test_the_loader_hashes_what_the_yielding_hasher_has_not_reached():
+    """The hashing thread runs at nice 10 and may fall behind: when the stream ends, the
+    loader takes over the ranges it has not taken (the thread finishes its current one and
+    hands back the next), each hashed once, in order: the digest is the block's."""
+    import hashlib
+    import threading
+
+    from npqfile.stream.ram_hash import LoadHasher
+
+    data = np.random.default_rng(11).integers(0, 256, 64 * 4096, dtype=np.uint8)
+    hasher = LoadHasher()
+    bh = hasher.track("ram", memoryview(data))
+    by_thread: list[str] = []
+
+    class Starved:
+        """A sha256 whose first update, on the hashing thread, waits until the loader
+        has started taking over (as a thread that got no CPU until then would)."""
+        def __init__(self):
+            self.sha = hashlib.sha256()
+
+        def update(self, buf):
+            by_thread.append(threading.current_thread().name)
+            if by_thread == ["load-hasher"]:
+                started.set()
+                while not hasher._takeover:
+                    threading.Event().wait(0.001)
+            self.sha.update(buf)
+
+        def hexdigest(self):
+            return self.sha.hexdigest()
+    bh.sha = Starved()
+    started = threading.Event()
+    for end in range(4096, data.nbytes + 1, 4096):      # 64 ranges queued, one page each
+        hasher.advance(bh, end)
+    assert started.wait(60)                              # the thread is inside its first range
+
+    class Ram:
+        blocks = [type("B", (), {"name": "ram", "size": data.nbytes})()]
+    assert hasher.digests(Ram()) == {"ram": hashlib.sha256(data.tobytes()).hexdigest()}
+    assert by_thread[0] == "load-hasher" and by_thread.count("load-hasher") == 1
+    assert len(by_thread) == 64                          # every range once, the rest by the loader
+
+
 def test_a_failed_load_stops_the_hasher_and_frees_the_ram():
     import threading
 

@@ -1,4 +1,4 @@
-"""Native iovec writes: ``writev(2)``/``pwritev(2)`` of an iovec array that numpy built.
+"""Native iovec I/O: ``writev``/``pwritev``/``readv``/``vmsplice`` of an iovec array numpy built.
 
 Supports: `available()`, `iovec_array(count)` (a C-contiguous ``(count, 2)`` uint64 array laid out
 as ``struct iovec``) and `write_iov(fd, iov, total, wait, pos=None)`, the native twin of

@@ -32,6 +32,7 @@ import gc
 import hashlib
 import mmap
 import os
+import time
 import weakref
 from typing import Any
 
@@ -42,6 +43,7 @@ from .dirty import DirtyBitmap, page_selector
 from .release import DEFAULT_ADVICE, HOST_PAGE_SIZE, RAMBlockMmap, check_advice, coalesce_runs
 
 IDSTR_MAX = 255  # QEMU: char idstr[256], sent as u8 length + bytes
+CLOSE_RETRY_DELAYS = (0.0, 0.001, 0.005, 0.02, 0.1)   # close(): waits for views another thread drops
 
 
 class RAMBlockInUseError(RuntimeError):
@@ -365,17 +367,25 @@ class RAMBlock:
                 pass  # views exported from it: mmap.close below reports them
             self._mv = None
         try:
-            try:
-                self.mmap.close()
-            except BufferError:
-                # Views that only garbage cycles still hold (an exception's traceback frames,
-                # a finished thread's closure) die with a collection: take one before refusing
-                gc.collect()
-                self.mmap.close()
+            self.mmap.close()
         except BufferError:
-            raise RAMBlockInUseError(
-                f"cannot close RAM block {self.name!r}: numpy arrays or memoryviews of it are still alive; "
-                "drop them (and flush any QEMUFile holding its pages) first") from None
+            # Views that only garbage cycles still hold (an exception's traceback frames, a
+            # finished thread's closure) die with a collection; views another thread holds for
+            # a moment (seen: a Dask worker thread formatting a traceback whose frames hold
+            # page views) are gone within milliseconds.  Collect, then retry briefly (0.13 s
+            # at most) before refusing.
+            gc.collect()
+            for delay in CLOSE_RETRY_DELAYS:
+                time.sleep(delay)
+                try:
+                    self.mmap.close()
+                    break
+                except BufferError:
+                    continue
+            else:
+                raise RAMBlockInUseError(
+                    f"cannot close RAM block {self.name!r}: numpy arrays or memoryviews of it are still alive; "
+                    "drop them (and flush any QEMUFile holding its pages) first") from None
         self._closed = True
         self._finalizer()
 

@@ -4,8 +4,8 @@ Supports: ``LoadHasher``, which the RAM loader feeds with the ranges of each blo
 finished writing in address order; a thread hashes them (hashlib releases the GIL for
 large updates, so this runs on the other core while the loader waits on its channel);
 ``digests(ram)`` returns each block's sha256 hex digest -- always the digest of the
-block's final bytes, exactly ``RAMBlock.sha256()``.  The thread runs SCHED_IDLE: it uses
-spare CPU only, and whatever it has not hashed when the stream ends is hashed then.
+block's final bytes, exactly ``RAMBlock.sha256()``.  The thread runs at nice 10: it takes
+mostly spare CPU, and whatever it has not hashed when the stream ends the loader hashes then.
 
 Goals: ``npqfile incoming`` reports (and a tcp:/unix: migration verifies with) the hash
 of every block; hashing 1 GiB after loading costs about as much as loading it.  A
@@ -32,6 +32,8 @@ from typing import Any
 
 __all__ = ["BlockHash", "LoadHasher"]
 
+HASHER_NICE = 10    # the hashing thread's nice value (its own; the loader keeps the process's)
+
 
 class BlockHash:
     """One block's running hash: ``next`` is where the next queued range starts;
@@ -54,7 +56,6 @@ class LoadHasher:
         self.blocks: dict[str, BlockHash] = {}
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._tid: int | None = None
         self._takeover = False          # set by _stop: the thread hands back what it takes
         self._handed_back: list = []
 
@@ -76,12 +77,13 @@ class LoadHasher:
         bh.next = end
 
     def _run(self) -> None:
-        # Scavenge: hash only with CPU nobody else wants (SCHED_IDLE, this thread only).  With
-        # a spare core the hash keeps up with the loader; on a busy one (source, destination
-        # and hash on 2 cores) it no longer slows the migration: ``_stop`` takes the rest over.
-        self._tid = threading.get_native_id()
+        # Yield: nice 10 for this thread only (a tenth of a busy core's share).  With a spare
+        # core the hash keeps up with the loader; on a busy one (source, destination and
+        # hash on 2 cores) it no longer slows the migration, and ``_stop`` takes the rest
+        # over.  Not SCHED_IDLE: a thread that gets no CPU at all on a loaded machine could
+        # hold the verdict up for the one range it is hashing.
         try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASHER_NICE)
         except (AttributeError, OSError):
             pass
         while True:
@@ -97,16 +99,12 @@ class LoadHasher:
 
     def _stop(self) -> None:
         """Stop the thread and hash here, at this thread's priority, whatever it has not
-        taken yet: a starved idle thread must not make the verdict wait.  The thread
+        taken yet: a thread kept short of CPU must not make the verdict wait.  The thread
         finishes the range it is hashing and hands back the next one it takes, so every
         range is hashed once and in order."""
         if self._thread is None:
             return
         self._takeover = True
-        try:    # let it finish its current range at normal priority (allowed for root)
-            os.sched_setscheduler(self._tid, os.SCHED_OTHER, os.sched_param(0))
-        except (AttributeError, OSError, TypeError):
-            pass
         self._queue.put(None)
         self._thread.join()
         self._thread = None

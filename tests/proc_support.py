@@ -1,7 +1,8 @@
-"""Reading a child process's output in tests without ever hanging.
+"""Reading a child process's output in tests without ever hanging, and never leaving it behind.
 
 Supports :func:`read_line`: the next line a subprocess prints on one of its pipes, within a
-deadline.  A bare ``proc.stdout.readline()`` blocks forever on a child that never prints
+deadline; and :func:`reaped`: ``with reaped(Popen(...)) as proc:`` kills the child if the
+block leaves it running (a failed assertion) and always waits for it.  A bare ``proc.stdout.readline()`` blocks forever on a child that never prints
 (stuck, or printing somewhere else), which hangs the whole suite; here a child that
 prints nothing in time is killed and the test fails with the child's stderr.
 
@@ -15,12 +16,13 @@ in well under a second on an idle machine).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import select
 import subprocess
 import time
-from typing import IO, Any
+from typing import IO, Any, Iterator
 
 import pytest
 
@@ -78,3 +80,18 @@ def fail(proc: subprocess.Popen, why: str) -> None:
     err = (taken + (err or b"")).decode(errors="replace")       # what read_line took included
     pytest.fail(f"{why} from {' '.join(map(str, proc.args)) if isinstance(proc.args, list) else proc.args}; "
                 f"stderr: {err!r}")
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """Yields ``proc``; on leaving the block (normally or by an exception) kills it if it is
+    still running, then closes its pipes and waits for it (``Popen.__exit__``), so no test
+    leaves a child behind whatever fails.  A block that wants the child's output calls
+    ``proc.communicate()`` itself."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        with proc:
+            pass

@@ -18,7 +18,7 @@ import pytest
 
 from npqfile.migration.session import fill_guest
 from npqfile.ram import GuestRAM
-from proc_support import read_line
+from proc_support import read_line, reaped
 from qemu_support import QemuVM
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,20 +51,15 @@ def test_qemu_source_to_npqfile_incoming(tmp_path, version, channels, compressio
     data[SIZE // 2:SIZE // 2 + 5 * 4096] = 0  # and some inside packets
     data.tofile(ram_file)
     with QemuVM(tmp_path, ram_file, version=version, size=SIZE) as vm:
-        dst = subprocess.Popen([sys.executable, "-m", "npqfile", "incoming", "tcp:127.0.0.1:0", "--ram", "16M",
-                                "--json", "--timeout", "60", "--multifd-channels", str(channels),
-                                "--multifd-compression", compression],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
+        with reaped(subprocess.Popen([sys.executable, "-m", "npqfile", "incoming", "tcp:127.0.0.1:0", "--ram", "16M",
+                                      "--json", "--timeout", "60", "--multifd-channels", str(channels),
+                                      "--multifd-compression", compression],
+                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) as dst:
             port = read_line(dst, dst.stderr).strip().rsplit(":", 1)[1]   # --json: status lines on stderr
             _multifd(vm, channels, compression, zero)
             vm.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
             st = vm.wait_migration()
             out, err = dst.communicate(timeout=60)
-        finally:
-            if dst.poll() is None:
-                dst.kill()
-                dst.wait()
     assert dst.returncode == 0, err
     res = json.loads(out)
     assert res["status"] == "completed"

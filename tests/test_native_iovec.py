@@ -17,6 +17,7 @@ import threading
 import numpy as np
 import pytest
 
+from conftest import require
 from npqfile.buffers import PageRun
 from npqfile.channels import ExecChannel, FdChannel, FileChannel, MemoryChannel, SocketChannel, iovec
 from npqfile.qemufile import QEMUFile
@@ -24,7 +25,11 @@ from npqfile.qemufile import QEMUFile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PS = 4096
 
-pytestmark = pytest.mark.skipif(not iovec.available(), reason="no native iovec writes on this platform")
+
+@pytest.fixture(autouse=True)
+def _native_iovec() -> None:
+    # a component like QEMU: skipped locally without it, a failure in CI
+    require(iovec.available(), "native iovec writes (libc writev through ctypes)")
 
 
 class Recorder:
@@ -209,7 +214,12 @@ def test_save_imports_neither_the_loader_nor_psutil():
 
 # -- zero_copy_send: pages into a pipe by reference --------------------------------------
 
-needs_vmsplice = pytest.mark.skipif(not iovec.splice_available(), reason="no vmsplice here")
+@pytest.fixture
+def _vmsplice() -> None:
+    require(iovec.splice_available(), "vmsplice(2)")
+
+
+needs_vmsplice = pytest.mark.usefixtures("_vmsplice")
 
 
 @needs_vmsplice

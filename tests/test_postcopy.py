@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 from conftest import QEMU_VERSIONS, require
-from proc_support import read_line
+from proc_support import read_line, reaped
 
 from npqfile.errors import StreamError
 from npqfile.migration import MigrationConfig, MigrationParams, postcopy_ram, run_migration
@@ -337,8 +337,7 @@ def _incoming(sock: str, *extra: str) -> subprocess.Popen:
 def test_destination_killed_during_postcopy_leaves_the_source_postcopy_paused(tmp_path):
     require_uffd()
     sock = str(tmp_path / "m.sock")
-    proc = _incoming(sock, "--workload", "uniform:rate=20000")
-    try:
+    with reaped(_incoming(sock, "--workload", "uniform:rate=20000")) as proc:
         def kill_at_postcopy(info):
             if info["status"] == "postcopy-active" and proc.poll() is None:
                 proc.kill()
@@ -349,10 +348,6 @@ def test_destination_killed_during_postcopy_leaves_the_source_postcopy_paused(tm
         assert proc.returncode is not None, "postcopy never became active"
         assert st.status == "postcopy-paused" and "guest is split" in st.outcome, st.outcome
         assert st.verification.get("ok") is not True
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
 
 
 def test_source_gone_during_postcopy_leaves_the_destination_postcopy_paused(tmp_path, monkeypatch):
@@ -379,24 +374,19 @@ def test_source_gone_during_postcopy_leaves_the_destination_postcopy_paused(tmp_
             engines[0].f.channel.shutdown(True, True)     # the source's host vanishes
             engines[0].f.set_error(-32, "source gone")
     sock = str(tmp_path / "m.sock")
-    proc = _incoming(sock, "--workload", "uniform:rate=20000")
-    try:
+    with reaped(_incoming(sock, "--workload", "uniform:rate=20000")) as proc:
         cfg = _cfg(postcopy_after=0)
         cfg.to = f"unix:{sock}"
         st = run_migration(cfg, on_progress=drop_at_postcopy)
         assert pongs and pongs[0] >= 3, f"the destination never answered PING 3 ({pongs})"
         assert st.status == "postcopy-paused", st.outcome
         out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 1
-        res = json.loads(out)
-        assert res["status"] == "postcopy-paused" and "guest is split" in res["error"], res
-        from test_schemas import check
-        check(res, "incoming")
-        assert "incoming migration postcopy-paused" in err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    assert proc.returncode == 1
+    res = json.loads(out)
+    assert res["status"] == "postcopy-paused" and "guest is split" in res["error"], res
+    from test_schemas import check
+    check(res, "incoming")
+    assert "incoming migration postcopy-paused" in err
 
 
 def test_source_killed_during_postcopy_leaves_the_destination_postcopy_paused(tmp_path, monkeypatch):
@@ -445,8 +435,7 @@ def test_real_qemu_postcopy_source_into_npqfile_incoming(tmp_path, version, star
     data.tofile(ram_file)
     want = hashlib.sha256(data.tobytes()).hexdigest()
     sock = str(tmp_path / "m.sock")
-    proc = _incoming(sock)
-    try:
+    with reaped(_incoming(sock)) as proc:
         with QemuVM(tmp_path, ram_file, version=version) as vm:
             vm.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
             if start_postcopy:
@@ -460,15 +449,11 @@ def test_real_qemu_postcopy_source_into_npqfile_incoming(tmp_path, version, star
             if start_postcopy:
                 assert st["ram"]["postcopy-bytes"] > 0      # QEMU 7.0+ reports it
         out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err
-        res = json.loads(out)
-        assert res["hashes"] == {"ram": want}
-        assert (res["postcopy"]["placed-pages"] > 0) is start_postcopy
-        assert res["postcopy"]["npqfile-source"] is False
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    assert proc.returncode == 0, err
+    res = json.loads(out)
+    assert res["hashes"] == {"ram": want}
+    assert (res["postcopy"]["placed-pages"] > 0) is start_postcopy
+    assert res["postcopy"]["npqfile-source"] is False
 
 
 @pytest.mark.parametrize("version", QEMU_VERSIONS)

@@ -32,3 +32,12 @@ def test_read_line_reads_whole_lines_from_either_pipe_and_fails_a_silent_child_w
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def test_reaped_kills_and_waits_for_a_child_the_block_leaves_running():
+    from proc_support import reaped
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], stdout=subprocess.PIPE)
+    with pytest.raises(AssertionError), reaped(proc) as p:
+        assert p is proc
+        raise AssertionError("a failed assertion inside the block")
+    assert proc.returncode is not None and proc.stdout.closed      # killed, waited for, pipes closed

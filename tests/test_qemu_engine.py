@@ -31,6 +31,7 @@ from npqfile.migration.qemu_engine import QemuMigration, qemu_settings
 from npqfile.migration.qemu_vm import QemuVM
 from npqfile.migration.session import MigrationConfig
 from npqfile.qemu import QemuBinary
+from proc_support import reaped
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -294,24 +295,32 @@ def test_ctrl_c_ends_both_qemus():
                              "--size", "32M", "--workload", "uniform:rate=1000", "--max-bandwidth", "2MB/s",
                              "--time-limit", "600", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
     qemus: list = []
-    try:
-        deadline = time.monotonic() + 60
-        while len(qemus) < 2 and proc.poll() is None and time.monotonic() < deadline:
-            qemus = [c for c in psutil.Process(proc.pid).children() if "qemu" in c.name()]
-            time.sleep(0.05)
-        assert len(qemus) == 2, "both QEMUs should be running"
-        time.sleep(0.5)                      # into the migration (2 MB/s: it lasts ~15 s)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-            for q in qemus:             # in their own session: a killed engine leaves them
-                if q.is_running():
+    left: list[int] = []
+
+    def running(q) -> bool:
+        try:
+            return q.is_running() and q.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    with reaped(proc):
+        try:
+            deadline = time.monotonic() + 60
+            while len(qemus) < 2 and proc.poll() is None and time.monotonic() < deadline:
+                qemus = [c for c in psutil.Process(proc.pid).children() if "qemu" in c.name()]
+                time.sleep(0.05)
+            assert len(qemus) == 2, "both QEMUs should be running"
+            time.sleep(0.5)                      # into the migration (2 MB/s: it lasts ~15 s)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            # in their own session: an engine that failed to end them leaves them running,
+            # whether it was killed or exited (the assertion below); never leave them behind
+            left = [q.pid for q in qemus if running(q)]
+            for q in qemus:
+                if running(q):
                     q.kill()
     assert proc.returncode == 130 and "interrupted" in err, err
-    assert not [q.pid for q in qemus if q.is_running() and q.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"QEMUs left running after the engine ended: {left}"
 
 
 def test_sweep_with_the_qemu_engine():

@@ -14,13 +14,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from conftest import QEMU_VERSIONS
 from npqfile.stream import load_file
+from proc_support import read_line, reaped
 from qemu_support import RAM_SIZE, QemuVM
 from test_stream_support import PAGE, pattern_pages
 
@@ -34,12 +34,11 @@ def _start_incoming(uri: str, *extra: str) -> subprocess.Popen:
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_listening(proc: subprocess.Popen, path: str) -> None:
-    deadline = time.monotonic() + 30
-    while not os.path.exists(path):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "npqfile incoming did not listen"
-        time.sleep(0.02)
+def _wait_listening(proc: subprocess.Popen) -> None:
+    """Until ``npqfile incoming`` says it listens (printed after listen(): the socket's path
+    exists from bind(), a moment earlier, when a connect is still refused)."""
+    line = read_line(proc, proc.stderr, what="'listening on' line")     # --json: on stderr
+    assert line.startswith("listening on "), (line, proc.communicate())
 
 
 def _result(proc: subprocess.Popen) -> dict:
@@ -66,20 +65,15 @@ def test_real_qemu_pc_migrates_live_into_npqfile_incoming(tmp_path, version):
         vm.cmd("migrate-set-parameters", **{"max-bandwidth": 100 << 30})
         vm.cmd("migrate", uri=f"exec:cat > {stream}")
         vm.wait_migration()
-    proc = _start_incoming(f"unix:{sock}")
-    try:
+    with reaped(_start_incoming(f"unix:{sock}")) as proc:
         # QEMU refuses a second migration of a VM a migration paused: a second VM of the same
         # RAM file and machine (deterministic ROMs and ACPI tables) is the live source
         with QemuVM(tmp_path, ram_file, machine="pc", version=version) as vm:
-            _wait_listening(proc, path=sock)
+            _wait_listening(proc)
             vm.cmd("migrate-set-parameters", **{"max-bandwidth": 100 << 30})
             vm.cmd("migrate", uri=f"unix:{sock}")
             vm.wait_migration()
             doc = _result(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     ref = load_file(stream)
     try:
         assert ref.complete and len(ref.ram.blocks) >= 4

@@ -16,12 +16,14 @@ ends a PART after 50 ms, so on a busy machine its RAM arrives split differently.
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 
 import numpy as np
 import pytest
 
 from npqfile.channels import open_channel
+from npqfile.errors import StreamError
 from npqfile.qemufile import QEMUFile
 from npqfile.ram import GuestRAM
 from npqfile.stream import load_file, save_snapshot
@@ -144,15 +146,17 @@ def test_qemu_postcopy_and_x_ignore_shared_streams(tmp_path, pattern, qemu_versi
         vm.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
         vm.cmd("migrate-set-parameters", **{"max-bandwidth": 100 << 30})
         vm.cmd("migrate", uri=f"exec:cat > {out}")
-        deadline = time.monotonic() + 20
-        # "ram" appears in query-migrate only once the migration left the setup state
-        while time.monotonic() < deadline and vm.cmd("query-migrate").get("ram", {}).get("remaining", 1) != 0:
-            time.sleep(0.02)
-        size = -1   # then wait for cat to have written everything: the file stops growing
-        while time.monotonic() < deadline and os.path.getsize(out) != size:
-            size = os.path.getsize(out)
-            time.sleep(0.3)
-    res = load_file(out)
+        # wait for the stream to be whole (it loads to its end), not for the file to stop
+        # growing for a while: cat may well pause longer than any such while on a busy machine
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                res = load_file(out)
+                break
+            except (StreamError, FileNotFoundError) as exc:     # the shell has not created it yet
+                assert time.monotonic() < deadline, f"QEMU's postcopy stream still incomplete: {exc}"
+                assert vm.proc.poll() is None, f"QEMU exited: {vm.stderr()}"
+                time.sleep(0.1)
     assert [c["cmd"] for c in res.commands][:3] == ["OPEN_RETURN_PATH", "PING", "POSTCOPY_ADVISE"]
     assert np.array_equal(res.ram.block("ram").pages, pattern)
     stream = qemu_save(tmp_path, pattern, caps=["x-ignore-shared"], version=qemu_version)
@@ -244,9 +248,10 @@ def test_qemu_rejects_wrong_machine_with_its_message(tmp_path, pattern, qemu_ver
     ram_file = _ram_file(tmp_path, None, "dst-bad.bin")
     with QemuVM(tmp_path, ram_file, incoming=True, version=qemu_version) as vm:
         vm.cmd("migrate-incoming", uri=f"exec:cat {stream}")
-        deadline = time.monotonic() + 10
-        while vm.proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        try:
+            vm.proc.wait(timeout=60)     # QEMU exits on the bad stream; the bound is for a hang
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"QEMU did not exit on a wrong machine type: {vm.stderr()}") from None
         err = vm.stderr()
     assert "Machine type received is 'pc-i440fx-7.2' and local is 'none'" in err, err
 
@@ -299,7 +304,6 @@ def test_stream_comparison_survives_qemu_splitting_the_ram_into_parts(tmp_path, 
 def test_byte_for_byte_tests_are_stable_under_cpu_load(tmp_path, pattern, capsys):
     """The test of the tests: the byte-for-byte interop tests, run again while busy-loop
     processes (twice as many as cores) compete with QEMU for the CPU, still pass."""
-    import subprocess
     import sys
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 1))]
     try:

@@ -4,6 +4,7 @@ either side."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -456,41 +457,47 @@ def test_real_qemu_postcopy_source_into_npqfile_incoming(tmp_path, version, star
     assert res["postcopy"]["npqfile-source"] is False
 
 
-@pytest.mark.parametrize("version", QEMU_VERSIONS)
-def test_npqfile_postcopy_source_into_real_qemu(tmp_path, version):
+@contextlib.contextmanager
+def _qemu_postcopy_destination(tmp_path, version: str, name: str):
+    """A QEMU ``version`` destination with postcopy-ram, listening on a unix socket, its
+    guest RAM a 16 MiB file on tmpfs (QEMU's postcopy wants tmpfs RAM); yields (vm, uri,
+    RAM file path) and always removes the file."""
     from qemu_support import QemuVM
-    shm = f"/dev/shm/npqfile-pc-{os.getpid()}-{version}.bin"      # QEMU's postcopy wants tmpfs RAM
+    shm = f"/dev/shm/npqfile-{name}-{os.getpid()}-{version}.bin"
     try:
         with open(shm, "wb") as fh:
             fh.truncate(16 * MIB)
-        sock = str(tmp_path / "m.sock")
+        sock = tmp_path / "m.sock"
         with QemuVM(tmp_path, shm, incoming=True, version=version) as vm:
             vm.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
-            vm.cmd("migrate-incoming", uri=f"unix:{sock}")
-            ram = GuestRAM()
-            try:
-                b = ram.add_block("ram", 16 * MIB)
-                b.array[:] = np.random.default_rng(4).integers(0, 256, b.size, dtype=np.uint8)
-                b.pages[::5] = 0
-                want = b.sha256()
-                cfg = MigrationConfig(size=16 * MIB, to=f"unix:{sock}", peer="qemu",
-                                      params=MigrationParams(max_bandwidth=40e6, postcopy_after=0,
-                                                             qemu_version=version))
-                deadline = time.monotonic() + 20
-                while not os.path.exists(sock) and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                st = run_migration(cfg, ram=ram, workload=Workload())
-            finally:
-                ram.close()
-            assert st.status == "completed" and st.outcome == "postcopy", f"{st.outcome}: {vm.stderr()}"
-            assert st.postcopy["postcopy-bytes"] > 0 and st.postcopy["shut"] == 0
-            assert st.completion == "not-verified" and "--peer qemu" in st.verification["note"]
-            vm.wait_migration(30)
-        with open(shm, "rb") as fh:
-            assert hashlib.sha256(fh.read()).hexdigest() == want
+            vm.cmd("migrate-incoming", uri=f"unix:{sock}")     # listening once the command returns
+            yield vm, f"unix:{sock}", shm
     finally:
         if os.path.exists(shm):
             os.unlink(shm)
+
+
+@pytest.mark.parametrize("version", QEMU_VERSIONS)
+def test_npqfile_postcopy_source_into_real_qemu(tmp_path, version):
+    with _qemu_postcopy_destination(tmp_path, version, "pc") as (vm, uri, shm):
+        ram = GuestRAM()
+        try:
+            b = ram.add_block("ram", 16 * MIB)
+            b.array[:] = np.random.default_rng(4).integers(0, 256, b.size, dtype=np.uint8)
+            b.pages[::5] = 0
+            want = b.sha256()
+            cfg = MigrationConfig(size=16 * MIB, to=uri, peer="qemu",
+                                  params=MigrationParams(max_bandwidth=40e6, postcopy_after=0,
+                                                         qemu_version=version))
+            st = run_migration(cfg, ram=ram, workload=Workload())
+        finally:
+            ram.close()
+        assert st.status == "completed" and st.outcome == "postcopy", f"{st.outcome}: {vm.stderr()}"
+        assert st.postcopy["postcopy-bytes"] > 0 and st.postcopy["shut"] == 0
+        assert st.completion == "not-verified" and "--peer qemu" in st.verification["note"]
+        vm.wait_migration(30)
+        with open(shm, "rb") as fh:                 # shared RAM: what QEMU placed is in the file
+            assert hashlib.sha256(fh.read()).hexdigest() == want
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -536,28 +543,16 @@ def test_postcopy_outputs_follow_the_schemas(tmp_path, capsys):
 
 @pytest.mark.parametrize("version", QEMU_VERSIONS)
 def test_real_qemu_destination_killed_during_postcopy_pauses_the_source(tmp_path, version):
-    from qemu_support import QemuVM
-    shm = f"/dev/shm/npqfile-pck-{os.getpid()}-{version}.bin"
-    try:
-        with open(shm, "wb") as fh:
-            fh.truncate(16 * MIB)
-        sock = str(tmp_path / "m.sock")
-        with QemuVM(tmp_path, shm, incoming=True, version=version) as vm:
-            vm.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
-            vm.cmd("migrate-incoming", uri=f"unix:{sock}")
-
-            def kill_at_postcopy(info):
-                if info["status"] == "postcopy-active" and vm.proc.poll() is None:
-                    vm.proc.kill()
-                    vm.proc.wait()
-            cfg = MigrationConfig(size=16 * MIB, init="random", workload="idle", to=f"unix:{sock}", peer="qemu",
-                                  params=MigrationParams(postcopy_after=0, qemu_version=version))
-            st = run_migration(cfg, on_progress=kill_at_postcopy)
-            assert vm.proc.returncode is not None, "postcopy never became active"
-            assert st.status == "postcopy-paused" and "guest is split" in st.outcome, st.outcome
-    finally:
-        if os.path.exists(shm):
-            os.unlink(shm)
+    with _qemu_postcopy_destination(tmp_path, version, "pck") as (vm, uri, _shm):
+        def kill_at_postcopy(info):
+            if info["status"] == "postcopy-active" and vm.proc.poll() is None:
+                vm.proc.kill()
+                vm.proc.wait()
+        cfg = MigrationConfig(size=16 * MIB, init="random", workload="idle", to=uri, peer="qemu",
+                              params=MigrationParams(postcopy_after=0, qemu_version=version))
+        st = run_migration(cfg, on_progress=kill_at_postcopy)
+        assert vm.proc.returncode is not None, "postcopy never became active"
+        assert st.status == "postcopy-paused" and "guest is split" in st.outcome, st.outcome
 
 
 def test_a_switch_to_postcopy_that_fails_to_go_out_releases_nothing(monkeypatch):

@@ -258,32 +258,63 @@ def test_zero_copy_send_headers_are_copies_the_caller_may_reuse():
     assert bytes(got) == want
 
 
-def test_the_header_ring_refuses_space_the_pipe_still_references():
+def test_the_header_ring_never_rewrites_placed_headers():
+    """Placed headers stay as placed, lap after lap (a fresh ring when one is full), and a
+    cycle larger than a ring is refused (the caller copies it)."""
     from npqfile.qemufile_zerocopy import RING_BYTES, SpliceHeaders
 
-    class Pipe:
-        unread = 0
-
-        def pipe_unread(self):
-            return self.unread
-    pipe = Pipe()
-    ring = SpliceHeaders(pipe)
-    cycle = memoryview(bytes(256))
-    per_half = RING_BYTES // 2 // 256
-    written = 0
-    for _ in range(per_half):                       # fill half 0
-        assert ring.place(cycle, written) is not None
-        written += 1000
-    assert ring.place(cycle, written) is not None   # half 1: never used, free
-    for _ in range(per_half - 1):
-        written += 1000
-        assert ring.place(cycle, written) is not None
-    left_half0_at = per_half * 1000
-    pipe.unread = written - left_half0_at + 1       # one byte that used half 0 is unread
-    assert ring.place(cycle, written) is None       # so half 0 may not be reused yet
-    pipe.unread = written - left_half0_at
-    assert ring.place(cycle, written) is not None
+    ring = SpliceHeaders()
+    cycles = [memoryview(bytes([i % 251]) * 3000) for i in range(3 * RING_BYTES // 3000)]
+    placed = [ring.place(c) for c in cycles[:RING_BYTES // 3000 + 1]]
+    assert all(at is not None for at in placed)
+    assert ring.place(memoryview(bytes(RING_BYTES + 1))) is None
+    # the current ring's earlier placements are unchanged by later ones
+    last = placed[-1]
+    assert ctypes.string_at(last, 3000) == bytes(cycles[len(placed) - 1])
     ring.close()
+
+
+@needs_vmsplice
+def test_zero_copy_send_headers_survive_a_reader_that_splices_them_onward():
+    """A reader may splice(2) the pipe's buffers into another pipe (``tee``, ``pv``, a
+    ``splice``-based relay): the pipe then reports them read (FIONREAD 0) while the next
+    pipe still references the header memory.  The headers of 6 cycles (16 KiB each, so the
+    64 KiB ring is entered again) sit in the second pipe until the end; they must arrive as
+    written, not as the later cycles' headers."""
+    h, ps, cycle = 1024, 16, 16                     # max_iov 32: 16 records a cycle
+    n = 6 * cycle
+    rng = np.random.default_rng(12)
+    memory = rng.integers(0, 256, n * ps, dtype=np.uint8)
+    headers = rng.integers(0, 256, n * h, dtype=np.uint8)
+    want = b"".join(headers[k * h:(k + 1) * h].tobytes() + memory[k * ps:(k + 1) * ps].tobytes()
+                    for k in range(n))
+    a_r, a_w = os.pipe()
+    b_r, b_w = os.pipe()
+    try:
+        fcntl.fcntl(a_w, fcntl.F_SETPIPE_SZ, 64 << 10)   # 16 slots: the writer waits on the relay
+        assert fcntl.fcntl(b_w, fcntl.F_SETPIPE_SZ, 1 << 20) >= 1 << 20   # 256 slots hold all 192 iovecs
+
+        def relay():
+            while os.splice(a_r, b_w, 1 << 20):
+                pass
+        t = threading.Thread(target=relay)
+        t.start()
+        f = QEMUFile(FdChannel(a_w, "w"), max_iov=32, zero_copy_send=True)
+        a_w = -1                                    # the QEMUFile closes it
+        assert f._splice is not None
+        f.put_records(headers, h, PageRun(memory, np.arange(n) * ps, ps))
+        assert f.close() == 0
+        t.join()
+        os.close(b_w)
+        b_w = -1
+        got = bytearray()
+        while chunk := os.read(b_r, 1 << 20):
+            got += chunk
+        assert bytes(got) == want
+    finally:
+        for fd in (a_r, a_w, b_r, b_w):
+            if fd >= 0:
+                os.close(fd)
 
 
 def test_zero_copy_send_is_ignored_on_channels_that_are_not_pipes(tmp_path):

@@ -104,6 +104,18 @@ def test_page_run_is_the_list_of_page_views_and_refuses_pages_outside_memory():
         PageRun(ram, [0.5], PS)
 
 
+def test_page_run_keeps_its_checked_offsets_when_the_caller_changes_the_array():
+    """Native writes address base + offsets: an offsets array changed after the bounds
+    check must not move a page outside the buffer (or change which page is sent)."""
+    ram = _ram(4)
+    offsets = np.array([PS, 2 * PS], dtype=np.uint64)
+    run = PageRun(ram, offsets, PS)
+    offsets[0] = 1 << 40                    # far outside the 4-page buffer
+    assert int(run.offsets[0]) == PS and bytes(run[0]) == ram[PS:2 * PS].tobytes()
+    with pytest.raises(ValueError):
+        run.offsets[0] = 1 << 40
+
+
 def _reference_stream(ram: np.ndarray, idx: np.ndarray) -> bytes:
     ch = MemoryChannel()
     _records(QEMUFile(ch), ram, idx, False, 0)

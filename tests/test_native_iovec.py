@@ -298,9 +298,9 @@ def test_the_header_ring_never_rewrites_placed_headers():
 def test_zero_copy_send_headers_survive_a_reader_that_splices_them_onward():
     """A reader may splice(2) the pipe's buffers into another pipe (``tee``, ``pv``, a
     ``splice``-based relay): the pipe then reports them read (FIONREAD 0) while the next
-    pipe still references the header memory.  The headers of 6 cycles (16 KiB each, so the
-    64 KiB ring is entered again) sit in the second pipe until the end; they must arrive as
-    written, not as the later cycles' headers."""
+    pipe still references the header memory.  The headers of 6 cycles (16 KiB each: more
+    than a 64 KiB ring) sit in the second pipe until the end; they must arrive as written,
+    not as the later cycles' headers (the old ring reused its first half: they did not)."""
     h, ps, cycle = 1024, 16, 16                     # max_iov 32: 16 records a cycle
     n = 6 * cycle
     rng = np.random.default_rng(12)
@@ -317,14 +317,17 @@ def test_zero_copy_send_headers_survive_a_reader_that_splices_them_onward():
         def relay():
             while os.splice(a_r, b_w, 1 << 20):
                 pass
-        t = threading.Thread(target=relay)
+        t = threading.Thread(target=relay, daemon=True)
         t.start()
         f = QEMUFile(FdChannel(a_w, "w"), max_iov=32, zero_copy_send=True)
-        a_w = -1                                    # the QEMUFile closes it
-        assert f._splice is not None
-        f.put_records(headers, h, PageRun(memory, np.arange(n) * ps, ps))
-        assert f.close() == 0
-        t.join()
+        a_w = -1                                    # the QEMUFile closes it: the relay then ends
+        try:
+            assert f._splice is not None
+            f.put_records(headers, h, PageRun(memory, np.arange(n) * ps, ps))
+        finally:
+            assert f.close() == 0
+        t.join(60)
+        assert not t.is_alive()
         os.close(b_w)
         b_w = -1
         got = bytearray()

@@ -95,7 +95,10 @@ class LoadHasher:
                 return
             bh, start, end = item
             if not bh.stale:
-                bh.sha.update(bh.view[start:end])
+                try:
+                    bh.sha.update(bh.view[start:end])
+                except Exception:     # noqa: BLE001 -- never a digest with a range missing:
+                    bh.stale = True   # the block is hashed again from scratch (or fails) in digests
 
     def _stop(self) -> None:
         """Stop the thread and hash here, at this thread's priority, whatever it has not

@@ -227,39 +227,3 @@ def test_section_ids_and_block_counts_are_bounded():
     blocks = {f"b{i}": PAGE for i in range(MAX_BLOCKS + 1)}
     with pytest.raises(StreamError, match=f"more than {MAX_BLOCKS} RAM blocks"):
         load_bytes(minimal_stream(b"", blocks=blocks))
-
-
-def test_a_range_the_hashing_thread_fails_on_is_never_left_out_of_a_digest():
-    """Should the thread's update ever raise, the block is hashed again from scratch: the
-    digest never silently lacks a range (the old thread died, the rest went on without it)."""
-    import hashlib
-    import threading
-
-    from npqfile.stream.ram_hash import LoadHasher
-
-    data = np.random.default_rng(12).integers(0, 256, 8 * 4096, dtype=np.uint8)
-    hasher = LoadHasher()
-    bh = hasher.track("ram", memoryview(data))
-    real = bh.sha
-
-    failed = threading.Event()
-
-    class FailsOnce:
-        def update(self, buf):
-            if threading.current_thread().name == "load-hasher" and not failed.is_set():
-                failed.set()
-                raise MemoryError("simulated")
-            real.update(buf)
-
-        def hexdigest(self):
-            return real.hexdigest()
-    bh.sha = FailsOnce()
-    for end in range(4096, data.nbytes + 1, 4096):
-        hasher.advance(bh, end)
-    assert failed.wait(60)                # the thread met the failure before the takeover
-
-    class Ram:
-        blocks = [type("B", (), {"name": "ram", "size": data.nbytes,
-                                 "sha256": lambda self: hashlib.sha256(data.tobytes()).hexdigest()})()]
-    assert hasher.digests(Ram()) == {"ram": hashlib.sha256(data.tobytes()).hexdigest()}
-

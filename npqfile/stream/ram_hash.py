@@ -130,11 +130,16 @@ class LoadHasher:
         """The sha256 hex digest of every block of ``ram`` by name, from the running hash
         where the block loaded in order, from scratch otherwise; then closes."""
         try:
+            # Stop the thread first, then hash what was never queued here: queued, the rest
+            # (the whole block when no run was ever queued, as in a stream of pages
+            # interleaved with ZERO records) could go to the nice-10 thread while the
+            # verdict waits for it.
+            self._stop()
             for block in ram.blocks:
                 bh = self.blocks.get(block.name)
-                if bh is not None and bh.size == block.size:
-                    self.advance(bh, bh.size)
-            self._stop()
+                if bh is not None and bh.size == block.size and not bh.stale and bh.next < bh.size:
+                    bh.sha.update(bh.view[bh.next:bh.size])
+                    bh.next = bh.size
             out = {}
             for block in ram.blocks:
                 bh = self.blocks.get(block.name)

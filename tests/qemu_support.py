@@ -6,6 +6,7 @@ assertion message.  Used by test_qemu_interop.py and test_cli_migrate.py.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 
@@ -16,6 +17,26 @@ from npqfile.qemu import connect_qmp
 MIB = 1 << 20
 RAM_SIZE = 16 * MIB
 MACHINE_RAM_ID = {"none": "ram", "pc": "pc.ram"}
+
+
+def exec_save_uri(path) -> str:
+    """An ``exec:`` URI under which QEMU saves its stream to ``path``, whole or not at all.
+
+    On completion QEMU closes the pipe and at once SIGTERMs its command (SIGKILL 10 ms
+    later, ``qio_channel_command_abort``), so a plain ``exec:cat > FILE`` loses what the
+    pipe still holds when cat is slow to get a CPU.  QEMU signals its child's pid only:
+    a subshell (forked because a command follows it) drains the pipe to EOF whatever
+    happens to its parent, then renames; :func:`wait_saved` waits for the name."""
+    return f"exec:(cat > '{path}.part' && mv '{path}.part' '{path}'); true"
+
+
+def wait_saved(path, timeout: float = 60.0) -> None:
+    """Returns once :func:`exec_save_uri`'s ``path`` exists (renamed whole); AssertionError
+    after ``timeout`` seconds (a bound for a hang, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"QEMU's stream {path} was not written whole in {timeout:g} s"
+        time.sleep(0.01)
 
 
 class QemuVM:

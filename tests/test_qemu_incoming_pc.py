@@ -21,7 +21,7 @@ import pytest
 from conftest import QEMU_VERSIONS
 from npqfile.stream import load_file
 from proc_support import read_line, reaped
-from qemu_support import RAM_SIZE, QemuVM
+from qemu_support import RAM_SIZE, QemuVM, exec_save_uri, wait_saved
 from test_stream_support import PAGE, pattern_pages
 
 pytestmark = pytest.mark.component
@@ -63,8 +63,9 @@ def test_real_qemu_pc_migrates_live_into_npqfile_incoming(tmp_path, version):
     sock = str(tmp_path / "in.sock")
     with QemuVM(tmp_path, ram_file, machine="pc", version=version) as vm:   # the reference: a file
         vm.cmd("migrate-set-parameters", **{"max-bandwidth": 100 << 30})
-        vm.cmd("migrate", uri=f"exec:cat > {stream}")
+        vm.cmd("migrate", uri=exec_save_uri(stream))
         vm.wait_migration()
+    wait_saved(stream)
     with reaped(_start_incoming(f"unix:{sock}")) as proc:
         # QEMU refuses a second migration of a VM a migration paused: a second VM of the same
         # RAM file and machine (deterministic ROMs and ACPI tables) is the live source

@@ -29,7 +29,7 @@ from npqfile.ram import GuestRAM
 from npqfile.stream import load_file, save_snapshot
 from npqfile.stream.vmdesc import find_vmdesc
 from conftest import QEMU_VERSIONS
-from qemu_support import MIB, RAM_SIZE, QemuVM
+from qemu_support import MIB, RAM_SIZE, QemuVM, exec_save_uri, wait_saved
 from stream_compare import assert_same_stream
 from test_stream_support import PAGE, pattern_pages
 
@@ -47,17 +47,20 @@ def _ram_file(tmp_path, pages: np.ndarray | None, name="ram.bin", size=RAM_SIZE)
 
 
 def qemu_save(tmp_path, pages, *, machine="none", caps=(), params=None, extra=(), version="7.2",
-              uri="exec:cat > {}") -> str:
+              uri: str | None = None) -> str:
     """Let QEMU ``version`` migrate a guest whose RAM is ``pages`` to a stream file (``uri``
-    with ``{}`` for the path: ``file:{}`` for mapped-ram); returns its path."""
+    with ``{}`` for the path: ``file:{}`` for mapped-ram; default a pipe to a file written
+    whole, ``exec_save_uri``); returns its path."""
     ram_file = _ram_file(tmp_path, pages, f"src-{machine}.bin")
     out = str(tmp_path / f"qemu-{version}-{machine}-{len(caps)}.stream")
     with QemuVM(tmp_path, ram_file, machine=machine, extra=extra, version=version) as vm:
         if caps:
             vm.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in caps])
         vm.cmd("migrate-set-parameters", **(params or {"max-bandwidth": 100 << 30}))
-        vm.cmd("migrate", uri=uri.format(out))
+        vm.cmd("migrate", uri=exec_save_uri(out) if uri is None else uri.format(out))
         vm.wait_migration()
+    if uri is None:
+        wait_saved(out)
     return out
 
 

@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -75,8 +74,7 @@ def qemu_run(tmp: Path, size: int, channels: int, compression: str, src_file: Pa
                     vm.cmd("migrate-set-parameters", **{"multifd-channels": channels,
                                                         "multifd-compression": compression})
             src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
-            dst.cmd("migrate-incoming", uri=f"unix:{sock}")
-            time.sleep(0.1)
+            dst.cmd("migrate-incoming", uri=f"unix:{sock}")       # listening once it returns
             src.cmd("migrate", uri=f"unix:{sock}")
             st = src.wait_migration(timeout=300)
             dst.wait_migration(timeout=60)

@@ -238,7 +238,8 @@ def test_sender_fails_clearly_when_a_channel_breaks():
     b.close()
     mf = MultiFDSend([SocketChannel(a, "w")])
     try:
-        with pytest.raises(OSError, match="multifd send failed: multifd channel 0"):
+        # the channel and the channel's byte offset of the write that failed (its greeting)
+        with pytest.raises(OSError, match="multifd send failed: multifd channel 0, writing at offset 0: "):
             for _ in range(4):
                 mf.queue_pages(ram.block("ram"), np.arange(256))
                 mf.flush_and_sync()

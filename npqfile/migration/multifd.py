@@ -81,7 +81,7 @@ class _SendChannel:
                     self.pending_sync = False
                     self.sem_sync.release()
         except Exception as exc:        # a thread's end must reach the main thread, whatever ended it
-            o._fail(f"multifd channel {self.id}: {exc}")
+            o._fail(f"multifd channel {self.id}, writing at offset {self.bytes}: {exc}")
             o._ready.release()
             self.sem_sync.release()
 

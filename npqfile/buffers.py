@@ -104,11 +104,16 @@ class PageRun:
             raise ValueError("PageRun offsets must be a 1-d array of integers")
         if page_size <= 0:
             raise ValueError(f"page_size must be positive, not {page_size}")
-        if offs.size and (int(offs.min()) < 0 or int(offs.max()) + page_size > flat.nbytes):
+        # A read-only copy, checked: native writes address base + offsets, so the caller's
+        # array changing after this check must not move a page outside ``memory``.  (A
+        # negative offset wraps to a huge uint64: the max check catches it too.)
+        owned = offs.astype(np.uint64)
+        owned.flags.writeable = False
+        if offs.size and (int(offs.min()) < 0 or int(owned.max()) + page_size > flat.nbytes):
             raise ValueError(f"PageRun pages reach outside the {flat.nbytes}-byte buffer "
                              f"(offsets {int(offs.min())}..{int(offs.max())}, page size {page_size})")
         self.memory = memory
-        self.offsets = offs.astype(np.uint64, copy=False)
+        self.offsets = owned
         self.page_size = page_size
         self._flat = flat
 

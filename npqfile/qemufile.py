@@ -147,7 +147,7 @@ class QEMUFile(WriteSide, ReadSide, FileOffsets):
         # zero_copy_send on a pipe: RAM pages of the native page path go in by reference
         self._splice: SpliceHeaders | None = None
         if zero_copy_send and can_write and getattr(channel, "is_pipe", lambda: False)():
-            self._splice = SpliceHeaders(channel)
+            self._splice = SpliceHeaders()
 
     # -- lifetime ---------------------------------------------------------------------
 

@@ -454,7 +454,7 @@ class WriteSide:
                 self._bytes_xfer += expect
                 send = writev_iov
                 if splice is not None:     # zero_copy_send: headers from memory that stays put
-                    at = splice.place(hdr[k * h:(k + cycle) * h], self._pos)
+                    at = splice.place(hdr[k * h:(k + cycle) * h])
                     if at is not None:
                         iov[c:c + 2 * cycle:2, 0] = np.arange(at, at + cycle * h, h, dtype=np.uint64)
                         send = self._channel.splice_iov

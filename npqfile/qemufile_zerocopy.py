@@ -14,17 +14,17 @@ reader reads them, up to a pipe-full later.  Guest RAM allows that, as QEMU's
 a stopped guest writes nothing, and an ``image:`` block never changes.  Memory that is
 reused -- the headers -- must not change until read: hence this module.
 
-Plan: a 64 KiB ring in two halves.  A cycle's headers are copied into the current half;
-entering a half again requires that the reader has consumed every byte written up to the
-moment that half was last left (``written - FIONREAD``).  With a pipe of 1 MiB (256 page
-slots) that is always so; when it is not (a huge pipe, a stalled reader) ``place`` says so
-and the caller copies that cycle with ``writev`` -- never waiting, never unsafe.
+Plan: a 64 KiB ring that is never reused.  A cycle's headers are copied into the ring's
+next free bytes; when it is full, it is unmapped and a fresh one mapped.  Unmapping is
+always safe: vmsplice took references to the ring's pages, which the kernel keeps until
+every reader of them is done -- including readers the pipe's reader spliced them on to
+(another pipe, a socket), which the pipe's FIONREAD cannot see.  One mmap per 64 KiB of
+headers (8192 records): nothing next to the pages' bytes.
 """
 
 from __future__ import annotations
 
 import mmap
-from typing import Any
 
 import numpy as np
 
@@ -34,35 +34,30 @@ RING_BYTES = 64 << 10
 
 
 class SpliceHeaders:
-    """Header copies for ``vmsplice`` on the pipe channel ``channel`` (which has
-    ``pipe_unread()``)."""
+    """Header copies for ``vmsplice``: memory that is never written again once placed."""
 
-    __slots__ = ("channel", "_mm", "_ring", "_addr", "_half", "_at", "_left_at")
+    __slots__ = ("_mm", "_ring", "_addr", "_at")
 
-    def __init__(self, channel: Any) -> None:
-        self.channel = channel
-        self._mm = mmap.mmap(-1, RING_BYTES)
-        self._ring = np.frombuffer(self._mm, dtype=np.uint8)
-        self._addr = address_of(memoryview(self._mm))
-        self._half = 0
-        self._at = 0
-        self._left_at = [0, 0]      # stream offset written when each half was last left
+    def __init__(self) -> None:
+        self._mm: mmap.mmap | None = None
+        self._ring: np.ndarray | None = None
+        self._addr = 0
+        self._at = RING_BYTES        # no ring yet: the first place() maps one
 
-    def place(self, headers: memoryview, written: int) -> int | None:
-        """Copy ``headers`` (one flush cycle's, at most half the ring) into the ring and return
-        their address, or None when the space is still referenced by unread pipe data.
-        ``written`` is the stream offset the channel has taken so far."""
+    def place(self, headers: memoryview) -> int | None:
+        """Copy ``headers`` (one flush cycle's) into memory of their own and return its
+        address; None when they exceed a ring (the caller then copies that cycle with
+        ``writev``).  OSError if a new ring cannot be mapped."""
         n = headers.nbytes
-        half = RING_BYTES // 2
-        if n > half:
+        if n > RING_BYTES:
             return None
-        if self._at + n > half:             # the current half is full: enter the other one
-            other = 1 - self._half
-            if written - self.channel.pipe_unread() < self._left_at[other]:
-                return None
-            self._left_at[self._half] = written
-            self._half, self._at = other, 0
-        start = self._half * half + self._at
+        if self._at + n > RING_BYTES:       # full: a fresh ring; the pipe keeps the old pages
+            self.close()
+            self._mm = mmap.mmap(-1, RING_BYTES)
+            self._ring = np.frombuffer(self._mm, dtype=np.uint8)
+            self._addr = address_of(memoryview(self._mm))
+            self._at = 0
+        start = self._at
         self._ring[start:start + n] = np.frombuffer(headers, dtype=np.uint8)
         self._at += n
         return self._addr + start
@@ -70,4 +65,7 @@ class SpliceHeaders:
     def close(self) -> None:
         """Drop the ring.  Pages the pipe still references stay valid: the kernel holds them."""
         self._ring = None
-        self._mm.close()
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+        self._at = RING_BYTES

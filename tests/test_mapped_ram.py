@@ -118,6 +118,30 @@ def test_live_rewrite_in_place_and_zeroed_page_loses_its_bit(tmp_path):
     ram.close()
 
 
+def test_rate_limited_mapped_ram_save_stops_after_the_page_that_crosses(tmp_path):
+    """With mapped-ram as without, rate-limited save_pages checks the limit before each
+    page (QEMU's ram_save_iterate): the page that crosses it is written, none after it,
+    and the zero pages (holes, no bytes) before it are consumed too."""
+    from npqfile.stream.ram_saver import RAMSaver
+    ram = make_ram({"ram": np.full((64, PAGE), 7, np.uint8)})
+    blk = ram.block("ram")
+    blk.pages[1] = 0
+    with QEMUFile(open_channel(f"file:{tmp_path / 'rl.bin'}", "w")) as f:
+        saver = RAMSaver(f, ram, mapped_ram=True)
+        saver.save_setup()
+        f.set_rate_limit(3 * PAGE)
+        f.reset_rate_limit()
+        done = saver.save_pages(blk, np.arange(64), rate_limited=True)
+        assert done == 5 and f.bytes_xfer == 4 * PAGE      # pages 0, 2, 3, 4 written; 1 a hole
+        assert saver.stats.normal_pages == 4 and saver.stats.zero_pages == 1
+        assert list(saver.sent_zero) == [False, True, False, False, False]
+        assert saver.save_pages(blk, np.arange(done, 64), rate_limited=True) == 0   # already over
+        f.reset_rate_limit()
+        f.set_rate_limit(0)
+        assert saver.save_pages(blk, np.arange(done, 64), rate_limited=True) == 64 - done
+    ram.close()
+
+
 def test_qemu10_none_stream_layout():
     """QEMU 10.0's -M none stream: ram is section 1, globalstate 3, SWITCHOVER_START before
     END, globalstate carries vm_was_suspended, vmdesc opens with the configuration."""

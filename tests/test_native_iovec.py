@@ -24,7 +24,13 @@ from npqfile.qemufile import QEMUFile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PS = 4096
 
-pytestmark = pytest.mark.skipif(not iovec.available(), reason="no native iovec writes on this platform")
+from conftest import require
+
+
+@pytest.fixture(autouse=True)
+def _native_iovecs():
+    """Every test here needs native iovecs: skipped locally where libc has none, failed in CI."""
+    require(iovec.available(), "native iovec writes (64-bit libc writev/pwritev/readv through ctypes)")
 
 
 class Recorder:
@@ -96,6 +102,18 @@ def test_page_run_is_the_list_of_page_views_and_refuses_pages_outside_memory():
         PageRun(ram, [0], 0)
     with pytest.raises(ValueError, match="integers"):
         PageRun(ram, [0.5], PS)
+
+
+def test_page_run_keeps_its_checked_offsets_when_the_caller_changes_the_array():
+    """Native writes address base + offsets: an offsets array changed after the bounds
+    check must not move a page outside the buffer (or change which page is sent)."""
+    ram = _ram(4)
+    offsets = np.array([PS, 2 * PS], dtype=np.uint64)
+    run = PageRun(ram, offsets, PS)
+    offsets[0] = 1 << 40                    # far outside the 4-page buffer
+    assert int(run.offsets[0]) == PS and bytes(run[0]) == ram[PS:2 * PS].tobytes()
+    with pytest.raises(ValueError):
+        run.offsets[0] = 1 << 40
 
 
 def _reference_stream(ram: np.ndarray, idx: np.ndarray) -> bytes:
@@ -209,10 +227,12 @@ def test_save_imports_neither_the_loader_nor_psutil():
 
 # -- zero_copy_send: pages into a pipe by reference --------------------------------------
 
-needs_vmsplice = pytest.mark.skipif(not iovec.splice_available(), reason="no vmsplice here")
+@pytest.fixture
+def needs_vmsplice():
+    require(iovec.splice_available(), "vmsplice(2) in libc")
 
 
-@needs_vmsplice
+@pytest.mark.usefixtures("needs_vmsplice")
 def test_zero_copy_send_into_a_pipe_carries_the_reference_bytes_across_many_ring_laps():
     """64 MiB of records: the header ring (64 KiB, 128 cycles a half) is entered again 16
     times while a slow reader (4 KiB reads) still has earlier data in the pipe."""
@@ -237,7 +257,7 @@ def test_zero_copy_send_into_a_pipe_carries_the_reference_bytes_across_many_ring
     assert bytes(got) == want
 
 
-@needs_vmsplice
+@pytest.mark.usefixtures("needs_vmsplice")
 def test_zero_copy_send_headers_are_copies_the_caller_may_reuse():
     """The pipe holds the pages by reference but never the caller's header buffer: headers
     changed after ``put_records`` returned, before anything was read, do not reach the stream."""
@@ -258,32 +278,66 @@ def test_zero_copy_send_headers_are_copies_the_caller_may_reuse():
     assert bytes(got) == want
 
 
-def test_the_header_ring_refuses_space_the_pipe_still_references():
+def test_the_header_ring_never_rewrites_placed_headers():
+    """Placed headers stay as placed, lap after lap (a fresh ring when one is full), and a
+    cycle larger than a ring is refused (the caller copies it)."""
     from npqfile.qemufile_zerocopy import RING_BYTES, SpliceHeaders
 
-    class Pipe:
-        unread = 0
-
-        def pipe_unread(self):
-            return self.unread
-    pipe = Pipe()
-    ring = SpliceHeaders(pipe)
-    cycle = memoryview(bytes(256))
-    per_half = RING_BYTES // 2 // 256
-    written = 0
-    for _ in range(per_half):                       # fill half 0
-        assert ring.place(cycle, written) is not None
-        written += 1000
-    assert ring.place(cycle, written) is not None   # half 1: never used, free
-    for _ in range(per_half - 1):
-        written += 1000
-        assert ring.place(cycle, written) is not None
-    left_half0_at = per_half * 1000
-    pipe.unread = written - left_half0_at + 1       # one byte that used half 0 is unread
-    assert ring.place(cycle, written) is None       # so half 0 may not be reused yet
-    pipe.unread = written - left_half0_at
-    assert ring.place(cycle, written) is not None
+    ring = SpliceHeaders()
+    cycles = [memoryview(bytes([i % 251]) * 3000) for i in range(3 * RING_BYTES // 3000)]
+    placed = [ring.place(c) for c in cycles[:RING_BYTES // 3000 + 1]]
+    assert all(at is not None for at in placed)
+    assert ring.place(memoryview(bytes(RING_BYTES + 1))) is None
+    # the current ring's earlier placements are unchanged by later ones
+    last = placed[-1]
+    assert ctypes.string_at(last, 3000) == bytes(cycles[len(placed) - 1])
     ring.close()
+
+
+@pytest.mark.usefixtures("needs_vmsplice")
+def test_zero_copy_send_headers_survive_a_reader_that_splices_them_onward():
+    """A reader may splice(2) the pipe's buffers into another pipe (``tee``, ``pv``, a
+    ``splice``-based relay): the pipe then reports them read (FIONREAD 0) while the next
+    pipe still references the header memory.  The headers of 6 cycles (16 KiB each: more
+    than a 64 KiB ring) sit in the second pipe until the end; they must arrive as written,
+    not as the later cycles' headers (the old ring reused its first half: they did not)."""
+    h, ps, cycle = 1024, 16, 16                     # max_iov 32: 16 records a cycle
+    n = 6 * cycle
+    rng = np.random.default_rng(12)
+    memory = rng.integers(0, 256, n * ps, dtype=np.uint8)
+    headers = rng.integers(0, 256, n * h, dtype=np.uint8)
+    want = b"".join(headers[k * h:(k + 1) * h].tobytes() + memory[k * ps:(k + 1) * ps].tobytes()
+                    for k in range(n))
+    a_r, a_w = os.pipe()
+    b_r, b_w = os.pipe()
+    try:
+        fcntl.fcntl(a_w, fcntl.F_SETPIPE_SZ, 64 << 10)   # 16 slots: the writer waits on the relay
+        assert fcntl.fcntl(b_w, fcntl.F_SETPIPE_SZ, 1 << 20) >= 1 << 20   # 256 slots hold all 192 iovecs
+
+        def relay():
+            while os.splice(a_r, b_w, 1 << 20):
+                pass
+        t = threading.Thread(target=relay, daemon=True)
+        t.start()
+        f = QEMUFile(FdChannel(a_w, "w"), max_iov=32, zero_copy_send=True)
+        a_w = -1                                    # the QEMUFile closes it: the relay then ends
+        try:
+            assert f._splice is not None
+            f.put_records(headers, h, PageRun(memory, np.arange(n) * ps, ps))
+        finally:
+            assert f.close() == 0
+        t.join(60)
+        assert not t.is_alive()
+        os.close(b_w)
+        b_w = -1
+        got = bytearray()
+        while chunk := os.read(b_r, 1 << 20):
+            got += chunk
+        assert bytes(got) == want
+    finally:
+        for fd in (a_r, a_w, b_r, b_w):
+            if fd >= 0:
+                os.close(fd)
 
 
 def test_zero_copy_send_is_ignored_on_channels_that_are_not_pipes(tmp_path):
@@ -296,7 +350,7 @@ def test_zero_copy_send_is_ignored_on_channels_that_are_not_pipes(tmp_path):
     assert (tmp_path / "s.bin").read_bytes() == _reference_stream(ram, idx)
 
 
-@needs_vmsplice
+@pytest.mark.usefixtures("needs_vmsplice")
 def test_save_zero_copy_send_writes_the_same_stream(tmp_path):
     img = tmp_path / "ram.img"
     img.write_bytes(_ram(2048, seed=10).tobytes())

@@ -125,6 +125,53 @@ def test_a_bad_record_inside_a_run_fails_as_record_by_record(monkeypatch, bad):
     assert fast["ram"][:PAGE].any() and not fast["ram"][300 * PAGE:].any()
 
 
+def _written_then_zeroed(zero_tail: bytes, blocks: dict[str, int]) -> bytes:
+    """A stream that writes pages 0..599 of ``ram`` with non-zero bytes, then ZERO records
+    for 100..399 (pages that became zero: they must be cleared) and ``zero_tail``."""
+    from test_stream_support import PAGE, header, page_record, part, ram_start, zero_record
+
+    body = page_record(0, bytes([1]) * PAGE)
+    body += b"".join(page_record(p * PAGE, bytes([p % 250 + 1]) * PAGE, None) for p in range(1, 600))
+    body += b"".join(zero_record(p * PAGE, 0, None) for p in range(100, 400))
+    return header() + ram_start(blocks) + part(body + zero_tail) + b"\x00"
+
+
+def test_zero_runs_load_what_the_per_record_path_loads(monkeypatch):
+    """Runs of ZERO records clear the pages that are not zero already, across a fill byte
+    other than 0, a record for another block and a run that goes back: same RAM and same
+    counts as record by record."""
+    from test_stream_support import PAGE, zero_record
+
+    blocks = {"ram": 1024 * PAGE, "vga": 64 * PAGE}
+    tail = zero_record(450 * PAGE, 7, None) + zero_record(2 * PAGE, 0, "vga")
+    tail += b"".join(zero_record(p * PAGE, 0, "ram" if p == 500 else None) for p in range(500, 560))
+    tail += b"".join(zero_record(p * PAGE, 0, None) for p in range(20, 40))       # goes back
+    (fast, fast_stats, e1), (slow, slow_stats, e2) = _load_both(_written_then_zeroed(tail, blocks), blocks,
+                                                                monkeypatch)
+    assert e1 is None and e2 is None
+    assert fast_stats == slow_stats and fast_stats["duplicate"] == 300 + 1 + 1 + 60 + 20
+    for name in blocks:
+        assert np.array_equal(fast[name], slow[name])
+    ram = fast["ram"].reshape(-1, PAGE)
+    assert not ram[100:400].any() and not ram[500:560].any() and not ram[20:40].any()
+    assert (ram[450] == 7).all() and ram[99].all() and ram[400].all()
+
+
+@pytest.mark.parametrize("bad", ["flag", "beyond", "truncated"])
+def test_a_bad_record_inside_a_zero_run_fails_as_record_by_record(monkeypatch, bad):
+    from test_stream_support import PAGE, be64
+
+    blocks = {"ram": 1024 * PAGE}
+    tail = {"flag": be64(700 * PAGE | 0x22 | 0x200) + b"\x00",
+            "beyond": be64(1024 * PAGE | 0x22) + b"\x00", "truncated": b""}[bad]
+    data = _written_then_zeroed(tail, blocks)
+    if bad == "truncated":
+        data = data[:-(9 * 150 + 30)]      # inside the ZERO records
+    (fast, _, e1), (slow, _, e2) = _load_both(data, blocks, monkeypatch)
+    assert e1 is not None and e1 == e2
+    assert np.array_equal(fast["ram"], slow["ram"])
+
+
 # -- hashing while loading -------------------------------------------------------------
 
 def _stream_of(pages_in_order, blocks, seed=1):

@@ -12,14 +12,12 @@ Plan: the mode picks a reader or writer subclass, so only writers have `writev` 
 
 from __future__ import annotations
 
-import array
 import errno
 import fcntl
 import os
 import signal
 import stat
 import subprocess
-import termios
 from typing import Any, Sequence
 
 from .base import Closing, pick_direction, wait_writable, write_all
@@ -91,15 +89,9 @@ class FdWriter(FdChannel):
 
     def splice_iov(self, iov: Any, total: int, pos: int) -> int:
         """``writev_iov`` by reference (vmsplice, see `iovec.vmsplice_iov`): the memory must
-        stay unchanged until ``pipe_unread()`` shows the reader has taken it."""
+        stay unchanged until read (see ``npqfile.qemufile_zerocopy``)."""
         fd = self._fd
         return vmsplice_iov(fd, iov, total, lambda: wait_writable(fd))
-
-    def pipe_unread(self) -> int:
-        """Bytes written into the pipe that its reader has not read yet (FIONREAD)."""
-        buf = array.array("i", [0])
-        fcntl.ioctl(self._fd, termios.FIONREAD, buf, True)
-        return buf[0]
 
 
 class FileChannel(FdChannel):

@@ -10,9 +10,9 @@ sender (``multifd_send_zero_page_detect``), the multifd receiver
 Goals: read as little RAM as QEMU does and copy none that need not be.  Like
 ``buffer_is_zero``, a page whose first word is not zero is not read further (random RAM
 then costs one cache line a page); pages given as a run of consecutive indices are
-scanned through a view, scattered ones through one gathered copy.  Plan: one pass over
-every page's first 8 bytes, then an OR-reduction of the candidates only; numpy releases
-the GIL for both.
+scanned through a view; of scattered ones only the first words are gathered, then the
+whole pages of the candidates.  Plan: one pass over every page's first 8 bytes, then an
+OR-reduction of the candidates only; numpy releases the GIL for both.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def buffer_is_zero(pages: np.ndarray, idx: np.ndarray | None = None) -> np.ndarr
     """Bool array, one entry per page of ``pages[idx]`` (every page when ``idx`` is
     None): True where the page is all zero bytes.  ``pages``: a C-contiguous 2-D uint8
     array, one page a row; ``idx``: page indices in ``pages`` (a run of consecutive ones
-    is read through a view, any other order through a gathered copy).  An empty ``idx``
+    is read through a view, any other order gathered: first words, then candidates).  An empty ``idx``
     gives an empty array.  Raises IndexError for an index outside ``pages`` (numpy's)."""
     if idx is None:
         sel = pages
@@ -37,7 +37,7 @@ def buffer_is_zero(pages: np.ndarray, idx: np.ndarray | None = None) -> np.ndarr
                 and (idx.size < 3 or np.all(np.diff(idx) == 1))):
             sel = pages[first:last + 1]          # a view: no copy
         else:
-            sel = pages[idx]                      # scattered (dirty) pages: a gathered copy
+            return _scattered_is_zero(pages, idx)
     n = sel.shape[0]
     if not n:
         return np.zeros(0, dtype=bool)
@@ -51,4 +51,16 @@ def buffer_is_zero(pages: np.ndarray, idx: np.ndarray | None = None) -> np.ndarr
         return np.bitwise_or.reduce(words, axis=1) == 0
     if maybe.size:
         zero[maybe] = np.bitwise_or.reduce(words[maybe], axis=1) == 0
+    return zero
+
+
+def _scattered_is_zero(pages: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``buffer_is_zero`` of the pages ``idx`` names in any order: gather their first 8
+    bytes, then only the pages those say may be zero (a gather of every whole page would
+    copy all of a dirty set's RAM to read one word a page)."""
+    head = pages[idx, :8]                         # IndexError for an index outside pages
+    zero = ~head.any(axis=1)
+    maybe = np.flatnonzero(zero)
+    if maybe.size:
+        zero[maybe] = ~pages[idx[maybe]].any(axis=1)
     return zero

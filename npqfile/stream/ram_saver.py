@@ -146,12 +146,15 @@ class RAMSaver:
             chunk = idx[start:start + BATCH_PAGES]
             zero = self._zero_mask(block, chunk)
             if self.mapped_ram is not None:    # pages at their file offsets, no records
-                written = self.mapped_ram.save_pages(block, chunk, zero)
-                nz = int(np.count_nonzero(zero))
+                n, limit = chunk.size, self.f.get_rate_limit()
+                if rate_limited and limit > 0:  # as _save_plain: stop after the page that crosses
+                    over = np.flatnonzero(self.f.bytes_xfer + np.cumsum(np.where(zero, 0, block.page_size)) > limit)
+                    n = int(over[0]) + 1 if over.size else n
+                written = self.mapped_ram.save_pages(block, chunk[:n], zero[:n])
+                nz = int(np.count_nonzero(zero[:n]))
                 self.stats.zero_pages += nz
-                self.stats.normal_pages += chunk.size - nz
+                self.stats.normal_pages += n - nz
                 self.stats.pages_bytes += written
-                n = chunk.size
             elif general:
                 n = self._save_general(block, chunk, zero, rate_limited)
             else:

@@ -513,3 +513,20 @@ def test_incoming_json_is_json_only_and_its_ram_limit_is_named_as_the_option(tmp
     assert main(["incoming", f"file:{stream}", "--max-ram", "1M", "--machine", "any", "--json"]) == 1
     captured = capsys.readouterr()
     assert "--max-ram" in captured.err + captured.out and "max_ram_bytes" not in captured.err + captured.out
+
+
+def test_engine_both_takes_pause_before_switchover(monkeypatch, capsys):
+    # --engine both with --pause-before-switchover built its hook with one argument of two
+    # (a TypeError traceback before anything ran); the hook must reach run_and_report and wait
+    import npqfile.migration.compare as compare
+    seen = []
+
+    def fake_run_and_report(cfg, args, pre_switchover=None):
+        pre_switchover(None)
+        seen.append(cfg.engine)
+        return 0
+
+    monkeypatch.setattr(compare, "run_and_report", fake_run_and_report)
+    assert main(["migrate", "--quiet", "--size", "1M", "--engine", "both", "--pause-before-switchover", "0"]) == 0
+    assert seen == ["both"]
+    assert "pre-switchover: guest stopped" in capsys.readouterr().err

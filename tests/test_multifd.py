@@ -238,7 +238,8 @@ def test_sender_fails_clearly_when_a_channel_breaks():
     b.close()
     mf = MultiFDSend([SocketChannel(a, "w")])
     try:
-        with pytest.raises(OSError, match="multifd send failed: multifd channel 0"):
+        # the channel and the channel's byte offset of the write that failed (its greeting)
+        with pytest.raises(OSError, match="multifd send failed: multifd channel 0, writing at offset 0: "):
             for _ in range(4):
                 mf.queue_pages(ram.block("ram"), np.arange(256))
                 mf.flush_and_sync()
@@ -509,3 +510,18 @@ def test_a_multifd_main_stream_without_channels_is_refused_clearly():
             b.close()
         ram.close()
         dst.close()
+
+
+def test_a_wait_ended_by_a_failed_channel_names_that_channel():
+    """A wait for a busy channel that ends because another channel failed reports that
+    channel's error, not "cancelled" (the user cancelled nothing)."""
+    pairs = [socket.socketpair() for _ in range(2)]
+    mf = MultiFDSend([SocketChannel(a, "w") for a, _ in pairs])
+    try:
+        mf._fail("multifd channel 1, writing at offset 4160: Broken pipe")
+        with pytest.raises(OSError, match="multifd channel 1, writing at offset 4160: Broken pipe"):
+            mf._wait(threading.Semaphore(0))
+    finally:
+        mf.close(abort=True)
+        for _, b in pairs:
+            b.close()

@@ -634,3 +634,39 @@ def test_open_return_path_in_a_replayed_stream_is_a_warning_without_a_guest(tmp_
         assert res.status == "failed" and "Unable to open return-path for postcopy" in res.error, res.error
     finally:
         ram.close()
+
+
+def test_ctrl_c_while_a_converged_precopy_waits_for_shut_cancels_at_once(monkeypatch):
+    """Postcopy advised, pre-copy converged: the source waits for the destination's SHUT
+    (await_return_path_close_on_source), its status still QEMU's ``device`` there, so
+    migrate_cancel cancels it.  The cancel used to change nothing: the wait ran to
+    SHUT_TIMEOUT and the run ended ``failed``."""
+    require_uffd()
+    import select as select_mod
+
+    from npqfile.migration import postcopy as pc
+    from npqfile.migration.control import MigrationControl
+    monkeypatch.setattr(pc, "SHUT_TIMEOUT", 30.0)     # the old code's failure, sooner
+    real_finish = postcopy_ram.PostcopyIncoming.finish
+    control = MigrationControl()
+
+    def cancel_then_hold_shut_back(self, ok, verdict):
+        control.cancel()                         # Ctrl-C while the source waits for SHUT
+        fd = self.main.channel.fileno()
+        while True:                              # SHUT only once the source closed the stream
+            select_mod.select([fd], [], [])
+            try:
+                if not os.read(fd, 1 << 16):
+                    break
+            except (BlockingIOError, ConnectionResetError):
+                pass
+        real_finish(self, ok, verdict)
+    monkeypatch.setattr(postcopy_ram.PostcopyIncoming, "finish", cancel_then_hold_shut_back)
+    cfg = _cfg(postcopy_after=1000)              # never switches: pre-copy converges
+    cfg.workload = "idle"
+    try:
+        st = run_migration(cfg, control=control)
+    finally:
+        control.close()
+    assert st.status == "cancelled", st.outcome
+    assert st.verification.get("ok") is not True and st.release.get("when") is None

@@ -415,3 +415,17 @@ def test_qemu_engine_json_follows_the_schema_and_feeds_events(tmp_path):
     states = [e["data"]["status"] for e in lines if e["event"] == "MIGRATION"]
     assert "active" in states and states[-1] == "completed"      # QEMU's own answers
     assert any(e["event"] == "query-migrate" for e in lines)
+
+
+@pytest.mark.parametrize("asked", ["cancelled", "time-limit", "max-iterations"])
+def test_a_cancel_that_qemu_completed_anyway_reports_the_completion(asked):
+    """migrate_cancel sent (Ctrl-C or a limit) after QEMU had already switched over:
+    QEMU says completed, and so does the run -- its outcome must not say it was
+    cancelled at a limit while its status says completed."""
+    cfg = MigrationConfig(size=16 * MIB)
+    m = QemuMigration(cfg, QemuBinary("/nonexistent/qemu", "10.0.2"))
+    m.st.outcome = asked                     # what _poll records as it sends migrate_cancel
+    m._collect({"status": "completed", "total-time": 900, "downtime": 20, "_t": 0.9,
+                "ram": {"dirty-sync-count": 3, "transferred": 9000, "total": 4096 * 100}})
+    assert m.st.status == "completed" and m.st.converged
+    assert m.st.outcome == f"converged (migrate_cancel for {asked} came too late)"

@@ -128,6 +128,10 @@ def test_dask_workers_allow_child_processes_and_cases_declare_resources(tmp_path
         info = backend.client.scheduler_info()["workers"].values()
         assert all(w["resources"]["cores"] == 1 and w["resources"]["ram"] >= 4 * MIB for w in info)
         assert backend.use_resources
+        # no statistical profiler holding the cases' frames (and guest-RAM views) every 10 ms
+        import dask
+        profiling = backend.client.run(lambda: dask.config.get("distributed.worker.profile.enabled"))
+        assert len(profiling) == 2 and not any(profiling.values())
     finally:
         backend.close()
 

@@ -498,8 +498,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--cluster and --scheduler-file run sweeps: add --sweep PARAM=V1,V2,...")
     if cfg.engine == "both":
         from npqfile.migration.compare import run_and_report
-        return run_and_report(cfg, args, _pause_hook(args.pause_before_switchover)
-                              if args.pause_before_switchover is not None else None)
+        with MigrationControl() as control:
+            return run_and_report(cfg, args, _pause_hook(args.pause_before_switchover, control)
+                                  if args.pause_before_switchover is not None else None)
     # --to fd:1 > snap.bin: stdout carries the stream (and the channel closes the fd
     # at the end), so the report goes to stderr; fd:2 likewise sends it to stdout
     stream_fd = _stream_fd(cfg.to)

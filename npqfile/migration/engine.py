@@ -106,7 +106,10 @@ class MigrationEngine:
         runs on the destination)."""
         status, switched = self.stats.status, self.postcopy is not None and self.postcopy.active
         if status == "completed" and not switched:
-            return None     # pre-copy: what remains is the session's wait for the verdict, which ends
+            # pre-copy: what remains is postcopy's wait for SHUT (ended by this flag:
+            # QEMU is still in ``device`` there) or the session's wait for the verdict
+            self._cancel.set()
+            return None
         if status in ("completed", "failed", "cancelled", "postcopy-paused"):
             return f"the migration is {status}: nothing to cancel"
         if switched:

@@ -81,7 +81,7 @@ class _SendChannel:
                     self.pending_sync = False
                     self.sem_sync.release()
         except Exception as exc:        # a thread's end must reach the main thread, whatever ended it
-            o._fail(f"multifd channel {self.id}: {exc}")
+            o._fail(f"multifd channel {self.id}, writing at offset {self.bytes}: {exc}")
             o._ready.release()
             self.sem_sync.release()
 
@@ -167,6 +167,7 @@ class MultiFDSend:
         """Acquire ``sem``; a cancelled migration or a closed sender stops the wait (a
         channel blocked in a write to a peer that stopped reading must not hang us)."""
         while not sem.acquire(timeout=0.2):
+            self._check()               # a failed channel ended the wait: its error, not "cancelled"
             if self.exiting or (self.cancel is not None and self.cancel.is_set()):
                 raise OSError("multifd send failed: migration cancelled while waiting for a channel")
 

@@ -327,7 +327,17 @@ class PostcopySource:
         a destination error (SHUT 1) or a broken return path fails the migration."""
         st = self.e.stats
         self.e.f.fflush()
-        if not self._rp_done.wait(SHUT_TIMEOUT):
+        deadline = time.monotonic() + SHUT_TIMEOUT
+        while not self._rp_done.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if self.e.rs.cancel.is_set():
+                # migrate_cancel while QEMU's source is still in ``device`` (awaiting the
+                # return path's close): cancelled; the guest and its RAM stay here
+                st.status, st.converged, st.outcome = "cancelled", False, "cancelled while waiting for SHUT"
+                self.e.f.shutdown()
+                return
+            if time.monotonic() >= deadline:
+                break
+        if not self._rp_done.is_set():
             st.status, st.outcome = "failed", f"error: no SHUT from the destination within {SHUT_TIMEOUT:g} s"
         elif self.rp_error is not None:
             st.status, st.outcome = "failed", f"error: return path: {self.rp_error}"

@@ -357,6 +357,10 @@ class QemuMigration:
         ram = final.get("ram", {})
         st.status = status
         if status == "completed":
+            if st.outcome in ("cancelled", "max-iterations", "time-limit"):
+                # migrate_cancel reached a QEMU that had already switched over (its
+                # migration_cancel leaves that run alone): QEMU's completion is the outcome
+                st.outcome = f"converged (migrate_cancel for {st.outcome} came too late)"
             st.converged = not st.outcome.startswith("forced")
             st.outcome = st.outcome or "converged"
         elif status == "failed" and not st.outcome:

@@ -303,9 +303,13 @@ class _DaskBackend:
 
             total = psutil.virtual_memory().total
             workers = max(1, min(workers, total // max(need, 1)))
-            # a case may start processes (exec: commands, QEMU): workers must not be
-            # daemonic; the nanny hands this config to the worker processes it starts
-            with dask.config.set({"distributed.worker.daemon": False}):
+            # A case may start processes (exec: commands, QEMU): workers must not be
+            # daemonic.  No statistical profiler: every 10 ms it holds the case's frames
+            # -- and the guest-RAM views in them -- while it walks them, so a RAM block's
+            # close could find its views alive (RAMBlock.close waits briefly for that on
+            # clusters we do not start).  The nanny hands this config to its workers.
+            with dask.config.set({"distributed.worker.daemon": False,
+                                  "distributed.worker.profile.enabled": False}):
                 self.cluster = distributed.LocalCluster(
                     n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                     memory_limit=0, silence_logs=logging.CRITICAL,    # failed cases are rows, not log lines

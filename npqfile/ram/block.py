@@ -371,9 +371,9 @@ class RAMBlock:
         except BufferError:
             # Views that only garbage cycles still hold (an exception's traceback frames, a
             # finished thread's closure) die with a collection; views another thread holds for
-            # a moment (seen: a Dask worker thread formatting a traceback whose frames hold
-            # page views) are gone within milliseconds.  Collect, then retry briefly (0.13 s
-            # at most) before refusing.
+            # a moment (seen: Dask's statistical profiler, which walks a running task's frames
+            # every 10 ms on the worker's event loop) are gone within milliseconds.  Collect,
+            # then retry briefly (0.13 s at most) before refusing.
             gc.collect()
             for delay in CLOSE_RETRY_DELAYS:
                 time.sleep(delay)

@@ -6,7 +6,8 @@ fails, dies or never finishes fails the run (nothing compared: never "mismatch")
 Ctrl-C cancels nothing (QEMU's ``migration_cancel`` leaves a completed migration alone)
 but ends the wait for the destination at once: ``completed`` / ``not-verified``, exit 3,
 as after a completed postcopy in the simulator.  At ``pre-switchover`` a Ctrl-C is
-QEMU's ``migrate_cancel`` of the pause (never ``migrate-continue``): ``cancelled``.
+QEMU's ``migrate_cancel`` of the pause (never ``migrate-continue``): ``cancelled``; after
+``--on-limit force`` raised the downtime limit a Ctrl-C is still ``migrate_cancel``.
 
 The fakes below stand for a destination QEMU that answers as told; the real-QEMU tests
 stop or kill the destination at the moment the source reports ``completed`` (a hook on
@@ -20,6 +21,7 @@ import json
 import os
 import signal
 import threading
+import time
 
 import pytest
 
@@ -132,6 +134,68 @@ def test_cancel_says_when_the_source_qemu_has_nothing_left_to_cancel():
                          ("failed", "the migration is failed: nothing to cancel")):
         m._source_status = status
         assert m.cancel() == said
+
+
+class FakeSource:
+    """A source QEMU whose query-migrate answers follow ``statuses`` (the last repeats);
+    records the other commands.  More than ``limit`` polls fail the test."""
+
+    def __init__(self, statuses: list[str], limit: int = 40):
+        self.statuses, self.limit, self.polls, self.sent = statuses, limit, 0, []
+
+    def check_alive(self, doing: str) -> None:
+        pass
+
+    def cmd(self, name: str, **args):
+        if name != "query-migrate":
+            self.sent.append(name)
+            return {}
+        self.polls += 1
+        assert self.polls <= self.limit, f"no terminal status after {self.limit} polls: sent {self.sent}"
+        status = self.statuses[min(self.polls, len(self.statuses)) - 1]
+        if status == "cancelled-once-asked":        # cancelling until migrate_cancel arrives
+            status = "cancelled" if "migrate_cancel" in self.sent else "device"
+        return {"status": status, "ram": {"dirty-sync-count": self.polls}}
+
+
+class DyingDestination:
+    """The destination QEMU exits once the source's migration is cancelled."""
+
+    def __init__(self, src: FakeSource):
+        self.src = src
+
+    def check_alive(self, doing: str) -> None:
+        if "migrate_cancel" in self.src.sent:
+            raise QemuError(f"destination QEMU exited with status 1 while {doing}")
+
+
+def test_ctrl_c_after_a_forced_limit_is_still_migrate_cancel_and_ends_cancelled():
+    # --on-limit force raised the downtime limit (QEMU then stops the guest: device); a
+    # Ctrl-C there is still sent as migrate_cancel (QEMU: cancelling -> cancelled), and the
+    # destination QEMU exiting on the cancelled stream is not a failure
+    params = MigrationParams(max_iterations=1, on_limit="force")
+    m = QemuMigration(MigrationConfig(size=16 * MIB, params=params), QemuBinary("/nonexistent/qemu", "10.0.2"))
+    src = FakeSource(["active", "active", "device", "device", "cancelled-once-asked"])
+    m.t0 = time.monotonic()
+    m.on_progress = lambda info: info["status"] == "device" and m.cancel()
+    final = m._poll(src, DyingDestination(src))
+    assert src.sent == ["migrate-set-parameters", "migrate_cancel"] and final["status"] == "cancelled"
+    m._collect(final)
+    assert m.st.status == "cancelled" and m.st.outcome == "cancelled"
+    # no limit reached yet (still --on-limit force): Ctrl-C while active, QEMU cancelling
+    m = QemuMigration(MigrationConfig(size=16 * MIB, params=MigrationParams(on_limit="force")),
+                      QemuBinary("/nonexistent/qemu", "10.0.2"))
+    src = FakeSource(["active", "active", "cancelling", "cancelling", "cancelled"])
+    m.t0 = time.monotonic()
+    m.on_progress = lambda info: info["round"] == 2 and m.cancel()
+    final = m._poll(src, DyingDestination(src))
+    assert src.sent == ["migrate_cancel"] and final["status"] == "cancelled"
+    # QEMU completed anyway: the outcome says it was forced, and the cancel came too late
+    m = QemuMigration(MigrationConfig(size=16 * MIB, params=params), QemuBinary("/nonexistent/qemu", "10.0.2"))
+    m._forced, m.st.outcome = "max-iterations", "cancelled"
+    m._collect({"status": "completed", "total-time": 900, "downtime": 20, "_t": 0.9, "ram": {}})
+    assert m.st.outcome == "forced: max-iterations (migrate_cancel for cancelled came too late)"
+    assert not m.st.converged
 
 
 # -- real QEMU --------------------------------------------------------------------------

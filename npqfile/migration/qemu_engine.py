@@ -33,8 +33,9 @@ no return path here, so it is ``completed`` once its last byte is out: a destina
 that then fails, dies or does not finish loading within FINISH_TIMEOUT fails the run
 (``failed``, its error in ``outcome``, nothing compared: ``verification.done`` False),
 as the simulator's session does.  ``cancel()`` (Ctrl-C) follows ``migrate_cancel`` state
-by state: before the migrate command nothing starts; in setup, active and device QEMU
-decides (``cancelled``, or ``completed`` when it had already switched over); at
+by state: before the migrate command nothing starts; in setup, active and device (also
+after a forced limit) QEMU decides (``cancelled``, or ``completed`` when it had already
+switched over; the destination exiting on the cancelled stream is no failure); at
 pre-switchover the pause is not continued (QEMU's cancel ends it: ``cancelled``); once
 the source is ``completed`` nothing is cancelled and the wait for the destination (and
 the hashing) ends at once: ``completed``, not verified.  The guest's
@@ -232,6 +233,7 @@ class QemuMigration:
         self.st.qemu = {"path": self.qemu.path, "version": self.qemu.version}
         self._cancel = threading.Event()
         self._source_status = ""        # the source's status at the last poll
+        self._forced: str | None = None  # the limit that forced completion (on_limit "force")
 
     def cancel(self) -> str | None:
         """migrate_cancel from another thread or a signal handler (Ctrl-C): only sets a
@@ -307,7 +309,7 @@ class QemuMigration:
     def _poll(self, src: QemuVM, dst: QemuVM) -> dict:
         """Poll query-migrate until a terminal status; apply the limits; returns the last answer."""
         p = self.cfg.params
-        limited = False
+        limited = cancel_sent = False      # a limit applied; migrate_cancel sent
         paused_at = None
         while True:
             src.check_alive("migrating")
@@ -332,11 +334,12 @@ class QemuMigration:
                 continue
             if status in TERMINAL:
                 return info
-            if self._cancel.is_set() and not limited:
-                limited = True                     # the destination ends with the stream
+            if self._cancel.is_set() and not cancel_sent:
+                # Ctrl-C: also after a forced limit (QEMU in device: cancelling)
+                cancel_sent = True
                 self.st.outcome = "cancelled"
                 src.cmd("migrate_cancel")
-            if not (limited and p.on_limit == "cancel"):   # a cancelled stream ends the destination
+            if not cancel_sent:                    # a cancelled stream ends the destination
                 dst.check_alive("receiving the migration")
             if status == "pre-switchover":
                 if paused_at is None:
@@ -347,7 +350,7 @@ class QemuMigration:
                         src.cmd("migrate-continue", state="pre-switchover")
                     # else: the next poll sends migrate_cancel, which ends QEMU's pause
                     # (migration_cancel wakes it into CANCELLING): never continued
-            elif status == "active" and not limited:
+            elif status == "active" and not limited and not cancel_sent:
                 why = None
                 if ram.get("dirty-sync-count", 0) > p.max_iterations:
                     why = "max-iterations"
@@ -356,10 +359,12 @@ class QemuMigration:
                 if why is not None:
                     limited = True
                     if p.on_limit == "force":
+                        self._forced = why
                         self.st.outcome = f"forced: {why}"
                         src.cmd("migrate-set-parameters", **{"downtime-limit": MAX_DOWNTIME_MS})
                     else:
                         self.st.outcome = why
+                        cancel_sent = True
                         src.cmd("migrate_cancel")
             time.sleep(POLL)
 
@@ -393,7 +398,8 @@ class QemuMigration:
             if st.outcome in ("cancelled", "max-iterations", "time-limit"):
                 # migrate_cancel reached a QEMU that had already switched over (its
                 # migration_cancel leaves that run alone): QEMU's completion is the outcome
-                st.outcome = f"converged (migrate_cancel for {st.outcome} came too late)"
+                late = f"migrate_cancel for {st.outcome} came too late"
+                st.outcome = f"forced: {self._forced} ({late})" if self._forced else f"converged ({late})"
             st.converged = not st.outcome.startswith("forced")
             st.outcome = st.outcome or "converged"
         elif status == "failed" and not st.outcome:

@@ -319,3 +319,37 @@ def test_a_cancel_before_the_migrate_command_starts_no_migration():
     assert st.status == "cancelled" and st.outcome == "cancelled" and st.qemu["polls"] == 0
     assert st.transferred == 0 and st.verification == {} and len(started) == 2
     assert all(_gone(vm) for vm in started)
+
+
+def test_a_destination_qemu_that_stops_answering_fails_the_run_instead_of_hanging(monkeypatch):
+    # stopped (SIGSTOP) once the source completed: its QMP never answers; the wait gives up
+    # at FINISH_TIMEOUT (0 here: after one unanswered query) and the stopped QEMU is killed
+    qemu = require_qemu("10.0")
+    monkeypatch.setattr(qemu_engine, "FINISH_TIMEOUT", 0.0)
+    stopped: list[int] = []
+    fired: list[bool] = []
+
+    def give_up() -> None:
+        fired.append(True)
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    resume = threading.Timer(HANG, give_up)
+    resume.daemon = True
+
+    def stop(run, dst):
+        os.kill(dst.proc.pid, signal.SIGSTOP)
+        stopped.append(dst.proc.pid)
+        resume.start()
+    started = _watch_destination(monkeypatch, stop)
+    try:
+        st = QemuMigration(MigrationConfig(size=16 * MIB, workload="idle"), qemu).run()
+    finally:
+        resume.cancel()
+        for vm in started:
+            if not _gone(vm):
+                vm.proc.kill()
+                vm.proc.wait()
+    assert stopped and not fired, "a destination that does not answer QMP hung the run"
+    assert st.status == "failed" and st.completion is None
+    assert st.outcome == "error: destination failed: still loading after 0 s (status unanswered)", st.outcome
+    assert all(_gone(vm) for vm in started)

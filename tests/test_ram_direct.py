@@ -328,3 +328,17 @@ def test_rss_is_not_grown_by_a_stream_that_stops():
     assert not t.is_alive() and errors, errors
     assert "truncated" in str(errors[0]) or "end of stream" in str(errors[0]), errors
     ram.close()
+
+
+def test_a_page_sent_ahead_of_a_run_below_it_is_never_predicted_over(monkeypatch):
+    """A page sent ahead of the in-order ones (QEMU's background snapshot sends a page the
+    guest is about to write at once, then its scan resumes below it), followed by a
+    buffered run below it: the frontier stays above that page, so a misprediction that
+    follows the run cannot zero it."""
+    blocks = {"ram": 1024 * PAGE}
+    start = header() + ram_start(blocks)
+    ahead = _pages(0, 1, 1, "ram") + _pages(100, 101, 2) + _pages(1, 21, 3)
+    data = start + part(ahead + _pages(300, 500, 4)) + b"\x00"
+    first = len(start) + 5 + len(ahead)             # the run ends where the read-ahead does
+    direct = _same(data, blocks, monkeypatch, chunk=lambda k: first if k == 0 else 1 << 30)
+    assert direct[4].misses >= 1 and direct[0]["ram"][100 * PAGE:101 * PAGE].any()

@@ -150,7 +150,8 @@ class RAMLoader:
                     if get_buffer(dest.view[addr:addr + ps]) != ps or get_error():
                         raise r._fail("a page")
                     k = self._page_run(f, dest)
-                    end = self._run_end if k else addr + ps
+                    # the run may start below this page: the frontier passes both
+                    end = max(self._run_end, addr + ps) if k else addr + ps
                     if end >= dest.clean_from:      # at the frontier: predict what follows
                         dest.clean_from = end
                         if self.direct is not None:

@@ -112,6 +112,11 @@ class ReadSide:
             return self._bufmv[0:0]
         return self._bufmv[index:index + min(size, pending)]
 
+    @property
+    def read_ahead_size(self) -> int:
+        """The read-ahead buffer's size: the most bytes ``unread`` can give back."""
+        return len(self._buf)
+
     def buffered(self) -> memoryview:
         """The read-ahead bytes already in the buffer, not consumed and without any I/O
         (not in QEMU: a reader parses many records from it at once, then skips them).

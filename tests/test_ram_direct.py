@@ -342,3 +342,29 @@ def test_a_page_sent_ahead_of_a_run_below_it_is_never_predicted_over(monkeypatch
     first = len(start) + 5 + len(ahead)             # the run ends where the read-ahead does
     direct = _same(data, blocks, monkeypatch, chunk=lambda k: first if k == 0 else 1 << 30)
     assert direct[4].misses >= 1 and direct[0]["ram"][100 * PAGE:101 * PAGE].any()
+
+
+@pytest.mark.parametrize("page_size,read_ahead", [(1 << 16, READ_AHEAD), (PAGE, None)],
+                         ids=["64k-pages", "qemu-sized-buffer"])
+def test_direct_reads_fit_the_read_ahead_buffer_and_the_host_pages(monkeypatch, page_size, read_ahead):
+    """What a misprediction gives back fits the read-ahead buffer, whatever the target page
+    size (a vmdesc's 64 KiB) and the buffer (QEMU's 32 KiB by default); pages smaller than
+    the host's are never predicted (a host page is released whole).  The load ends as the
+    buffered one: the same RAM, no error."""
+    monkeypatch.setattr(ram_direct.DirectPages, "_available", lambda self, f: f.channel.remaining)
+    rng = np.random.default_rng(13)
+    ps = page_size
+    pages = {p: rng.integers(1, 256, ps, dtype=np.uint8).tobytes() for p in [*range(0, 43), *range(100, 140)]}
+    recs = [be64(p * ps | 0x28) + d for p, d in pages.items()]
+    recs[0] = be64(0x08) + bytes([3]) + b"ram" + pages[0]
+    prefix = header() + ram_start({"ram": 1024 * ps}) + bytes([2]) + (2).to_bytes(4, "big") + recs[0]
+    data = prefix + b"".join(recs[1:]) + be64(0x10) + b"\x7e" + (2).to_bytes(4, "big") + b"\x00"
+    # the read-ahead ends after the named page, then after 20 more: the run there is read directly
+    caps = [len(prefix), 20 * (8 + ps)]
+    f = QEMUFile(ScriptedReader(data, chunk=lambda k: caps[k] if k < 2 else 1 << 30), read_ahead=read_ahead)
+    res = load_stream(f, None, vmdesc={"page_size": ps})
+    got = res.ram.block("ram").array.reshape(-1, ps)
+    assert res.stats.normal_pages == len(pages)
+    assert all(bytes(got[p]) == d for p, d in pages.items()) and not got[43:100].any() and not got[140:].any()
+    del got
+    res.ram.close()

@@ -47,7 +47,7 @@ from npqfile.stream.constants import RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_PAGE
 __all__ = ["DirectPages", "RUN_RECORDS"]
 
 # Records per read: a miss gives back at most this many, and they must fit in the loader's
-# read-ahead buffer (READ_AHEAD, 1 MiB: 255 records of 4 KiB pages).
+# read-ahead buffer (READ_AHEAD, 1 MiB: 255 records of 4 KiB pages; fewer in a smaller one).
 RUN_RECORDS = 255
 MIN_RECORDS = 16        # fewer pages left in the block: not worth a read's set-up
 MAX_COOLDOWN = 64       # chances skipped after repeated misses, at most
@@ -103,7 +103,8 @@ class DirectPages:
             return 0, False         # the next record is already known not to be predicted
         # as many records as the channel holds now: pages are only faulted in for bytes
         # that are there (a stream that stops or goes elsewhere leaves no pages behind)
-        k = min(RUN_RECORDS, (dest.size - start) // ps, (b + self._available(f)) // rec)
+        k = min(RUN_RECORDS, f.read_ahead_size // rec, (dest.size - start) // ps,
+                (b + self._available(f)) // rec)       # (a miss gives back up to k records)
         if k < MIN_RECORDS:
             return 0, False
         if self.populate:

@@ -344,8 +344,9 @@ def test_a_page_sent_ahead_of_a_run_below_it_is_never_predicted_over(monkeypatch
     assert direct[4].misses >= 1 and direct[0]["ram"][100 * PAGE:101 * PAGE].any()
 
 
-@pytest.mark.parametrize("page_size,read_ahead", [(1 << 16, READ_AHEAD), (PAGE, None)],
-                         ids=["64k-pages", "qemu-sized-buffer"])
+@pytest.mark.parametrize("page_size,read_ahead", [(1 << 16, READ_AHEAD), (PAGE, None), (1024, READ_AHEAD),
+                                                  (2048, READ_AHEAD)],
+                         ids=["64k-pages", "qemu-sized-buffer", "1k-pages", "2k-pages"])
 def test_direct_reads_fit_the_read_ahead_buffer_and_the_host_pages(monkeypatch, page_size, read_ahead):
     """What a misprediction gives back fits the read-ahead buffer, whatever the target page
     size (a vmdesc's 64 KiB) and the buffer (QEMU's 32 KiB by default); pages smaller than

@@ -32,6 +32,7 @@ or a record would start; see README "Differences from QEMU").
 
 from __future__ import annotations
 
+import mmap
 import zlib
 
 import numpy as np
@@ -99,7 +100,9 @@ class RAMLoader:
                  hasher: LoadHasher | None = None, fresh_ram: bool = False):
         self.ram = ram
         self.hasher = hasher
-        self.direct = DirectPages(page_size) if (fresh_ram or ram is None) and iovec.available() else None
+        # (a mispredicted page is released with madvise: whole host pages only)
+        self.direct = (DirectPages(page_size) if (fresh_ram or ram is None) and iovec.available()
+                       and page_size % mmap.PAGESIZE == 0 else None)
         self.max_ram_name = max_ram_name   # how errors name the limit (a CLI says its option)
         self.created = ram is None
         self.max_ram_bytes = max_ram_bytes

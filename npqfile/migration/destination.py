@@ -94,8 +94,8 @@ class Destination:
                  max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, hash_blocks: bool = True,
                  device_tail_bytes: int = DEFAULT_DEVICE_TAIL_BYTES, multifd: Any = None, guest: Any = None,
                  max_ram_name: str = "max_ram_bytes", fresh_ram: bool = False):
-        self.guest = guest
-        self.fresh_ram = fresh_ram      # ram is new, all zero, and written only by this load              # a Workload run on this RAM from POSTCOPY_RUN on
+        self.guest = guest              # a Workload run on this RAM from POSTCOPY_RUN on
+        self.fresh_ram = fresh_ram      # ram is new, all zero, and written only by this load
         self.ram = ram
         self.device_tail_bytes = device_tail_bytes   # device state kept until the vmdesc sizes it
         self.multifd = multifd          # a MultiFDRecv whose channels are open (npqfile.migration.multifd)

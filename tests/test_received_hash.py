@@ -15,8 +15,12 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from npqfile.migration import received_hash
+from npqfile.migration.engine import MigrationParams
 from npqfile.migration.postcopy_ram import PostcopyIncoming
+from npqfile.migration.session import MigrationConfig, run_migration
 from npqfile.ram import GuestRAM
+from test_postcopy import require_uffd
 
 PS = 4096
 MIB = 1 << 20
@@ -86,3 +90,28 @@ def test_pages_behind_a_missing_page_stay_kept_until_it_arrives(backing):
         assert rh.hashes(ram.blocks) == {"ram": hashlib.sha256(expect.tobytes()).hexdigest()}
     finally:
         ram.close()
+
+
+def test_a_postcopy_run_whose_guest_outgrows_the_budget_still_verifies(monkeypatch):
+    """A real postcopy run (userfaultfd, pages missing while the destination's guest
+    writes) with a budget of 16 pages: the hash moves on while the guest runs, never
+    reads a missing page (no request the guest did not cause), and the verdict holds."""
+    require_uffd()
+    made = []
+
+    class Recorded(received_hash.ReceivedHashes):
+        def __init__(self, received=None, budget=None):
+            super().__init__(received, 16 * PS)
+            made.append(self)
+
+    monkeypatch.setattr("npqfile.migration.postcopy_ram.ReceivedHashes", Recorded)
+    st = run_migration(MigrationConfig(size=16 * MIB, init="random", workload="uniform:rate=20000",
+                                       params=MigrationParams(max_bandwidth=8e6, max_iterations=3, time_limit=30.0,
+                                                              postcopy_after=1)))
+    assert st.status == "completed" and st.outcome == "postcopy", st.outcome
+    assert st.verification == {"method": "sha256", "ok": True, "mismatched": []}
+    dst = st.destination["postcopy"]
+    assert dst["postcopy-requests"] == st.as_dict()["ram"]["postcopy-requests"]
+    (rh,) = made
+    assert dst["guest-touched-pages"] == rh.touched_pages > 16
+    assert rh.hashed_pages > 0

@@ -81,11 +81,16 @@ class ReceivedHashes:
     touched.  Not thread-safe: ``first_touch`` from the guest's thread only, ``hashes``
     after the guest stopped."""
 
-    def __init__(self, received: Any = None, budget: int = KEEP_BUDGET):
+    def __init__(self, received: Any = None, budget: int | None = None):
         self._blocks: dict[str, _BlockHash] = {}
         self._received = received or (lambda name: None)
-        self.budget = budget
+        self.budget = KEEP_BUDGET if budget is None else budget
         self.kept_bytes = 0
+
+    @property
+    def hashed_pages(self) -> int:
+        """Pages hashed so far while the guest runs (the cursors' sum)."""
+        return sum(s.cursor for s in self._blocks.values())
 
     @property
     def touched_pages(self) -> int:

@@ -115,3 +115,26 @@ def test_a_postcopy_run_whose_guest_outgrows_the_budget_still_verifies(monkeypat
     (rh,) = made
     assert dst["guest-touched-pages"] == rh.touched_pages > 16
     assert rh.hashed_pages > 0
+
+
+def test_without_pagemap_it_keeps_pages_and_still_hashes_right(monkeypatch):
+    """Where presence cannot be read (no /proc), nothing is read that might be missing:
+    touched pages are kept as the old code did, and the hash is still right."""
+    from npqfile.migration.received_hash import ReceivedHashes
+    from npqfile.ram import residency
+
+    def refuse(*a):
+        raise OSError("no pagemap here")
+
+    monkeypatch.setattr(residency, "read_pagemap", refuse)
+    ram, b = _guest_ram(16 * PS)
+    try:
+        want = hashlib.sha256(b.array.tobytes()).hexdigest()
+        rh = ReceivedHashes(budget=2 * PS)
+        for p in (3, 1, 9, 4):
+            rh.first_touch(b, p)
+            b.pages[p] = 0
+        assert rh.kept_bytes == 4 * PS and rh.hashed_pages == 0
+        assert rh.hashes(ram.blocks) == {"ram": want}
+    finally:
+        ram.close()

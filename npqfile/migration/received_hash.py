@@ -99,7 +99,8 @@ class ReceivedHashes:
     def first_touch(self, block: Any, page: int) -> None:
         """Before the guest's first write to ``page``: read it with the GIL released (a
         missing page blocks here until placed) and keep its content if the hash has not
-        passed it yet.  Returns None; OSError from pagemap/mincore when moving on."""
+        passed it yet.  Returns None.  Where pagemap / mincore cannot be read, it keeps
+        every touched page's content (the unbounded fallback) rather than fail the guest."""
         st = self._blocks.get(block.name)
         if st is None:
             st = self._blocks[block.name] = _BlockHash(block)
@@ -126,7 +127,11 @@ class ReceivedHashes:
             if not st.touched[st.stalled] and (placed is None or not placed[st.stalled]):
                 return          # still missing: nothing can move
         end = max(st.kept) + 1
-        ok = st.present(st.cursor, end - st.cursor)
+        try:
+            ok = st.present(st.cursor, end - st.cursor)
+        except OSError:
+            self.budget = float("inf")     # presence unknowable here: keep pages, as before
+            return
         missing = np.flatnonzero(~ok)
         stop = st.cursor + int(missing[0]) if missing.size else end
         st.stalled = stop if missing.size else -1

@@ -298,6 +298,26 @@ def test_every_block_sits_between_two_guard_pages_that_close_unmaps(backing, tmp
     assert not [v for v in _vmas() if v[0] < e + PS and v[1] > a - PS]
 
 
+def test_a_taken_guard_slot_moves_the_block_and_leaves_nothing_behind(monkeypatch):
+    from npqfile.ram import mmap_alloc
+    real, asked = mmap_alloc._map_at, []
+
+    def taken_first(address, length, prot, flags, fd=-1):   # another mapping holds the first slot
+        asked.append(address)
+        return 0 if len(asked) == 1 else real(address, length, prot, flags, fd)
+
+    monkeypatch.setattr(mmap_alloc, "_map_at", taken_first)
+    with RAMBlock("moved", 16 * PS) as b:
+        assert b.mmap.guards == ((b.address - PS, PS), (b.address + b.size, PS))
+        first = asked[0] + PS                                # where the first placeholder was
+        assert first != b.address and not [v for v in _vmas() if v[0] < first + 16 * PS and v[1] > first]
+    monkeypatch.setattr(mmap_alloc, "_map_at", lambda *args: 0)  # never a free slot
+    before = _vmas()
+    with pytest.raises(OSError, match="cannot map 65536 bytes for RAM block 'nowhere'.*guard pages"):
+        RAMBlock("nowhere", 16 * PS)
+    assert _vmas() == before
+
+
 def test_a_collected_block_takes_its_guard_pages_with_it():
     b = RAMBlock("dropped", 16 * PS)
     lo, hi = b.address - PS, b.address + b.size + PS

@@ -44,10 +44,11 @@ from typing import TypeVar
 
 HOST_PAGE_SIZE: int = mmap.PAGESIZE
 GUARD_SIZE: int = HOST_PAGE_SIZE      # one page at each end (QEMU: one after the block)
-PLACEMENT_ATTEMPTS = 16               # placeholders tried before giving up (each failure is a rare race)
+PLACEMENT_ATTEMPTS = 16               # placeholders tried (a slot is taken only by a hole of the exact size or a race)
 
 PROT_NONE = 0                         # absent from Python 3.11's mmap module
 MAP_FIXED = 0x10
+MAP_NORESERVE = 0x4000                # absent from Python 3.11's mmap module too
 MAP_FIXED_NOREPLACE = 0x100000        # Linux 4.17; older kernels treat it as a hint (checked below)
 
 
@@ -103,21 +104,28 @@ def _address(mm: mmap.mmap) -> int:
         del view
 
 
-def _place(cls: type[M], size: int, align_thp: bool) -> tuple[M, tuple[tuple[int, int], ...]]:
+def _place(cls: type[M], size: int, align_thp: bool, placeholder_flags: int) -> tuple[M, tuple[tuple[int, int], ...]]:
     """One attempt: a placeholder of ``cls`` shrunk to ``size``, with both guards mapped.
     Returns ``(mm, guards)`` or ``(mm, ())`` when a guard slot was taken (the caller keeps
-    that ``mm`` aside and retries)."""
+    that ``mm`` aside and retries).  Raises OSError, nothing left mapped, when the kernel
+    refuses a mapping."""
     extra = PMD_SIZE if align_thp else GUARD_SIZE
-    mm = cls(-1, size + extra, flags=mmap.MAP_PRIVATE)
-    mm.resize(size)                      # mremap in place: frees the tail for the upper guard
-    start = _address(mm)
-    none, anon = PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-    below = _map_at(start - GUARD_SIZE, GUARD_SIZE, none, anon | MAP_FIXED_NOREPLACE)
-    if not below:
-        return mm, ()
-    above = _map_at(start + size, GUARD_SIZE, none, anon | MAP_FIXED_NOREPLACE)
+    mm = cls(-1, size + extra, flags=placeholder_flags)
+    below = 0
+    try:
+        mm.resize(size)                  # mremap in place: frees the tail for the upper guard
+        start = _address(mm)
+        anon = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED_NOREPLACE
+        below = _map_at(start - GUARD_SIZE, GUARD_SIZE, PROT_NONE, anon)
+        above = _map_at(start + size, GUARD_SIZE, PROT_NONE, anon) if below else 0
+    except BaseException:
+        if below:
+            _munmap(below, GUARD_SIZE)
+        mm.close()
+        raise
     if not above:
-        _munmap(below, GUARD_SIZE)
+        if below:
+            _munmap(below, GUARD_SIZE)
         return mm, ()
     return mm, ((below, GUARD_SIZE), (above, GUARD_SIZE))
 
@@ -135,9 +143,11 @@ def qemu_ram_mmap(cls: type[M], size: int, *, fd: int = -1, shared: bool = False
     is collected).  Raises OSError, with nothing left mapped, when the kernel refuses a
     mapping or no placement is found."""
     kept: list[M] = []
+    # a placeholder another backing replaces is never used: no commit charge for it
+    placeholder_flags = mmap.MAP_PRIVATE | (MAP_NORESERVE if fd >= 0 or shared else 0)
     try:
         for _ in range(PLACEMENT_ATTEMPTS):
-            mm, guards = _place(cls, size, align_thp)
+            mm, guards = _place(cls, size, align_thp, placeholder_flags)
             if guards:
                 break
             kept.append(mm)

@@ -29,8 +29,9 @@ the tail the shrink freed.  Where a slot is taken (a hole exactly the placeholde
 or another thread mapping between the calls) that placeholder is kept aside while the
 next one is tried, so the kernel places it elsewhere; they are unmapped at the end.  Then
 the real backing (shared anonymous, memfd, file) is mapped MAP_FIXED over the placeholder
--- our own range.  The guards are unmapped by ``munmap_guards`` (RAMBlock.close) or when
-the mmap object is garbage collected, once.
+-- our own range.  The guards are unmapped once: by the object's ``unmap_guards`` (a
+``weakref.finalize`` that RAMBlock.close calls after closing the mapping) or when the
+object is garbage collected.
 """
 
 from __future__ import annotations

@@ -118,9 +118,12 @@ class RAMBlock:
             except OSError as exc:
                 raise OSError(exc.errno, f"cannot open image {path!r} of RAM block {self.name!r}: "
                                          f"{exc.strerror}") from None
-            if os.fstat(self._fd).st_size < self.size:
+            try:
+                if os.fstat(self._fd).st_size < self.size:
+                    raise ValueError(f"image {path!r} of RAM block {self.name!r} is shorter than {self.size} bytes")
+            except (OSError, ValueError):
                 os.close(self._fd)
-                raise ValueError(f"image {path!r} of RAM block {self.name!r} is shorter than {self.size} bytes")
+                raise
         elif kind in ("memfd", "file"):
             if kind == "memfd":
                 self._fd = os.memfd_create(self.name.encode()[:249].decode(errors="ignore") or "ram",

@@ -355,9 +355,33 @@ def test_save_zero_copy_send_writes_the_same_stream(tmp_path):
     img = tmp_path / "ram.img"
     img.write_bytes(_ram(2048, seed=10).tobytes())
     out = {}
-    for name, extra in (("copy", []), ("zc", ["--zero-copy-send"])):
+    for name, extra in (("copy", ["--no-zero-copy-send"]), ("zc", [])):
         dst = tmp_path / f"{name}.bin"
         subprocess.run([sys.executable, "-m", "npqfile", "save", f"ram={img}", "-o", f"exec:cat > {dst}", *extra],
                        cwd=ROOT, check=True, capture_output=True, timeout=120)
         out[name] = dst.read_bytes()
     assert out["copy"] == out["zc"] and len(out["zc"]) > 2048 * PS
+
+
+def test_save_hands_pages_by_reference_by_default_only_into_exec_commands(tmp_path, monkeypatch):
+    """``save``: zero-copy-send is on by default for ``exec:`` (npqfile waits for the
+    command, which has read every page by then) and off for ``fd:``/``-`` and files; both
+    flags override it; the bytes are the same either way."""
+    import npqfile.cli as cli
+    import npqfile.cli.save as save
+
+    img = tmp_path / "ram.img"
+    img.write_bytes(_ram(512, seed=11).tobytes())
+    seen = []
+    real = save.QEMUFile
+    monkeypatch.setattr(save, "QEMUFile", lambda ch, **kw: seen.append(kw["zero_copy_send"]) or real(ch, **kw))
+    outs = []
+    for k, (out, extra) in enumerate(((f"exec:cat > {tmp_path}/0.bin", []),
+                                      (f"exec:cat > {tmp_path}/1.bin", ["--no-zero-copy-send"]),
+                                      (f"{tmp_path}/2.bin", []), (f"{tmp_path}/3.bin", ["--zero-copy-send"]))):
+        assert cli.main(["save", f"ram={img}", "-o", out, *extra]) == 0
+        outs.append((tmp_path / f"{k}.bin").read_bytes())
+    assert seen == [True, False, False, True]
+    assert outs[0] == outs[1] == outs[2] == outs[3]
+    assert save.zero_copy_default("fd:5", None) is False and save.zero_copy_default("fd:5", True) is True
+    assert save.zero_copy_default("exec:cat", None) is True and save.zero_copy_default("exec:cat", False) is False

@@ -621,6 +621,20 @@ def test_peek_buffer_fills_past_the_buffered_bytes_and_checks_limits():
         QEMUFile(NullChannel()).peek_buffer(1)
 
 
+def test_a_truncated_stream_gives_its_last_bytes_in_order():
+    """At the end of a stream, the fill that fails has still moved the pending bytes to
+    the front of the buffer: peek_buffer and get_buffer must read them there.  They used to
+    return the bytes at the old position -- a truncated page loaded with wrong bytes."""
+    data = bytes(range(20))
+    f = reader(data, chunk=[20])
+    assert f.get_be64() == int.from_bytes(data[:8], "big")
+    out = bytearray(100)
+    assert f.get_buffer(out) == 12 and bytes(out[:12]) == data[8:]
+    g = reader(data, chunk=[20])
+    g.skip(len(g.peek_buffer(8)))
+    assert bytes(g.peek_buffer(50)) == data[8:] and g.get_error() == -errno.EIO
+
+
 def test_peek_byte_and_skip():
     f = reader(b"\x01\x02\x03", chunk=1)
     assert f.peek_byte(2) == 3 and f.peek_byte() == 1

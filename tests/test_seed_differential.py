@@ -200,7 +200,14 @@ def test_reads_match_seed(libs, variant, n, seed, chunks, end_ret, ops):
     with SeedReader(libs[variant], data, chunks, end_ret) as r:
         for i, (name, *args) in enumerate(ops):
             args = rule.legal(name, args)
+            at = f.tell()
             ours, theirs = read_npq(f, name, args), getattr(r, name)(*args)
+            if ours != theirs and r.get_error() and name in STALE_AT_EOF:
+                # README difference 18: the seed returns bytes from before qemu_fill_buffer
+                # moved them; npqfile returns the stream's own bytes, as many as the seed
+                start = at + (args[1] if name == "peek_buffer" else 0)
+                assert len(ours) == len(theirs) and ours == data[start:start + len(ours)], f"op {i}: {name}"
+                ours = theirs
             assert (ours, f.get_error()) == (theirs, r.get_error()), f"op {i}: {name}{tuple(args)}"
             rule.update(name, args, theirs)
 
@@ -386,6 +393,26 @@ def test_difference_release_whole_pages_only(libs, ram, off, size, pages):
     f.put_buffer_async(ram.view(off, size), True)
     f.fflush()
     assert ram.mm.released == pages and f.released_bytes == sum(n for _, n in pages)
+
+
+STALE_AT_EOF = ("get_buffer", "get_buffer_in_place", "peek_buffer")
+
+
+@pytest.mark.component
+def test_difference_last_bytes_at_the_end_of_stream(libs):
+    """A read that meets the end of the stream with pending bytes not at the front of the
+    buffer: the seed's qemu_fill_buffer moves them to the front, but qemu_peek_buffer keeps
+    the index it computed before, so qemu_get_buffer copies stale bytes (a truncated page
+    loaded with wrong bytes).  npqfile returns the stream's bytes."""
+    data = bytes(range(1, 21))
+    f = QEMUFile(ChunkedReader(data, [20]))
+    with SeedReader(libs["seed"], data, [20]) as r:
+        assert r.get_be64() == f.get_be64()
+        theirs = r.get_buffer(100)
+        assert r.get_error() == -errno.EIO
+    ours = bytearray(100)
+    assert f.get_buffer(ours) == len(theirs) == 12
+    assert bytes(ours[:12]) == data[8:] != theirs
 
 
 @pytest.mark.component

@@ -70,7 +70,8 @@ EXIT_STATUS = """exit status:
        or a verification mismatch
   2    not converged: cancelled at --max-iterations / --time-limit
   3    completed, not verified: the peer sends no verdict (--peer qemu, exec:, null:,
-       fd:) or --no-verify
+       fd:), --no-verify, or Ctrl-C after the migration had completed (postcopy,
+       --engine qemu) cut the wait for the verdict short
   130  cancelled by Ctrl-C (like migrate_cancel; the summary is printed)"""
 
 

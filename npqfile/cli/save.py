@@ -53,10 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mapped-ram", action="store_true",
                    help="QEMU 9.0+ mapped-ram file layout (implies --qemu-version 10.0 unless given; "
                         "the destination needs the mapped-ram capability and file:)")
-    p.add_argument("--zero-copy-send", action="store_true",
-                   help="into a pipe (exec:, fd:, -), hand RAM pages to the kernel by reference "
-                        "(vmsplice) instead of copying them: the same bytes; QEMU's capability "
-                        "of that name does this for multifd sockets only")
+    p.add_argument("--zero-copy-send", action=argparse.BooleanOptionalAction, default=None,
+                   help="into a pipe, hand RAM pages to the kernel by reference (vmsplice) instead "
+                        "of copying them: the same bytes and writes.  Default: on for exec: (npqfile "
+                        "waits for the command, so the pages are read before it returns), off for "
+                        "fd: and -.  QEMU's capability of that name does this for multifd sockets only")
 
 
 def _open_block(name: str, path: str) -> RAMBlock:
@@ -89,6 +90,14 @@ def _output_uri(out: str) -> str:
         sys.stdout.flush()
         return f"fd:{os.dup(sys.stdout.fileno())}"
     return out if out.startswith(URI_SCHEMES) else f"file:{out}"
+
+
+def zero_copy_default(uri: str, asked: bool | None) -> bool:
+    """``--zero-copy-send`` / ``--no-zero-copy-send`` as given, else on for an ``exec:``
+    sink only: its pages are read by the command npqfile waits for before returning,
+    while a pipe behind ``fd:`` or ``-`` may still hold them after npqfile has exited
+    (a page is read when the pipe's reader reads it)."""
+    return uri.startswith("exec:") if asked is None else asked
 
 
 def _version(args: argparse.Namespace):
@@ -128,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         for name, path in images.items():
             ram.add(_open_block(name, path))
         uri = _output_uri(out)
-        with QEMUFile(open_channel(uri, "w"), zero_copy_send=args.zero_copy_send) as f:
+        with QEMUFile(open_channel(uri, "w"), zero_copy_send=zero_copy_default(uri, args.zero_copy_send)) as f:
             stats = save_snapshot(f, ram, machine=args.machine, send_configuration=not args.no_configuration,
                                   send_section_footer=not args.no_section_footer, send_vmdesc=not args.no_vmdesc,
                                   runstate=args.runstate, compress_level=args.compress_level,

@@ -156,10 +156,13 @@ def run_and_report(cfg: Any, args: Any, pre_switchover: Callable | None = None) 
         print(json.dumps(both.as_dict(), indent=2))
     else:
         from rich.console import Console
+
+        from npqfile.cli.migrate import verification_text
         version = both.qemu.as_dict().get("qemu", {}).get("version")
         Console().print(comparison_table(both.rows(), f"simulator vs QEMU {version}"))
         for name, st in (("simulator", both.simulator), (f"QEMU {version}", both.qemu)):
             ver = st.verification
-            verdict = "n/a" if not ver else ("equal" if ver.get("ok") else f"NOT verified: {ver}")
+            # "not done: destination failed: ..." when nothing was compared, never a mismatch
+            verdict = "n/a" if not ver else "equal" if ver.get("ok") else verification_text(ver)
             print(f"{name}: {st.status} ({st.outcome}); destination RAM {verdict}")
     return exit_status(both.simulator, both.qemu)

@@ -84,6 +84,10 @@ def parse_compress(spec: str | None) -> Compression:
     return Compression(method, level)
 
 
+# A channel's native I/O calls (npqfile.channels.iovec): bytes that bypass a wrapper's codec.
+NATIVE_IO = frozenset({"writev_iov", "splice_iov", "is_pipe", "readv_iov"})
+
+
 class CompressingWriter:
     """A write channel that compresses what it is given (zstd or lz4 frames) into ``inner``."""
 
@@ -151,7 +155,10 @@ class CompressingWriter:
         return ret if ret < 0 else int(ret2 or 0)
 
     def __getattr__(self, name: str) -> Any:
-        # close, shutdown, get_return_path, fileno... act on the connection itself
+        # close, shutdown, get_return_path, fileno... act on the connection itself; native
+        # I/O (writev_iov, splice_iov) would move bytes past the codec
+        if name in NATIVE_IO:
+            raise AttributeError(f"{type(self).__name__} has no {name}: its bytes go through {self.comp.method}")
         return getattr(self.inner, name)
 
 
@@ -227,4 +234,6 @@ class DecompressingReader:
                                  f"{found.hex() or 'nothing'}" + (f" ({hint})" if hint else ""))
 
     def __getattr__(self, name: str) -> Any:
+        if name in NATIVE_IO:       # (readv_iov) would read compressed bytes as the stream
+            raise AttributeError(f"{type(self).__name__} has no {name}: its bytes go through {self.comp.method}")
         return getattr(self.inner, name)

@@ -89,6 +89,7 @@ class MigrationEngine:
         self.stats = MigrationStats(page_size=4096, ram_total=ram.total_size, params=asdict(self.params))
         self._cancel = threading.Event()
         self._cancel_reason: str | None = None   # the limit that cancelled (None: migrate_cancel)
+        self._completing = False        # run() reached migration_completion_end (see cancel())
         if multifd is not None:
             multifd.cancel = self._cancel   # a cancel also ends a wait for a busy channel
         self._continue = threading.Event()
@@ -103,18 +104,22 @@ class MigrationEngine:
         thread, or a signal handler.  Returns None, or why nothing was done: a run no
         longer running (migration_cancel leaves completed/failed alone), or postcopy
         once the package was sent (QEMU 10.0's qmp_migrate_cancel refuses it: the guest
-        runs on the destination)."""
+        runs on the destination).  A cancel racing with the end of ``device`` is
+        QEMU's: ``cancelled`` unless the run had already completed, never ``failed``."""
         status, switched = self.stats.status, self.postcopy is not None and self.postcopy.active
-        if status == "completed" and not switched:
-            # pre-copy: what remains is postcopy's wait for SHUT (ended by this flag:
-            # QEMU is still in ``device`` there) or the session's wait for the verdict
-            self._cancel.set()
-            return None
-        if status in ("completed", "failed", "cancelled", "postcopy-paused"):
+        if status in ("failed", "cancelled", "postcopy-paused") or (status == "completed" and switched):
             return f"the migration is {status}: nothing to cancel"
         if switched:
             return "Postcopy migration in progress, cannot cancel."
+        # QEMU's migration_cancel moves the state to CANCELLING with a compare-and-swap,
+        # as migration_completion_end moves DEVICE to COMPLETED: exactly one wins.  Here:
+        # the flag first, then the run's completion mark (run() does the reverse).
         self._cancel.set()
+        if self._completing or status == "completed":
+            # the run is at its completion point: it sees this flag and ends cancelled,
+            # or it completed first and the flag only ends the wait that follows
+            # (postcopy's for SHUT, the session's for the verdict); the file is the run's
+            return None
         self._continue.set()                        # leave a pre-switchover pause
         self.f.shutdown()
 
@@ -164,6 +169,12 @@ class MigrationEngine:
             else:
                 self._cancelled()
             if st.status not in ("cancelled", "completed", "postcopy-paused", "failed"):
+                # migration_completion_end: DEVICE -> COMPLETED unless a migrate_cancel
+                # moved the state to CANCELLING first (cancel() checks this mark after
+                # setting its flag; here the mark comes before the flag is read)
+                self._completing = True
+                if self._cancel.is_set():
+                    raise OSError(errno.ECANCELED, "cancelled in device")
                 self.f.fflush()
                 if self.f.get_error():
                     raise self.f.error

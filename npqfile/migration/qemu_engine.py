@@ -28,7 +28,17 @@ approximate between them -- or, without the event, at the first poll that saw th
 count; the last pre-copy row ends at QEMU's own ``precopy-bytes`` and the final row is
 QEMU's ``downtime-bytes`` and ``downtime``) and the final statistics.  After completion
 the source is paused (``postmigrate``) and the destination paused (``-S``): both RAM
-files are final and their sha256 must be equal (``verification``).  The guest's
+files are final and their sha256 must be equal (``verification``).  The source QEMU has
+no return path here, so it is ``completed`` once its last byte is out: a destination
+that then fails, dies or does not finish loading within FINISH_TIMEOUT fails the run
+(``failed``, its error in ``outcome``, nothing compared: ``verification.done`` False),
+as the simulator's session does.  ``cancel()`` (Ctrl-C) follows ``migrate_cancel`` state
+by state: before the migrate command nothing starts; in setup, active and device (also
+after a forced limit) QEMU decides (``cancelled``, or ``completed`` when it had already
+switched over; the destination exiting on the cancelled stream is no failure); at
+pre-switchover the pause is not continued (QEMU's cancel ends it: ``cancelled``); once
+the source is ``completed`` nothing is cancelled and the wait for the destination (and
+the hashing) ends at once: ``completed``, not verified.  The guest's
 achieved write rate over the migration (its own counter and clock) is in
 ``workload``, and over the span QEMU reported throttling it (auto-converge:
 ``throttled-*``, from the guest status read at each poll that saw
@@ -63,12 +73,15 @@ from npqfile.migration.compression import parse_compress
 from npqfile.migration.qemu_vm import QemuError, QemuVM
 from npqfile.migration.stats import IterationStats, MigrationStats
 from npqfile.migration.throttle import ThrottleEvent
+from npqfile.migration.verdict import destination_failed
 from npqfile.qemu import QemuBinary, QemuNotFound, find_qemu
 from npqfile.stream.ram_stats import RAMStats
 
 POLL = 0.05                     # seconds between query-migrate polls (the issue's 50-100 ms)
 MAX_DOWNTIME_MS = 2_000_000     # QEMU's MAX_MIGRATE_DOWNTIME (2000 s): "force" completion
 FINISH_TIMEOUT = 60.0           # seconds for the destination to finish loading
+DEST_QUERY_WAIT = 1.0           # seconds one destination query-migrate may go unanswered
+HASH_CHUNK = 64 << 20           # bytes hashed between two looks at the cancel flag
 TERMINAL = ("completed", "failed", "cancelled")
 THROTTLE_PARAMETERS = ("cpu-throttle-initial", "cpu-throttle-increment", "cpu-throttle-tailslow",
                        "max-cpu-throttle", "throttle-trigger-threshold")
@@ -173,9 +186,16 @@ def _fill_ram_file(path: Path, size: int, init: str, seed: int) -> None:
         del mem
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, cancel: threading.Event | None = None) -> str | None:
+    """The file's sha256 (hex); None when ``cancel`` was set before the end."""
+    h = hashlib.sha256()
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
-        return hashlib.sha256(m).hexdigest()
+        with memoryview(m) as view:
+            for start in range(0, len(m), HASH_CHUNK):
+                if cancel is not None and cancel.is_set():
+                    return None
+                h.update(view[start:start + HASH_CHUNK])
+    return h.hexdigest()
 
 
 def _throttled_span(samples: list[tuple[int, Any]]) -> dict[str, Any]:
@@ -232,11 +252,19 @@ class QemuMigration:
         self.st = QemuMigrationStats(page_size=4096, params=asdict(cfg.params))
         self.st.qemu = {"path": self.qemu.path, "version": self.qemu.version}
         self._cancel = threading.Event()
+        self._source_status = ""        # the source's status at the last poll
+        self._forced: str | None = None  # the limit that forced completion (on_limit "force")
 
-    def cancel(self) -> None:
+    def cancel(self) -> str | None:
         """migrate_cancel from another thread or a signal handler (Ctrl-C): only sets a
-        flag; the poll loop sends ``migrate_cancel`` to the source at its next poll."""
+        flag; the poll loop sends ``migrate_cancel`` to the source at its next poll, and
+        the wait for the destination ends.  Returns None, or why nothing is cancelled: a
+        source QEMU that already ended (its migration_cancel leaves it alone)."""
         self._cancel.set()
+        status = self._source_status
+        if status in TERMINAL:
+            return f"the migration is {status}: nothing to cancel"
+        return None
 
     def run(self) -> MigrationStats:
         """Launch both QEMUs, migrate, collect, verify, clean up.  Returns the stats:
@@ -253,18 +281,22 @@ class QemuMigration:
             dst = QemuVM(self.qemu, workdir, "destination", self.cfg.size, params_file, incoming=True)
             src.start()
             dst.start()
-            src.wait_guest_running()
+            src.wait_guest_running(self._cancel)     # a Ctrl-C while it boots starts nothing
             self._configure(src, dst)
             uri = self.settings.uri or f"unix:{workdir / 'migration.sock'}"
             dst.cmd("migrate-incoming", uri=uri)
             before = src.guest_status()
             self.t0, self.real0 = time.monotonic(), time.time()
-            src.cmd("migrate", uri=uri)
-            try:
-                final = self._poll(src, dst)
-            except QemuError as exc:
-                final = {"status": "failed"}
-                self.st.outcome = f"error: {exc}"
+            if self._cancel.is_set():
+                # Ctrl-C while the QEMUs started: no migration to cancel, none started
+                final = {"status": "cancelled", "_t": 0.0}
+            else:
+                src.cmd("migrate", uri=uri)
+                try:
+                    final = self._poll(src, dst)
+                except QemuError as exc:
+                    final = {"status": "failed"}
+                    self.st.outcome = f"error: {exc}"
             after = src.guest_status()
             self._collect(final)
             self._guest_rate(before, after)
@@ -297,7 +329,7 @@ class QemuMigration:
     def _poll(self, src: QemuVM, dst: QemuVM) -> dict:
         """Poll query-migrate until a terminal status; apply the limits; returns the last answer."""
         p = self.cfg.params
-        limited = False
+        limited = cancel_sent = False      # a limit applied; migrate_cancel sent
         paused_at = None
         while True:
             src.check_alive("migrating")
@@ -308,7 +340,7 @@ class QemuMigration:
                 self.events.emit(dict(info))
             info["_t"] = now
             self.samples.append(info)
-            status = info.get("status", "")
+            status = self._source_status = info.get("status", "")
             if status == "active" and info.get("cpu-throttle-percentage", 0) > 0:
                 self.throttled.append((info["cpu-throttle-percentage"], src.guest_status()))
             ram = info.get("ram", {})
@@ -324,19 +356,23 @@ class QemuMigration:
                 continue
             if status in TERMINAL:
                 return info
-            if self._cancel.is_set() and not limited:
-                limited = True                     # the destination ends with the stream
+            if self._cancel.is_set() and not cancel_sent:
+                # Ctrl-C: also after a forced limit (QEMU in device: cancelling)
+                cancel_sent = True
                 self.st.outcome = "cancelled"
                 src.cmd("migrate_cancel")
-            if not (limited and p.on_limit == "cancel"):   # a cancelled stream ends the destination
+            if not cancel_sent:                    # a cancelled stream ends the destination
                 dst.check_alive("receiving the migration")
             if status == "pre-switchover":
                 if paused_at is None:
                     paused_at = now
                     if self.pre_switchover is not None:
                         self.pre_switchover(self)
-                    src.cmd("migrate-continue", state="pre-switchover")
-            elif status == "active" and not limited:
+                    if not self._cancel.is_set():
+                        src.cmd("migrate-continue", state="pre-switchover")
+                    # else: the next poll sends migrate_cancel, which ends QEMU's pause
+                    # (migration_cancel wakes it into CANCELLING): never continued
+            elif status == "active" and not limited and not cancel_sent:
                 why = None
                 if ram.get("dirty-sync-count", 0) > p.max_iterations:
                     why = "max-iterations"
@@ -345,10 +381,12 @@ class QemuMigration:
                 if why is not None:
                     limited = True
                     if p.on_limit == "force":
+                        self._forced = why
                         self.st.outcome = f"forced: {why}"
                         src.cmd("migrate-set-parameters", **{"downtime-limit": MAX_DOWNTIME_MS})
                     else:
                         self.st.outcome = why
+                        cancel_sent = True
                         src.cmd("migrate_cancel")
             time.sleep(POLL)
 
@@ -382,7 +420,8 @@ class QemuMigration:
             if st.outcome in ("cancelled", "max-iterations", "time-limit"):
                 # migrate_cancel reached a QEMU that had already switched over (its
                 # migration_cancel leaves that run alone): QEMU's completion is the outcome
-                st.outcome = f"converged (migrate_cancel for {st.outcome} came too late)"
+                late = f"migrate_cancel for {st.outcome} came too late"
+                st.outcome = f"forced: {self._forced} ({late})" if self._forced else f"converged ({late})"
             st.converged = not st.outcome.startswith("forced")
             st.outcome = st.outcome or "converged"
         elif status == "failed" and not st.outcome:
@@ -546,28 +585,72 @@ class QemuMigration:
         self.st.workload = info
 
     def _verify(self, src: QemuVM, dst: QemuVM) -> None:
-        """Wait for the destination to finish, then compare both RAM files by sha256."""
-        deadline = time.monotonic() + FINISH_TIMEOUT
-        try:
-            while True:
-                info = dst.cmd("query-migrate")
-                if info.get("status") in TERMINAL or time.monotonic() > deadline:
-                    break
-                time.sleep(0.02)
-        except QemuError as exc:
-            self.st.verification = {"method": "sha256", "ok": False, "done": False,
-                                    "error": f"destination failed: {exc}"}
+        """After the source completed: wait for the destination to finish loading, then
+        compare both RAM files by sha256.  Fills ``verification`` and ``destination``;
+        a destination that failed, died or did not finish fails the run (nothing was
+        compared, never "mismatch"); a cancel ends the wait or the hashing at once and
+        leaves the run ``completed``, not verified.  Returns None."""
+        info = self._await_destination(dst)
+        if info is None:
+            self._interrupted()
             return
         if info.get("status") != "completed":
-            self.st.verification = {"method": "sha256", "ok": False, "done": False,
-                                    "error": f"destination failed: status {info.get('status')}"}
+            self._destination_failed(info.get("error-desc") or f"status {info.get('status')}")
             return
-        mine, theirs = _sha256(src.ram_file), _sha256(dst.ram_file)
+        self.st.destination = {"status": "completed", "qemu": self.qemu.version}
+        mine = _sha256(src.ram_file, self._cancel)
+        theirs = _sha256(dst.ram_file, self._cancel) if mine is not None else None
+        if theirs is None:
+            self._interrupted()
+            return
         self.st.verification = {"method": "sha256", "ok": mine == theirs,
                                 "mismatched": [] if mine == theirs else ["pc.ram"], "block": "pc.ram"}
         if mine != theirs and self.qemu.version_tuple[:2] < (9, 0):
             self.st.verification["note"] = TCG_LOST_WRITES
-        self.st.destination = {"status": "completed", "qemu": self.qemu.version}
+
+    def _await_destination(self, dst: QemuVM) -> dict | None:
+        """Poll the destination's query-migrate until a terminal status; returns the last
+        answer (status ``failed`` with an ``error-desc`` when it died, refused, or was
+        still loading after FINISH_TIMEOUT), or None once ``cancel()`` was called.  A
+        query it leaves unanswered (busy, stopped) blocks for DEST_QUERY_WAIT at most."""
+        deadline = time.monotonic() + FINISH_TIMEOUT
+        info: dict = {}
+        while not self._cancel.is_set():
+            try:
+                answer = dst.query("query-migrate", DEST_QUERY_WAIT)
+            except QemuError as exc:
+                return {"status": "failed", "error-desc": str(exc)}
+            if answer is not None:
+                info = answer
+            status = info.get("status")
+            if status == "failed" and not info.get("error-desc"):
+                tail = dst.stderr_tail()
+                info["error-desc"] = "QEMU reported failed" + (f": {tail}" if tail else "")
+            if status in TERMINAL:
+                return info
+            if time.monotonic() > deadline:
+                return {"status": "failed", "error-desc": f"still loading after {FINISH_TIMEOUT:g} s "
+                                                          f"(status {status or 'unanswered'})"}
+            self._cancel.wait(0.02)
+        return None
+
+    def _destination_failed(self, error: str) -> None:
+        """The source completed but the destination QEMU did not: the run failed (the
+        guest did not arrive), as the simulator's session says of a failed destination."""
+        st = self.st
+        st.status, st.converged = "failed", False
+        st.outcome = f"error: destination failed: {error}"
+        st.verification = destination_failed("sha256", error)
+        st.destination = {"status": "failed", "error": error, "qemu": self.qemu.version}
+
+    def _interrupted(self) -> None:
+        """A cancel (Ctrl-C) after the source QEMU completed: migrate_cancel does nothing
+        to a completed migration, so the status stays QEMU's; the verification says it
+        was not obtained (completion ``not-verified``, as after a completed postcopy)."""
+        self.st.verification = {"method": "sha256", "ok": None, "done": False,
+                                "error": "interrupted before the destination's verdict; the source QEMU had "
+                                         "already completed the migration (migrate_cancel does nothing to a "
+                                         "completed migration)"}
 
 
 def run_qemu_migration(cfg: Any, *, on_progress: Callable[[dict], None] | None = None,

@@ -5,9 +5,11 @@ dirtyguest (``-kernel`` + its parameter block as ``-initrd``), its RAM a
 ``memory-backend-file,share=on`` the host can read and hash, QMP on a unix socket (the
 ``qemu.qmp`` synchronous client); as a destination it adds ``-S -incoming defer`` (its
 guest stays paused after the migration, so its RAM is final when hashed).
-``cmd(name, **args)`` runs a QMP command; ``guest_status()`` reads the guest's
-counters from the RAM file; ``close()`` ends the process it started (QMP ``quit``, then
-SIGKILL after a grace period) and is idempotent.
+``cmd(name, **args)`` runs a QMP command; ``query(name, timeout)`` runs one that may go
+unanswered (a QEMU busy loading, or stopped) without blocking its caller longer than
+``timeout``; ``guest_status()`` reads the guest's counters from the RAM file;
+``close()`` ends the process it started (QMP ``quit``, then SIGKILL after a grace
+period, also for a QEMU that no longer answers) and is idempotent.
 
 Goals: every failure says what happened with QEMU's own words (the last lines of its
 stderr), and no process outlives the run, whichever way it ends.  Errors:
@@ -19,6 +21,7 @@ from __future__ import annotations
 import mmap
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from npqfile.qemu import QemuBinary, connect_qmp
 RAM_ID = "pc.ram"                 # -M pc's RAM block (the backend id must match it)
 START_TIMEOUT = 30.0              # seconds for QEMU to listen on QMP
 BOOT_TIMEOUT = 30.0               # seconds for the guest to report it is running
+QUIT_GRACE = 2.0                  # seconds for QEMU to answer ``quit`` and exit before SIGKILL
 
 
 class QemuError(OSError):
@@ -73,12 +77,17 @@ class QemuVM:
             raise QemuError(f"{self.role} QEMU did not open its QMP socket within {START_TIMEOUT:.0f} s"
                             f"{self._stderr_tail()}")
 
-    def _stderr_tail(self) -> str:
+    def stderr_tail(self) -> str:
+        """QEMU's last three stderr lines joined with " / " ("" when it wrote none)."""
         try:
             text = self.stderr_path.read_text(errors="replace").strip()
         except OSError:
             return ""
-        return f": {' / '.join(text.splitlines()[-3:])}" if text else ""
+        return " / ".join(text.splitlines()[-3:])
+
+    def _stderr_tail(self) -> str:
+        tail = self.stderr_tail()
+        return f": {tail}" if tail else ""
 
     def check_alive(self, doing: str) -> None:
         """Raise QemuError if the process has exited (while ``doing`` something)."""
@@ -96,6 +105,23 @@ class QemuVM:
             self.check_alive(f"running {name}")
             raise QemuError(f"{self.role} QEMU: {name} failed: {exc}") from None
 
+    def query(self, name: str, timeout: float) -> Any | None:
+        """Run QMP command ``name`` (no arguments), waiting at most ``timeout`` seconds:
+        returns its result, or None when QEMU did not answer in time (its main loop busy,
+        or the process stopped; qemu.qmp drops the late answer).  QemuError if QEMU
+        refuses it or has gone away."""
+        self.qmp.settimeout(timeout)
+        try:
+            return self.qmp.cmd(name)
+        except TimeoutError:            # asyncio.TimeoutError is TimeoutError from 3.11
+            self.check_alive(f"running {name}")
+            return None
+        except Exception as exc:
+            self.check_alive(f"running {name}")
+            raise QemuError(f"{self.role} QEMU: {name} failed: {exc}") from None
+        finally:
+            self.qmp.settimeout(None)
+
     def guest_status(self) -> GuestStatus | None:
         """The guest's status block (None before the guest wrote it)."""
         if self._map is None:
@@ -106,11 +132,12 @@ class QemuVM:
                 os.close(fd)
         return read_status(self._map)
 
-    def wait_guest_running(self) -> GuestStatus:
-        """Wait until the guest reports it is running; returns its status.  Raises
-        QemuError if QEMU exits, the guest reports an error, or BOOT_TIMEOUT passes."""
+    def wait_guest_running(self, stop: threading.Event | None = None) -> GuestStatus | None:
+        """Wait until the guest reports it is running; returns its status, or None as soon
+        as ``stop`` is set (a cancel).  Raises QemuError if QEMU exits, the guest reports
+        an error, or BOOT_TIMEOUT passes."""
         deadline = time.monotonic() + BOOT_TIMEOUT
-        while True:
+        while stop is None or not stop.is_set():
             self.check_alive("booting the guest")
             st = self.guest_status()
             if st is not None and st.state == "failed":
@@ -120,16 +147,22 @@ class QemuVM:
             if time.monotonic() > deadline:
                 raise QemuError(f"the {self.role} guest did not start within {BOOT_TIMEOUT:.0f} s")
             time.sleep(0.02)
+        return None
 
     def close(self) -> None:
-        """End QEMU (quit over QMP, SIGKILL after 2 s) and release the map; idempotent."""
+        """End QEMU (quit over QMP, SIGKILL after QUIT_GRACE seconds: a stopped or hung
+        QEMU never answers) and release the map; idempotent."""
         if self._map is not None:
             self._map.close()
             self._map = None
+        answered = True
         if self.qmp is not None:
             try:
                 if self.proc is not None and self.proc.poll() is None:
+                    self.qmp.settimeout(QUIT_GRACE)
                     self.qmp.cmd("quit")
+            except TimeoutError:
+                answered = False            # stopped or hung: it will not exit on its own
             except Exception:
                 pass
             try:
@@ -139,7 +172,7 @@ class QemuVM:
             self.qmp = None
         if self.proc is not None:
             try:
-                self.proc.wait(timeout=2.0)
+                self.proc.wait(timeout=QUIT_GRACE if answered else 0)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

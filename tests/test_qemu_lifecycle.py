@@ -1,0 +1,355 @@
+"""The real-QEMU engine's lifecycle after the source completed: the destination's fate, Ctrl-C.
+
+QEMU's source has no return path in ``--engine qemu``: it is ``completed`` once its last
+byte is out, while the destination QEMU may still be loading.  A destination that then
+fails, dies or never finishes fails the run (nothing compared: never "mismatch"); a
+Ctrl-C cancels nothing (QEMU's ``migration_cancel`` leaves a completed migration alone)
+but ends the wait for the destination at once: ``completed`` / ``not-verified``, exit 3,
+as after a completed postcopy in the simulator.  At ``pre-switchover`` a Ctrl-C is
+QEMU's ``migrate_cancel`` of the pause (never ``migrate-continue``): ``cancelled``; after
+``--on-limit force`` raised the downtime limit a Ctrl-C is still ``migrate_cancel``.
+
+The fakes below stand for a destination QEMU that answers as told; the real-QEMU tests
+stop or kill the destination at the moment the source reports ``completed`` (a hook on
+the poll, no sleeps) and check that no QEMU is left.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import require_qemu
+from npqfile.cli import main
+from npqfile.cli.migrate import _exit_status, _summary, verification_text
+from npqfile.migration import qemu_engine
+from npqfile.migration.engine import MigrationParams
+from npqfile.migration.qemu_engine import QemuMigration
+from npqfile.migration.qemu_vm import QemuError, QemuVM
+from npqfile.migration.session import MigrationConfig
+from npqfile.qemu import QemuBinary
+
+HANG = 60.0          # a wait still going this long after the cancel ignored it
+MIB = 1 << 20
+
+
+class FakeDestination:
+    """A destination QEMU answering query-migrate from ``answers`` (the last one repeats;
+    None: no answer within the wait, an exception: raised); ``on_query(n)`` runs before
+    answer n.  More than ``limit`` queries fail the test (a wait that never ends)."""
+
+    def __init__(self, answers: list, on_query=None, limit: int = 50):
+        self.answers, self.on_query, self.limit, self.queries = answers, on_query, limit, 0
+
+    def query(self, name: str, timeout: float):
+        assert name == "query-migrate"
+        self.queries += 1
+        assert self.queries <= self.limit, "the wait for the destination ignored the cancel"
+        if self.on_query is not None:
+            self.on_query(self.queries)
+        answer = self.answers[min(self.queries, len(self.answers)) - 1]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def cmd(self, name: str, **args):        # the same answers for a plain QMP command
+        answer = self.query(name, 0)
+        return {"status": "active"} if answer is None else answer
+
+    def stderr_tail(self) -> str:
+        return "qemu-system-x86_64: load of migration failed: Invalid argument"
+
+
+def _completed_run() -> QemuMigration:
+    """A QemuMigration whose source QEMU has just reported completed."""
+    m = QemuMigration(MigrationConfig(size=16 * MIB), QemuBinary("/nonexistent/qemu", "10.0.2"))
+    m._collect({"status": "completed", "total-time": 900, "downtime": 20, "_t": 0.9,
+                "ram": {"dirty-sync-count": 3, "transferred": 9000, "total": 4096 * 100}})
+    m._source_status = "completed"
+    return m
+
+
+@pytest.mark.parametrize("answer", [{"status": "active"}, None])
+def test_a_cancel_ends_the_wait_for_a_destination_still_loading(answer):
+    # the destination still loading (or not answering at all: its main loop busy); the
+    # cancel comes on the third query: the wait ends there, the run stays completed
+    m = _completed_run()
+    said = []
+    dst = FakeDestination([answer], on_query=lambda n: n == 3 and said.append(m.cancel()))
+    m._verify(None, dst)
+    assert dst.queries == 3 and said == ["the migration is completed: nothing to cancel"]
+    st = m.st
+    assert st.status == "completed" and st.completion == "not-verified" and st.outcome == "converged"
+    assert st.verification["done"] is False and st.verification["ok"] is None
+    assert st.verification["error"].startswith("interrupted before the destination's verdict")
+    assert _exit_status(st, interrupted=True) == 3
+
+
+@pytest.mark.parametrize("answer,error", [
+    ({"status": "failed", "error-desc": "load of migration failed: Invalid argument"},
+     "load of migration failed: Invalid argument"),
+    ({"status": "failed"}, "QEMU reported failed: qemu-system-x86_64: load of migration failed: Invalid argument"),
+    (QemuError("destination QEMU exited with status 1 while running query-migrate: boom"),
+     "destination QEMU exited with status 1 while running query-migrate: boom"),
+])
+def test_a_failed_destination_fails_the_run_and_compares_nothing(answer, error, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")          # the summary on one line per row
+    m = _completed_run()
+    m._verify(None, FakeDestination([{"status": "active"}, answer]))
+    st = m.st
+    assert st.status == "failed" and not st.converged and st.completion is None
+    assert st.outcome == f"error: destination failed: {error}"
+    assert st.verification == {"method": "sha256", "ok": False, "done": False, "error": f"destination failed: {error}"}
+    d = st.as_dict()
+    assert d["status"] == "failed" and d["npqfile"]["completion"] is None
+    assert d["npqfile"]["destination"] == {"status": "failed", "error": error, "qemu": "10.0.2"}
+    assert d["qemu"]["query-migrate"]["status"] == "completed"       # QEMU's source said so
+    out = io.StringIO()
+    _summary(st, out)
+    text = out.getvalue()
+    assert f"migration failed: error: destination failed: {error}" in text
+    assert f"not done: destination failed: {error}" in text and "MISMATCH" not in text
+    assert verification_text(st.verification).startswith("not done: destination failed")   # --engine both's line
+    assert _exit_status(st) == 1
+
+
+def test_a_destination_that_never_finishes_fails_after_the_finish_timeout(monkeypatch):
+    monkeypatch.setattr(qemu_engine, "FINISH_TIMEOUT", 0.0)
+    m = _completed_run()
+    m._verify(None, FakeDestination([None]))
+    assert m.st.status == "failed" and m.st.verification["done"] is False
+    assert m.st.outcome == "error: destination failed: still loading after 0 s (status unanswered)"
+
+
+def test_cancel_says_when_the_source_qemu_has_nothing_left_to_cancel():
+    m = QemuMigration(MigrationConfig(size=16 * MIB), QemuBinary("/nonexistent/qemu", "10.0.2"))
+    for status, said in (("", None), ("active", None), ("device", None), ("pre-switchover", None),
+                         ("completed", "the migration is completed: nothing to cancel"),
+                         ("failed", "the migration is failed: nothing to cancel")):
+        m._source_status = status
+        assert m.cancel() == said
+
+
+class FakeSource:
+    """A source QEMU whose query-migrate answers follow ``statuses`` (the last repeats);
+    records the other commands.  More than ``limit`` polls fail the test."""
+
+    def __init__(self, statuses: list[str], limit: int = 40):
+        self.statuses, self.limit, self.polls, self.sent = statuses, limit, 0, []
+
+    def check_alive(self, doing: str) -> None:
+        pass
+
+    def cmd(self, name: str, **args):
+        if name != "query-migrate":
+            self.sent.append(name)
+            return {}
+        self.polls += 1
+        assert self.polls <= self.limit, f"no terminal status after {self.limit} polls: sent {self.sent}"
+        status = self.statuses[min(self.polls, len(self.statuses)) - 1]
+        if status == "cancelled-once-asked":        # cancelling until migrate_cancel arrives
+            status = "cancelled" if "migrate_cancel" in self.sent else "device"
+        return {"status": status, "ram": {"dirty-sync-count": self.polls}}
+
+
+class DyingDestination:
+    """The destination QEMU exits once the source's migration is cancelled."""
+
+    def __init__(self, src: FakeSource):
+        self.src = src
+
+    def check_alive(self, doing: str) -> None:
+        if "migrate_cancel" in self.src.sent:
+            raise QemuError(f"destination QEMU exited with status 1 while {doing}")
+
+
+def test_ctrl_c_after_a_forced_limit_is_still_migrate_cancel_and_ends_cancelled():
+    # --on-limit force raised the downtime limit (QEMU then stops the guest: device); a
+    # Ctrl-C there is still sent as migrate_cancel (QEMU: cancelling -> cancelled), and the
+    # destination QEMU exiting on the cancelled stream is not a failure
+    params = MigrationParams(max_iterations=1, on_limit="force")
+    m = QemuMigration(MigrationConfig(size=16 * MIB, params=params), QemuBinary("/nonexistent/qemu", "10.0.2"))
+    src = FakeSource(["active", "active", "device", "device", "cancelled-once-asked"])
+    m.t0 = time.monotonic()
+    m.on_progress = lambda info: info["status"] == "device" and m.cancel()
+    final = m._poll(src, DyingDestination(src))
+    assert src.sent == ["migrate-set-parameters", "migrate_cancel"] and final["status"] == "cancelled"
+    m._collect(final)
+    assert m.st.status == "cancelled" and m.st.outcome == "cancelled"
+    # no limit reached yet (still --on-limit force): Ctrl-C while active, QEMU cancelling
+    m = QemuMigration(MigrationConfig(size=16 * MIB, params=MigrationParams(on_limit="force")),
+                      QemuBinary("/nonexistent/qemu", "10.0.2"))
+    src = FakeSource(["active", "active", "cancelling", "cancelling", "cancelled"])
+    m.t0 = time.monotonic()
+    m.on_progress = lambda info: info["round"] == 2 and m.cancel()
+    final = m._poll(src, DyingDestination(src))
+    assert src.sent == ["migrate_cancel"] and final["status"] == "cancelled"
+    # QEMU completed anyway: the outcome says it was forced, and the cancel came too late
+    m = QemuMigration(MigrationConfig(size=16 * MIB, params=params), QemuBinary("/nonexistent/qemu", "10.0.2"))
+    m._forced, m.st.outcome = "max-iterations", "cancelled"
+    m._collect({"status": "completed", "total-time": 900, "downtime": 20, "_t": 0.9, "ram": {}})
+    assert m.st.outcome == "forced: max-iterations (migrate_cancel for cancelled came too late)"
+    assert not m.st.converged
+
+
+# -- real QEMU --------------------------------------------------------------------------
+
+def _watch_destination(monkeypatch, on_completed):
+    """Run ``on_completed(run, dst)`` when the source QEMU reports completed (at the end of
+    the poll); returns the list of destination QemuVMs started."""
+    started: list[QemuVM] = []
+    real_start, real_poll = QemuVM.start, QemuMigration._poll
+
+    def start(vm):
+        started.append(vm)
+        real_start(vm)
+
+    def poll(run, src, dst):
+        final = real_poll(run, src, dst)
+        if final.get("status") == "completed":
+            on_completed(run, dst)
+        return final
+    monkeypatch.setattr(QemuVM, "start", start)
+    monkeypatch.setattr(QemuMigration, "_poll", poll)
+    return started
+
+
+def _gone(vm: QemuVM) -> bool:
+    return vm.proc is not None and vm.proc.poll() is not None
+
+
+def test_ctrl_c_while_the_destination_qemu_is_still_loading_ends_at_once(monkeypatch, capsys):
+    # the destination QEMU is stopped (SIGSTOP: it can neither finish nor answer QMP)
+    # when the source reports completed, then Ctrl-C: the wait must end on the Ctrl-C
+    require_qemu("10.0")
+    stopped: list[int] = []
+    fired: list[bool] = []
+
+    def give_up() -> None:
+        fired.append(True)
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    resume = threading.Timer(HANG, give_up)
+    resume.daemon = True
+
+    def stop_then_interrupt(run, dst):
+        os.kill(dst.proc.pid, signal.SIGSTOP)
+        stopped.append(dst.proc.pid)
+        resume.start()                       # a wait that ignores Ctrl-C ends in a failure, not a hang
+        os.kill(os.getpid(), signal.SIGINT)  # migrate's handler: its watcher thread cancels
+        assert run._cancel.wait(HANG), "Ctrl-C did not reach the engine"
+
+    started = _watch_destination(monkeypatch, stop_then_interrupt)
+    try:
+        rc = main(["migrate", "--engine", "qemu", "--qemu", "10.0", "--size", "16M", "--workload", "idle",
+                   "--json", "--quiet"])
+    finally:
+        resume.cancel()
+        for vm in started:
+            if not _gone(vm):
+                vm.proc.kill()
+                vm.proc.wait()
+    out, err = capsys.readouterr()
+    assert stopped and not fired, "the wait for the destination ignored Ctrl-C"
+    d = json.loads(out)
+    assert rc == 3 and d["status"] == "completed" and d["npqfile"]["completion"] == "not-verified", err
+    ver = d["npqfile"]["verification"]
+    assert ver["done"] is False and ver["ok"] is None
+    assert "interrupted: the migration is completed: nothing to cancel" in err
+    assert "error: verification not done: interrupted before the destination's verdict" in err
+    assert "Traceback" not in err
+    assert all(_gone(vm) for vm in started)          # the stopped QEMU too (QMP quit bounded, then SIGKILL)
+
+
+def test_a_destination_qemu_dying_after_the_source_completed_fails_the_run(monkeypatch):
+    qemu = require_qemu("10.0")
+    killed: list[int] = []
+
+    def kill(run, dst):
+        os.kill(dst.proc.pid, signal.SIGKILL)
+        dst.proc.wait()
+        killed.append(dst.proc.pid)
+    started = _watch_destination(monkeypatch, kill)
+    st = QemuMigration(MigrationConfig(size=16 * MIB, workload="idle"), qemu).run()
+    assert killed
+    assert st.status == "failed" and st.completion is None, (st.status, st.verification)
+    assert st.outcome.startswith("error: destination failed: destination QEMU exited with status -9"), st.outcome
+    assert st.verification["done"] is False and st.verification["ok"] is False
+    assert st.qemu["query-migrate"]["status"] == "completed" and _exit_status(st) == 1
+    assert all(_gone(vm) for vm in started)
+
+
+def test_a_cancel_at_qemus_pre_switchover_cancels_the_pause():
+    # QEMU parks in pre-switchover until migrate-continue; a cancel there is migrate_cancel
+    # (which wakes the pause into cancelling), never a continue: QEMU ends cancelled
+    qemu = require_qemu("10.0")
+    seen: list[str] = []
+
+    def hook(run):
+        seen.append(run.samples[-1]["status"])
+        run.cancel()
+    cfg = MigrationConfig(size=16 * MIB, workload="idle", params=MigrationParams(pause_before_switchover=True))
+    st = QemuMigration(cfg, qemu, pre_switchover=hook).run()
+    assert seen == ["pre-switchover"]
+    assert st.status == "cancelled" and st.outcome == "cancelled", st.outcome
+    assert st.qemu["query-migrate"]["status"] == "cancelled" and st.completion is None
+
+
+def test_a_cancel_before_the_migrate_command_starts_no_migration():
+    # Ctrl-C while the QEMUs start (a pending cancel is passed on when the run attaches):
+    # QEMU has no migration to cancel; none is started, both QEMUs are ended
+    qemu = require_qemu("10.0")
+    started: list[QemuVM] = []
+    m = QemuMigration(MigrationConfig(size=16 * MIB, workload="idle"), qemu)
+    assert m.cancel() is None
+    real_start = QemuVM.start
+
+    def start(vm):
+        started.append(vm)
+        real_start(vm)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(QemuVM, "start", start)
+        st = m.run()
+    assert st.status == "cancelled" and st.outcome == "cancelled" and st.qemu["polls"] == 0
+    assert st.transferred == 0 and st.verification == {} and len(started) == 2
+    assert all(_gone(vm) for vm in started)
+
+
+def test_a_destination_qemu_that_stops_answering_fails_the_run_instead_of_hanging(monkeypatch):
+    # stopped (SIGSTOP) once the source completed: its QMP never answers; the wait gives up
+    # at FINISH_TIMEOUT (0 here: after one unanswered query) and the stopped QEMU is killed
+    qemu = require_qemu("10.0")
+    monkeypatch.setattr(qemu_engine, "FINISH_TIMEOUT", 0.0)
+    stopped: list[int] = []
+    fired: list[bool] = []
+
+    def give_up() -> None:
+        fired.append(True)
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    resume = threading.Timer(HANG, give_up)
+    resume.daemon = True
+
+    def stop(run, dst):
+        os.kill(dst.proc.pid, signal.SIGSTOP)
+        stopped.append(dst.proc.pid)
+        resume.start()
+    started = _watch_destination(monkeypatch, stop)
+    try:
+        st = QemuMigration(MigrationConfig(size=16 * MIB, workload="idle"), qemu).run()
+    finally:
+        resume.cancel()
+        for vm in started:
+            if not _gone(vm):
+                vm.proc.kill()
+                vm.proc.wait()
+    assert stopped and not fired, "a destination that does not answer QMP hung the run"
+    assert st.status == "failed" and st.completion is None
+    assert st.outcome == "error: destination failed: still loading after 0 s (status unanswered)", st.outcome
+    assert all(_gone(vm) for vm in started)

@@ -103,7 +103,8 @@ class _RecvChannel:
         ps = o.page_size
         head = memoryview(bytearray(packet_len(ps)))
         comp = memoryview(bytearray(2 * MULTIFD_PACKET_SIZE)) if self.codec.flag else None
-        plain = np.empty((page_count(ps), ps), dtype=np.uint8) if self.codec.flag else None
+        # the decompressed packet, and a spare byte after it that shows a packet holding more
+        plain = np.empty(page_count(ps) * ps + 1, dtype=np.uint8) if self.codec.flag else None
         try:
             while not o.exiting:
                 at = self.offset
@@ -145,12 +146,12 @@ class _RecvChannel:
                 self._readv([flat[p * ps:(p + 1) * ps] for p in normal.tolist()], "page data")
             else:
                 self._read(comp[:pkt.next_packet_size], "compressed page data")
-                out = plain[:normal.size]
+                size = normal.size * ps
                 try:
-                    self.codec.decompress(comp[:pkt.next_packet_size], memoryview(out).cast("B"))
+                    self.codec.decompress(comp[:pkt.next_packet_size], memoryview(plain), size)
                 except ValueError as exc:
                     raise MultiFDError(f"packet {pkt.packet_num}: {exc}", at, self.where) from None
-                block.pages[normal] = out
+                block.pages[normal] = plain[:size].reshape(-1, ps)
             self.normal += normal.size
         if zero.size:
             # multifd_recv_zero_page_process: only pages that are not zero already

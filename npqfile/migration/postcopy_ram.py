@@ -20,9 +20,11 @@ guest waited on faults, QEMU's name) and the fault latency distribution (fault r
 page placed: p50, p90, p99, max), which QEMU lacks.
 
 Verification: the guest writes pages as soon as they arrive, so the final RAM is not the
-source's.  The first time the guest touches a page its content is kept, and
-``received_hashes`` hashes RAM as received (later guest writes left out), which must
-equal the source's RAM when it stopped.
+source's.  ``received_hashes`` hashes RAM as received (later guest writes left out),
+which must equal the source's RAM when it stopped: the guest's first touch of a page
+goes through ``npqfile.migration.received_hash``, which hashes in page order as it can
+and keeps only the first contents it still needs (about 8 MiB, not a copy of every
+touched page).
 
 Goals: QEMU's state machine and messages (``CMD_POSTCOPY_RUN in wrong postcopy state``...),
 each a StreamError at the command's offset; no deadlock: every thread that can fault
@@ -33,7 +35,6 @@ thread, the guest in its own; two locks (return-path writes, the pending/receive
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import mmap
 import select
@@ -44,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from npqfile.migration.received_hash import ReceivedHashes
 from npqfile.qemufile import QEMUFile
 from npqfile.ram.userfaultfd import Userfaultfd
 from npqfile.stream.constants import (
@@ -100,7 +102,7 @@ class PostcopyIncoming:
         self._fault_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._bounce = ctypes.create_string_buffer(TARGET_PAGE_SIZE)
-        self._first_seen: dict[tuple[str, int], bytes] = {}
+        self._as_received = ReceivedHashes(self._received.get)
         self.latencies: list[float] = []
         self.requests = 0
         self.discarded_pages = 0
@@ -273,14 +275,9 @@ class PostcopyIncoming:
 
     # -- the guest's first touch of a page ---------------------------------------------------
     def first_touch(self, block: Any, page: int) -> None:
-        """Read the page with the GIL released (a missing page blocks here until placed) and
-        keep its content as received, for verification."""
-        key = (block.name, page)
-        if key in self._first_seen:
-            return
-        buf = ctypes.create_string_buffer(block.page_size)
-        ctypes.memmove(buf, block.address + page * block.page_size, block.page_size)
-        self._first_seen[key] = buf.raw
+        """Read the page with the GIL released (a missing page blocks here until placed)
+        before the guest first writes it, for verification (see ReceivedHashes)."""
+        self._as_received.first_touch(block, page)
 
     # -- the end ----------------------------------------------------------------------------------
     def finish(self, ok: bool, verdict: dict | None) -> None:
@@ -331,21 +328,7 @@ class PostcopyIncoming:
     def received_hashes(self) -> dict[str, str]:
         """sha256 of each block as received: the content every page had when it arrived,
         before the destination's guest changed it."""
-        out = {}
-        ram = self.ram
-        for b in ram.blocks:
-            h = hashlib.sha256()
-            ps = b.page_size
-            mine = sorted(p for (name, p) in self._first_seen if name == b.name)
-            pos = 0
-            mv = memoryview(b.array)
-            for p in mine:
-                h.update(mv[pos * ps:p * ps])
-                h.update(self._first_seen[(b.name, p)])
-                pos = p + 1
-            h.update(mv[pos * ps:])
-            out[b.name] = h.hexdigest()
-        return out
+        return self._as_received.hashes(self.ram.blocks)
 
     def summary(self) -> dict[str, Any]:
         """The destination's postcopy statistics (QEMU's postcopy-blocktime in ms)."""
@@ -355,7 +338,7 @@ class PostcopyIncoming:
                 "discarded-pages": self.discarded_pages, "postcopy-blocktime": round(blocked * 1000, 3),
                 "fault-latency": latency_summary(self.latencies),
                 "fault-latencies-ms": [round(x * 1000, 3) for x in self.latencies[::step]],
-                "guest-touched-pages": len(self._first_seen),
+                "guest-touched-pages": self._as_received.touched_pages,
                 "fault-thread-error": self.fault_error, "npqfile-source": self.npqfile_source}
 
 

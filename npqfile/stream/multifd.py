@@ -229,13 +229,44 @@ def partition_zero_pages(offsets: np.ndarray, is_zero: np.ndarray) -> tuple[np.n
 
 
 # -- page codecs ------------------------------------------------------------------------------
+ZSTD_WINDOW_MAX = 1 << 25   # multifd-zstd-level 20 (QEMU's highest) streams need a 32 MiB window
+
+
+class _Drained(Exception):
+    """The zstd reader asked for input past the end of the packet."""
+
+
+class _PacketFeed:
+    """What a channel's zstd stream reader pulls its input from: one packet's data, then
+    :class:`_Drained` (never an end of input: the stream goes on in the next packet)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data = None
+
+    def read(self, size: int):
+        data, self.data = self.data, None
+        if data is None:
+            raise _Drained
+        return data
+
+
 class PageCodec:
     """One channel's compression state for one direction (``multifd-zlib.c`` /
     ``multifd-zstd.c``): ``compress(pages)`` returns a packet's data (every page, then a
-    sync flush), ``decompress(data, out)`` fills the writable ``out`` (normal pages ×
-    page size bytes) exactly or raises ValueError.  ``none`` passes pages through."""
+    sync flush), ``decompress(data, out, size)`` fills ``out[:size]`` exactly or raises
+    ValueError.  ``none`` passes pages through.
 
-    CHUNK = 1024    # zstd input fed per call: bounds what one call can inflate to
+    Decompression keeps one stream per channel across packets, as QEMU's destination
+    does (its stream is set up once per channel; the source only flushes per packet, so
+    a packet refers back to earlier ones), and is bounded by the packet: at most
+    ``size`` + 1 bytes are produced, whatever the data declares (a huge content size, a
+    window above :data:`ZSTD_WINDOW_MAX`, a bomb, more frames, trailing bytes).  zstd
+    inflates straight into ``out`` with one library call per packet
+    (``stream_reader().readinto1``: it never writes past the buffer and allocates
+    nothing per packet); the byte after the pages catches a packet that holds more,
+    even when the decoder still buffers it.  zlib inflates at most ``size`` + 1 bytes."""
 
     def __init__(self, method: str = "none", level: int | None = None):
         if method not in COMPRESSION_FLAGS:
@@ -244,6 +275,8 @@ class PageCodec:
         self.flag = COMPRESSION_FLAGS[method]
         self.level = DEFAULT_LEVEL.get(method, 0) if level is None else level
         self._c = self._d = None
+        self._feed = _PacketFeed()
+        self._spare = bytearray()
 
     def compress(self, pages) -> bytes:
         """A packet's page data: the pages (buffers) through this channel's stream."""
@@ -260,35 +293,68 @@ class PageCodec:
         parts.append(self._c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
         return b"".join(parts)
 
-    def decompress(self, data, out: memoryview) -> None:
-        """Inflate ``data`` into ``out``; ValueError when it is not valid or does not
-        give exactly ``len(out)`` bytes (at most len(out) + a bounded excess is ever held)."""
-        want = len(out)
-        if self.method == "zlib":
-            if self._d is None:
-                self._d = zlib.decompressobj()
-            try:
-                got = self._d.decompress(data, want + 1)
-            except zlib.error as exc:
-                raise ValueError(f"zlib data is not valid: {exc}") from None
-            if self._d.unconsumed_tail or len(got) != want:
-                raise ValueError(f"zlib data inflates to {'more than ' if len(got) > want else ''}"
-                                 f"{min(len(got), want)} bytes, expected {want}")
-            out[:] = got
-            return
+    def decompress(self, data, out: memoryview, size: int | None = None) -> None:
+        """Inflate ``data`` into ``out[:size]`` (``size`` defaults to ``len(out)``; ``out``
+        writable, C-contiguous, bytes).  A byte of ``out`` past ``size`` may be overwritten:
+        given one, zstd needs no copy.  Returns None; raises ValueError when the data is
+        not valid or does not give exactly ``size`` bytes (the channel's stream is then
+        reset: the migration fails with it)."""
+        size = len(out) if size is None else size
+        try:
+            if self.method == "zlib":
+                self._zlib(data, out, size)
+            elif len(out) > size:
+                self._zstd(data, out[:size + 1], size)
+            else:
+                # no spare byte after the pages: inflate beside them, then copy
+                if len(self._spare) < size + 1:
+                    self._spare = bytearray(size + 1)
+                self._zstd(data, memoryview(self._spare)[:size + 1], size)
+                out[:size] = memoryview(self._spare)[:size]
+        except ValueError:
+            self._d = None
+            raise
+
+    def _zlib(self, data, out: memoryview, want: int) -> None:
+        if self._d is None:
+            self._d = zlib.decompressobj()
+        try:
+            got = self._d.decompress(data, want + 1)
+        except zlib.error as exc:
+            raise ValueError(f"zlib data is not valid: {exc}") from None
+        if self._d.eof:
+            # QEMU's source only sync-flushes; its inflate() loop fails on Z_STREAM_END too
+            raise ValueError("zlib stream ends (Z_STREAM_END) inside the packet")
+        if self._d.unconsumed_tail or len(got) != want:
+            raise ValueError(f"zlib data inflates to {'more than ' if len(got) > want else ''}"
+                             f"{min(len(got), want)} bytes, expected {want}")
+        out[:want] = got
+
+    def _zstd(self, data, buf: memoryview, want: int) -> None:
+        """Inflate into ``buf`` (``want`` + 1 bytes).  readinto1 returns after the first
+        decoder call that gives output; that call runs until the input is used up or
+        ``buf`` is full, so when the reader next asks for input (:class:`_Drained`) the
+        decoder holds no output: ``buf`` was never full, ``done`` is every byte."""
         import zstandard
         if self._d is None:
-            self._d = zstandard.ZstdDecompressor().decompressobj()
+            dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_WINDOW_MAX)
+            # frames back to back are one stream to QEMU's ZSTD_decompressStream() too
+            self._d = dctx.stream_reader(self._feed, read_size=2 * MULTIFD_PACKET_SIZE,
+                                         read_across_frames=True, closefd=False)
+        self._feed.data = data
         done = 0
-        mv = memoryview(data)
-        for start in range(0, len(mv), self.CHUNK):
-            try:
-                got = self._d.decompress(mv[start:start + self.CHUNK])
-            except zstandard.ZstdError as exc:
-                raise ValueError(f"zstd data is not valid: {exc}") from None
-            if done + len(got) > want:
-                raise ValueError(f"zstd data inflates to more than the {want} bytes expected")
-            out[done:done + len(got)] = got
-            done += len(got)
+        try:
+            while done <= want:
+                n = self._d.readinto1(buf[done:])
+                if not n:       # the reader's end of output: not reached with _PacketFeed
+                    break
+                done += n
+        except _Drained:
+            pass
+        except zstandard.ZstdError as exc:
+            raise ValueError(f"zstd data is not valid: {exc}") from None
+        finally:
+            self._feed.data = None
         if done != want:
-            raise ValueError(f"zstd data inflates to {done} bytes, expected {want}")
+            raise ValueError(f"zstd data inflates to {'more than ' if done > want else ''}"
+                             f"{min(done, want)} bytes, expected {want}")

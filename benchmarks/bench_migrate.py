@@ -31,6 +31,8 @@ from npqfile.migration.workloads import Workload
 from npqfile.ram import GuestRAM
 from npqfile.units import parse_size
 
+from bench_support import listening_uri
+
 
 def bare_sendmsg(nbytes: int, src: np.ndarray) -> float:
     """Seconds to push ``nbytes`` (from ``src``, cycled) through a socketpair with sendmsg."""
@@ -79,7 +81,7 @@ def migrate_to_process(ram: GuestRAM, size: int) -> float:
         proc = subprocess.Popen([sys.executable, "-m", "npqfile", "incoming", f"unix:{sock}", "--ram", str(size)],
                                 stdout=subprocess.PIPE, text=True)
         try:
-            proc.stdout.readline()                     # "listening on ..."
+            listening_uri(proc)                        # "listening on ...", with a deadline
             t0 = time.perf_counter()
             cfg = MigrationConfig(size=size, to=f"unix:{sock}", params=MigrationParams(downtime_limit=0.3))
             st = run_migration(cfg, ram=ram, workload=Workload())   # reads the destination's verdict

@@ -37,6 +37,8 @@ from npqfile.migration.workloads import Workload  # noqa: E402
 from npqfile.ram import GuestRAM  # noqa: E402
 from npqfile.units import parse_size  # noqa: E402
 
+from bench_support import listening_uri  # noqa: E402
+
 
 def npqfile_run(ram: GuestRAM, size: int, channels: int, compression: str) -> float:
     """Seconds of the source's total time, npqfile incoming in another process."""
@@ -47,7 +49,7 @@ def npqfile_run(ram: GuestRAM, size: int, channels: int, compression: str) -> fl
             cmd += ["--multifd-channels", str(channels), "--multifd-compression", compression]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         try:
-            proc.stdout.readline()                     # "listening on ..."
+            listening_uri(proc)                        # "listening on ...", with a deadline
             params = MigrationParams(multifd_channels=channels, multifd_compression=compression)
             st = run_migration(MigrationConfig(size=size, to=f"unix:{sock}", params=params), ram=ram,
                                workload=Workload())

@@ -207,6 +207,7 @@ def socket_run(pages: list, how: str) -> float:
     a, b = socket.socketpair()
     child = subprocess.Popen([sys.executable, "-c", DRAIN, str(b.fileno())], pass_fds=[b.fileno()])
     b.close()
+    g = None           # bound before anything can raise: the finally below reads it
     try:
         a.recv(1)      # the drainer is up: its start-up is not timed
         t0 = time.perf_counter_ns()
@@ -232,11 +233,12 @@ def socket_run(pages: list, how: str) -> float:
                     n += send([rest])
         elapsed = time.perf_counter_ns() - t0
     finally:
-        if how == "api":
-            g.close()
-        else:
-            a.close()
-        child.wait()
+        try:
+            if g is not None:
+                g.close()
+        finally:
+            a.close()      # (again, if g closed it) the drainer ends at EOF, so the wait below returns
+            child.wait()
     return elapsed / len(pages)
 
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import shutil
 import statistics
 import subprocess
@@ -60,6 +59,8 @@ sys.path.insert(0, ROOT)
 
 from npqfile.qemu import QemuBinary, QemuNotFound, connect_qmp, find_qemu  # noqa: E402
 from npqfile.units import format_bytes, parse_size  # noqa: E402
+
+from bench_support import listening_uri  # noqa: E402
 
 MIB = 1 << 20
 CASES = ("save-random", "save-random-copy", "save-zero", "load", "load-sha256", "live", "live-multifd", "rss")
@@ -178,24 +179,6 @@ def _listen_port(q: "Qemu") -> int:
     return int(q.cmd("query-migrate")["socket-address"][0]["port"])
 
 
-def _listening_uri(proc: subprocess.Popen, timeout: float = 30.0) -> str:
-    """The URI an ``npqfile incoming tcp:127.0.0.1:0`` prints ("listening on URI") on
-    stdout, read with a deadline; RuntimeError with its stderr when it does not."""
-    line, deadline = b"", time.monotonic() + timeout
-    while not line.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
-            break
-        byte = os.read(proc.stdout.fileno(), 1)
-        if not byte:
-            break
-        line += byte
-    if not line.startswith(b"listening on "):
-        proc.kill()
-        raise RuntimeError(f"npqfile incoming did not listen: {line!r} {proc.communicate()[1].decode(errors='replace')}")
-    return line.decode().split("listening on ", 1)[1].strip()
-
-
 class Bench:
     def __init__(self, args: argparse.Namespace, qemus: list[QemuBinary]):
         self.size = parse_size(args.size)
@@ -290,7 +273,7 @@ class Bench:
         dst = subprocess.Popen(NPQFILE + ["incoming", "tcp:127.0.0.1:0", "--ram", str(self.size), "--timeout", "120",
                                           *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            uri = _listening_uri(dst)     # not a probe connection: incoming accepts only one
+            uri = listening_uri(dst)      # not a probe connection: incoming accepts only one
             res = subprocess.run(NPQFILE + ["migrate", "--to", uri, "--size", str(self.size), "--init", "random",
                                             "--workload", "idle", "--quiet", "--json", *extra],
                                  cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -353,9 +353,11 @@ def test_auto_converge_and_multifd_parameters_pass_through():
 def test_qemu_throttle_slows_the_cpu_bound_guest_and_makes_it_converge():
     """dirtyguest writes only while its vCPU runs (the simulator's writer): QEMU 10.0's
     auto-converge throttle lowers its writes per guest-second, and a migration that is
-    cancelled without auto-converge completes with it.  Structural facts only: the
-    throttle was applied, the guest credited itself less running time than guest time,
-    and wrote at a lower rate than the unthrottled run."""
+    cancelled without auto-converge completes with it.  Load-independent facts only, from
+    QEMU's own cpu-throttle-percentage and the guest's own counters over the span QEMU
+    reported throttling: at >= 60% QEMU runs the vCPU at most 10 ms of every 25 ms, and
+    the guest credits itself at most 2 ms of each sleep (share <= 0.48); a host too busy
+    to run the vCPU only lowers the share further, so no second run is compared."""
     require_qemu("10.0")
     before = _qemus_now()
     common = ("migrate", "--engine", "qemu", "--qemu", "10.0", "--size", "16M", "--workload",
@@ -364,16 +366,19 @@ def test_qemu_throttle_slows_the_cpu_bound_guest_and_makes_it_converge():
     assert plain.returncode == 2, plain.stdout + plain.stderr
     free = json.loads(plain.stdout)
     assert free["status"] == "cancelled" and free["npqfile"]["outcome"] == "max-iterations"
+    assert "throttled-guest-seconds" not in free["npqfile"]["workload"]       # QEMU never throttled
     throttled = _npqfile(*common, "--time-limit", "60", "--auto-converge", "--cpu-throttle-initial", "60",
                          "--cpu-throttle-increment", "20")
     assert throttled.returncode == 0, throttled.stdout + throttled.stderr
     ac = json.loads(throttled.stdout)
     assert ac["status"] == "completed" and ac["npqfile"]["verification"]["ok"] is True
     assert ac["cpu-throttle-percentage"] >= 60
-    wl_free, wl_ac = free["npqfile"]["workload"], ac["npqfile"]["workload"]
-    # unthrottled the guest runs (nearly) all the time; throttled, a large share is slept away
-    assert wl_ac["running-seconds"] < 0.8 * wl_ac["guest-seconds"], wl_ac
-    assert wl_ac["achieved-rate-pages"] < 0.8 * wl_free["achieved-rate-pages"], (wl_ac, wl_free)
+    wl = ac["npqfile"]["workload"]
+    # a pass at 10 MB/s lasts >= 1 s, and convergence needs QEMU to step past 60%: the
+    # throttled span holds many 25 ms throttle periods on any machine
+    assert wl["throttled-min-percentage"] >= 60 and wl["throttled-guest-seconds"] > 0, wl
+    assert wl["throttled-running-seconds"] < 0.8 * wl["throttled-guest-seconds"], wl
+    assert wl["throttled-achieved-rate-pages"] < 0.8 * wl["rate-pages"], wl    # its own asked rate
     assert _leftover_qemus(before) == []
 
 

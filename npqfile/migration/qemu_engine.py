@@ -40,7 +40,9 @@ pre-switchover the pause is not continued (QEMU's cancel ends it: ``cancelled``)
 the source is ``completed`` nothing is cancelled and the wait for the destination (and
 the hashing) ends at once: ``completed``, not verified.  The guest's
 achieved write rate over the migration (its own counter and clock) is in
-``workload``.  Figures QEMU does not report (stream bytes, PART sections, rate-limit
+``workload``, and over the span QEMU reported throttling it (auto-converge:
+``throttled-*``, from the guest status read at each poll that saw
+``cpu-throttle-percentage``).  Figures QEMU does not report (stream bytes, PART sections, rate-limit
 windows, RSS) are None in the JSON, never invented.
 
 Goals: a run that is comparable figure by figure with the simulator's; both QEMUs
@@ -196,6 +198,23 @@ def _sha256(path: Path, cancel: threading.Event | None = None) -> str | None:
     return h.hexdigest()
 
 
+def _throttled_span(samples: list[tuple[int, Any]]) -> dict[str, Any]:
+    """The guest's counters between the first and the last poll at which QEMU reported a
+    cpu-throttle-percentage (the throttle was on all along: it only rises until the
+    migration ends): guest and credited running seconds, writes, achieved rate, and the
+    lowest percentage QEMU reported there.  Returns {} with fewer than two such polls or
+    no guest time between them."""
+    done = [(pct, g) for pct, g in samples if g is not None]
+    if len(done) < 2 or done[-1][1].seconds <= done[0][1].seconds:
+        return {}
+    (_, a), (_, b) = done[0], done[-1]
+    seconds = b.seconds - a.seconds
+    return {"throttled-min-percentage": min(p for p, _ in done), "throttled-guest-seconds": round(seconds, 3),
+            "throttled-running-seconds": round(b.running_seconds - a.running_seconds, 3),
+            "throttled-writes": b.writes - a.writes,
+            "throttled-achieved-rate-pages": round((b.writes - a.writes) / seconds, 1)}
+
+
 class QemuMigrationStats(MigrationStats):
     """MigrationStats measured on QEMU: the figures QEMU does not report are None in
     ``as_dict``, and a ``qemu`` key holds the binary, its version and QEMU's own last
@@ -228,6 +247,7 @@ class QemuMigration:
         self.on_progress = on_progress
         self.pre_switchover = pre_switchover
         self.samples: list[dict] = []
+        self.throttled: list[Any] = []          # guest status at each poll that saw QEMU throttle
         self.passes: dict[int, float] = {}      # dirty-sync-count -> seconds after migrate
         self.st = QemuMigrationStats(page_size=4096, params=asdict(cfg.params))
         self.st.qemu = {"path": self.qemu.path, "version": self.qemu.version}
@@ -321,6 +341,8 @@ class QemuMigration:
             info["_t"] = now
             self.samples.append(info)
             status = self._source_status = info.get("status", "")
+            if status == "active" and info.get("cpu-throttle-percentage", 0) > 0:
+                self.throttled.append((info["cpu-throttle-percentage"], src.guest_status()))
             ram = info.get("ram", {})
             if self.on_progress is not None:
                 self.on_progress({"status": status, "round": ram.get("dirty-sync-count", 0),
@@ -559,6 +581,7 @@ class QemuMigration:
             info["achieved-rate-pages"] = round(info["writes"] / (after.seconds - before.seconds), 1)
             # the guest seconds it credited as running (CPU-bound guest: less when throttled)
             info["running-seconds"] = round(after.running_seconds - before.running_seconds, 3)
+        info.update(_throttled_span(self.throttled))
         self.st.workload = info
 
     def _verify(self, src: QemuVM, dst: QemuVM) -> None:

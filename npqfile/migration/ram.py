@@ -75,6 +75,7 @@ from npqfile.stream.savevm import SaveVMWriter
 MAX_WAIT = 0.05            # ram_save_iterate: a PART section lasts at most 50 ms
 CHUNK = 1024               # pages per save_pages call between time checks (QEMU checks every 64)
 SCAN = 1 << 16             # bitmap bits examined per search for dirty pages
+DIRTY_RATE_PERIOD = 1.0    # migration_bitmap_sync: dirty-pages-rate over periods of >= 1000 ms
 
 
 class RAMState:
@@ -219,8 +220,8 @@ class RAMState:
             # shorter than that reports the rate since the start
             self._rate_pages += new
             period = now - self._sync_t
-            self._rate_known |= period >= 1.0
-            if period >= 1.0 or not self.stats.dirty_pages_rate:
+            self._rate_known |= period >= DIRTY_RATE_PERIOD
+            if period >= DIRTY_RATE_PERIOD or not self.stats.dirty_pages_rate:
                 self.stats.dirty_pages_rate = self._rate_pages / max(period, 1e-6)
                 self._sync_t, self._rate_pages = now, 0
         self.stats.dirty_sync_count += 1

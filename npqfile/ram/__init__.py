@@ -6,8 +6,8 @@ Supports: ``RAMBlock`` (one mapping: private / shared / memfd / file:PATH backin
 release-ram path calls), and residency measurement (pagemap, mincore, smaps, psutil,
 soft-dirty detection).
 Goals: what QEMU's RAMBlock / ram_block_discard_range do, verified against the kernel
-rather than assumed.  Plan: one concept per module -- ``block``, ``guest``, ``dirty``,
-``release``, ``residency`` -- re-exported here.
+rather than assumed.  Plan: one concept per module -- ``block``, ``mmap_alloc`` (guard
+pages), ``guest``, ``dirty``, ``release``, ``residency`` -- re-exported here.
 """
 
 from __future__ import annotations

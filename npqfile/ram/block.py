@@ -16,14 +16,14 @@ Goals: QEMU's names (idstr <= 255 bytes, used_length, ram_addr_t offset); correc
 semantics per backing (see release.py); no silent copies; every error names the block.
 
 Plan: the mmap is a ``RAMBlockMmap`` so a QEMUFile handed any view of the block can
-release through the right primitive.  Like QEMU's ram_block_add, every block gets
+release through the right primitive.  Like QEMU's qemu_ram_mmap, it sits between guard
+pages (mmap_alloc.py: PROT_NONE pages at both ends, so the kernel never merges a block's
+VMA with a neighbour and smaps always reports the block alone); ``mmap``, ``address`` and
+every view cover exactly the block.  Like QEMU's ram_block_add, every block gets
 MADV_DONTFORK (a fork -- e.g. an exec: channel -- then neither copies nor COW-shares the
 guest RAM) and, unless ``hugepages=False``, MADV_HUGEPAGE (transparent huge pages: a
-destination filled page by page faults 512 times less, measured 5x faster here).
-For private blocks one page is faulted *before* that madvise: a fresh
-anonymous VMA has no anon_vma and the kernel would merge it with an adjacent block of
-equal flags, making smaps report two blocks as one mapping; with its own anon_vma it
-stays separate.  The page is released again at once.
+destination filled page by page faults 512 times less, measured 5x faster here); a block
+whose size is a multiple of 2 MiB is 2 MiB-aligned so huge pages cover all of it.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ import numpy as np
 
 from . import residency
 from .dirty import DirtyBitmap, page_selector
-from .release import DEFAULT_ADVICE, HOST_PAGE_SIZE, RAMBlockMmap, check_advice, coalesce_runs
+from .mmap_alloc import PMD_SIZE, qemu_ram_mmap
+from .release import DEFAULT_ADVICE, RAMBlockMmap, check_advice, coalesce_runs
 
 IDSTR_MAX = 255  # QEMU: char idstr[256], sent as u8 length + bytes
 CLOSE_RETRY_DELAYS = (0.0, 0.001, 0.005, 0.02, 0.1)   # close(): waits for views another thread drops
@@ -111,14 +112,7 @@ class RAMBlock:
     # -- mapping ------------------------------------------------------------------------
 
     def _map(self, kind: str, path: str | None) -> RAMBlockMmap:
-        if kind in ("private", "shared"):
-            flags = mmap.MAP_PRIVATE if kind == "private" else mmap.MAP_SHARED
-            try:
-                mm = RAMBlockMmap(-1, self.size, flags=flags)
-            except OSError as exc:
-                raise OSError(exc.errno, f"cannot map {self.size} bytes for RAM block {self.name!r}: "
-                                         f"{exc.strerror}") from None
-        elif kind == "image":
+        if kind == "image":
             try:
                 self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
@@ -127,11 +121,10 @@ class RAMBlock:
             try:
                 if os.fstat(self._fd).st_size < self.size:
                     raise ValueError(f"image {path!r} of RAM block {self.name!r} is shorter than {self.size} bytes")
-                mm = RAMBlockMmap(self._fd, self.size, flags=mmap.MAP_PRIVATE)
             except (OSError, ValueError):
                 os.close(self._fd)
                 raise
-        else:
+        elif kind in ("memfd", "file"):
             if kind == "memfd":
                 self._fd = os.memfd_create(self.name.encode()[:249].decode(errors="ignore") or "ram",
                                            os.MFD_CLOEXEC)
@@ -144,20 +137,25 @@ class RAMBlock:
             try:
                 if os.fstat(self._fd).st_size < self.size:
                     os.ftruncate(self._fd, self.size)
-                mm = RAMBlockMmap(self._fd, self.size, flags=mmap.MAP_SHARED)
             except OSError:
                 os.close(self._fd)
                 raise
         try:
-            if kind == "private":
-                mm[0] = 0  # fault one page: own anon_vma, so no merge (module docstring)
+            # guard pages at both ends (mmap_alloc.py); the kernel's THP alignment kept
+            mm = qemu_ram_mmap(RAMBlockMmap, self.size, fd=self._fd, shared=kind in ("shared", "memfd", "file"),
+                               align_thp=self.hugepages and self.size % PMD_SIZE == 0)
+        except OSError as exc:
+            if self._fd >= 0:
+                os.close(self._fd)
+            raise OSError(exc.errno, f"cannot map {self.size} bytes for RAM block {self.name!r}: "
+                                     f"{exc.strerror}") from None
+        try:
             mm.madvise(mmap.MADV_DONTFORK)
             if self.hugepages:
                 mm.madvise(mmap.MADV_HUGEPAGE)
-            if kind == "private":
-                mm.madvise(mmap.MADV_DONTNEED, 0, HOST_PAGE_SIZE)
         except OSError as exc:
             mm.close()
+            mm.unmap_guards()
             if self._fd >= 0:
                 os.close(self._fd)
             raise OSError(exc.errno, f"madvise on new RAM block {self.name!r} failed: {exc.strerror}") from None
@@ -353,7 +351,8 @@ class RAMBlock:
     # -- lifetime -----------------------------------------------------------------------
 
     def close(self) -> None:
-        """Unmap the block and close its fd (a file backing's file is kept).  Idempotent.
+        """Unmap the block and its guard pages and close its fd (a file backing's file is
+        kept).  Idempotent.
 
         Raises RAMBlockInUseError, leaving the block open and usable, while numpy arrays
         or memoryviews of it are alive elsewhere (e.g. queued in a QEMUFile)."""
@@ -386,6 +385,7 @@ class RAMBlock:
                 raise RAMBlockInUseError(
                     f"cannot close RAM block {self.name!r}: numpy arrays or memoryviews of it are still alive; "
                     "drop them (and flush any QEMUFile holding its pages) first") from None
+        self.mmap.unmap_guards()
         self._closed = True
         self._finalizer()
 

@@ -101,7 +101,8 @@ class RAMBlockMmap(mmap.mmap):
     ``RAMBlock.resident_pages`` does (private: present and exclusive in pagemap; image:
     present anonymous copy-on-write copies; shared, memfd, file: in the page cache,
     mincore); ``freed_unmeasured`` counts bytes released
-    where that could not be read.
+    where that could not be read.  ``guards`` and ``unmap_guards`` are set by
+    mmap_alloc.qemu_ram_mmap, which creates it: the mapping itself is exactly the block.
     """
 
     block_name: str

@@ -20,7 +20,7 @@ Goals: measure, never assume (F6, F7).  Costs and pitfalls, measured here for 25
     mapping's pages; ``Anonymous`` only anonymous ones (``Private_Dirty`` also counts
     dirty shmem/file pages); ``LazyFree`` is the only place MADV_FREE shows.  Adjacent
     anonymous VMAs with equal flags merge, so the VMA may be larger than the block:
-    ``smaps_fields`` reports ``exact`` for that (RAMBlock prevents it, see block.py).
+    ``smaps_fields`` reports ``exact`` for that (RAMBlock prevents it with guard pages, see mmap_alloc.py).
   * psutil ``memory_info().rss`` (statm) is 0.01 ms but process-wide, and includes
     shmem/file pages mapped by the process (RssShmem/RssFile).
   * Re-reading released pages to check their contents faults them back in: shmem and

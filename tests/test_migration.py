@@ -143,6 +143,30 @@ def test_channel_compression_carries_random_pages(compress):
     assert st.compression["bytes-in"] == st.stream_bytes
 
 
+def test_codec_wrappers_forward_only_what_acts_on_the_connection(tmp_path):
+    """A compressing channel over a file offers no native I/O and no file offsets (they
+    would bypass or address the compressed bytes); fileno and shutdown-like calls are
+    the connection's."""
+    from npqfile.channels import open_channel
+    from npqfile.migration.compression import CompressingWriter, DecompressingReader, parse_compress
+
+    comp = parse_compress("zstd")
+    inner = open_channel(f"file:{tmp_path / 's.bin'}", "w")
+    w = CompressingWriter(inner, comp)
+    try:
+        assert inner.positional and hasattr(inner, "writev_iov")
+        for name in ("writev_iov", "splice_iov", "is_pipe", "positional", "readv_iov"):
+            assert not hasattr(w, name), name
+        assert w.fileno() == inner.fileno()
+    finally:
+        w.close()
+    r = DecompressingReader(open_channel(f"file:{tmp_path / 's.bin'}", "r"), comp)
+    try:
+        assert not hasattr(r, "readv_iov") and not hasattr(r, "positional")
+    finally:
+        r.close()
+
+
 def test_release_ram_frees_the_source_after_the_destinations_verdict():
     st = migrate(workload="hotset:rate=2000,hot=0.01", release_ram=True)
     assert st.status == "completed" and st.verification["ok"] is True

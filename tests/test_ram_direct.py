@@ -119,14 +119,19 @@ def _mixed_stream() -> tuple[bytes, dict[str, int]]:
     return header() + ram_start(blocks) + part(first) + part(second) + b"\x00", blocks
 
 
-@pytest.mark.parametrize("chunk", [None, 20 * REC + 3, [17 * REC + 9, PAGE, 5], [1 << 20, 7]],
+@pytest.mark.parametrize("chunk, most", [(None, True), (20 * REC + 3, True), ([17 * REC + 9, PAGE, 5], True),
+                                         ([1 << 20, 7], False)],
                          ids=["whole", "20-records-and-3", "odd-sizes", "mib-and-7"])
-def test_direct_reads_load_what_the_buffered_path_loads(monkeypatch, chunk):
+def test_direct_reads_load_what_the_buffered_path_loads(monkeypatch, chunk, most):
+    """``most``: most pages go straight to RAM.  Not when every other read returns 7
+    bytes: a read that ends inside a header ends the direct reads there (the header may
+    be an EOS the source waits after), and the 7-byte reads fall to them."""
     data, blocks = _mixed_stream()
     direct = _same(data, blocks, monkeypatch, chunk)
     pages = direct[4]
-    assert pages is not None and pages.records > 1000      # most pages went straight to RAM
-    assert pages.misses >= 1                                # the section break was given back
+    assert pages is not None
+    if most:
+        assert pages.records > 1000 and pages.misses >= 1   # the section break was given back
 
 
 @pytest.mark.parametrize("bad", ["flag", "beyond", "not-continue", "truncated-header", "truncated-page",

@@ -84,8 +84,18 @@ def parse_compress(spec: str | None) -> Compression:
     return Compression(method, level)
 
 
-# A channel's native I/O calls (npqfile.channels.iovec): bytes that bypass a wrapper's codec.
-NATIVE_IO = frozenset({"writev_iov", "splice_iov", "is_pipe", "readv_iov"})
+# What a codec wrapper takes from the connection it wraps: only calls that act on the
+# connection itself.  Anything else -- native I/O (writev_iov, splice_iov, readv_iov),
+# positional offsets -- would move or address bytes past the codec.
+FORWARDED = frozenset({"close", "fileno", "shutdown", "get_return_path", "set_blocking", "set_stall_timeout",
+                       "error", "pid", "returncode"})
+
+
+def _forwarded(self, name: str) -> Any:
+    """``__getattr__`` of the wrappers: the FORWARDED attributes of ``inner``."""
+    if name in FORWARDED:
+        return getattr(self.inner, name)
+    raise AttributeError(f"{type(self).__name__} has no {name!r} (its bytes go through {self.comp.method})")
 
 
 class CompressingWriter:
@@ -154,12 +164,7 @@ class CompressingWriter:
         ret2 = close() if close is not None else 0
         return ret if ret < 0 else int(ret2 or 0)
 
-    def __getattr__(self, name: str) -> Any:
-        # close, shutdown, get_return_path, fileno... act on the connection itself; native
-        # I/O (writev_iov, splice_iov) would move bytes past the codec
-        if name in NATIVE_IO:
-            raise AttributeError(f"{type(self).__name__} has no {name}: its bytes go through {self.comp.method}")
-        return getattr(self.inner, name)
+    __getattr__ = _forwarded
 
 
 class DecompressingReader:
@@ -233,7 +238,4 @@ class DecompressingReader:
         raise OSError(errno.EIO, f"the stream is not {self.comp.method}-compressed: it starts with "
                                  f"{found.hex() or 'nothing'}" + (f" ({hint})" if hint else ""))
 
-    def __getattr__(self, name: str) -> Any:
-        if name in NATIVE_IO:       # (readv_iov) would read compressed bytes as the stream
-            raise AttributeError(f"{type(self).__name__} has no {name}: its bytes go through {self.comp.method}")
-        return getattr(self.inner, name)
+    __getattr__ = _forwarded

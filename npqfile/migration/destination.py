@@ -88,7 +88,8 @@ class Destination:
     kept, up to this many bytes, until the vmdesc after EOF sizes them.  ``fresh_ram``:
     ``ram`` was just made (all zero) and nothing else writes it while loading: pages may
     then be read straight to where the stream is about to put them (``ram_direct``); not
-    with multifd channels or a postcopy guest, which write it too."""
+    with multifd channels, which write it too.  (A postcopy guest runs only after LISTEN,
+    when pages are placed through userfaultfd and none is predicted any more.)"""
 
     def __init__(self, ram: GuestRAM | None = None, *, machine: str | None = "none",
                  max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, hash_blocks: bool = True,
@@ -130,7 +131,7 @@ class Destination:
                                  machine=self.machine, device_tail_bytes=self.device_tail_bytes,
                                  on_multifd_flush=mf.main_record if mf is not None else _no_multifd,
                                  postcopy=pc, hasher=hasher,
-                                 fresh_ram=self.fresh_ram and mf is None and self.guest is None)
+                                 fresh_ram=self.fresh_ram and mf is None)
             if mf is not None:
                 mf.finish()            # every channel ended cleanly after its last SYNC
                 res.stats_multifd = mf.stats()

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import fcntl
 import mmap
+import os
+import stat
 import struct
 import termios
 
@@ -129,8 +131,9 @@ class DirectPages:
             del held
         n = b + f.read_direct(iovec.advance(iov, b), k * rec - b)
         whole, rem = divmod(n, rec)
-        if rem and (rem < 8 or int(self.heads[whole]) == start + whole * ps | self.flags):
-            # the read ended inside a record that may match: finish that record only
+        if rem >= 8 and int(self.heads[whole]) == start + whole * ps | self.flags:
+            # the read ended inside a page whose header matched: finish that record only
+            # (a header read in part may be an EOS the source waits after: given back)
             self.tail[0] = (self.head_iov[whole], 8)
             self.tail[1] = (dest.block.address + start + whole * ps, ps)
             n += f.read_direct(iovec.advance(self.tail, rem), rec - rem, complete=True)
@@ -141,11 +144,12 @@ class DirectPages:
         hit = good * rec == n
         if not hit:
             self._give_back(f, dest, start, good, n)
+        if good < seen:             # a header that is not the predicted one: a miss
             self.misses += 1
             self.skip = self.cooldown
             self.cooldown = min(max(1, 2 * self.cooldown), MAX_COOLDOWN)
-        elif n:
-            self.cooldown = 0
+        elif good:
+            self.cooldown = 0       # (a read that ended inside a record is no miss)
         if good < k:
             # pages faulted in or written but not loaded: back to zero and untouched
             # (nothing stays resident that the stream did not write)
@@ -155,13 +159,21 @@ class DirectPages:
         return good, hit and n > 0
 
     def _available(self, f) -> int:
-        """Bytes the channel under ``f`` can give without waiting (FIONREAD); 0 when
-        unknown, or when the channel has no native reads (nothing to predict for)."""
-        fileno = getattr(f.channel, "fileno", None)
-        if fileno is None or not hasattr(f.channel, "readv_iov"):
+        """Bytes the channel under ``f`` can give without waiting: a regular file's size
+        past the read position, else FIONREAD (pipes, sockets); 0 when unknown, or when
+        the channel has no native reads (nothing to predict for)."""
+        ch = f.channel
+        fileno = getattr(ch, "fileno", None)
+        if fileno is None or not hasattr(ch, "readv_iov"):
             return 0
         try:
-            return struct.unpack("i", fcntl.ioctl(fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+            fd = fileno()
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode):    # (FIONREAD's int wraps past 2 GiB there)
+                # a positional channel reads at the stream offset (past the read-ahead)
+                pos = f.tell() + len(f.buffered()) if f.seekable else os.lseek(fd, 0, os.SEEK_CUR)
+                return max(0, st.st_size - pos)
+            return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
         except (OSError, ValueError):
             return 0
 

@@ -157,7 +157,9 @@ class RAMLoader:
                     end = max(self._run_end, addr + ps) if k else addr + ps
                     if end >= dest.clean_from:      # at the frontier: predict what follows
                         dest.clean_from = end
-                        if self.direct is not None:
+                        # (only once the read-ahead is down to a record's start: with a
+                        # whole record buffered, the ordinary path is cheaper)
+                        if self.direct is not None and len(f.buffered()) < ps + 8:
                             k += self._direct(f, dest, end)
                     st.normal_pages += 1 + k
                     continue

@@ -2,8 +2,7 @@
 
 Supports: the seed's ``get_byte``, ``get_be16/32/64``, ``get_buffer`` (straight into a
 numpy view of RAM), ``get_buffer_in_place``, ``peek_byte``, ``peek_buffer``, ``skip``
-and ``get_counted_string``; not in QEMU, ``read_direct`` / ``unread`` (the RAM loader's
-reads straight into predicted pages, see ``npqfile.stream.ram_direct``).
+and ``get_counted_string``.
 
 Goals: the seed's values and sticky errors (end of stream is -EIO; gets return 0 or
 garbage then, as in QEMU, so callers check ``get_error``), without its silent short
@@ -22,8 +21,7 @@ import struct
 import time
 from typing import Any
 
-from npqfile.buffers import flat_bytes, nbytes
-from npqfile.channels import iovec
+from npqfile.buffers import flat_bytes
 
 _be16 = struct.Struct(">H")
 _be32 = struct.Struct(">I")
@@ -112,11 +110,6 @@ class ReadSide:
             return self._bufmv[0:0]
         return self._bufmv[index:index + min(size, pending)]
 
-    @property
-    def read_ahead_size(self) -> int:
-        """The read-ahead buffer's size: the most bytes ``unread`` can give back."""
-        return len(self._buf)
-
     def buffered(self) -> memoryview:
         """The read-ahead bytes already in the buffer, not consumed and without any I/O
         (not in QEMU: a reader parses many records from it at once, then skips them).
@@ -130,52 +123,6 @@ class ReadSide:
             raise ValueError(f"cannot skip a negative byte count ({n})")
         if self._buf_index + n <= self._buf_size:
             self._buf_index += n
-
-    def read_direct(self, iov: Any, total: int, complete: bool = False) -> int:
-        """Not in QEMU: read the next stream bytes straight into the memory the native
-        iovecs ``iov`` describe (``total`` bytes at most; see ``channels.iovec``), bypassing
-        the read-ahead buffer, which must be empty.  One channel read, or with ``complete``
-        as many as it takes to read ``total`` bytes.  Returns the bytes read (they are
-        consumed: ``tell()`` moved past them); 0, or fewer with ``complete``, when the
-        buffer holds bytes, an error is recorded, the channel has no native reads, or a
-        read returned nothing for any reason -- the gets that follow then meet the
-        condition and report it.  ``iov`` is modified when a read is short."""
-        if self._buf_index != self._buf_size or self._last_error or self._writable or self._closed:
-            return 0
-        readv = getattr(self._channel, "readv_iov", None)
-        if readv is None:
-            return 0
-        done = 0
-        rest = iov
-        while done < total:
-            n = readv(rest, self._pos)
-            if n <= 0:
-                break
-            self._pos += n
-            done += n
-            if not complete or done >= total:
-                break
-            rest = iovec.advance(rest, n)       # re-bases ``iov`` in place
-        if done > total:
-            raise ValueError(f"iov describes more than the {total} bytes asked for")
-        return done
-
-    def unread(self, parts: list) -> None:
-        """Not in QEMU: give back bytes ``read_direct`` consumed -- ``parts`` are buffers
-        holding the last bytes it read, in stream order -- as read-ahead: the next gets
-        return them first and ``tell()`` moves back by their size.  The read-ahead buffer
-        must be empty and large enough (ValueError otherwise)."""
-        size = sum(nbytes(p) for p in parts)
-        if self._buf_index != self._buf_size or size > len(self._buf) or size > self._pos:
-            raise ValueError(f"cannot give back {size} bytes: the read-ahead buffer holds "
-                             f"{self._buf_size - self._buf_index} of {len(self._buf)}")
-        at = 0
-        for p in parts:
-            n = nbytes(p)
-            self._bufmv[at:at + n] = flat_bytes(p)
-            at += n
-        self._buf_index = 0
-        self._buf_size = size
 
     def get_buffer(self, buf: Any) -> int:
         """qemu_get_buffer: fill the writable buffer ``buf`` (bytearray, memoryview,

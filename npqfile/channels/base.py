@@ -45,11 +45,7 @@ class Channel(Protocol):
     Optional methods (QEMUFile checks with ``hasattr``):
       ``shutdown(read: bool, write: bool) -> int`` stop I/O, waking a blocked reader/writer (sockets);
       ``get_return_path() -> channel | None`` same connection, opposite direction;
-      ``set_blocking(flag: bool)``; ``fileno() -> int`` (select() on it after BlockingIOError);
-      ``writev_iov(iov, total, pos) -> int`` (writers) write all the native iovecs of ``iov``;
-      ``readv_iov(iov, pos) -> int`` (readers) ONE read into the native iovecs of ``iov`` that never
-      waits or raises: the bytes read, 0 when nothing was read for any reason (``readinto`` then
-      meets and reports the condition).  Both: see ``npqfile.channels.iovec``.
+      ``set_blocking(flag: bool)``; ``fileno() -> int`` (select() on it after BlockingIOError).
     ``close()`` returns 0 (or None) on success and a negative errno on failure; closing twice is harmless.
     """
 

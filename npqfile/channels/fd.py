@@ -21,7 +21,6 @@ import subprocess
 from typing import Any, Sequence
 
 from .base import Closing, pick_direction, wait_writable, write_all
-from . import iovec
 from .iovec import splice_available, vmsplice_iov, write_iov
 
 
@@ -67,11 +66,6 @@ class FdReader(FdChannel):
         """Read into ``buf`` from the fd's current position (``pos`` is ignored: pipes have none).
         Returns the count (0 at EOF); BlockingIOError when non-blocking and empty; OSError on failure."""
         return os.readv(self._fd, (buf,))
-
-    def readv_iov(self, iov: Any, pos: int) -> int:
-        """One readv of the native iovecs ``iov`` (``pos`` ignored): ``iovec.read_once``'s
-        bytes, 0 when nothing was read for any reason (``readinto`` then reports it)."""
-        return iovec.read_once(self._fd, iov)
 
 
 class FdWriter(FdChannel):
@@ -128,10 +122,6 @@ class FileReader(FileChannel, FdReader):
         if not self.positional:
             return os.readv(self._fd, (buf,))
         return os.preadv(self._fd, (buf,), pos)
-
-    def readv_iov(self, iov: Any, pos: int) -> int:
-        """``FdReader.readv_iov`` at file offset ``pos`` (preadv) when positional."""
-        return iovec.read_once(self._fd, iov, pos if self.positional else None)
 
 
 class FileWriter(FileChannel, FdWriter):

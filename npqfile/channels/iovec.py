@@ -3,10 +3,8 @@
 Supports: `available()`, `iovec_array(count)` (a C-contiguous ``(count, 2)`` uint64 array laid out
 as ``struct iovec``) and `write_iov(fd, iov, total, wait, pos=None)`, the native twin of
 `base.write_all`: every byte or OSError, partial writes resumed, EINTR retried, EAGAIN waited on;
-`read_iov`, its reading twin (readv straight into guest RAM); `read_once`, one readv/preadv that
-never waits (the RAM loader's direct page reads, see ``npqfile.stream.ram_direct``); `advance`, the
-iovecs past a byte count; `vmsplice_iov` (pages into a pipe by reference, see
-``npqfile.qemufile_zerocopy``).
+`read_iov`, its reading twin (readv straight into guest RAM); `vmsplice_iov` (pages into a pipe by
+reference, see ``npqfile.qemufile_zerocopy``).
 
 Goals: the RAM section's bulk path (``QEMUFile.put_records`` of a `npqfile.buffers.PageRun`) hands
 the kernel exactly the iovecs the buffer-object path would -- the same ``writev`` calls, so QEMU's
@@ -32,8 +30,7 @@ import numpy as np
 
 from .base import IOV_MAX
 
-__all__ = ["advance", "available", "iovec_array", "read_iov", "read_once", "splice_available", "vmsplice_iov",
-           "write_iov"]
+__all__ = ["available", "iovec_array", "read_iov", "splice_available", "vmsplice_iov", "write_iov"]
 
 _IOVEC_BYTES = 16   # struct iovec on LP64: void *iov_base; size_t iov_len
 
@@ -50,10 +47,6 @@ def _libc_calls() -> dict[str, Callable[..., int]] | None:
     calls["writev"].argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     calls["pwritev"].argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
     calls["readv"].argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-    preadv = getattr(libc, "preadv", None)
-    if preadv is not None:
-        preadv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
-        calls["preadv"] = preadv
     vmsplice = getattr(libc, "vmsplice", None)
     if vmsplice is not None:
         vmsplice.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
@@ -102,44 +95,6 @@ def read_iov(fd: int, iov: np.ndarray, total: int, wait: Callable[[], None]) -> 
     return _iov_loop(lambda ptr, n, done: readv(fd, ptr, n), iov, total, wait, eof_ok=True)
 
 
-def read_once(fd: int, iov: np.ndarray, pos: int | None = None) -> int:
-    """One readv(2) (``pos`` None) or preadv(2) at file offset ``pos`` of the iovecs ``iov``
-    (the first IOV_MAX of them) from ``fd``, into the caller's memory.  Returns the bytes
-    read, which may be fewer than the iovecs describe, or 0 when nothing was read for any
-    reason -- end of stream, EAGAIN, EINTR, an error, no native calls here: it never waits
-    and never raises, because its caller then reads the ordinary way and meets (and
-    reports) the same condition."""
-    _check_iov(iov)
-    if _CALLS is None or not iov.shape[0]:
-        return 0
-    count = min(iov.shape[0], IOV_MAX)
-    if pos is None:
-        ret = _CALLS["readv"](fd, iov.ctypes.data, count)
-    elif "preadv" in _CALLS:
-        ret = _CALLS["preadv"](fd, iov.ctypes.data, count, pos)
-    else:
-        return 0
-    return max(ret, 0)
-
-
-def advance(iov: np.ndarray, n: int) -> np.ndarray:
-    """The iovecs of ``iov`` after its first ``n`` bytes: a view from the first entry not
-    read in full, that entry re-based in place (``iov`` itself changes).  ValueError when
-    ``iov`` describes fewer than ``n`` bytes."""
-    if not n:
-        return iov
-    ends = np.cumsum(iov[:, 1])
-    whole = int(np.searchsorted(ends, n, side="right"))
-    if whole == len(iov) and n > (int(ends[-1]) if len(ends) else 0):
-        raise ValueError(f"iov describes fewer than {n} bytes")
-    part = n - (int(ends[whole - 1]) if whole else 0)
-    rest = iov[whole:]
-    if part:
-        rest[0, 0] += part
-        rest[0, 1] -= part
-    return rest
-
-
 def splice_available() -> bool:
     """Whether ``vmsplice_iov`` works here."""
     return _CALLS is not None and "vmsplice" in _CALLS
@@ -158,11 +113,6 @@ def vmsplice_iov(fd: int, iov: np.ndarray, total: int, wait: Callable[[], None])
     return _iov_loop(lambda ptr, n, done: vmsplice(fd, ptr, n, 0), iov, total, wait)
 
 
-def _check_iov(iov: np.ndarray) -> None:
-    if iov.dtype != np.uint64 or iov.ndim != 2 or iov.shape[1] != 2 or not iov.flags.c_contiguous:
-        raise ValueError("iov must be a C-contiguous (n, 2) uint64 array")
-
-
 def _calls() -> dict[str, Callable[..., int]]:
     if _CALLS is None:
         raise OSError(errno.ENOSYS, "native iovec writes are not available here")
@@ -174,7 +124,8 @@ def _iov_loop(call: Callable[[int, int, int], int], iov: np.ndarray, total: int,
     """``call(address of the first iovec, count, bytes done so far) -> bytes or -1`` until
     ``total`` bytes are moved; see ``write_iov``.  A call that moves nothing is EIO, or
     with ``eof_ok`` (reads) the end of the stream: the count so far is returned."""
-    _check_iov(iov)
+    if iov.dtype != np.uint64 or iov.ndim != 2 or iov.shape[1] != 2 or not iov.flags.c_contiguous:
+        raise ValueError("iov must be a C-contiguous (n, 2) uint64 array")
     count = iov.shape[0]
     base = iov.ctypes.data
     first = 0
@@ -200,7 +151,13 @@ def _iov_loop(call: Callable[[int, int, int], int], iov: np.ndarray, total: int,
         if done >= total:
             break
         # The kernel took part: skip the iovecs written in full, re-base a partial one.
-        first = count - len(advance(iov[first:], ret))
+        ends = np.cumsum(iov[first:first + batch, 1])
+        whole = int(np.searchsorted(ends, ret, side="right"))
+        part = ret - (int(ends[whole - 1]) if whole else 0)
+        first += whole
+        if part:
+            iov[first, 0] += part
+            iov[first, 1] -= part
     if done > total:
         raise OSError(errno.EIO, f"channel bug: the kernel reported {done} bytes for a write of {total}")
     return done

@@ -21,7 +21,6 @@ import threading
 from typing import Any, Sequence
 
 from .base import Closing, pick_direction, wait_writable, write_all
-from . import iovec
 from .iovec import write_iov
 
 # sizeof(sockaddr_un.sun_path) on Linux is 108, one byte of it the terminating NUL.
@@ -144,11 +143,6 @@ class SocketReader(SocketChannel):
             return self._sock.recv_into(buf)
         except TimeoutError:
             raise self._stalled("sent nothing") from None
-
-    def readv_iov(self, iov: Any, pos: int) -> int:
-        """One readv of the native iovecs ``iov`` (``pos`` ignored): the bytes read, 0 when
-        nothing was (``readinto`` then waits with the stall timeout, or reports why)."""
-        return iovec.read_once(self._sock.fileno(), iov)
 
 
 class SocketWriter(SocketChannel):

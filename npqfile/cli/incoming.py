@@ -153,7 +153,6 @@ def run(args: argparse.Namespace) -> int:
         guest = make_workload(args.workload) if args.workload else None
         dest = Destination(ram if max_ram is None else None, machine=None if args.machine == "any" else args.machine,
                            multifd=recv, guest=guest, max_ram_name="--max-ram", hash_blocks=not args.no_hash,
-                           fresh_ram=True,
                            **({} if max_ram is None else {"max_ram_bytes": max_ram}))
         incoming.active(dest)
         res = dest.receive(channel)

@@ -85,8 +85,8 @@ def parse_compress(spec: str | None) -> Compression:
 
 
 # What a codec wrapper takes from the connection it wraps: only calls that act on the
-# connection itself.  Anything else -- native I/O (writev_iov, splice_iov, readv_iov),
-# positional offsets -- would move or address bytes past the codec.
+# connection itself.  Anything else -- native I/O (writev_iov, splice_iov), positional
+# offsets -- would move or address bytes past the codec.
 FORWARDED = frozenset({"close", "fileno", "shutdown", "get_return_path", "set_blocking", "set_stall_timeout",
                        "error", "pid", "returncode"})
 

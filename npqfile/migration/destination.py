@@ -85,18 +85,13 @@ class Destination:
     block list, at most ``max_ram_bytes``).  ``machine``: the expected machine name (None:
     any).  ``hash_blocks``: compute the per-block sha256 after loading (needed by remote
     sources).  ``device_tail_bytes``: device sections after the RAM (a real QEMU's) are
-    kept, up to this many bytes, until the vmdesc after EOF sizes them.  ``fresh_ram``:
-    ``ram`` was just made (all zero) and nothing else writes it while loading: pages may
-    then be read straight to where the stream is about to put them (``ram_direct``); not
-    with multifd channels, which write it too.  (A postcopy guest runs only after LISTEN,
-    when pages are placed through userfaultfd and none is predicted any more.)"""
+    kept, up to this many bytes, until the vmdesc after EOF sizes them."""
 
     def __init__(self, ram: GuestRAM | None = None, *, machine: str | None = "none",
                  max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, hash_blocks: bool = True,
                  device_tail_bytes: int = DEFAULT_DEVICE_TAIL_BYTES, multifd: Any = None, guest: Any = None,
-                 max_ram_name: str = "max_ram_bytes", fresh_ram: bool = False):
+                 max_ram_name: str = "max_ram_bytes"):
         self.guest = guest              # a Workload run on this RAM from POSTCOPY_RUN on
-        self.fresh_ram = fresh_ram      # ram is new, all zero, and written only by this load
         self.ram = ram
         self.device_tail_bytes = device_tail_bytes   # device state kept until the vmdesc sizes it
         self.multifd = multifd          # a MultiFDRecv whose channels are open (npqfile.migration.multifd)
@@ -130,8 +125,7 @@ class Destination:
             loaded = load_stream(f, self.ram, max_ram_bytes=self.max_ram_bytes, max_ram_name=self.max_ram_name,
                                  machine=self.machine, device_tail_bytes=self.device_tail_bytes,
                                  on_multifd_flush=mf.main_record if mf is not None else _no_multifd,
-                                 postcopy=pc, hasher=hasher,
-                                 fresh_ram=self.fresh_ram and mf is None)
+                                 postcopy=pc, hasher=hasher)
             if mf is not None:
                 mf.finish()            # every channel ended cleanly after its last SYNC
                 res.stats_multifd = mf.stats()

@@ -223,8 +223,7 @@ def _run(cfg, ram, wl, comp, params, on_progress, pre_switchover, events=None, c
             # is the source's own) on the destination after RUN
             spec = cfg.workload if isinstance(cfg.workload, str) else None
             guest = make_workload(spec, seed=cfg.seed + 1) if spec and params.postcopy_after is not None else None
-            dest = Destination(dest_ram, machine=params.machine, hash_blocks=False, multifd=recv, guest=guest,
-                               fresh_ram=True)
+            dest = Destination(dest_ram, machine=params.machine, hash_blocks=False, multifd=recv, guest=guest)
             dest.start(reader)
         else:
             channel = open_channel(to, "w")

@@ -109,14 +109,14 @@ class LoadResult:
 
 class _Loader:
     def __init__(self, f, ram, *, vmdesc, vmdesc_offset, max_ram_bytes, capabilities, decode_devices, partial_ok,
-                 device_tail_bytes, max_ram_name, postcopy=None, machine=None, hasher=None, fresh_ram=False):
+                 device_tail_bytes, max_ram_name, postcopy=None, machine=None, hasher=None):
         self.machine = machine
         self.r = StreamReader(f)
         self.res = LoadResult()
         self.devices = device_index(vmdesc)
         page_size = check_page_size(vmdesc, vmdesc_offset)
         self.ram = RAMLoader(ram, max_ram_bytes=max_ram_bytes, page_size=page_size, max_ram_name=max_ram_name,
-                             hasher=hasher, fresh_ram=fresh_ram)
+                             hasher=hasher)
         self.walks = WalkBudget()
         self.res.stats = self.ram.stats
         self.ram.ignore_shared = "x-ignore-shared" in capabilities
@@ -409,7 +409,7 @@ def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None, v
                 max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES, capabilities: tuple[str, ...] | list[str] = (),
                 decode_devices: bool = False, partial_ok: bool = False, device_tail_bytes: int = 0,
                 max_ram_name: str = "max_ram_bytes", on_multifd_flush=None, postcopy: Any = None,
-                machine: str | None = None, hasher: LoadHasher | None = None, fresh_ram: bool = False) -> LoadResult:
+                machine: str | None = None, hasher: LoadHasher | None = None) -> LoadResult:
     """Read a whole migration stream from the readable QEMUFile ``f``.
 
     ``ram``: the destination (each declared block must exist with the same size), or
@@ -430,16 +430,14 @@ def load_stream(f, ram: GuestRAM | None = None, *, vmdesc: dict | None = None, v
     only reads them.  ``machine``: the destination's machine type (None: any); a
     configuration section naming another is a StreamError there, before any RAM, as
     QEMU's ``configuration_post_load`` fails.  ``hasher``: a
-    :class:`~npqfile.stream.ram_hash.LoadHasher` hashing blocks as they load.
-    ``fresh_ram``: ``ram`` is new anonymous memory (all zero) that only this load writes
-    (see ``RAMLoader``; RAM the load creates always is).  Returns a
+    :class:`~npqfile.stream.ram_hash.LoadHasher` hashing blocks as they load.  Returns a
     :class:`LoadResult`.  Raises StreamError for a malformed stream, or for a section
     that cannot be sized unless ``partial_ok``.
     """
     loader = _Loader(f, ram, vmdesc=vmdesc, vmdesc_offset=vmdesc_offset, max_ram_bytes=max_ram_bytes,
                      capabilities=tuple(capabilities), decode_devices=decode_devices, partial_ok=partial_ok,
                      device_tail_bytes=device_tail_bytes, max_ram_name=max_ram_name,
-                     postcopy=postcopy, machine=machine, hasher=hasher, fresh_ram=fresh_ram)
+                     postcopy=postcopy, machine=machine, hasher=hasher)
     loader.ram.on_multifd_flush = on_multifd_flush
     try:
         return loader.run()

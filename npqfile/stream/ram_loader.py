@@ -32,13 +32,11 @@ or a record would start; see README "Differences from QEMU").
 
 from __future__ import annotations
 
-import mmap
 import zlib
 
 import numpy as np
 
 from npqfile.ram import IDSTR_MAX, GuestRAM
-from npqfile.channels import iovec
 from npqfile.ram.bufferiszero import buffer_is_zero
 from npqfile.stream import mapped_ram
 from npqfile.stream.constants import (
@@ -46,7 +44,6 @@ from npqfile.stream.constants import (
     RAM_SAVE_FLAG_HOOK, RAM_SAVE_FLAG_MEM_SIZE, RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_PAGE,
     RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_ZERO, TARGET_PAGE_SIZE, compress_bound,
 )
-from npqfile.stream.ram_direct import DirectPages
 from npqfile.stream.ram_hash import BlockHash, LoadHasher
 from npqfile.stream.ram_stats import RAMStats
 from npqfile.stream.reader import StreamReader, shown
@@ -61,14 +58,13 @@ COMPRESSED_CHUNK = 1 << 16         # compressed page data is read and inflated t
 PAGE_RUN_MIN_RECORDS = 16
 PAGE_RUN_MAX_RECORDS = 512   # bounds the numpy work per call (a 1 MiB read-ahead holds ~255)
 ZERO_RUN_MAX_RECORDS = 8192  # the same for 9-byte ZERO records (a 1 MiB read-ahead holds ~116000)
-FRESH_KINDS = ("private", "shared", "memfd")    # backings whose new pages read as zero
 
 
 class _Dest:
     """A declared block as the loader sees it: the RAMBlock plus a flat view of its memory."""
-    __slots__ = ("block", "name", "size", "view", "mr_addr", "page_size", "hash", "clean_from")
+    __slots__ = ("block", "name", "size", "view", "mr_addr", "page_size", "hash")
 
-    def __init__(self, block, name: str, size: int, fresh: bool = False):
+    def __init__(self, block, name: str, size: int):
         self.block = block
         self.name = name
         self.size = size
@@ -76,10 +72,6 @@ class _Dest:
         self.mr_addr: int | None = None
         self.page_size: int | None = None
         self.hash: BlockHash | None = None      # its running sha256 (a LoadHasher's), if any
-        # The frontier: every page from here up is zero and untouched (nothing written
-        # there yet, in fresh anonymous RAM); the end of the block when that is not known.
-        # Only moves up; read by the direct page reads (ram_direct).
-        self.clean_from = 0 if fresh and getattr(block, "kind", None) in FRESH_KINDS else size
 
 
 class RAMLoader:
@@ -90,19 +82,13 @@ class RAMLoader:
     16-byte POSTCOPY_ADVISE (None: no advise seen).  After loading, ``ram`` holds the
     destination, ``declared`` the blocks in declaration order, ``stats`` the counts.
     ``hasher``: a LoadHasher fed with each block's pages as they complete in order.
-    ``fresh_ram``: the caller's ``ram`` is new anonymous memory, all zero, which nothing
-    but this loader writes while it loads (RAM the loader creates always is): pages then
-    go straight from the channel to their predicted place (``ram_direct``).
     """
 
     def __init__(self, ram: GuestRAM | None = None, *, max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES,
                  page_size: int = TARGET_PAGE_SIZE, max_ram_name: str = "max_ram_bytes",
-                 hasher: LoadHasher | None = None, fresh_ram: bool = False):
+                 hasher: LoadHasher | None = None):
         self.ram = ram
         self.hasher = hasher
-        # (a mispredicted page is released with madvise: whole host pages only)
-        self.direct = (DirectPages(page_size) if (fresh_ram or ram is None) and iovec.available()
-                       and page_size % mmap.PAGESIZE == 0 else None)
         self.max_ram_name = max_ram_name   # how errors name the limit (a CLI says its option)
         self.created = ram is None
         self.max_ram_bytes = max_ram_bytes
@@ -114,7 +100,6 @@ class RAMLoader:
         self.declared: dict[str, _Dest] = {}
         self.last_recv_block: _Dest | None = None
         self.stats = RAMStats()
-        self._run_end = 0               # where the last _page_run ended
         self.on_multifd_flush = None    # multifd destination: (offset, eos=False) at MULTIFD_FLUSH and EOS
         # In postcopy (after LISTEN) pages are placed atomically through this object's
         # place_page(block, offset, data) / place_zero(block, offset, fill), never written
@@ -152,16 +137,7 @@ class RAMLoader:
                         dest.hash.stale = True
                     if get_buffer(dest.view[addr:addr + ps]) != ps or get_error():
                         raise r._fail("a page")
-                    k = self._page_run(f, dest)
-                    # the run may start below this page: the frontier passes both
-                    end = max(self._run_end, addr + ps) if k else addr + ps
-                    if end >= dest.clean_from:      # at the frontier: predict what follows
-                        dest.clean_from = end
-                        # (only once the read-ahead is down to a record's start: with a
-                        # whole record buffered, the ordinary path is cheaper)
-                        if self.direct is not None and len(f.buffered()) < ps + 8:
-                            k += self._direct(f, dest, end)
-                    st.normal_pages += 1 + k
+                    st.normal_pages += 1 + self._page_run(f, dest)
                     continue
             else:
                 hdr = r.be64("a RAM record header")
@@ -259,21 +235,6 @@ class RAMLoader:
         f.skip(k * rec)
         if bh is not None:
             self.hasher.advance(bh, last + ps)
-        self._run_end = last + ps
-        return k
-
-    def _direct(self, f, dest: _Dest, start: int) -> int:
-        """The records after a page that ended at ``dest``'s frontier ``start``, read
-        straight into their predicted pages (``ram_direct``).  Returns how many."""
-        k = self.direct.run(f, dest, start)
-        if k:
-            end = start + k * self.page_size
-            dest.clean_from = end
-            bh = dest.hash
-            if bh is not None:
-                if start < bh.next:
-                    bh.stale = True
-                self.hasher.advance(bh, end)
         return k
 
     def _zero_run(self, f, dest: _Dest) -> int:
@@ -331,8 +292,6 @@ class RAMLoader:
         if addr + self.page_size > dest.size:
             raise r.error(f"page {addr:#x} is beyond the end of block '{shown(dest.name)}' "
                           f"({dest.size:#x} bytes)")
-        if addr + self.page_size > dest.clean_from:
-            dest.clean_from = addr + self.page_size     # every kind of record may write it
         if dest.hash is not None and addr < dest.hash.next:
             dest.hash.stale = True       # written again below what is queued for hashing
         return dest
@@ -433,7 +392,6 @@ class RAMLoader:
             if len(head) == mapped_ram.HEADER_SIZE and head[12:] == bytes(16):
                 r.skip(mapped_ram.HEADER_SIZE, "a skipped block's mapped-ram header")
                 return
-        dest.clean_from = dest.size
         n_read, holes, report = mapped_ram.load_block(r, dest.view, dest.name, dest.size, self.page_size)
         self.stats.normal_pages += n_read
         self.stats.zero_pages += holes
@@ -480,7 +438,7 @@ class RAMLoader:
                 raise r.error(f'Unknown ramblock "{shown(name)}", cannot accept migration', at) from None
             if block.size != length:
                 raise r.error(f"Size mismatch: {shown(name)}: {length:#x} != {block.size:#x}", at)
-        dest = _Dest(block, name, length, fresh=self.direct is not None)
+        dest = _Dest(block, name, length)
         if self.hasher is not None:
             dest.hash = self.hasher.track(name, dest.view)
         self.declared[name] = dest

@@ -16,8 +16,9 @@ Cases (``--cases``, comma-separated; default all):
   ``completed``, QEMU's own clock: process start-up not included).  npqfile runs
   ``npqfile save ram=IMAGE -o 'exec:cat > /dev/null'`` in a fresh process; its time is from the
   command's ``main()`` to its return (mapping the image, opening the channel and closing it
-  included; the interpreter's and numpy's start-up not, as QEMU's start-up is not), and the
-  whole-process wall time is printed beside it (``whole cmd``).
+  included; the interpreter's start-up and the loading of npqfile's code -- numpy and the
+  command's modules, imported before the clock starts -- not, as QEMU's start-up and code
+  loading are not), and the whole-process wall time is printed beside it (``whole cmd``).
   npqfile's default into an ``exec:`` pipe hands RAM pages to the kernel by reference
   (``--zero-copy-send``, vmsplice: the same bytes and writes).
 - ``save-random-copy``: ``save-random`` with ``--no-zero-copy-send``: npqfile copies the pages
@@ -146,9 +147,10 @@ def _unlimited(q: Qemu, caps: dict | None = None) -> None:
         q.cmd("migrate-set-capabilities", capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
 
 
-DRIVER = ("import sys, time\n"
+DRIVER = ("import importlib, sys, time\n"
           "import npqfile.cli as cli\n"        # interpreter and numpy start-up: not timed
           "import numpy\n"                     # (after the CLI set up the process for it)
+          "importlib.import_module('npqfile.cli.' + sys.argv[1])\n"    # the command's code, loaded
           "t = time.perf_counter()\n"
           "rc = cli.main(sys.argv[1:])\n"
           "sys.stderr.write(f'\\nNPQ_ELAPSED={time.perf_counter() - t}\\n')\n"

@@ -146,6 +146,9 @@ class FakeSource:
     def check_alive(self, doing: str) -> None:
         pass
 
+    def query(self, name: str, timeout: float, **args):
+        return self.cmd(name, **args)
+
     def cmd(self, name: str, **args):
         if name != "query-migrate":
             self.sent.append(name)
@@ -353,3 +356,149 @@ def test_a_destination_qemu_that_stops_answering_fails_the_run_instead_of_hangin
     assert st.status == "failed" and st.completion is None
     assert st.outcome == "error: destination failed: still loading after 0 s (status unanswered)", st.outcome
     assert all(_gone(vm) for vm in started)
+
+
+# -- a source QEMU that stops answering QMP ----------------------------------------------
+
+class SilentSource(FakeSource):
+    """A source QEMU whose query-migrate goes unanswered where ``statuses`` says None
+    (QEMU holding its big lock, or stopped); ``kill()`` is recorded."""
+
+    killed = False
+
+    def query(self, name: str, timeout: float, **args):
+        answer = self.cmd(name, **args)
+        if answer.get("status") == "completed":
+            answer["total-time"] = 900             # QEMU's figures are in (no settling poll)
+        return None if name == "query-migrate" and answer["status"] is None else answer
+
+    def kill(self) -> None:
+        self.killed = True
+
+
+class LiveDestination:
+    def check_alive(self, doing: str) -> None:
+        pass
+
+
+def _polling_run() -> QemuMigration:
+    m = QemuMigration(MigrationConfig(size=16 * MIB), QemuBinary("/nonexistent/qemu", "10.0.2"))
+    m.t0 = time.monotonic()
+    return m
+
+
+def test_a_late_query_migrate_answer_is_asked_again_not_a_failure():
+    # QEMU answers late while it holds its big lock (the switchover under TCG): polling goes on
+    m = _polling_run()
+    src = SilentSource(["active", None, None, "active", None, "completed"])
+    final = m._poll(src, LiveDestination())
+    assert final["status"] == "completed" and src.polls == 6 and not src.killed
+    assert [s["status"] for s in m.samples] == ["active", "active", "completed"]
+
+
+def test_a_source_silent_past_the_stall_limit_fails_the_run_and_is_killed(monkeypatch):
+    monkeypatch.setattr(qemu_engine, "SOURCE_STALL_LIMIT", 0.0)
+    m = _polling_run()
+    src = SilentSource(["active", None])
+    final = m._poll(src, LiveDestination())
+    assert src.killed and final["status"] == "failed" and final["ram"] == {"dirty-sync-count": 1}
+    m._collect(final)
+    assert m.st.status == "failed" and not m.st.converged and m.st.completion is None
+    assert m.st.outcome == "error: source QEMU did not answer query-migrate for 0 s"
+    assert _exit_status(m.st) == 1
+
+
+def test_ctrl_c_while_the_source_does_not_answer_kills_it_and_ends_cancelled():
+    # migrate_cancel cannot reach a QEMU that reads nothing: the cancel kills it, never "completed"
+    m = _polling_run()
+    src = SilentSource(["active", None, None, "completed"])
+    m.on_progress = lambda info: m.cancel()
+    final = m._poll(src, LiveDestination())
+    assert src.killed and src.sent == ["migrate_cancel"] and final["status"] == "cancelled"
+    m._collect(final)
+    assert m.st.status == "cancelled" and m.st.outcome.startswith("cancelled (the source QEMU did not answer")
+    assert _exit_status(m.st, interrupted=True) == 130
+
+
+def _stop_source_when_active(monkeypatch, then):
+    """SIGSTOP the source QEMU at the first poll that saw it ``active`` (the engine's
+    progress callback), then call ``then(run)``; a timer resumes it (SIGCONT) after HANG,
+    so an engine that ignores the silence ends instead of hanging.  Returns (the QemuVMs
+    started, the stopped pids, the timer's record of having fired, the timer)."""
+    started: list[QemuVM] = []
+    stopped: list[int] = []
+    fired: list[bool] = []
+    real_start, real_init = QemuVM.start, QemuMigration.__init__
+
+    def give_up() -> None:
+        fired.append(True)
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    resume = threading.Timer(HANG, give_up)
+    resume.daemon = True
+
+    def start(vm):
+        started.append(vm)
+        real_start(vm)
+
+    def init(run, *args, **kw):
+        real_init(run, *args, **kw)
+
+        def progress(info):
+            if info["status"] == "active" and not stopped:
+                src = next(vm for vm in started if vm.role == "source")
+                os.kill(src.proc.pid, signal.SIGSTOP)
+                stopped.append(src.proc.pid)
+                resume.start()
+                then(run)
+        run.on_progress = progress
+    monkeypatch.setattr(QemuVM, "start", start)
+    monkeypatch.setattr(QemuMigration, "__init__", init)
+    return started, stopped, fired, resume
+
+
+def _end(started: list[QemuVM], resume: threading.Timer) -> None:
+    resume.cancel()
+    for vm in started:
+        if not _gone(vm):
+            os.kill(vm.proc.pid, signal.SIGCONT)
+            vm.proc.kill()
+            vm.proc.wait()
+
+
+def test_a_stopped_source_qemu_fails_the_run_at_the_stall_limit(monkeypatch):
+    # the source stopped (SIGSTOP) mid-migration answers nothing: the run fails at the stall
+    # limit (0 here: the first unanswered poll) and the stopped QEMU is killed
+    qemu = require_qemu("10.0")
+    monkeypatch.setattr(qemu_engine, "SOURCE_STALL_LIMIT", 0.0)
+    monkeypatch.setattr(qemu_engine, "SOURCE_QUERY_WAIT", 0.2)
+    started, stopped, fired, resume = _stop_source_when_active(monkeypatch, lambda run: None)
+    cfg = MigrationConfig(size=16 * MIB, workload="idle", params=MigrationParams(max_bandwidth=4e6))
+    try:
+        st = QemuMigration(cfg, qemu).run()
+    finally:
+        _end(started, resume)
+    assert stopped and not fired, "a source QEMU that does not answer QMP hung the run"
+    assert st.status == "failed" and st.completion is None and not st.converged
+    assert st.outcome == "error: source QEMU did not answer query-migrate for 0 s", st.outcome
+    assert st.verification == {} and len(started) == 2 and all(_gone(vm) for vm in started)
+
+
+def test_ctrl_c_ends_a_run_whose_source_qemu_stopped_answering(monkeypatch, capsys):
+    # SIGSTOP the source mid-migration, then Ctrl-C: migrate_cancel cannot be sent, the
+    # source QEMU is killed, the run ends cancelled (exit 130) with its summary, no QEMU left
+    require_qemu("10.0")
+    started, stopped, fired, resume = _stop_source_when_active(
+        monkeypatch, lambda run: os.kill(os.getpid(), signal.SIGINT))   # migrate's handler cancels
+    try:
+        rc = main(["migrate", "--engine", "qemu", "--qemu", "10.0", "--size", "16M", "--workload", "idle",
+                   "--max-bandwidth", "4MB/s", "--json", "--quiet"])
+    finally:
+        _end(started, resume)
+    out, err = capsys.readouterr()
+    assert stopped and not fired, "Ctrl-C did not end a run whose source QEMU does not answer"
+    d = json.loads(out)
+    assert rc == 130 and d["status"] == "cancelled", err
+    assert d["npqfile"]["outcome"].startswith("cancelled (the source QEMU did not answer query-migrate"), d
+    assert "error: migration cancelled (interrupted)" in err and "Traceback" not in err
+    assert len(started) == 2 and all(_gone(vm) for vm in started)

@@ -38,7 +38,14 @@ after a forced limit) QEMU decides (``cancelled``, or ``completed`` when it had 
 switched over; the destination exiting on the cancelled stream is no failure); at
 pre-switchover the pause is not continued (QEMU's cancel ends it: ``cancelled``); once
 the source is ``completed`` nothing is cancelled and the wait for the destination (and
-the hashing) ends at once: ``completed``, not verified.  The guest's
+the hashing) ends at once: ``completed``, not verified.  Every command to the source
+while it migrates waits SOURCE_QUERY_WAIT at most: QEMU answers late while it holds
+its big lock (the switchover), so an unanswered poll is asked again; a Ctrl-C while the
+source does not answer cannot be sent as ``migrate_cancel`` (nothing reads it), so the
+source QEMU is killed and the run ends ``cancelled``, and a source silent for
+SOURCE_STALL_LIMIT seconds (its main loop stuck, or the process stopped) is killed and
+the run ``failed`` ("source QEMU did not answer query-migrate for 60 s"): what it did
+meanwhile is unknown, so such a run is never ``completed``.  The guest's
 achieved write rate over the migration (its own counter and clock) is in
 ``workload``, and over the span QEMU reported throttling it (auto-converge:
 ``throttled-*``, from the guest status read at each poll that saw
@@ -81,6 +88,8 @@ POLL = 0.05                     # seconds between query-migrate polls (the issue
 MAX_DOWNTIME_MS = 2_000_000     # QEMU's MAX_MIGRATE_DOWNTIME (2000 s): "force" completion
 FINISH_TIMEOUT = 60.0           # seconds for the destination to finish loading
 DEST_QUERY_WAIT = 1.0           # seconds one destination query-migrate may go unanswered
+SOURCE_QUERY_WAIT = 1.0         # seconds one source QMP command may go unanswered (Ctrl-C is seen between)
+SOURCE_STALL_LIMIT = 60.0       # seconds the source may leave query-migrate unanswered: the run fails
 HASH_CHUNK = 64 << 20           # bytes hashed between two looks at the cancel flag
 TERMINAL = ("completed", "failed", "cancelled")
 THROTTLE_PARAMETERS = ("cpu-throttle-initial", "cpu-throttle-increment", "cpu-throttle-tailslow",
@@ -330,10 +339,19 @@ class QemuMigration:
         """Poll query-migrate until a terminal status; apply the limits; returns the last answer."""
         p = self.cfg.params
         limited = cancel_sent = False      # a limit applied; migrate_cancel sent
-        paused_at = None
+        paused_at = silent_since = None    # pre-switchover seen; first unanswered poll
         while True:
             src.check_alive("migrating")
-            info = src.cmd("query-migrate")
+            info = src.query("query-migrate", SOURCE_QUERY_WAIT)
+            if info is None:
+                # QEMU answers late while it holds its big lock (the switchover under TCG):
+                # ask again, until Ctrl-C or SOURCE_STALL_LIMIT
+                silent_since = time.monotonic() if silent_since is None else silent_since
+                ended = self._source_silent(src, time.monotonic() - silent_since)
+                if ended is not None:
+                    return ended
+                continue
+            silent_since = None
             now = time.monotonic() - self.t0
             self._take_events(src)
             if self.events is not None:
@@ -360,7 +378,7 @@ class QemuMigration:
                 # Ctrl-C: also after a forced limit (QEMU in device: cancelling)
                 cancel_sent = True
                 self.st.outcome = "cancelled"
-                src.cmd("migrate_cancel")
+                src.query("migrate_cancel", SOURCE_QUERY_WAIT)
             if not cancel_sent:                    # a cancelled stream ends the destination
                 dst.check_alive("receiving the migration")
             if status == "pre-switchover":
@@ -369,7 +387,7 @@ class QemuMigration:
                     if self.pre_switchover is not None:
                         self.pre_switchover(self)
                     if not self._cancel.is_set():
-                        src.cmd("migrate-continue", state="pre-switchover")
+                        src.query("migrate-continue", SOURCE_QUERY_WAIT, state="pre-switchover")
                     # else: the next poll sends migrate_cancel, which ends QEMU's pause
                     # (migration_cancel wakes it into CANCELLING): never continued
             elif status == "active" and not limited and not cancel_sent:
@@ -383,12 +401,34 @@ class QemuMigration:
                     if p.on_limit == "force":
                         self._forced = why
                         self.st.outcome = f"forced: {why}"
-                        src.cmd("migrate-set-parameters", **{"downtime-limit": MAX_DOWNTIME_MS})
+                        src.query("migrate-set-parameters", SOURCE_QUERY_WAIT,
+                                  **{"downtime-limit": MAX_DOWNTIME_MS})
                     else:
                         self.st.outcome = why
                         cancel_sent = True
-                        src.cmd("migrate_cancel")
+                        src.query("migrate_cancel", SOURCE_QUERY_WAIT)
             time.sleep(POLL)
+
+    def _source_silent(self, src: QemuVM, silent: float) -> dict | None:
+        """The source QEMU left query-migrate unanswered for ``silent`` seconds: returns
+        None to poll again, or the run's end once Ctrl-C came (``cancelled``: migrate_cancel
+        cannot reach a QEMU whose main loop does not run, so it is killed) or the silence
+        passed SOURCE_STALL_LIMIT (``failed``).  Either way the source QEMU is killed
+        first: what it did meanwhile is unknown, so the run is never ``completed``."""
+        why = None
+        if self._cancel.is_set():
+            self.st.outcome = (f"cancelled (the source QEMU did not answer query-migrate for {silent:.0f} s: "
+                               "killed, migrate_cancel could not reach it)")
+            why = "cancelled"
+        elif silent >= SOURCE_STALL_LIMIT:
+            self.st.outcome = f"error: source QEMU did not answer query-migrate for {SOURCE_STALL_LIMIT:g} s"
+            why = "failed"
+        if why is None:
+            return None
+        src.kill()
+        self._source_status = why
+        last = next((s for s in reversed(self.samples) if s.get("ram")), {})
+        return {"status": why, "ram": dict(last.get("ram", {})), "_t": time.monotonic() - self.t0}
 
     def _settle_deadline(self) -> float:
         """Until when a "completed" answer without its figures is asked again (2 s)."""

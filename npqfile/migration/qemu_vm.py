@@ -5,9 +5,10 @@ dirtyguest (``-kernel`` + its parameter block as ``-initrd``), its RAM a
 ``memory-backend-file,share=on`` the host can read and hash, QMP on a unix socket (the
 ``qemu.qmp`` synchronous client); as a destination it adds ``-S -incoming defer`` (its
 guest stays paused after the migration, so its RAM is final when hashed).
-``cmd(name, **args)`` runs a QMP command; ``query(name, timeout)`` runs one that may go
-unanswered (a QEMU busy loading, or stopped) without blocking its caller longer than
-``timeout``; ``guest_status()`` reads the guest's counters from the RAM file;
+``cmd(name, **args)`` runs a QMP command; ``query(name, timeout, **args)`` runs one that
+may go unanswered (a QEMU busy loading or holding its big lock, or stopped) without
+blocking its caller longer than ``timeout``; ``kill()`` ends a QEMU that no longer
+answers at once; ``guest_status()`` reads the guest's counters from the RAM file;
 ``close()`` ends the process it started (QMP ``quit``, then SIGKILL after a grace
 period, also for a QEMU that no longer answers) and is idempotent.
 
@@ -105,14 +106,15 @@ class QemuVM:
             self.check_alive(f"running {name}")
             raise QemuError(f"{self.role} QEMU: {name} failed: {exc}") from None
 
-    def query(self, name: str, timeout: float) -> Any | None:
-        """Run QMP command ``name`` (no arguments), waiting at most ``timeout`` seconds:
+    def query(self, name: str, timeout: float, **args: Any) -> Any | None:
+        """Run QMP command ``name`` with ``args``, waiting at most ``timeout`` seconds:
         returns its result, or None when QEMU did not answer in time (its main loop busy,
-        or the process stopped; qemu.qmp drops the late answer).  QemuError if QEMU
-        refuses it or has gone away."""
+        or the process stopped; the command stays sent -- QEMU runs it if it resumes --
+        and qemu.qmp drops the late answer).  QemuError if QEMU refuses it or has gone
+        away."""
         self.qmp.settimeout(timeout)
         try:
-            return self.qmp.cmd(name)
+            return self.qmp.cmd(name, **args)
         except TimeoutError:            # asyncio.TimeoutError is TimeoutError from 3.11
             self.check_alive(f"running {name}")
             return None
@@ -121,6 +123,14 @@ class QemuVM:
             raise QemuError(f"{self.role} QEMU: {name} failed: {exc}") from None
         finally:
             self.qmp.settimeout(None)
+
+    def kill(self) -> None:
+        """SIGKILL the process and reap it (a QEMU that does not answer QMP: stopped, or
+        its main loop stuck); a stopped process dies too.  Idempotent; ``close()`` still
+        releases the rest.  Returns None."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def guest_status(self) -> GuestStatus | None:
         """The guest's status block (None before the guest wrote it)."""

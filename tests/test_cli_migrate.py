@@ -521,7 +521,7 @@ def test_engine_both_takes_pause_before_switchover(monkeypatch, capsys):
     import npqfile.migration.compare as compare
     seen = []
 
-    def fake_run_and_report(cfg, args, pre_switchover=None):
+    def fake_run_and_report(cfg, args, pre_switchover=None, control=None):
         pre_switchover(None)
         seen.append(cfg.engine)
         return 0

@@ -470,8 +470,8 @@ def test_a_stopped_source_qemu_fails_the_run_at_the_stall_limit(monkeypatch):
     # the source stopped (SIGSTOP) mid-migration answers nothing: the run fails at the stall
     # limit (0 here: the first unanswered poll) and the stopped QEMU is killed
     qemu = require_qemu("10.0")
-    monkeypatch.setattr(qemu_engine, "SOURCE_STALL_LIMIT", 0.0)
-    monkeypatch.setattr(qemu_engine, "SOURCE_QUERY_WAIT", 0.2)
+    monkeypatch.setattr(qemu_engine, "SOURCE_STALL_LIMIT", 0.0, raising=False)   # (the old code had none)
+    monkeypatch.setattr(qemu_engine, "SOURCE_QUERY_WAIT", 0.2, raising=False)
     started, stopped, fired, resume = _stop_source_when_active(monkeypatch, lambda run: None)
     cfg = MigrationConfig(size=16 * MIB, workload="idle", params=MigrationParams(max_bandwidth=4e6))
     try:
@@ -502,3 +502,90 @@ def test_ctrl_c_ends_a_run_whose_source_qemu_stopped_answering(monkeypatch, caps
     assert d["npqfile"]["outcome"].startswith("cancelled (the source QEMU did not answer query-migrate"), d
     assert "error: migration cancelled (interrupted)" in err and "Traceback" not in err
     assert len(started) == 2 and all(_gone(vm) for vm in started)
+
+
+# -- --engine both: Ctrl-C ----------------------------------------------------------------
+
+def test_engine_both_exit_status_follows_the_single_engines_table():
+    from npqfile.migration.compare import exit_status
+    from npqfile.migration.stats import MigrationStats
+
+    def st(status, ok=True):
+        return MigrationStats(status=status, verification={} if ok == "none" else {"ok": ok})
+    assert exit_status(st("completed"), st("completed")) == 0
+    assert exit_status(st("completed"), st("cancelled")) == 2
+    assert exit_status(st("completed"), st("cancelled", "none"), interrupted=True) == 130
+    assert exit_status(st("completed", None), st("completed")) == 3       # Ctrl-C after QEMU completed
+    assert exit_status(st("failed"), st("cancelled"), interrupted=True) == 1
+    assert exit_status(st("completed", False), st("completed")) == 1
+
+
+def _main_interrupted(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C raised KeyboardInterrupt out of the command")
+
+
+BOTH = ["migrate", "--engine", "both", "--qemu", "10.0", "--size", "16M", "--workload", "idle", "--json", "--quiet"]
+
+
+def test_ctrl_c_during_the_qemu_side_of_engine_both_cancels_it_and_starts_no_simulator(monkeypatch, capsys):
+    require_qemu("10.0")
+    started: list[QemuVM] = []
+    real_start, real_init = QemuVM.start, QemuMigration.__init__
+    hit: list[bool] = []
+
+    def start(vm):
+        started.append(vm)
+        real_start(vm)
+
+    def init(run, *args, **kw):
+        real_init(run, *args, **kw)
+
+        def progress(info):           # the first poll that sees QEMU migrating: Ctrl-C
+            if info["status"] == "active" and not hit:
+                hit.append(True)
+                os.kill(os.getpid(), signal.SIGINT)
+        run.on_progress = progress
+    monkeypatch.setattr(QemuVM, "start", start)
+    monkeypatch.setattr(QemuMigration, "__init__", init)
+    try:
+        rc = _main_interrupted([*BOTH, "--max-bandwidth", "4MB/s"])
+    finally:
+        for vm in started:
+            if not _gone(vm):
+                vm.proc.kill()
+                vm.proc.wait()
+    out, err = capsys.readouterr()
+    d = json.loads(out)
+    assert hit and rc == 130, err
+    assert d["qemu"]["status"] == "cancelled" and d["qemu"]["npqfile"]["outcome"] == "cancelled", d["qemu"]["status"]
+    assert d["simulator"]["status"] == "cancelled"
+    assert d["simulator"]["npqfile"]["outcome"] == "cancelled before it started (Ctrl-C during the QEMU run)"
+    rows = {r["figure"]: r for r in d["comparison"]}        # nothing measured: nothing compared
+    assert rows["transferred"]["simulator"] is None and rows["transferred"]["relative-difference"] is None
+    assert rows["transferred"]["qemu"] is not None and rows["status"]["simulator"] == "cancelled"
+    assert "interrupted: cancelling the migration" in err and "error: migration cancelled (interrupted)" in err
+    assert "Traceback" not in err
+    assert len(started) == 2 and all(_gone(vm) for vm in started)
+
+
+def test_ctrl_c_during_the_simulator_side_of_engine_both_keeps_qemus_result(monkeypatch, capsys):
+    require_qemu("10.0")
+    import npqfile.migration.session as session
+    real_run = session.run_migration
+
+    def interrupted_run(cfg, **kw):
+        # Ctrl-C as the simulator starts; its handler's watcher cancels before the run goes on
+        os.kill(os.getpid(), signal.SIGINT)
+        assert kw["control"].wait(HANG), "Ctrl-C did not reach the control"
+        return real_run(cfg, **kw)
+    monkeypatch.setattr(session, "run_migration", interrupted_run)
+    rc = _main_interrupted(BOTH)
+    out, err = capsys.readouterr()
+    d = json.loads(out)
+    assert rc == 130, err
+    assert d["qemu"]["status"] == "completed" and d["qemu"]["npqfile"]["verification"]["ok"] is True
+    assert d["simulator"]["status"] == "cancelled" and d["simulator"]["npqfile"]["outcome"] == "cancelled"
+    assert "error: migration cancelled (interrupted)" in err and "Traceback" not in err

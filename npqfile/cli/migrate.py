@@ -37,6 +37,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Any
 
 from npqfile.migration.compression import parse_compress
 from npqfile.migration.control import MigrationControl
@@ -429,17 +430,20 @@ def _pause_hook(delay: float, control: MigrationControl):
     return hook
 
 
-def _run_cancellable(cfg: MigrationConfig, control: MigrationControl, **kw) -> tuple[MigrationStats, bool]:
-    """run_migration with Ctrl-C mapped to migrate_cancel: the first SIGINT cancels the
-    run (which then ends with its statistics), a second one raises KeyboardInterrupt.
-    Returns (statistics, whether SIGINT cancelled the run).
+def _run_cancellable(cfg: MigrationConfig, control: MigrationControl, *, run=None,
+                     **kw) -> tuple[Any, bool]:
+    """``run(cfg, control=control, **kw)`` (default run_migration; compare.run_both) with Ctrl-C
+    mapped to migrate_cancel: the first SIGINT cancels the run (which then ends with its
+    statistics), a second one raises KeyboardInterrupt.  Returns (what ``run`` returned,
+    whether SIGINT cancelled the run).
 
     The handler only writes a byte to a pipe (async-signal-safe); a watcher thread does
     the cancel and the message.  Cancelling sets threading Events that the main thread
     may be waiting on, and prints: done in the handler, which runs in the main thread
     between two bytecodes, that could take a lock the main thread already holds."""
+    run = run or run_migration
     if threading.current_thread() is not threading.main_thread():
-        return run_migration(cfg, control=control, **kw), False
+        return run(cfg, control=control, **kw), False
     hit = []
     rfd, wfd = os.pipe()
 
@@ -458,7 +462,7 @@ def _run_cancellable(cfg: MigrationConfig, control: MigrationControl, **kw) -> t
     thread.start()
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        st = run_migration(cfg, control=control, **kw)
+        st = run(cfg, control=control, **kw)
     finally:
         signal.signal(signal.SIGINT, previous)
         os.close(wfd)                               # the watcher handles a pending byte, then ends
@@ -501,7 +505,7 @@ def run(args: argparse.Namespace) -> int:
         from npqfile.migration.compare import run_and_report
         with MigrationControl() as control:
             return run_and_report(cfg, args, _pause_hook(args.pause_before_switchover, control)
-                                  if args.pause_before_switchover is not None else None)
+                                  if args.pause_before_switchover is not None else None, control)
     # --to fd:1 > snap.bin: stdout carries the stream (and the channel closes the fd
     # at the end), so the report goes to stderr; fd:2 likewise sends it to stdout
     stream_fd = _stream_fd(cfg.to)

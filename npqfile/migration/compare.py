@@ -7,7 +7,11 @@ dirty-sync-count, transferred, total time, downtime, expected downtime, mbps and
 pages of each iteration -- each with its relative difference ``(simulator - qemu) /
 qemu`` (QEMU is the reference; None where QEMU's figure is 0 or a figure is not a
 number); ``Comparison.as_dict()`` is the ``--json`` form holding both runs' full
-statistics; :func:`comparison_table` renders the rows for a terminal (rich).
+statistics; :func:`comparison_table` renders the rows for a terminal (rich).  Ctrl-C
+(a MigrationControl) cancels the engine running at that moment as ``migrate_cancel``
+does; after a cancel during the QEMU run the simulator is not started (``cancelled``,
+outcome NOT_STARTED, no figures compared); the report is printed either way and
+:func:`exit_status` follows ``npqfile migrate``'s table (130 for Ctrl-C).
 
 Goals: the question "does the simulator predict what QEMU does?" answered for one
 scenario in one command (``npqfile migrate --engine both`` / ``npqfile compare``).
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from npqfile.migration.stats import MigrationStats
@@ -78,7 +82,14 @@ class Comparison:
     qemu: MigrationStats
 
     def rows(self) -> list[dict[str, Any]]:
-        return compare_dicts(self.simulator.as_dict(), self.qemu.as_dict())
+        """compare_dicts' rows; a simulator that did not start (NOT_STARTED) has no
+        figures to compare: its cells are None (shown "-"), but its outcome and status."""
+        rows = compare_dicts(self.simulator.as_dict(), self.qemu.as_dict())
+        if self.simulator.outcome == NOT_STARTED:
+            for r in rows:
+                if r["figure"] not in ("outcome", "status"):
+                    r["simulator"] = r["relative-difference"] = None
+        return rows
 
     def as_dict(self) -> dict[str, Any]:
         q = self.qemu.as_dict()
@@ -86,10 +97,16 @@ class Comparison:
                 "simulator": self.simulator.as_dict(), "qemu": q}
 
 
+NOT_STARTED = "cancelled before it started (Ctrl-C during the QEMU run)"
+
+
 def run_both(cfg: Any, *, on_progress: Callable[[dict], None] | None = None,
-             pre_switchover: Callable | None = None) -> Comparison:
+             pre_switchover: Callable | None = None, control: Any = None) -> Comparison:
     """Run ``cfg`` on QEMU, then on the simulator; returns the Comparison.  Raises
-    ValueError (before anything runs) for an option either engine lacks."""
+    ValueError (before anything runs) for an option either engine lacks.  ``control``: a
+    MigrationControl whose cancel (Ctrl-C) cancels the engine running at that moment,
+    as ``migrate_cancel``; once it was cancelled the simulator does not start (its side
+    is ``cancelled``, outcome NOT_STARTED, nothing measured)."""
     from npqfile.migration.qemu_engine import run_qemu_migration
     from npqfile.migration.session import run_migration
 
@@ -98,8 +115,11 @@ def run_both(cfg: Any, *, on_progress: Callable[[dict], None] | None = None,
     if scfg.to not in (None, "inprocess"):
         scfg.to = None         # the simulator's side migrates in-process (the QEMU side uses cfg.to)
     scfg.params.check()
-    q = run_qemu_migration(qcfg, on_progress=on_progress, pre_switchover=pre_switchover)
-    s = run_migration(scfg, on_progress=on_progress, pre_switchover=pre_switchover)
+    q = run_qemu_migration(qcfg, on_progress=on_progress, pre_switchover=pre_switchover, control=control)
+    if control is not None and control.cancelled:
+        s = MigrationStats(status="cancelled", outcome=NOT_STARTED, params=asdict(scfg.params))
+    else:
+        s = run_migration(scfg, on_progress=on_progress, pre_switchover=pre_switchover, control=control)
     return Comparison(s, q)
 
 
@@ -131,26 +151,38 @@ def comparison_table(rows: list[dict[str, Any]], title: str = "simulator vs QEMU
     return t
 
 
-def exit_status(*runs: MigrationStats) -> int:
-    """``npqfile migrate``'s exit status over several runs: 1 if any failed or did not
-    verify, else 2 if any was cancelled (did not converge), else 0."""
+def exit_status(*runs: MigrationStats, interrupted: bool = False) -> int:
+    """``npqfile migrate``'s exit status (EXIT_STATUS) over several runs (``interrupted``:
+    Ctrl-C cancelled the command): 1 if any failed or did not verify, else 130 if
+    interrupted and any was cancelled, else 2 if any was cancelled (did not converge),
+    else 3 if any completed without a verdict, else 0."""
     if any(st.status not in ("completed", "cancelled") or st.verification.get("ok") is False for st in runs):
         return 1
-    return 2 if any(st.status == "cancelled" for st in runs) else 0
+    if any(st.status == "cancelled" for st in runs):
+        return 130 if interrupted else 2
+    return 3 if any(st.verification and st.verification.get("ok") is None for st in runs) else 0
 
 
-def run_and_report(cfg: Any, args: Any, pre_switchover: Callable | None = None) -> int:
-    """``--engine both`` for the command line: run, print the table (or ``--json``), draw
-    ``--plot`` (the simulator's to FILE, QEMU's to FILE with ``.qemu`` before the suffix);
-    returns the exit status (``exit_status``)."""
+def run_and_report(cfg: Any, args: Any, pre_switchover: Callable | None = None, control: Any = None) -> int:
+    """``--engine both`` for the command line: run (with ``control``: Ctrl-C cancels the
+    engine running at that moment and the report is still printed, see
+    ``cli.migrate._run_cancellable``), print the table (or ``--json``), draw ``--plot``
+    (the simulator's to FILE, QEMU's to FILE with ``.qemu`` before the suffix; a side
+    that did not run draws nothing); returns the exit status (``exit_status``)."""
     import json
     import os
+    import sys
 
-    both = run_both(cfg, pre_switchover=pre_switchover)
+    if control is not None:
+        from npqfile.cli.migrate import _run_cancellable
+        both, interrupted = _run_cancellable(cfg, control, run=run_both, pre_switchover=pre_switchover)
+    else:
+        both, interrupted = run_both(cfg, pre_switchover=pre_switchover), False
     if getattr(args, "plot", None):
         from npqfile.migration.plot import plot_migration
         root, ext = os.path.splitext(args.plot)
-        plot_migration(both.simulator, args.plot)
+        if both.simulator.outcome != NOT_STARTED:
+            plot_migration(both.simulator, args.plot)
         plot_migration(both.qemu, f"{root}.qemu{ext}")
     if getattr(args, "json", False):
         print(json.dumps(both.as_dict(), indent=2))
@@ -165,4 +197,6 @@ def run_and_report(cfg: Any, args: Any, pre_switchover: Callable | None = None) 
             # "not done: destination failed: ..." when nothing was compared, never a mismatch
             verdict = "n/a" if not ver else "equal" if ver.get("ok") else verification_text(ver)
             print(f"{name}: {st.status} ({st.outcome}); destination RAM {verdict}")
-    return exit_status(both.simulator, both.qemu)
+    if interrupted and "cancelled" in (both.simulator.status, both.qemu.status):
+        print("error: migration cancelled (interrupted)", file=sys.stderr)
+    return exit_status(both.simulator, both.qemu, interrupted=interrupted)

@@ -5,7 +5,10 @@ byte is out, while the destination QEMU may still be loading.  A destination tha
 fails, dies or never finishes fails the run (nothing compared: never "mismatch"); a
 Ctrl-C cancels nothing (QEMU's ``migration_cancel`` leaves a completed migration alone)
 but ends the wait for the destination at once: ``completed`` / ``not-verified``, exit 3,
-as after a completed postcopy in the simulator.  At ``pre-switchover`` a Ctrl-C is
+as after a completed postcopy in the simulator.  A source QEMU that stops answering QMP
+mid-migration (SIGSTOP) is asked again (a late answer is no failure), killed and
+``cancelled`` on Ctrl-C, ``failed`` at the stall limit.  ``--engine both``: Ctrl-C cancels
+the engine running at that moment and the comparison is still printed.  At ``pre-switchover`` a Ctrl-C is
 QEMU's ``migrate_cancel`` of the pause (never ``migrate-continue``): ``cancelled``; after
 ``--on-limit force`` raised the downtime limit a Ctrl-C is still ``migrate_cancel``.
 
@@ -482,6 +485,33 @@ def test_a_stopped_source_qemu_fails_the_run_at_the_stall_limit(monkeypatch):
     assert st.status == "failed" and st.completion is None and not st.converged
     assert st.outcome == "error: source QEMU did not answer query-migrate for 0 s", st.outcome
     assert st.verification == {} and len(started) == 2 and all(_gone(vm) for vm in started)
+
+
+def test_a_source_qemu_that_answers_again_completes_the_run(monkeypatch):
+    # the source stopped (SIGSTOP) mid-migration and resumed (SIGCONT) after two unanswered
+    # polls: its late answers are dropped, polling goes on, the run completes and verifies
+    qemu = require_qemu("10.0")
+    monkeypatch.setattr(qemu_engine, "SOURCE_QUERY_WAIT", 0.2, raising=False)
+    started, stopped, fired, resume = _stop_source_when_active(monkeypatch, lambda run: None)
+    unanswered: list[str] = []
+    real_query = QemuVM.query
+
+    def query(vm, name, timeout, **args):
+        answer = real_query(vm, name, timeout, **args)
+        if vm.role == "source" and stopped and answer is None and len(unanswered) < 2:
+            unanswered.append(name)
+            if len(unanswered) == 2:
+                os.kill(vm.proc.pid, signal.SIGCONT)
+        return answer
+    monkeypatch.setattr(QemuVM, "query", query)
+    cfg = MigrationConfig(size=16 * MIB, workload="idle", params=MigrationParams(max_bandwidth=8e6))
+    try:
+        st = QemuMigration(cfg, qemu).run()
+    finally:
+        _end(started, resume)
+    assert stopped and not fired and unanswered == ["query-migrate", "query-migrate"]
+    assert st.status == "completed" and st.completion == "verified", st.outcome
+    assert all(_gone(vm) for vm in started)
 
 
 def test_ctrl_c_ends_a_run_whose_source_qemu_stopped_answering(monkeypatch, capsys):

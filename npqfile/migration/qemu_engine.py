@@ -342,11 +342,12 @@ class QemuMigration:
         paused_at = silent_since = None    # pre-switchover seen; first unanswered poll
         while True:
             src.check_alive("migrating")
+            asked = time.monotonic()
             info = src.query("query-migrate", SOURCE_QUERY_WAIT)
             if info is None:
                 # QEMU answers late while it holds its big lock (the switchover under TCG):
                 # ask again, until Ctrl-C or SOURCE_STALL_LIMIT
-                silent_since = time.monotonic() if silent_since is None else silent_since
+                silent_since = asked if silent_since is None else silent_since
                 ended = self._source_silent(src, time.monotonic() - silent_since)
                 if ended is not None:
                     return ended

@@ -277,7 +277,8 @@ class QemuMigration:
 
     def run(self) -> MigrationStats:
         """Launch both QEMUs, migrate, collect, verify, clean up.  Returns the stats:
-        ``failed`` (with QEMU's words in ``outcome``) when a QEMU dies or refuses;
+        ``failed`` (with QEMU's words in ``outcome``) when a QEMU dies or refuses, or the
+        source leaves query-migrate unanswered for SOURCE_STALL_LIMIT seconds;
         QemuError only when the QEMUs cannot be started at all."""
         shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
         workdir = Path(tempfile.mkdtemp(prefix="npqfile-qemu-", dir=shm))
@@ -336,7 +337,10 @@ class QemuMigration:
 
     # -- polling --------------------------------------------------------------------------
     def _poll(self, src: QemuVM, dst: QemuVM) -> dict:
-        """Poll query-migrate until a terminal status; apply the limits; returns the last answer."""
+        """Poll query-migrate until a terminal status; apply the limits; returns the last
+        answer -- or, for a source that stopped answering (``_source_silent``), its end
+        (``cancelled`` / ``failed`` with the last answered ``ram`` figures).  QemuError
+        when a QEMU dies or refuses a command."""
         p = self.cfg.params
         limited = cancel_sent = False      # a limit applied; migrate_cancel sent
         paused_at = silent_since = None    # pre-switchover seen; first unanswered poll

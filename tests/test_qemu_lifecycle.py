@@ -230,24 +230,46 @@ def _gone(vm: QemuVM) -> bool:
     return vm.proc is not None and vm.proc.poll() is not None
 
 
+class Stopper:
+    """SIGSTOPs QEMUs for a test (``stop(pid)``) with a safety net: HANG seconds after the
+    first stop a timer resumes them (SIGCONT) and records it in ``fired``, so an engine that
+    ignores the silence ends the test in a failure, not a hang.  ``stopped``: the pids."""
+
+    def __init__(self) -> None:
+        self.stopped: list[int] = []
+        self.fired: list[bool] = []
+        self.timer = threading.Timer(HANG, self._give_up)
+        self.timer.daemon = True
+
+    def _give_up(self) -> None:
+        self.fired.append(True)
+        for pid in self.stopped:
+            os.kill(pid, signal.SIGCONT)
+
+    def stop(self, pid: int) -> None:
+        os.kill(pid, signal.SIGSTOP)
+        self.stopped.append(pid)
+        if len(self.stopped) == 1:
+            self.timer.start()
+
+    def end(self, started: list) -> None:
+        """Cancel the timer; kill (after SIGCONT) every QEMU in ``started`` still there."""
+        self.timer.cancel()
+        for vm in started:
+            if not _gone(vm):
+                os.kill(vm.proc.pid, signal.SIGCONT)
+                vm.proc.kill()
+                vm.proc.wait()
+
+
 def test_ctrl_c_while_the_destination_qemu_is_still_loading_ends_at_once(monkeypatch, capsys):
     # the destination QEMU is stopped (SIGSTOP: it can neither finish nor answer QMP)
     # when the source reports completed, then Ctrl-C: the wait must end on the Ctrl-C
     require_qemu("10.0")
-    stopped: list[int] = []
-    fired: list[bool] = []
-
-    def give_up() -> None:
-        fired.append(True)
-        for pid in stopped:
-            os.kill(pid, signal.SIGCONT)
-    resume = threading.Timer(HANG, give_up)
-    resume.daemon = True
+    stopper = Stopper()                      # a wait that ignores Ctrl-C ends in a failure, not a hang
 
     def stop_then_interrupt(run, dst):
-        os.kill(dst.proc.pid, signal.SIGSTOP)
-        stopped.append(dst.proc.pid)
-        resume.start()                       # a wait that ignores Ctrl-C ends in a failure, not a hang
+        stopper.stop(dst.proc.pid)
         os.kill(os.getpid(), signal.SIGINT)  # migrate's handler: its watcher thread cancels
         assert run._cancel.wait(HANG), "Ctrl-C did not reach the engine"
 
@@ -256,13 +278,9 @@ def test_ctrl_c_while_the_destination_qemu_is_still_loading_ends_at_once(monkeyp
         rc = main(["migrate", "--engine", "qemu", "--qemu", "10.0", "--size", "16M", "--workload", "idle",
                    "--json", "--quiet"])
     finally:
-        resume.cancel()
-        for vm in started:
-            if not _gone(vm):
-                vm.proc.kill()
-                vm.proc.wait()
+        stopper.end(started)
     out, err = capsys.readouterr()
-    assert stopped and not fired, "the wait for the destination ignored Ctrl-C"
+    assert stopper.stopped and not stopper.fired, "the wait for the destination ignored Ctrl-C"
     d = json.loads(out)
     assert rc == 3 and d["status"] == "completed" and d["npqfile"]["completion"] == "not-verified", err
     ver = d["npqfile"]["verification"]
@@ -332,30 +350,13 @@ def test_a_destination_qemu_that_stops_answering_fails_the_run_instead_of_hangin
     # at FINISH_TIMEOUT (0 here: after one unanswered query) and the stopped QEMU is killed
     qemu = require_qemu("10.0")
     monkeypatch.setattr(qemu_engine, "FINISH_TIMEOUT", 0.0)
-    stopped: list[int] = []
-    fired: list[bool] = []
-
-    def give_up() -> None:
-        fired.append(True)
-        for pid in stopped:
-            os.kill(pid, signal.SIGCONT)
-    resume = threading.Timer(HANG, give_up)
-    resume.daemon = True
-
-    def stop(run, dst):
-        os.kill(dst.proc.pid, signal.SIGSTOP)
-        stopped.append(dst.proc.pid)
-        resume.start()
-    started = _watch_destination(monkeypatch, stop)
+    stopper = Stopper()
+    started = _watch_destination(monkeypatch, lambda run, dst: stopper.stop(dst.proc.pid))
     try:
         st = QemuMigration(MigrationConfig(size=16 * MIB, workload="idle"), qemu).run()
     finally:
-        resume.cancel()
-        for vm in started:
-            if not _gone(vm):
-                vm.proc.kill()
-                vm.proc.wait()
-    assert stopped and not fired, "a destination that does not answer QMP hung the run"
+        stopper.end(started)
+    assert stopper.stopped and not stopper.fired, "a destination that does not answer QMP hung the run"
     assert st.status == "failed" and st.completion is None
     assert st.outcome == "error: destination failed: still loading after 0 s (status unanswered)", st.outcome
     assert all(_gone(vm) for vm in started)
@@ -427,18 +428,10 @@ def _stop_source_when_active(monkeypatch, then):
     """SIGSTOP the source QEMU at the first poll that saw it ``active`` (the engine's
     progress callback), then call ``then(run)``; a timer resumes it (SIGCONT) after HANG,
     so an engine that ignores the silence ends instead of hanging.  Returns (the QemuVMs
-    started, the stopped pids, the timer's record of having fired, the timer)."""
+    started, the Stopper)."""
     started: list[QemuVM] = []
-    stopped: list[int] = []
-    fired: list[bool] = []
+    stopper = Stopper()
     real_start, real_init = QemuVM.start, QemuMigration.__init__
-
-    def give_up() -> None:
-        fired.append(True)
-        for pid in stopped:
-            os.kill(pid, signal.SIGCONT)
-    resume = threading.Timer(HANG, give_up)
-    resume.daemon = True
 
     def start(vm):
         started.append(vm)
@@ -448,25 +441,13 @@ def _stop_source_when_active(monkeypatch, then):
         real_init(run, *args, **kw)
 
         def progress(info):
-            if info["status"] == "active" and not stopped:
-                src = next(vm for vm in started if vm.role == "source")
-                os.kill(src.proc.pid, signal.SIGSTOP)
-                stopped.append(src.proc.pid)
-                resume.start()
+            if info["status"] == "active" and not stopper.stopped:
+                stopper.stop(next(vm for vm in started if vm.role == "source").proc.pid)
                 then(run)
         run.on_progress = progress
     monkeypatch.setattr(QemuVM, "start", start)
     monkeypatch.setattr(QemuMigration, "__init__", init)
-    return started, stopped, fired, resume
-
-
-def _end(started: list[QemuVM], resume: threading.Timer) -> None:
-    resume.cancel()
-    for vm in started:
-        if not _gone(vm):
-            os.kill(vm.proc.pid, signal.SIGCONT)
-            vm.proc.kill()
-            vm.proc.wait()
+    return started, stopper
 
 
 def test_a_stopped_source_qemu_fails_the_run_at_the_stall_limit(monkeypatch):
@@ -475,13 +456,13 @@ def test_a_stopped_source_qemu_fails_the_run_at_the_stall_limit(monkeypatch):
     qemu = require_qemu("10.0")
     monkeypatch.setattr(qemu_engine, "SOURCE_STALL_LIMIT", 0.0, raising=False)   # (the old code had none)
     monkeypatch.setattr(qemu_engine, "SOURCE_QUERY_WAIT", 0.2, raising=False)
-    started, stopped, fired, resume = _stop_source_when_active(monkeypatch, lambda run: None)
+    started, stopper = _stop_source_when_active(monkeypatch, lambda run: None)
     cfg = MigrationConfig(size=16 * MIB, workload="idle", params=MigrationParams(max_bandwidth=4e6))
     try:
         st = QemuMigration(cfg, qemu).run()
     finally:
-        _end(started, resume)
-    assert stopped and not fired, "a source QEMU that does not answer QMP hung the run"
+        stopper.end(started)
+    assert stopper.stopped and not stopper.fired, "a source QEMU that does not answer QMP hung the run"
     assert st.status == "failed" and st.completion is None and not st.converged
     assert st.outcome == "error: source QEMU did not answer query-migrate for 0 s", st.outcome
     assert st.verification == {} and len(started) == 2 and all(_gone(vm) for vm in started)
@@ -492,13 +473,13 @@ def test_a_source_qemu_that_answers_again_completes_the_run(monkeypatch):
     # polls: its late answers are dropped, polling goes on, the run completes and verifies
     qemu = require_qemu("10.0")
     monkeypatch.setattr(qemu_engine, "SOURCE_QUERY_WAIT", 0.2, raising=False)
-    started, stopped, fired, resume = _stop_source_when_active(monkeypatch, lambda run: None)
+    started, stopper = _stop_source_when_active(monkeypatch, lambda run: None)
     unanswered: list[str] = []
     real_query = QemuVM.query
 
     def query(vm, name, timeout, **args):
         answer = real_query(vm, name, timeout, **args)
-        if vm.role == "source" and stopped and answer is None and len(unanswered) < 2:
+        if vm.role == "source" and stopper.stopped and answer is None and len(unanswered) < 2:
             unanswered.append(name)
             if len(unanswered) == 2:
                 os.kill(vm.proc.pid, signal.SIGCONT)
@@ -508,8 +489,8 @@ def test_a_source_qemu_that_answers_again_completes_the_run(monkeypatch):
     try:
         st = QemuMigration(cfg, qemu).run()
     finally:
-        _end(started, resume)
-    assert stopped and not fired and unanswered == ["query-migrate", "query-migrate"]
+        stopper.end(started)
+    assert stopper.stopped and not stopper.fired and unanswered == ["query-migrate", "query-migrate"]
     assert st.status == "completed" and st.completion == "verified", st.outcome
     assert all(_gone(vm) for vm in started)
 
@@ -518,15 +499,15 @@ def test_ctrl_c_ends_a_run_whose_source_qemu_stopped_answering(monkeypatch, caps
     # SIGSTOP the source mid-migration, then Ctrl-C: migrate_cancel cannot be sent, the
     # source QEMU is killed, the run ends cancelled (exit 130) with its summary, no QEMU left
     require_qemu("10.0")
-    started, stopped, fired, resume = _stop_source_when_active(
+    started, stopper = _stop_source_when_active(
         monkeypatch, lambda run: os.kill(os.getpid(), signal.SIGINT))   # migrate's handler cancels
     try:
         rc = main(["migrate", "--engine", "qemu", "--qemu", "10.0", "--size", "16M", "--workload", "idle",
                    "--max-bandwidth", "4MB/s", "--json", "--quiet"])
     finally:
-        _end(started, resume)
+        stopper.end(started)
     out, err = capsys.readouterr()
-    assert stopped and not fired, "Ctrl-C did not end a run whose source QEMU does not answer"
+    assert stopper.stopped and not stopper.fired, "Ctrl-C did not end a run whose source QEMU does not answer"
     d = json.loads(out)
     assert rc == 130 and d["status"] == "cancelled", err
     assert d["npqfile"]["outcome"].startswith("cancelled (the source QEMU did not answer query-migrate"), d

@@ -95,7 +95,8 @@ def _forwarded(self, name: str) -> Any:
     """``__getattr__`` of the wrappers: the FORWARDED attributes of ``inner``."""
     if name in FORWARDED:
         return getattr(self.inner, name)
-    raise AttributeError(f"{type(self).__name__} has no {name!r} (its bytes go through {self.comp.method})")
+    # (nothing of self is read here: this runs for attributes __init__ has not set yet too)
+    raise AttributeError(f"{type(self).__name__} has no {name!r} (its bytes go through its codec)")
 
 
 class CompressingWriter:

@@ -39,19 +39,24 @@ MIB = 1 << 20
 
 
 def _npqfile(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "npqfile", *args], capture_output=True, text=True, env=ENV,
-                          cwd=ROOT, timeout=timeout)
+    """Run ``npqfile ARGS``; the result also has the process id (``pid``)."""
+    proc = subprocess.Popen([sys.executable, "-m", "npqfile", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    with reaped(proc):
+        out, err = proc.communicate(timeout=timeout)
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    res.pid = proc.pid
+    return res
 
 
-def _leftover_qemus(before: set[int]) -> list[int]:
-    """QEMU processes started since ``before`` that still exist (children of nobody we know)."""
-    out = subprocess.run(["pgrep", "-f", "npqfile-qemu-"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split() if int(p) not in before]
-
-
-def _qemus_now() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "npqfile-qemu-"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+def _leftover_qemus(*runs: subprocess.CompletedProcess) -> list[int]:
+    """QEMU processes the npqfile ``runs`` started that still exist (the engine names its
+    QEMUs' working directory after its process id; other suites' QEMUs do not count)."""
+    out = []
+    for run in runs:
+        found = subprocess.run(["pgrep", "-f", f"npqfile-qemu-{run.pid}-"], capture_output=True, text=True)
+        out += [int(p) for p in found.stdout.split()]
+    return out
 
 
 def test_guest_image_rebuilds_identically(tmp_path):
@@ -161,7 +166,6 @@ def test_guest_writes_at_the_requested_rate(tmp_path, version, catchup):
 
 def test_engine_both_easy_converges_and_hopeless_does_not():
     require_qemu("10.0")
-    before = _qemus_now()
     easy = _npqfile("migrate", "--engine", "both", "--qemu", "10.0", "--size", "32M", "--workload",
                     "uniform:rate=500", "--json", "--quiet")
     assert easy.returncode == 0, easy.stderr
@@ -189,7 +193,7 @@ def test_engine_both_easy_converges_and_hopeless_does_not():
     assert "simulator vs QEMU 10.0" in hopeless.stdout
     assert "simulator: cancelled (time-limit)" in hopeless.stdout
     assert re.search(r"QEMU 10\.0(\.\d+)?: cancelled \(time-limit\)", hopeless.stdout), hopeless.stdout
-    assert _leftover_qemus(before) == []
+    assert _leftover_qemus(easy, hopeless) == []
 
 
 def test_a_qemu_that_fails_to_start_is_a_clear_error(tmp_path):
@@ -359,7 +363,6 @@ def test_qemu_throttle_slows_the_cpu_bound_guest_and_makes_it_converge():
     the guest credits itself at most 2 ms of each sleep (share <= 0.48); a host too busy
     to run the vCPU only lowers the share further, so no second run is compared."""
     require_qemu("10.0")
-    before = _qemus_now()
     common = ("migrate", "--engine", "qemu", "--qemu", "10.0", "--size", "16M", "--workload",
               "uniform:rate=15000", "--max-bandwidth", "10MB/s", "--downtime-limit", "50", "--json", "--quiet")
     plain = _npqfile(*common, "--max-iterations", "4")
@@ -379,7 +382,7 @@ def test_qemu_throttle_slows_the_cpu_bound_guest_and_makes_it_converge():
     assert wl["throttled-min-percentage"] >= 60 and wl["throttled-guest-seconds"] > 0, wl
     assert wl["throttled-running-seconds"] < 0.8 * wl["throttled-guest-seconds"], wl
     assert wl["throttled-achieved-rate-pages"] < 0.8 * wl["rate-pages"], wl    # its own asked rate
-    assert _leftover_qemus(before) == []
+    assert _leftover_qemus(plain, throttled) == []
 
 
 def test_collect_maps_query_migrate_to_the_simulators_statistics():

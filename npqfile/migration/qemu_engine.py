@@ -281,7 +281,8 @@ class QemuMigration:
         source leaves query-migrate unanswered for SOURCE_STALL_LIMIT seconds;
         QemuError only when the QEMUs cannot be started at all."""
         shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        workdir = Path(tempfile.mkdtemp(prefix="npqfile-qemu-", dir=shm))
+        # the process id in the name: whoever started this npqfile can find its QEMUs
+        workdir = Path(tempfile.mkdtemp(prefix=f"npqfile-qemu-{os.getpid()}-", dir=shm))
         src = dst = None
         try:
             params_file = workdir / "params.bin"

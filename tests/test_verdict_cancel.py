@@ -222,3 +222,32 @@ def test_cancelled_wait_follows_qemus_states(switched):
         assert st.status == "completed" and st.completion == "not-verified" and ver["done"] is False
     else:
         assert st.status == "cancelled" and st.completion is None and ver == {}
+
+
+def test_destination_join_given_up_leaves_no_descriptor(monkeypatch):
+    """A join that a cancel (or its timeout) ends while the in-process destination still
+    loads leaves nothing open once that thread ends, even if nobody joins it again (the
+    session's cancel path): each cancelled in-process run used to leak a pipe."""
+    from npqfile.migration.destination import Destination
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    gate = threading.Event()
+    dest = Destination()
+    monkeypatch.setattr(dest, "receive", lambda channel, reply=True: gate.wait(30))
+    r, w = os.pipe()
+    before = open_fds()
+    os.write(w, b"x")                       # the cancel fd is readable: Ctrl-C came
+    dest.start(None)
+    try:
+        assert dest.join(30, r) is None     # the cancel ends the wait; the thread still runs
+        assert dest.running
+        assert dest.join(0).status == "failed"      # a timeout gives a failed result
+    finally:
+        gate.set()
+        dest._thread.join(30)
+    assert not dest.running
+    assert open_fds() == before
+    os.close(r)
+    os.close(w)

@@ -24,7 +24,6 @@ Goals: a failure is a result (``status``/``error``), never an exception lost in 
 from __future__ import annotations
 
 import json
-import os
 import select
 import struct
 import threading
@@ -43,6 +42,7 @@ from npqfile.stream.ram_loader import DEFAULT_MAX_RAM_BYTES
 
 VERIFY_MAGIC = b"NPQV"
 MAX_VERIFY_BYTES = 1 << 20
+JOIN_POLL = 0.05                # seconds between two looks at join()'s cancel fd
 
 
 def _no_multifd(offset: int, eos: bool = False) -> None:
@@ -101,7 +101,6 @@ class Destination:
         self.hash_blocks = hash_blocks
         self.result = DestinationResult()
         self._thread: threading.Thread | None = None
-        self._done_r = self._done_w = -1    # the in-process thread's "ended" pipe
         self.file: QEMUFile | None = None
 
     def receive(self, channel: Any, *, reply: bool = True) -> DestinationResult:
@@ -190,40 +189,33 @@ class Destination:
 
     # -- in-process (thread) -----------------------------------------------------------
     def start(self, channel: Any) -> None:
-        """``receive(channel, reply=False)`` in a daemon thread; ``join()`` for the result.
-        The thread writes one byte to a pipe as it ends, so ``join`` can wait for it and
-        for a cancel in one ``select`` (a signal handler can wake that, not a Lock)."""
-        self._done_r, self._done_w = os.pipe()
-        self._thread = threading.Thread(target=self._receive_thread, args=(channel,),
+        """``receive(channel, reply=False)`` in a daemon thread; ``join()`` for the result."""
+        self._thread = threading.Thread(target=self.receive, args=(channel,), kwargs={"reply": False},
                                         name="migration-destination", daemon=True)
         self._thread.start()
-
-    def _receive_thread(self, channel: Any) -> None:
-        try:
-            self.receive(channel, reply=False)
-        finally:
-            os.write(self._done_w, b"x")
 
     def join(self, timeout: float | None = None, cancel_fd: int | None = None) -> DestinationResult | None:
         """Wait up to ``timeout`` seconds (None: no limit) for the thread.  Returns the
         result (a thread still running after ``timeout`` gives a failed one), or None
         when ``cancel_fd`` (e.g. ``MigrationControl.wait_fd()``) became readable first:
-        the thread then still runs and still uses this destination's RAM."""
-        if self._thread is None:
+        the thread then still runs and still uses this destination's RAM.  The thread's
+        end is seen at once; a cancel within JOIN_POLL (no descriptor of our own: a join
+        given up leaves nothing to close)."""
+        t = self._thread
+        if t is None:
             return self.result
-        if self._thread.is_alive():
-            fds = [self._done_r] + ([cancel_fd] if cancel_fd is not None else [])
-            ready = select.select(fds, [], [], timeout)[0]
-            if self._done_r not in ready:
-                if cancel_fd is not None and cancel_fd in ready:
-                    return None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while t.is_alive():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
                 self.result.status, self.result.error = "failed", f"destination still loading after {timeout} s"
                 return self.result
-        self._thread.join()                 # it has written its last byte: it ends now
-        for fd in (self._done_r, self._done_w):
-            if fd >= 0:
-                os.close(fd)
-        self._done_r = self._done_w = -1
+            if cancel_fd is None:
+                t.join(left)
+            elif select.select([cancel_fd], [], [], 0)[0]:
+                return None
+            else:
+                t.join(JOIN_POLL if left is None else min(JOIN_POLL, left))
         return self.result
 
     @property

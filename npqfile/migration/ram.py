@@ -358,9 +358,11 @@ class RAMState:
         releases each one under release-ram in postcopy): one call for the batch, one
         release per run of adjacent pages.  Returns None."""
         if zero.size:
-            mask = np.zeros(block.n_pages, dtype=bool)
-            mask[zero] = True
-            self.stats.released_bytes += release_runs(block, mask)
+            # a mask of the batch's span, not of the block: per batch, work of its size
+            lo = int(zero.min())
+            mask = np.zeros(int(zero.max()) - lo + 1, dtype=bool)
+            mask[zero - lo] = True
+            self.stats.released_bytes += release_runs(block, mask, lo)
 
     # -- sections and ram_counters.transferred ---------------------------------------------------
     @contextlib.contextmanager

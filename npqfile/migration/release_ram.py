@@ -95,14 +95,15 @@ class ReleaseRecord:
                 "time-ms": None if self.time is None else round(self.time * 1000, 3), "reason": self.reason}
 
 
-def release_runs(block: Any, mask: np.ndarray) -> int:
-    """Release the pages of ``block`` where ``mask`` is True, one release per run of
-    adjacent pages (the block's own primitive: it frees every backing).  Returns the
-    bytes released."""
+def release_runs(block: Any, mask: np.ndarray, first: int = 0) -> int:
+    """Release the pages ``first + i`` of ``block`` where ``mask[i]`` is True, one release
+    per run of adjacent pages (the block's own primitive: it frees every backing).
+    Returns the bytes released."""
     runs = mask_runs(mask)
     if not runs.size:
         return 0
     runs[:, 1] -= runs[:, 0]                    # [first, stop) pages -> (first, count)
+    runs[:, 0] += first
     return int(block.release(runs * block.page_size))
 
 

@@ -251,3 +251,28 @@ def test_destination_join_given_up_leaves_no_descriptor(monkeypatch):
     assert open_fds() == before
     os.close(r)
     os.close(w)
+
+
+def test_control_detach_asks_without_cancelling(tmp_path):
+    """attach(None) at a run's end asks what a cancel would now say without cancelling:
+    a completed pre-copy engine's cancel flag stays clear (it used to call cancel(),
+    which sets it), and a later Ctrl-C still says what it does."""
+    from npqfile.channels import open_channel
+    from npqfile.migration.engine import MigrationEngine
+    from npqfile.qemufile import QEMUFile
+    from npqfile.ram import GuestRAM
+
+    ram = GuestRAM()
+    ram.add_block("ram", 1 << 20)
+    try:
+        with QEMUFile(open_channel(f"file:{tmp_path / 'out.bin'}", "w")) as f:
+            engine = MigrationEngine(ram, f, None, MigrationParams(downtime_limit=10.0))
+            control = MigrationControl()
+            control.attach(engine)
+            assert engine.run().status == "completed"
+            control.attach(None)
+            assert not engine._cancel.is_set()
+            assert control.cancel() is None     # ends the verdict wait: cancelled there
+            control.close()
+    finally:
+        ram.close()

@@ -38,9 +38,9 @@ class MigrationControl:
         earlier is passed on at once.  Returns None."""
         with self._lock:
             if engine is None and self._engine is not None:
-                # the run has ended: what a cancel would now say (the engine's cancel
-                # does nothing to a finished run)
-                self._ended = self._engine.cancel()
+                # the run has ended: what a cancel would now say, asked without
+                # cancelling (a completed pre-copy's cancel would set its engine's flag)
+                self._ended = self._engine.cancel_refused()
             self._engine = engine
         if engine is not None and self.cancelled:
             engine.cancel()

@@ -106,11 +106,10 @@ class MigrationEngine:
         once the package was sent (QEMU 10.0's qmp_migrate_cancel refuses it: the guest
         runs on the destination).  A cancel racing with the end of ``device`` is
         QEMU's: ``cancelled`` unless the run had already completed, never ``failed``."""
-        status, switched = self.stats.status, self.postcopy is not None and self.postcopy.active
-        if status in ("failed", "cancelled", "postcopy-paused") or (status == "completed" and switched):
-            return f"the migration is {status}: nothing to cancel"
-        if switched:
-            return "Postcopy migration in progress, cannot cancel."
+        refused = self.cancel_refused()
+        if refused is not None:
+            return refused
+        status = self.stats.status
         # QEMU's migration_cancel moves the state to CANCELLING with a compare-and-swap,
         # as migration_completion_end moves DEVICE to COMPLETED: exactly one wins.  Here:
         # the flag first, then the run's completion mark (run() does the reverse).
@@ -122,6 +121,16 @@ class MigrationEngine:
             return None
         self._continue.set()                        # leave a pre-switchover pause
         self.f.shutdown()
+
+    def cancel_refused(self) -> str | None:
+        """Why ``cancel()`` would do nothing now (None: it would cancel, or end the wait
+        that follows a completed pre-copy); changes nothing.  Returns the reason."""
+        status, switched = self.stats.status, self.postcopy is not None and self.postcopy.active
+        if status in ("failed", "cancelled", "postcopy-paused") or (status == "completed" and switched):
+            return f"the migration is {status}: nothing to cancel"
+        if switched:
+            return "Postcopy migration in progress, cannot cancel."
+        return None
 
     def _time_limit_hit(self) -> None:
         """The time limit's watchdog: while pages are still being sent (setup or

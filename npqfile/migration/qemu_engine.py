@@ -270,10 +270,13 @@ class QemuMigration:
         the wait for the destination ends.  Returns None, or why nothing is cancelled: a
         source QEMU that already ended (its migration_cancel leaves it alone)."""
         self._cancel.set()
+        return self.cancel_refused()
+
+    def cancel_refused(self) -> str | None:
+        """Why a cancel would change nothing in the source QEMU (its migration already
+        ended), else None; changes nothing."""
         status = self._source_status
-        if status in TERMINAL:
-            return f"the migration is {status}: nothing to cancel"
-        return None
+        return f"the migration is {status}: nothing to cancel" if status in TERMINAL else None
 
     def run(self) -> MigrationStats:
         """Launch both QEMUs, migrate, collect, verify, clean up.  Returns the stats:

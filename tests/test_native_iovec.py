@@ -385,3 +385,25 @@ def test_save_hands_pages_by_reference_by_default_only_into_exec_commands(tmp_pa
     assert outs[0] == outs[1] == outs[2] == outs[3]
     assert save.zero_copy_default("fd:5", None) is False and save.zero_copy_default("fd:5", True) is True
     assert save.zero_copy_default("exec:cat", None) is True and save.zero_copy_default("exec:cat", False) is False
+
+
+def test_short_runs_of_normal_pages_go_as_views_and_long_ones_as_page_runs(monkeypatch):
+    """A PageRun's checks cost more than a list of views of a few pages, and only whole flush
+    cycles take its native path: pages scattered between zero ones go as views, runs of a
+    flush cycle or more as PageRuns -- the same stream either way."""
+    from npqfile.stream import ram_saver
+    from test_stream_support import make_ram, snapshot_bytes
+
+    pages = np.zeros((400, PS), dtype=np.uint8)
+    pages[:200:2] = 7                         # runs of one normal page
+    pages[300:] = 9                           # one run of 100
+    made = []
+    monkeypatch.setattr(ram_saver, "PageRun", lambda *a: made.append(a[1].size) or PageRun(*a))
+    ram = make_ram({"ram": pages.reshape(-1)})
+    try:
+        data = snapshot_bytes(ram)
+        assert made == [100]
+        monkeypatch.setattr(ram_saver, "PAGE_RUN_MIN_PAGES", 10 ** 9)
+        assert snapshot_bytes(ram) == data
+    finally:
+        ram.close()

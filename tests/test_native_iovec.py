@@ -407,3 +407,27 @@ def test_short_runs_of_normal_pages_go_as_views_and_long_ones_as_page_runs(monke
         assert snapshot_bytes(ram) == data
     finally:
         ram.close()
+
+
+def test_writes_wait_on_descriptors_above_select_s_limit():
+    """A process with many files open gets descriptors of 1024 and more, which select(2)
+    refuses (ValueError): the channels' waits for room must work there too, stall timeout
+    included."""
+    from npqfile.channels.base import wait_writable
+
+    a, b = socket.socketpair()
+    high = fcntl.fcntl(a.fileno(), fcntl.F_DUPFD_CLOEXEC, 1500)
+    a.close()
+    a = socket.socket(fileno=high)
+    try:
+        assert a.fileno() >= 1024 and wait_writable(a.fileno()) is True
+        ch = SocketChannel(a, "w")
+        ch.set_stall_timeout(0.2, "the destination")
+        f = QEMUFile(ch)
+        _records(f, _ram(2048), np.arange(2048), True, 0)     # more than the socket buffers hold
+        assert f.get_error() == -errno.ETIMEDOUT
+        assert "the destination accepted no data for 0.2 s" in str(f.error)
+        assert wait_writable(a.fileno(), 0.05) is False       # still full: the timeout answers
+    finally:
+        a.close()
+        b.close()

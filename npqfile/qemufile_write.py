@@ -453,12 +453,12 @@ class WriteSide:
                     break
                 self._bytes_xfer += expect
                 send = writev_iov
-                if splice is not None:     # zero_copy_send: headers from memory that stays put
-                    at = splice.place(hdr[k * h:(k + cycle) * h])
-                    if at is not None:
-                        iov[c:c + 2 * cycle:2, 0] = np.arange(at, at + cycle * h, h, dtype=np.uint64)
-                        send = self._channel.splice_iov
                 try:
+                    if splice is not None:     # zero_copy_send: headers from memory that stays put
+                        at = splice.place(hdr[k * h:(k + cycle) * h])   # OSError: no ring mapped
+                        if at is not None:
+                            iov[c:c + 2 * cycle:2, 0] = np.arange(at, at + cycle * h, h, dtype=np.uint64)
+                            send = self._channel.splice_iov
                     ret = send(iov[c:c + 2 * cycle], expect, self._pos)
                 except OSError as exc:
                     self._write_failed(exc, expect)

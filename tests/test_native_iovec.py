@@ -431,3 +431,24 @@ def test_writes_wait_on_descriptors_above_select_s_limit():
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.usefixtures("needs_vmsplice")
+def test_zero_copy_send_without_memory_for_a_header_ring_fails_the_stream_at_its_offset(monkeypatch):
+    """A header ring that cannot be mapped is a write error of the stream, sticky and naming
+    the stream offset, as any failed write -- not an exception out of put_records."""
+    from npqfile.qemufile_zerocopy import SpliceHeaders
+
+    def no_memory(self, headers):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(SpliceHeaders, "place", no_memory)
+    r, w = os.pipe()
+    try:
+        f = QEMUFile(FdChannel(w, "w"), zero_copy_send=True)
+        _records(f, _ram(64), np.arange(64), True, 0)
+        assert f.get_error() == -errno.ENOMEM
+        assert "at stream offset 0" in str(f.error)
+        f.close()
+    finally:
+        os.close(r)

@@ -924,3 +924,35 @@ def test_a_channel_saying_eagain_on_a_descriptor_above_select_s_limit_is_waited_
         os.close(high)
         a.close()
         b.close()
+
+
+def test_a_channel_saying_eagain_on_read_on_a_descriptor_above_select_s_limit_is_waited_on():
+    """The read side's wait for data (a channel's readinto raised BlockingIOError) on an
+    fd of 1024 or more."""
+    import fcntl
+
+    a, b = socket.socketpair()
+    high = fcntl.fcntl(a.fileno(), fcntl.F_DUPFD_CLOEXEC, 1500)
+    b.send(b"x")                                   # readable: the wait returns at once
+    calls = []
+
+    class Again:
+        def fileno(self):
+            return high
+
+        def readinto(self, buf, pos):
+            calls.append(pos)
+            if len(calls) == 1:
+                raise BlockingIOError(errno.EAGAIN, "try again")
+            if len(calls) > 2:
+                return 0
+            buf[:8] = (7).to_bytes(8, "big")
+            return 8
+
+    try:
+        f = QEMUFile(Again())
+        assert f.get_be64() == 7 and f.get_error() == 0
+    finally:
+        os.close(high)
+        a.close()
+        b.close()

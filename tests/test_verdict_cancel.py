@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import threading
 
 import pytest
+from proc_support import wait_for_eof
 from test_postcopy import require_uffd
 
 import npqfile.migration.destination as destination_mod
@@ -43,7 +43,8 @@ class BusyDestination:
 
             def load_then_stall(f, *a, **kw):
                 out = real(f, *a, **kw)
-                self._source_closed(f.channel.fileno())     # the source is past its last byte
+                # the source closes its side after its engine finished, right before it waits for the verdict
+                wait_for_eof(f.channel.fileno())
                 self._stall()
                 return out
             monkeypatch.setattr(destination_mod, "load_stream", load_then_stall)
@@ -54,18 +55,6 @@ class BusyDestination:
                 real_finish(pc, *a, **kw)          # SHUT is out: the source's run is completed
                 self._stall()
             monkeypatch.setattr(postcopy_ram.PostcopyIncoming, "finish", finish_then_stall)
-
-    @staticmethod
-    def _source_closed(fd: int) -> None:
-        """Wait for the end of the connection: the source closes its side only after its
-        engine has finished, right before it waits for the verdict."""
-        while True:
-            select.select([fd], [], [])
-            try:
-                if not os.read(fd, 1 << 16):
-                    return
-            except BlockingIOError:
-                pass
 
     def _stall(self) -> None:
         self.stalled.set()

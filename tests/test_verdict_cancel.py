@@ -78,14 +78,16 @@ def _interrupt_when(event: threading.Event) -> threading.Thread:
     return t
 
 
-def _main_guarded(argv: list[str], busy: BusyDestination) -> int:
-    """main(argv) in this (the main) thread; a watchdog releases the destination after HANG
-    so a wait that ignores Ctrl-C ends in a failure, not a hung suite."""
+def _main_interrupted_when_busy(argv: list[str], busy: BusyDestination) -> int:
+    """main(argv) in this (the main) thread, with Ctrl-C once ``busy`` stalled; a watchdog
+    releases the destination after HANG so a wait that ignores Ctrl-C ends in a failure,
+    not a hung suite.  The destination and the interrupting thread are ended on return."""
     fired: list[bool] = []
 
     def give_up() -> None:
         fired.append(True)
         busy.gate.set()
+    t = _interrupt_when(busy.stalled)
     watchdog = threading.Timer(HANG, give_up)
     watchdog.daemon = True
     watchdog.start()
@@ -93,19 +95,16 @@ def _main_guarded(argv: list[str], busy: BusyDestination) -> int:
         rc = main(argv)
     finally:
         watchdog.cancel()
+        busy.release()
+        t.join(HANG)
     assert not fired, f"the verdict wait ignored Ctrl-C for {HANG:g} s"
     return rc
 
 
 def test_ctrl_c_during_an_inprocess_verdict_wait_cancels_at_once_and_releases_nothing(monkeypatch, capsys):
     busy = BusyDestination(monkeypatch, "after-load")
-    t = _interrupt_when(busy.stalled)
-    try:
-        rc = _main_guarded(["migrate", "--size", "8M", "--workload", "idle", "--init", "random", "--release-ram",
-                            "--json", "--quiet"], busy)
-    finally:
-        busy.release()
-        t.join(HANG)
+    rc = _main_interrupted_when_busy(["migrate", "--size", "8M", "--workload", "idle", "--init", "random",
+                                      "--release-ram", "--json", "--quiet"], busy)
     out, err = capsys.readouterr()
     d = json.loads(out)
     assert rc == 130 and d["status"] == "cancelled", err
@@ -119,13 +118,8 @@ def test_ctrl_c_during_an_inprocess_verdict_wait_cancels_at_once_and_releases_no
 def test_ctrl_c_after_an_inprocess_postcopy_completed_stays_completed_not_verified(monkeypatch, capsys):
     require_uffd()
     busy = BusyDestination(monkeypatch, "after-shut")
-    t = _interrupt_when(busy.stalled)
-    try:
-        rc = _main_guarded(["migrate", "--size", "8M", "--workload", "uniform:rate=2000", "--init", "random",
-                            "--postcopy-after", "0", "--json", "--quiet"], busy)
-    finally:
-        busy.release()
-        t.join(HANG)
+    rc = _main_interrupted_when_busy(["migrate", "--size", "8M", "--workload", "uniform:rate=2000", "--init",
+                                      "random", "--postcopy-after", "0", "--json", "--quiet"], busy)
     out, err = capsys.readouterr()
     d = json.loads(out)
     assert rc == 3 and d["status"] == "completed" and d["npqfile"]["outcome"] == "postcopy", err

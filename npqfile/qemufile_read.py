@@ -80,7 +80,9 @@ class ReadSide:
         if fileno is None:
             time.sleep(0.001)
             return
-        select.select([fileno()], [], [], 1.0)
+        poller = select.poll()     # not select(2): it refuses an fd of 1024 or more
+        poller.register(fileno(), select.POLLIN)
+        poller.poll(1000)
 
     def _check_readable_peek(self, size: int, offset: int) -> None:
         if self._writable:

@@ -21,7 +21,6 @@ import errno
 import logging
 import mmap
 import operator
-import select
 import struct
 import time
 import zlib
@@ -33,6 +32,7 @@ import numpy as np
 
 from npqfile.buffers import PageRun, address_of, flat_bytes, flat_or_none, root_of, span_of
 from npqfile.channels import iovec
+from npqfile.channels.base import wait_writable
 
 if TYPE_CHECKING:
     from npqfile.qemufile import QEMUFile
@@ -210,7 +210,7 @@ class WriteSide:
         if fileno is None:
             time.sleep(0.001)
             return
-        select.select([], [fileno()], [], 1.0)
+        wait_writable(fileno(), 1.0)     # poll: select refuses an fd of 1024 or more
 
     def _release_ram(self) -> None:
         """qemu_iovec_release_ram: coalesce the may_free iovecs that are adjacent in
@@ -453,12 +453,12 @@ class WriteSide:
                     break
                 self._bytes_xfer += expect
                 send = writev_iov
-                if splice is not None:     # zero_copy_send: headers from memory that stays put
-                    at = splice.place(hdr[k * h:(k + cycle) * h])
-                    if at is not None:
-                        iov[c:c + 2 * cycle:2, 0] = np.arange(at, at + cycle * h, h, dtype=np.uint64)
-                        send = self._channel.splice_iov
                 try:
+                    if splice is not None:     # zero_copy_send: headers from memory that stays put
+                        at = splice.place(hdr[k * h:(k + cycle) * h])   # OSError: no ring mapped
+                        if at is not None:
+                            iov[c:c + 2 * cycle:2, 0] = np.arange(at, at + cycle * h, h, dtype=np.uint64)
+                            send = self._channel.splice_iov
                     ret = send(iov[c:c + 2 * cycle], expect, self._pos)
                 except OSError as exc:
                     self._write_failed(exc, expect)

@@ -385,3 +385,70 @@ def test_save_hands_pages_by_reference_by_default_only_into_exec_commands(tmp_pa
     assert outs[0] == outs[1] == outs[2] == outs[3]
     assert save.zero_copy_default("fd:5", None) is False and save.zero_copy_default("fd:5", True) is True
     assert save.zero_copy_default("exec:cat", None) is True and save.zero_copy_default("exec:cat", False) is False
+
+
+def test_short_runs_of_normal_pages_go_as_views_and_long_ones_as_page_runs(monkeypatch):
+    """A PageRun's checks cost more than a list of views of a few pages, and only whole flush
+    cycles take its native path: pages scattered between zero ones go as views, runs of a
+    flush cycle or more as PageRuns -- the same stream either way."""
+    from npqfile.stream import ram_saver
+    from test_stream_support import make_ram, snapshot_bytes
+
+    pages = np.zeros((400, PS), dtype=np.uint8)
+    pages[:200:2] = 7                         # runs of one normal page
+    pages[300:] = 9                           # one run of 100
+    made = []
+    monkeypatch.setattr(ram_saver, "PageRun", lambda *a: made.append(a[1].size) or PageRun(*a))
+    ram = make_ram({"ram": pages.reshape(-1)})
+    try:
+        data = snapshot_bytes(ram)
+        assert made == [100]
+        monkeypatch.setattr(ram_saver, "PAGE_RUN_MIN_PAGES", 10 ** 9)
+        assert snapshot_bytes(ram) == data
+    finally:
+        ram.close()
+
+
+def test_writes_wait_on_descriptors_above_select_s_limit():
+    """A process with many files open gets descriptors of 1024 and more, which select(2)
+    refuses (ValueError): the channels' waits for room must work there too, stall timeout
+    included."""
+    from npqfile.channels.base import wait_writable
+
+    a, b = socket.socketpair()
+    high = fcntl.fcntl(a.fileno(), fcntl.F_DUPFD_CLOEXEC, 1500)
+    a.close()
+    a = socket.socket(fileno=high)
+    try:
+        assert a.fileno() >= 1024 and wait_writable(a.fileno()) is True
+        ch = SocketChannel(a, "w")
+        ch.set_stall_timeout(0.2, "the destination")
+        f = QEMUFile(ch)
+        _records(f, _ram(2048), np.arange(2048), True, 0)     # more than the socket buffers hold
+        assert f.get_error() == -errno.ETIMEDOUT
+        assert "the destination accepted no data for 0.2 s" in str(f.error)
+        assert wait_writable(a.fileno(), 0.05) is False       # still full: the timeout answers
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.usefixtures("needs_vmsplice")
+def test_zero_copy_send_without_memory_for_a_header_ring_fails_the_stream_at_its_offset(monkeypatch):
+    """A header ring that cannot be mapped is a write error of the stream, sticky and naming
+    the stream offset, as any failed write -- not an exception out of put_records."""
+    from npqfile.qemufile_zerocopy import SpliceHeaders
+
+    def no_memory(self, headers):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(SpliceHeaders, "place", no_memory)
+    r, w = os.pipe()
+    try:
+        f = QEMUFile(FdChannel(w, "w"), zero_copy_send=True)
+        _records(f, _ram(64), np.arange(64), True, 0)
+        assert f.get_error() == -errno.ENOMEM
+        assert "at stream offset 0" in str(f.error)
+        f.close()
+    finally:
+        os.close(r)

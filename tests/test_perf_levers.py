@@ -172,6 +172,26 @@ def test_a_bad_record_inside_a_zero_run_fails_as_record_by_record(monkeypatch, b
     assert np.array_equal(fast["ram"], slow["ram"])
 
 
+def test_zero_pages_scattered_between_normal_pages_take_the_per_record_path(monkeypatch):
+    """Short runs of ZERO records (here two between normal pages) are not worth the run
+    path's numpy set-up: it scans no page for them, and the RAM is loaded as record by record."""
+    from npqfile.stream import ram_loader
+    from test_stream_support import PAGE, header, page_record, part, ram_start, zero_record
+
+    scans = []
+    real = ram_loader.buffer_is_zero
+    monkeypatch.setattr(ram_loader, "buffer_is_zero", lambda *a: scans.append(1) or real(*a))
+    blocks = {"ram": 600 * PAGE}
+    body = page_record(0, bytes([1]) * PAGE) + b"".join(
+        zero_record(p * PAGE, 0, None) if p % 3 else page_record(p * PAGE, bytes([p % 250 + 1]) * PAGE, None)
+        for p in range(1, 600))
+    data = header() + ram_start(blocks) + part(body) + b"\x00"
+    (fast, fast_stats, e1), (slow, slow_stats, e2) = _load_both(data, blocks, monkeypatch)
+    assert e1 is None and e2 is None and fast_stats == slow_stats
+    assert np.array_equal(fast["ram"], slow["ram"])
+    assert scans == []
+
+
 # -- hashing while loading -------------------------------------------------------------
 
 def _stream_of(pages_in_order, blocks, seed=1):

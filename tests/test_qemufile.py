@@ -892,3 +892,67 @@ def test_an_errno_returned_after_a_partial_retry_is_the_error_not_a_byte_count()
     f = QEMUFile(Channel())
     f.put_buffer(b"0123456789")
     assert f.fflush() == -errno.ENOSPC and f.get_error() == -errno.ENOSPC
+
+
+def test_a_channel_saying_eagain_on_a_descriptor_above_select_s_limit_is_waited_on():
+    """QEMUFile waits for room when a channel's writev raises BlockingIOError; on an fd of
+    1024 or more (a process with many files open) that wait must not fail."""
+    import fcntl
+
+    a, b = socket.socketpair()
+    high = fcntl.fcntl(a.fileno(), fcntl.F_DUPFD_CLOEXEC, 1500)
+    got = []
+
+    class Again:
+        def fileno(self):
+            return high
+
+        def writev(self, buffers, pos):
+            if not got:
+                got.append(None)
+                raise BlockingIOError(errno.EAGAIN, "try again")
+            data = b"".join(bytes(x) for x in buffers)
+            got.append(data)
+            return len(data)
+
+    try:
+        f = QEMUFile(Again())
+        f.put_be64(7)
+        f.fflush()
+        assert f.get_error() == 0 and got[-1] == (7).to_bytes(8, "big")
+    finally:
+        os.close(high)
+        a.close()
+        b.close()
+
+
+def test_a_channel_saying_eagain_on_read_on_a_descriptor_above_select_s_limit_is_waited_on():
+    """The read side's wait for data (a channel's readinto raised BlockingIOError) on an
+    fd of 1024 or more."""
+    import fcntl
+
+    a, b = socket.socketpair()
+    high = fcntl.fcntl(a.fileno(), fcntl.F_DUPFD_CLOEXEC, 1500)
+    b.send(b"x")                                   # readable: the wait returns at once
+    calls = []
+
+    class Again:
+        def fileno(self):
+            return high
+
+        def readinto(self, buf, pos):
+            calls.append(pos)
+            if len(calls) == 1:
+                raise BlockingIOError(errno.EAGAIN, "try again")
+            if len(calls) > 2:
+                return 0
+            buf[:8] = (7).to_bytes(8, "big")
+            return 8
+
+    try:
+        f = QEMUFile(Again())
+        assert f.get_be64() == 7 and f.get_error() == 0
+    finally:
+        os.close(high)
+        a.close()
+        b.close()

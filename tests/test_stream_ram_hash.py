@@ -94,3 +94,20 @@ def test_a_range_the_hashing_thread_fails_on_is_never_left_out_of_a_digest():
     assert failed.wait(60)                # the thread met the failure before the takeover
     assert hasher.digests(_ram_of(data)) == {"ram": hashlib.sha256(data.tobytes()).hexdigest()}
 
+
+
+def test_the_hashing_thread_never_runs_above_the_process_s_priority(monkeypatch):
+    """nice 10 lowers the thread's priority; a process already nicer (``nice -n 15``) keeps
+    its own for the thread -- never raised above it (root may raise priorities)."""
+    import os
+
+    set_to = []
+    for current, want in ((0, 10), (15, 15)):
+        monkeypatch.setattr(os, "getpriority", lambda which, who, c=current: c)
+        monkeypatch.setattr(os, "setpriority", lambda which, who, value: set_to.append(value))
+        data = np.arange(1 << 16, dtype=np.uint8)
+        h = LoadHasher()
+        bh = h.track("ram", memoryview(data))
+        h.advance(bh, data.nbytes)
+        assert h.digests(_ram_of(data)) == {"ram": hashlib.sha256(data.tobytes()).hexdigest()}
+        assert set_to[-1] == want

@@ -68,9 +68,13 @@ class ReadChannel(Channel, Protocol):
         ...
 
 
-def wait_writable(fd: int) -> None:
-    """Block until ``fd`` accepts more data (a non-blocking fd said EAGAIN; writev must finish anyway)."""
-    select.select([], [fd], [])
+def wait_writable(fd: int, timeout: float | None = None) -> bool:
+    """Block until ``fd`` accepts more data (a non-blocking fd said EAGAIN; writev must finish
+    anyway) or has an error to report; returns False when ``timeout`` seconds passed first.
+    poll(2), not select(2): select refuses an fd of 1024 or more (ValueError)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return bool(poller.poll(None if timeout is None else timeout * 1000))
 
 
 _NBYTES = operator.attrgetter("nbytes")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import socket
 import stat
 import threading
@@ -163,7 +162,7 @@ class SocketWriter(SocketChannel):
         fd = self._sock.fileno()
 
         def wait() -> None:
-            if not select.select([], [fd], [], self._stall)[1]:
+            if not wait_writable(fd, self._stall):
                 raise self._stalled("accepted no data")
 
         return write_iov(fd, iov, total, wait)

@@ -82,8 +82,11 @@ class LoadHasher:
         # hash on 2 cores) it no longer slows the migration, and ``_stop`` takes the rest
         # over.  Not SCHED_IDLE: a thread that gets no CPU at all on a loaded machine could
         # hold the verdict up for the one range it is hashing.
+        # Never above the process's own priority: under `nice -n 15` (or as root, who may
+        # raise it) the thread must not take CPU from the loader.
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASHER_NICE)
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, max(HASHER_NICE, os.getpriority(os.PRIO_PROCESS, tid)))
         except (AttributeError, OSError):
             pass
         while True:

@@ -251,8 +251,11 @@ class RAMLoader:
         if n < PAGE_RUN_MIN_RECORDS or f.get_error():
             return 0
         run_flags = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE
-        if int.from_bytes(view[:8], "big") & (ps - 1) != run_flags or view[8] != 0:
-            return 0     # mixed records: not worth the numpy set-up below
+        # mixed records (a few ZERO pages between normal ones, common in guest RAM) would
+        # otherwise pay the numpy set-up below after every ZERO record: look at both ends
+        for at in (0, (PAGE_RUN_MIN_RECORDS - 1) * rec):
+            if int.from_bytes(view[at:at + 8], "big") & (ps - 1) != run_flags or view[at + 8] != 0:
+                return 0
         recs = np.ndarray((n, rec), dtype=np.uint8, buffer=view)
         hdr = np.ndarray((n,), dtype=">u8", buffer=view, strides=(rec,))
         addr = hdr & ~np.uint64(ps - 1)

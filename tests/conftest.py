@@ -7,6 +7,7 @@ sets ``NPQFILE_REQUIRE_COMPONENTS=1``) it fails, so CI can never pass by skippin
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 
@@ -40,3 +41,9 @@ def require_program(name: str) -> str:
     path = shutil.which(name)
     require(path is not None, f"program {name!r} on PATH")
     return path  # type: ignore[return-value]
+
+
+def require_module(name: str, extra: str) -> None:
+    """The optional Python module ``name`` (installed by ``pip install 'npqfile[EXTRA]'``)
+    can be imported; skips (fails in CI) when it cannot."""
+    require(importlib.util.find_spec(name) is not None, f"{name} (pip install 'npqfile[{extra}]')")

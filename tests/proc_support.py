@@ -2,7 +2,9 @@
 
 Supports :func:`read_line`: the next line a subprocess prints on one of its pipes, within a
 deadline; and :func:`reaped`: ``with reaped(Popen(...)) as proc:`` kills the child if the
-block leaves it running (a failed assertion) and always waits for it.  A bare ``proc.stdout.readline()`` blocks forever on a child that never prints
+block leaves it running (a failed assertion) and always waits for it; and :func:`wait_for_eof`:
+read and drop what a peer sends on a file descriptor until it closes its side (the tests'
+in-process destinations hold back their answer until the source has hung up).  A bare ``proc.stdout.readline()`` blocks forever on a child that never prints
 (stuck, or printing somewhere else), which hangs the whole suite; here a child that
 prints nothing in time is killed and the test fails with the child's stderr.
 
@@ -95,3 +97,22 @@ def reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
             proc.kill()
         with proc:
             pass
+
+
+def wait_for_eof(fd: int, timeout: float = LINE_TIMEOUT) -> None:
+    """Read and drop whatever arrives on ``fd`` (blocking or not) until the peer closes its
+    side (end of file or a reset).  Returns then; raises ``TimeoutError`` when the peer is
+    still open after ``timeout`` seconds -- a bound on a hang (the caller is often a
+    destination thread that would otherwise never end), not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise TimeoutError(f"fd {fd}: the peer did not close its side within {timeout:g} s")
+        try:
+            if not os.read(fd, 1 << 16):
+                return
+        except BlockingIOError:
+            pass
+        except ConnectionResetError:
+            return

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import importlib.util
 import os
 import socket
 import threading
 
 import numpy as np
 import pytest
-from conftest import require, require_program
+from conftest import require_module, require_program
 
 from npqfile.channels import (IOV_MAX, ExecChannel, FdChannel, FileChannel, MemoryChannel, NullChannel,
                               SocketChannel, flat_bytes, listen, nbytes, open_channel, write_all)
@@ -354,7 +353,7 @@ def test_incoming_exec_false_names_the_exit_status(capsys):
 
 
 def test_incoming_compress_zstd_of_a_plain_stream_says_so(tmp_path, capsys):
-    require(importlib.util.find_spec("zstandard") is not None, "zstandard (pip install 'npqfile[fast]')")
+    require_module("zstandard", "fast")
     from npqfile.cli import main
     from npqfile.qemufile import QEMUFile
     from npqfile.ram import GuestRAM

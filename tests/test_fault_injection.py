@@ -217,16 +217,16 @@ def test_blocking_mode_keeps_the_stall_timeout():
     from npqfile.channels import SocketChannel
     a, b = _socket.socketpair()
     ch = SocketChannel(a, "r")
+    guard = threading.Timer(10, b.shutdown, (_socket.SHUT_RDWR,))   # without the timeout: EOF, not a hang
     try:
         ch.set_stall_timeout(0.2, "the source")
         ch.set_blocking(False)
         ch.set_blocking(True)
-        import threading
-        guard = threading.Timer(10, b.shutdown, (_socket.SHUT_RDWR,))   # without the timeout: EOF, not a hang
         guard.start()
         with pytest.raises(OSError, match=r"the source .* for 0\.2 s \(stall timeout\)"):
             ch.readinto(memoryview(bytearray(16)), 0)
-        guard.cancel()
     finally:
+        guard.cancel()          # also when the read did not fail: no timer left to fire later
+        guard.join()
         ch.close()
         b.close()

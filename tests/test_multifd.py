@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import require
+from conftest import require, require_module
 from proc_support import read_line
 from npqfile.channels import Listener, SocketChannel
 from npqfile.migration.engine import MigrationParams
@@ -127,7 +127,7 @@ def test_per_section_sources_are_recognised_at_the_first_eos():
 @pytest.mark.parametrize("method", ["zlib", "zstd"])
 def test_codecs_round_trip_per_channel_stream_and_refuse_bombs(method):
     if method == "zstd":
-        require(importlib.util.find_spec("zstandard") is not None, "zstandard (pip install 'npqfile[fast]')")
+        require_module("zstandard", "fast")
     rng = np.random.default_rng(1)
     tx, rx = PageCodec(method), PageCodec(method)
     for _ in range(3):                      # one persistent stream: packets depend on earlier ones
@@ -253,7 +253,7 @@ def test_sender_fails_clearly_when_a_channel_breaks():
                                                         (1, "zstd", "none")])
 def test_inprocess_multifd_migration_with_a_dirtying_guest(channels, compression, zero):
     if compression == "zstd":
-        require(importlib.util.find_spec("zstandard") is not None, "zstandard (pip install 'npqfile[fast]')")
+        require_module("zstandard", "fast")
     params = MigrationParams(multifd_channels=channels, multifd_compression=compression,
                              multifd_zero_page=zero, zero_page_detection=zero != "none", time_limit=30)
     cfg = MigrationConfig(size=16 << 20, workload="hotset:rate=5000,hot=0.05", params=params)

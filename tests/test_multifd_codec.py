@@ -11,7 +11,6 @@ into a MultiFDError naming the channel, the byte offset and the packet.
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import struct
 import tracemalloc
@@ -20,7 +19,7 @@ import zlib
 import numpy as np
 import pytest
 
-from conftest import require
+from conftest import require_module
 from npqfile.channels import SocketChannel
 from npqfile.migration.multifd_recv import MultiFDRecv
 from npqfile.ram import GuestRAM
@@ -32,7 +31,7 @@ PS = 4096
 
 
 def _need_zstd():
-    require(importlib.util.find_spec("zstandard") is not None, "zstandard (pip install 'npqfile[fast]')")
+    require_module("zstandard", "fast")
 
 
 # -- hand-made zstd frames (RFC 8878): header, then raw / RLE blocks -------------------

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 from conftest import QEMU_VERSIONS, require
-from proc_support import read_line, reaped
+from proc_support import read_line, reaped, wait_for_eof
 
 from npqfile.errors import StreamError
 from npqfile.migration import MigrationConfig, MigrationParams, postcopy_ram, run_migration
@@ -590,21 +590,12 @@ def test_a_postcopy_source_waits_for_shut_only_so_long(monkeypatch):
     gives up after SHUT_TIMEOUT (shortened here) and reports postcopy-paused: the guest
     runs on a destination that never confirmed it has every page."""
     require_uffd()
-    import select as select_mod
-
     from npqfile.migration import postcopy as pc
     monkeypatch.setattr(pc, "SHUT_TIMEOUT", 0.5)
     real_finish = postcopy_ram.PostcopyIncoming.finish
 
     def finish_after_the_source_hangs_up(self, ok, verdict):
-        fd = self.main.channel.fileno()          # a destination that holds SHUT back...
-        while True:                              # ...until the source closes the stream
-            select_mod.select([fd], [], [])
-            try:
-                if not os.read(fd, 1 << 16):
-                    break
-            except BlockingIOError:
-                pass
+        wait_for_eof(self.main.channel.fileno())    # holds SHUT back until the source closes the stream
         real_finish(self, ok, verdict)
     monkeypatch.setattr(postcopy_ram.PostcopyIncoming, "finish", finish_after_the_source_hangs_up)
     cfg = _cfg(postcopy_after=0)
@@ -642,8 +633,6 @@ def test_ctrl_c_while_a_converged_precopy_waits_for_shut_cancels_at_once(monkeyp
     migrate_cancel cancels it.  The cancel used to change nothing: the wait ran to
     SHUT_TIMEOUT and the run ended ``failed``."""
     require_uffd()
-    import select as select_mod
-
     from npqfile.migration import postcopy as pc
     from npqfile.migration.control import MigrationControl
     monkeypatch.setattr(pc, "SHUT_TIMEOUT", 30.0)     # the old code's failure, sooner
@@ -652,14 +641,7 @@ def test_ctrl_c_while_a_converged_precopy_waits_for_shut_cancels_at_once(monkeyp
 
     def cancel_then_hold_shut_back(self, ok, verdict):
         control.cancel()                         # Ctrl-C while the source waits for SHUT
-        fd = self.main.channel.fileno()
-        while True:                              # SHUT only once the source closed the stream
-            select_mod.select([fd], [], [])
-            try:
-                if not os.read(fd, 1 << 16):
-                    break
-            except (BlockingIOError, ConnectionResetError):
-                pass
+        wait_for_eof(self.main.channel.fileno())    # SHUT only once the source closed the stream
         real_finish(self, ok, verdict)
     monkeypatch.setattr(postcopy_ram.PostcopyIncoming, "finish", cancel_then_hold_shut_back)
     cfg = _cfg(postcopy_after=1000)              # never switches: pre-copy converges

@@ -41,3 +41,25 @@ def test_reaped_kills_and_waits_for_a_child_the_block_leaves_running():
         assert p is proc
         raise AssertionError("a failed assertion inside the block")
     assert proc.returncode is not None and proc.stdout.closed      # killed, waited for, pipes closed
+
+
+def test_wait_for_eof_drains_until_the_peer_closes_and_bounds_a_peer_that_never_does():
+    import socket
+
+    from proc_support import wait_for_eof
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(False)
+        b.sendall(b"x" * 100)
+        b.shutdown(socket.SHUT_WR)
+        wait_for_eof(a.fileno(), timeout=60)               # data, then the end: returns
+        c, d = socket.socketpair()
+        try:
+            with pytest.raises(TimeoutError, match="did not close its side within 0.2 s"):
+                wait_for_eof(c.fileno(), timeout=0.2)      # an open, silent peer: a bounded wait
+        finally:
+            c.close()
+            d.close()
+    finally:
+        a.close()
+        b.close()

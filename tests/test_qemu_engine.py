@@ -8,7 +8,6 @@ guest's own (its counter over its own clock), outcomes are chosen far from the e
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import require, require_program, require_qemu
+from conftest import require, require_module, require_program, require_qemu
 from npqfile.guest import IMAGE, build_image, guest_parameters
 from npqfile.guest.build import BUILT_WITH, compiler_version
 from npqfile.guest.params import zipf_table
@@ -408,7 +407,7 @@ def test_collect_maps_query_migrate_to_the_simulators_statistics():
 
 def test_qemu_engine_json_follows_the_schema_and_feeds_events(tmp_path):
     require_qemu("10.0")
-    require(importlib.util.find_spec("jsonschema") is not None, "jsonschema (pip install 'npqfile[test]')")
+    require_module("jsonschema", "test")
     from npqfile.migration.events import read_events
     from npqfile.schemas import validate
 

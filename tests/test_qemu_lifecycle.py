@@ -19,6 +19,7 @@ the poll, no sleeps) and check that no QEMU is left.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -206,24 +207,49 @@ def test_ctrl_c_after_a_forced_limit_is_still_migrate_cancel_and_ends_cancelled(
 
 # -- real QEMU --------------------------------------------------------------------------
 
-def _watch_destination(monkeypatch, on_completed):
-    """Run ``on_completed(run, dst)`` when the source QEMU reports completed (at the end of
-    the poll); returns the list of destination QemuVMs started."""
-    started: list[QemuVM] = []
-    real_start, real_poll = QemuVM.start, QemuMigration._poll
+@pytest.fixture
+def started(monkeypatch):
+    """The QemuVMs the test's runs start, in order; at teardown any still running (the
+    engine failed to end it, an assertion failed first) is resumed and killed, so a
+    failing test leaves no QEMU behind.  Whether the engine ended them is the test's
+    own assertion (``_gone``), made before this."""
+    vms: list[QemuVM] = []
+    real_start = QemuVM.start
 
     def start(vm):
-        started.append(vm)
+        vms.append(vm)
         real_start(vm)
+    monkeypatch.setattr(QemuVM, "start", start)
+    yield vms
+    for vm in vms:
+        if vm.proc is not None and not _gone(vm):
+            os.kill(vm.proc.pid, signal.SIGCONT)
+            vm.proc.kill()
+            vm.proc.wait()
+
+
+def _on_progress(monkeypatch, progress) -> None:
+    """Every QemuMigration built from now on calls ``progress(run, info)`` at each poll
+    (its ``on_progress``)."""
+    real_init = QemuMigration.__init__
+
+    def init(run, *args, **kw):
+        real_init(run, *args, **kw)
+        run.on_progress = lambda info: progress(run, info)
+    monkeypatch.setattr(QemuMigration, "__init__", init)
+
+
+def _watch_destination(monkeypatch, on_completed) -> None:
+    """Run ``on_completed(run, dst)`` when the source QEMU reports completed (at the end of
+    the poll)."""
+    real_poll = QemuMigration._poll
 
     def poll(run, src, dst):
         final = real_poll(run, src, dst)
         if final.get("status") == "completed":
             on_completed(run, dst)
         return final
-    monkeypatch.setattr(QemuVM, "start", start)
     monkeypatch.setattr(QemuMigration, "_poll", poll)
-    return started
 
 
 def _gone(vm: QemuVM) -> bool:
@@ -252,17 +278,16 @@ class Stopper:
         if len(self.stopped) == 1:
             self.timer.start()
 
-    def end(self, started: list) -> None:
-        """Cancel the timer; kill (after SIGCONT) every QEMU in ``started`` still there."""
+    def end(self) -> None:
+        """Cancel the timer and resume what it stopped (the ``started`` fixture kills
+        whatever the engine left running)."""
         self.timer.cancel()
-        for vm in started:
-            if not _gone(vm):
-                os.kill(vm.proc.pid, signal.SIGCONT)
-                vm.proc.kill()
-                vm.proc.wait()
+        for pid in self.stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
 
-def test_ctrl_c_while_the_destination_qemu_is_still_loading_ends_at_once(monkeypatch, capsys):
+def test_ctrl_c_while_the_destination_qemu_is_still_loading_ends_at_once(monkeypatch, capsys, started):
     # the destination QEMU is stopped (SIGSTOP: it can neither finish nor answer QMP)
     # when the source reports completed, then Ctrl-C: the wait must end on the Ctrl-C
     require_qemu("10.0")
@@ -273,12 +298,12 @@ def test_ctrl_c_while_the_destination_qemu_is_still_loading_ends_at_once(monkeyp
         os.kill(os.getpid(), signal.SIGINT)  # migrate's handler: its watcher thread cancels
         assert run._cancel.wait(HANG), "Ctrl-C did not reach the engine"
 
-    started = _watch_destination(monkeypatch, stop_then_interrupt)
+    _watch_destination(monkeypatch, stop_then_interrupt)
     try:
         rc = main(["migrate", "--engine", "qemu", "--qemu", "10.0", "--size", "16M", "--workload", "idle",
                    "--json", "--quiet"])
     finally:
-        stopper.end(started)
+        stopper.end()
     out, err = capsys.readouterr()
     assert stopper.stopped and not stopper.fired, "the wait for the destination ignored Ctrl-C"
     d = json.loads(out)
@@ -291,7 +316,7 @@ def test_ctrl_c_while_the_destination_qemu_is_still_loading_ends_at_once(monkeyp
     assert all(_gone(vm) for vm in started)          # the stopped QEMU too (QMP quit bounded, then SIGKILL)
 
 
-def test_a_destination_qemu_dying_after_the_source_completed_fails_the_run(monkeypatch):
+def test_a_destination_qemu_dying_after_the_source_completed_fails_the_run(monkeypatch, started):
     qemu = require_qemu("10.0")
     killed: list[int] = []
 
@@ -299,7 +324,7 @@ def test_a_destination_qemu_dying_after_the_source_completed_fails_the_run(monke
         os.kill(dst.proc.pid, signal.SIGKILL)
         dst.proc.wait()
         killed.append(dst.proc.pid)
-    started = _watch_destination(monkeypatch, kill)
+    _watch_destination(monkeypatch, kill)
     st = QemuMigration(MigrationConfig(size=16 * MIB, workload="idle"), qemu).run()
     assert killed
     assert st.status == "failed" and st.completion is None, (st.status, st.verification)
@@ -325,37 +350,29 @@ def test_a_cancel_at_qemus_pre_switchover_cancels_the_pause():
     assert st.qemu["query-migrate"]["status"] == "cancelled" and st.completion is None
 
 
-def test_a_cancel_before_the_migrate_command_starts_no_migration():
+def test_a_cancel_before_the_migrate_command_starts_no_migration(started):
     # Ctrl-C while the QEMUs start (a pending cancel is passed on when the run attaches):
     # QEMU has no migration to cancel; none is started, both QEMUs are ended
     qemu = require_qemu("10.0")
-    started: list[QemuVM] = []
     m = QemuMigration(MigrationConfig(size=16 * MIB, workload="idle"), qemu)
     assert m.cancel() is None
-    real_start = QemuVM.start
-
-    def start(vm):
-        started.append(vm)
-        real_start(vm)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(QemuVM, "start", start)
-        st = m.run()
+    st = m.run()
     assert st.status == "cancelled" and st.outcome == "cancelled" and st.qemu["polls"] == 0
     assert st.transferred == 0 and st.verification == {} and len(started) == 2
     assert all(_gone(vm) for vm in started)
 
 
-def test_a_destination_qemu_that_stops_answering_fails_the_run_instead_of_hanging(monkeypatch):
+def test_a_destination_qemu_that_stops_answering_fails_the_run_instead_of_hanging(monkeypatch, started):
     # stopped (SIGSTOP) once the source completed: its QMP never answers; the wait gives up
     # at FINISH_TIMEOUT (0 here: after one unanswered query) and the stopped QEMU is killed
     qemu = require_qemu("10.0")
     monkeypatch.setattr(qemu_engine, "FINISH_TIMEOUT", 0.0)
     stopper = Stopper()
-    started = _watch_destination(monkeypatch, lambda run, dst: stopper.stop(dst.proc.pid))
+    _watch_destination(monkeypatch, lambda run, dst: stopper.stop(dst.proc.pid))
     try:
         st = QemuMigration(MigrationConfig(size=16 * MIB, workload="idle"), qemu).run()
     finally:
-        stopper.end(started)
+        stopper.end()
     assert stopper.stopped and not stopper.fired, "a destination that does not answer QMP hung the run"
     assert st.status == "failed" and st.completion is None
     assert st.outcome == "error: destination failed: still loading after 0 s (status unanswered)", st.outcome
@@ -424,56 +441,45 @@ def test_ctrl_c_while_the_source_does_not_answer_kills_it_and_ends_cancelled():
     assert _exit_status(m.st, interrupted=True) == 130
 
 
-def _stop_source_when_active(monkeypatch, then):
-    """SIGSTOP the source QEMU at the first poll that saw it ``active`` (the engine's
-    progress callback), then call ``then(run)``; a timer resumes it (SIGCONT) after HANG,
-    so an engine that ignores the silence ends instead of hanging.  Returns (the QemuVMs
-    started, the Stopper)."""
-    started: list[QemuVM] = []
+def _stop_source_when_active(monkeypatch, started, then) -> Stopper:
+    """SIGSTOP the source QEMU (of ``started``, the fixture) at the first poll that saw it
+    ``active`` (the engine's progress callback), then call ``then(run)``; a timer resumes it
+    (SIGCONT) after HANG, so an engine that ignores the silence ends instead of hanging.
+    Returns the Stopper."""
     stopper = Stopper()
-    real_start, real_init = QemuVM.start, QemuMigration.__init__
 
-    def start(vm):
-        started.append(vm)
-        real_start(vm)
-
-    def init(run, *args, **kw):
-        real_init(run, *args, **kw)
-
-        def progress(info):
-            if info["status"] == "active" and not stopper.stopped:
-                stopper.stop(next(vm for vm in started if vm.role == "source").proc.pid)
-                then(run)
-        run.on_progress = progress
-    monkeypatch.setattr(QemuVM, "start", start)
-    monkeypatch.setattr(QemuMigration, "__init__", init)
-    return started, stopper
+    def progress(run, info):
+        if info["status"] == "active" and not stopper.stopped:
+            stopper.stop(next(vm for vm in started if vm.role == "source").proc.pid)
+            then(run)
+    _on_progress(monkeypatch, progress)
+    return stopper
 
 
-def test_a_stopped_source_qemu_fails_the_run_at_the_stall_limit(monkeypatch):
+def test_a_stopped_source_qemu_fails_the_run_at_the_stall_limit(monkeypatch, started):
     # the source stopped (SIGSTOP) mid-migration answers nothing: the run fails at the stall
     # limit (0 here: the first unanswered poll) and the stopped QEMU is killed
     qemu = require_qemu("10.0")
     monkeypatch.setattr(qemu_engine, "SOURCE_STALL_LIMIT", 0.0, raising=False)   # (the old code had none)
     monkeypatch.setattr(qemu_engine, "SOURCE_QUERY_WAIT", 0.2, raising=False)
-    started, stopper = _stop_source_when_active(monkeypatch, lambda run: None)
+    stopper = _stop_source_when_active(monkeypatch, started, lambda run: None)
     cfg = MigrationConfig(size=16 * MIB, workload="idle", params=MigrationParams(max_bandwidth=4e6))
     try:
         st = QemuMigration(cfg, qemu).run()
     finally:
-        stopper.end(started)
+        stopper.end()
     assert stopper.stopped and not stopper.fired, "a source QEMU that does not answer QMP hung the run"
     assert st.status == "failed" and st.completion is None and not st.converged
     assert st.outcome == "error: source QEMU did not answer query-migrate for 0 s", st.outcome
     assert st.verification == {} and len(started) == 2 and all(_gone(vm) for vm in started)
 
 
-def test_a_source_qemu_that_answers_again_completes_the_run(monkeypatch):
+def test_a_source_qemu_that_answers_again_completes_the_run(monkeypatch, started):
     # the source stopped (SIGSTOP) mid-migration and resumed (SIGCONT) after two unanswered
     # polls: its late answers are dropped, polling goes on, the run completes and verifies
     qemu = require_qemu("10.0")
     monkeypatch.setattr(qemu_engine, "SOURCE_QUERY_WAIT", 0.2, raising=False)
-    started, stopper = _stop_source_when_active(monkeypatch, lambda run: None)
+    stopper = _stop_source_when_active(monkeypatch, started, lambda run: None)
     unanswered: list[str] = []
     real_query = QemuVM.query
 
@@ -489,23 +495,23 @@ def test_a_source_qemu_that_answers_again_completes_the_run(monkeypatch):
     try:
         st = QemuMigration(cfg, qemu).run()
     finally:
-        stopper.end(started)
+        stopper.end()
     assert stopper.stopped and not stopper.fired and unanswered == ["query-migrate", "query-migrate"]
     assert st.status == "completed" and st.completion == "verified", st.outcome
     assert all(_gone(vm) for vm in started)
 
 
-def test_ctrl_c_ends_a_run_whose_source_qemu_stopped_answering(monkeypatch, capsys):
+def test_ctrl_c_ends_a_run_whose_source_qemu_stopped_answering(monkeypatch, capsys, started):
     # SIGSTOP the source mid-migration, then Ctrl-C: migrate_cancel cannot be sent, the
     # source QEMU is killed, the run ends cancelled (exit 130) with its summary, no QEMU left
     require_qemu("10.0")
-    started, stopper = _stop_source_when_active(
-        monkeypatch, lambda run: os.kill(os.getpid(), signal.SIGINT))   # migrate's handler cancels
+    stopper = _stop_source_when_active(
+        monkeypatch, started, lambda run: os.kill(os.getpid(), signal.SIGINT))   # migrate's handler cancels
     try:
         rc = main(["migrate", "--engine", "qemu", "--qemu", "10.0", "--size", "16M", "--workload", "idle",
                    "--max-bandwidth", "4MB/s", "--json", "--quiet"])
     finally:
-        stopper.end(started)
+        stopper.end()
     out, err = capsys.readouterr()
     assert stopper.stopped and not stopper.fired, "Ctrl-C did not end a run whose source QEMU does not answer"
     d = json.loads(out)
@@ -541,33 +547,17 @@ def _main_interrupted(argv: list[str]) -> int:
 BOTH = ["migrate", "--engine", "both", "--qemu", "10.0", "--size", "16M", "--workload", "idle", "--json", "--quiet"]
 
 
-def test_ctrl_c_during_the_qemu_side_of_engine_both_cancels_it_and_starts_no_simulator(monkeypatch, capsys):
+def test_ctrl_c_during_the_qemu_side_of_engine_both_cancels_it_and_starts_no_simulator(monkeypatch, capsys,
+                                                                                       started):
     require_qemu("10.0")
-    started: list[QemuVM] = []
-    real_start, real_init = QemuVM.start, QemuMigration.__init__
     hit: list[bool] = []
 
-    def start(vm):
-        started.append(vm)
-        real_start(vm)
-
-    def init(run, *args, **kw):
-        real_init(run, *args, **kw)
-
-        def progress(info):           # the first poll that sees QEMU migrating: Ctrl-C
-            if info["status"] == "active" and not hit:
-                hit.append(True)
-                os.kill(os.getpid(), signal.SIGINT)
-        run.on_progress = progress
-    monkeypatch.setattr(QemuVM, "start", start)
-    monkeypatch.setattr(QemuMigration, "__init__", init)
-    try:
-        rc = _main_interrupted([*BOTH, "--max-bandwidth", "4MB/s"])
-    finally:
-        for vm in started:
-            if not _gone(vm):
-                vm.proc.kill()
-                vm.proc.wait()
+    def progress(run, info):          # the first poll that sees QEMU migrating: Ctrl-C
+        if info["status"] == "active" and not hit:
+            hit.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+    _on_progress(monkeypatch, progress)
+    rc = _main_interrupted([*BOTH, "--max-bandwidth", "4MB/s"])
     out, err = capsys.readouterr()
     d = json.loads(out)
     assert hit and rc == 130, err

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import threading
 
 import pytest
+from proc_support import wait_for_eof
 from test_postcopy import require_uffd
 
 import npqfile.migration.destination as destination_mod
@@ -43,7 +43,8 @@ class BusyDestination:
 
             def load_then_stall(f, *a, **kw):
                 out = real(f, *a, **kw)
-                self._source_closed(f.channel.fileno())     # the source is past its last byte
+                # the source closes its side after its engine finished, right before it waits for the verdict
+                wait_for_eof(f.channel.fileno())
                 self._stall()
                 return out
             monkeypatch.setattr(destination_mod, "load_stream", load_then_stall)
@@ -54,18 +55,6 @@ class BusyDestination:
                 real_finish(pc, *a, **kw)          # SHUT is out: the source's run is completed
                 self._stall()
             monkeypatch.setattr(postcopy_ram.PostcopyIncoming, "finish", finish_then_stall)
-
-    @staticmethod
-    def _source_closed(fd: int) -> None:
-        """Wait for the end of the connection: the source closes its side only after its
-        engine has finished, right before it waits for the verdict."""
-        while True:
-            select.select([fd], [], [])
-            try:
-                if not os.read(fd, 1 << 16):
-                    return
-            except BlockingIOError:
-                pass
 
     def _stall(self) -> None:
         self.stalled.set()
@@ -89,14 +78,16 @@ def _interrupt_when(event: threading.Event) -> threading.Thread:
     return t
 
 
-def _main_guarded(argv: list[str], busy: BusyDestination) -> int:
-    """main(argv) in this (the main) thread; a watchdog releases the destination after HANG
-    so a wait that ignores Ctrl-C ends in a failure, not a hung suite."""
+def _main_interrupted_when_busy(argv: list[str], busy: BusyDestination) -> int:
+    """main(argv) in this (the main) thread, with Ctrl-C once ``busy`` stalled; a watchdog
+    releases the destination after HANG so a wait that ignores Ctrl-C ends in a failure,
+    not a hung suite.  The destination and the interrupting thread are ended on return."""
     fired: list[bool] = []
 
     def give_up() -> None:
         fired.append(True)
         busy.gate.set()
+    t = _interrupt_when(busy.stalled)
     watchdog = threading.Timer(HANG, give_up)
     watchdog.daemon = True
     watchdog.start()
@@ -104,19 +95,16 @@ def _main_guarded(argv: list[str], busy: BusyDestination) -> int:
         rc = main(argv)
     finally:
         watchdog.cancel()
+        busy.release()
+        t.join(HANG)
     assert not fired, f"the verdict wait ignored Ctrl-C for {HANG:g} s"
     return rc
 
 
 def test_ctrl_c_during_an_inprocess_verdict_wait_cancels_at_once_and_releases_nothing(monkeypatch, capsys):
     busy = BusyDestination(monkeypatch, "after-load")
-    t = _interrupt_when(busy.stalled)
-    try:
-        rc = _main_guarded(["migrate", "--size", "8M", "--workload", "idle", "--init", "random", "--release-ram",
-                            "--json", "--quiet"], busy)
-    finally:
-        busy.release()
-        t.join(HANG)
+    rc = _main_interrupted_when_busy(["migrate", "--size", "8M", "--workload", "idle", "--init", "random",
+                                      "--release-ram", "--json", "--quiet"], busy)
     out, err = capsys.readouterr()
     d = json.loads(out)
     assert rc == 130 and d["status"] == "cancelled", err
@@ -130,13 +118,8 @@ def test_ctrl_c_during_an_inprocess_verdict_wait_cancels_at_once_and_releases_no
 def test_ctrl_c_after_an_inprocess_postcopy_completed_stays_completed_not_verified(monkeypatch, capsys):
     require_uffd()
     busy = BusyDestination(monkeypatch, "after-shut")
-    t = _interrupt_when(busy.stalled)
-    try:
-        rc = _main_guarded(["migrate", "--size", "8M", "--workload", "uniform:rate=2000", "--init", "random",
-                            "--postcopy-after", "0", "--json", "--quiet"], busy)
-    finally:
-        busy.release()
-        t.join(HANG)
+    rc = _main_interrupted_when_busy(["migrate", "--size", "8M", "--workload", "uniform:rate=2000", "--init",
+                                      "random", "--postcopy-after", "0", "--json", "--quiet"], busy)
     out, err = capsys.readouterr()
     d = json.loads(out)
     assert rc == 3 and d["status"] == "completed" and d["npqfile"]["outcome"] == "postcopy", err

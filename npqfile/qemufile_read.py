@@ -16,12 +16,12 @@ buffer with one slice or one ``struct`` unpack.
 from __future__ import annotations
 
 import errno
-import select
 import struct
 import time
 from typing import Any
 
 from npqfile.buffers import flat_bytes
+from npqfile.channels.base import wait_readable
 
 _be16 = struct.Struct(">H")
 _be32 = struct.Struct(">I")
@@ -80,9 +80,7 @@ class ReadSide:
         if fileno is None:
             time.sleep(0.001)
             return
-        poller = select.poll()     # not select(2): it refuses an fd of 1024 or more
-        poller.register(fileno(), select.POLLIN)
-        poller.poll(1000)
+        wait_readable([fileno()], 1.0)
 
     def _check_readable_peek(self, size: int, offset: int) -> None:
         if self._writable:

@@ -512,3 +512,24 @@ def test_exec_pipes_are_grown_to_one_mib():
             assert fcntl.fcntl(ch.fileno(), getattr(fcntl, "F_GETPIPE_SZ", 1032)) == 1 << 20
         finally:
             ch.close()
+
+
+def test_wait_readable_takes_descriptors_above_select_s_limit():
+    """The waits of the loaders, multifd receivers, postcopy's fault thread and the verdict
+    (``channels.base.wait_readable``) work on an fd of 1024 or more, where select(2) raises
+    ValueError: a process with many files open has such fds."""
+    import fcntl
+
+    from npqfile.channels.base import wait_readable
+
+    r, w = os.pipe()
+    high = fcntl.fcntl(r, fcntl.F_DUPFD_CLOEXEC, 1500)
+    try:
+        assert high >= 1024
+        assert wait_readable([high, w], 0) == []            # nothing to read: a timeout, empty
+        os.write(w, b"x")
+        assert wait_readable([w, high], 0) == [high]         # the ready ones, in the order given
+        assert wait_readable([high]) == [high]               # no limit: returns once readable
+    finally:
+        for fd in (r, w, high):
+            os.close(fd)

@@ -77,6 +77,17 @@ def wait_writable(fd: int, timeout: float | None = None) -> bool:
     return bool(poller.poll(None if timeout is None else timeout * 1000))
 
 
+def wait_readable(fds: list[int], timeout: float | None = None) -> list[int]:
+    """Block until one of ``fds`` has data, an end or an error to report, or ``timeout``
+    seconds passed (None: no limit); returns the ready ones, in the order given (empty on
+    a timeout).  poll(2), not select(2): select refuses an fd of 1024 or more (ValueError)."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    ready = {fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)}
+    return [fd for fd in fds if fd in ready]
+
+
 _NBYTES = operator.attrgetter("nbytes")
 
 

@@ -24,13 +24,13 @@ Goals: a failure is a result (``status``/``error``), never an exception lost in 
 from __future__ import annotations
 
 import json
-import select
 import struct
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from npqfile.channels.base import wait_readable
 from npqfile.errors import FileError, StreamError
 from npqfile.migration import postcopy_ram
 from npqfile.qemufile import READ_AHEAD, QEMUFile
@@ -212,7 +212,7 @@ class Destination:
                 return self.result
             if cancel_fd is None:
                 t.join(left)
-            elif select.select([cancel_fd], [], [], 0)[0]:
+            elif wait_readable([cancel_fd], 0):
                 return None
             else:
                 t.join(JOIN_POLL if left is None else min(JOIN_POLL, left))

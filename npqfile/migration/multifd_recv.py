@@ -19,7 +19,6 @@ are in ``npqfile.migration.multifd``; the wire format in ``npqfile.stream.multif
 
 from __future__ import annotations
 
-import select
 import socket
 import threading
 import time
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from npqfile.channels import iovec
+from npqfile.channels.base import wait_readable
 from npqfile.migration.options import migrate_params_check
 from npqfile.ram.bufferiszero import buffer_is_zero
 from npqfile.stream.multifd import (
@@ -78,7 +78,7 @@ class _RecvChannel:
     def _read_iov(self, iov: np.ndarray, total: int, what: str) -> None:
         """``_readv`` of native iovecs (on a socket): every byte or MultiFDError."""
         fd = self.sock.fileno()
-        got = iovec.read_iov(fd, iov, total, lambda: select.select([fd], [], []))
+        got = iovec.read_iov(fd, iov, total, lambda: wait_readable([fd]))
         if got < total:
             raise MultiFDError(f"channel closed after {got} of the {total} bytes of {what}",
                                self.offset + got, self.where)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import ctypes
 import json
 import mmap
-import select
 import struct
 import threading
 import time
@@ -45,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from npqfile.channels.base import wait_readable
 from npqfile.migration.received_hash import ReceivedHashes
 from npqfile.qemufile import QEMUFile
 from npqfile.ram.userfaultfd import Userfaultfd
@@ -219,7 +219,7 @@ class PostcopyIncoming:
         fd = self.uffd.fd
         try:
             while not self._stop.is_set():
-                if not select.select([fd], [], [], 0.05)[0]:
+                if not wait_readable([fd], 0.05):
                     continue
                 for msg in self.uffd.read_faults():
                     self._fault(msg.address, time.monotonic())

@@ -25,10 +25,10 @@ one I/O function.
 from __future__ import annotations
 
 import errno
-import select
 from dataclasses import dataclass
 from typing import Any
 
+from npqfile.channels.base import wait_readable
 from npqfile.errors import StreamError
 from npqfile.migration.destination import read_verification
 from npqfile.migration.stats import MigrationStats
@@ -159,7 +159,7 @@ def await_verdict(f: Any, st: MigrationStats, src_hashes: dict | None, *, wait: 
         try:
             fd = rp.channel.fileno()
             fds = [fd] + ([control.wait_fd()] if control is not None else [])
-            ready = select.select(fds, [], [], FAILED_REPLY_WAIT if failed else wait)[0]
+            ready = wait_readable(fds, FAILED_REPLY_WAIT if failed else wait)
             # a verdict already there wins over a cancel (QEMU: SHUT received, the run is
             # completed, migrate_cancel no longer applies); otherwise the cancel ends the wait
             if control is not None and control.cancelled and fd not in ready:

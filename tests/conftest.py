@@ -47,3 +47,28 @@ def require_module(name: str, extra: str) -> None:
     """The optional Python module ``name`` (installed by ``pip install 'npqfile[EXTRA]'``)
     can be imported; skips (fails in CI) when it cannot."""
     require(importlib.util.find_spec(name) is not None, f"{name} (pip install 'npqfile[{extra}]')")
+
+
+@pytest.fixture
+def started(monkeypatch):
+    """The ``QemuVM``s the test's runs start, in order; at teardown any still running (the
+    engine failed to end it, an assertion failed first) is resumed and killed, so a
+    failing test leaves no QEMU behind.  Whether the engine ended them is the test's own
+    assertion, made before this."""
+    import signal
+
+    from npqfile.migration.qemu_vm import QemuVM
+
+    vms: list = []
+    real_start = QemuVM.start
+
+    def start(vm):
+        vms.append(vm)
+        real_start(vm)
+    monkeypatch.setattr(QemuVM, "start", start)
+    yield vms
+    for vm in vms:
+        if vm.proc is not None and vm.proc.poll() is None:
+            os.kill(vm.proc.pid, signal.SIGCONT)
+            vm.proc.kill()
+            vm.proc.wait()

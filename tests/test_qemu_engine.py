@@ -208,16 +208,8 @@ def test_a_qemu_that_fails_to_start_is_a_clear_error(tmp_path):
     assert res.returncode == 1 and "no such QEMU binary" in res.stderr, res.stderr
 
 
-def test_a_qemu_dying_mid_migration_fails_the_run_and_leaves_nothing(monkeypatch):
+def test_a_qemu_dying_mid_migration_fails_the_run_and_leaves_nothing(started):
     qemu = require_qemu("10.0")
-    started: list[QemuVM] = []
-    real_start = QemuVM.start
-
-    def start(self):
-        started.append(self)
-        real_start(self)
-
-    monkeypatch.setattr(QemuVM, "start", start)
     killed = []
 
     def progress(info):

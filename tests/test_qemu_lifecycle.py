@@ -207,27 +207,6 @@ def test_ctrl_c_after_a_forced_limit_is_still_migrate_cancel_and_ends_cancelled(
 
 # -- real QEMU --------------------------------------------------------------------------
 
-@pytest.fixture
-def started(monkeypatch):
-    """The QemuVMs the test's runs start, in order; at teardown any still running (the
-    engine failed to end it, an assertion failed first) is resumed and killed, so a
-    failing test leaves no QEMU behind.  Whether the engine ended them is the test's
-    own assertion (``_gone``), made before this."""
-    vms: list[QemuVM] = []
-    real_start = QemuVM.start
-
-    def start(vm):
-        vms.append(vm)
-        real_start(vm)
-    monkeypatch.setattr(QemuVM, "start", start)
-    yield vms
-    for vm in vms:
-        if vm.proc is not None and not _gone(vm):
-            os.kill(vm.proc.pid, signal.SIGCONT)
-            vm.proc.kill()
-            vm.proc.wait()
-
-
 def _on_progress(monkeypatch, progress) -> None:
     """Every QemuMigration built from now on calls ``progress(run, info)`` at each poll
     (its ``on_progress``)."""
